@@ -1,0 +1,227 @@
+"""Per-family MoE adapters, declared as data.
+
+Each adapter says where the MoE block, router, fused experts and shared experts live inside a decoder
+layer, how the fused expert tensors are laid out, which router vectors are indexed by expert, and which
+config keys hold the expert count, top-k, expert width and routing groups. Everything that changes
+structure (``moecompress.surgery``) and everything that observes routing (``moecompress.calib``) reads
+these records instead of branching on the model class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from moecompress.errors import UserError
+
+Layout = Literal["concat", "interleaved_transposed", "concat_transposed"]
+Routing = Literal[
+    "softmax_topk",  # softmax over all experts -> top-k (renormalised when `renorm_key` is true / `always_renorm`)
+    "softmax_topk_scaled",  # DeepSeek-V2: softmax -> top-k -> x routed_scaling_factor
+    "topk_softmax",  # top-k on logits, softmax over the k chosen (gpt-oss, Granite)
+    "sigmoid_group_bias",  # DeepSeek-V3 family: sigmoid + correction bias chooses, group-limited
+    "sparsemixer",  # PhiMoE
+    "sigmoid_input_scale",  # Llama4: sigmoid of the chosen logit scales the expert input, experts run densely
+]
+
+
+class RouterVector(BaseModel):
+    """A router tensor indexed by expert that must be sliced in lockstep with the router rows."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    path: str  # attribute path relative to the router module
+    axis: int = 0
+
+
+class MoEAdapter(BaseModel):
+    """Where a family keeps its MoE pieces and which config keys describe them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_type: str
+    block_attr: str = "mlp"  # decoder-layer attribute holding the MoE block
+    router_attr: str = "gate"
+    experts_attr: str = "experts"
+    shared_attrs: tuple[str, ...] = ()  # shared-expert submodules of the block
+    layout: Layout = "concat"
+    has_expert_bias: bool = False
+    router_vectors: tuple[RouterVector, ...] = ()
+    routing: Routing = "softmax_topk"
+    renorm_key: str | None = None  # config key saying whether top-k weights are renormalised
+    always_renorm: bool = False
+    count_keys: tuple[str, ...]  # every config key holding the routed-expert count (all are rewritten)
+    topk_key: str = "num_experts_per_tok"
+    width_key: str  # config key of the routed-expert intermediate width
+    shared_width_coupled: bool = False  # shared expert width is derived from width_key (trap a)
+    group_key: str | None = None  # number of routing groups (group-limited routers)
+    topk_group_key: str | None = None
+    notes: str = ""
+
+    @property
+    def family(self) -> str:
+        return self.model_type
+
+    # ---- reading the config -------------------------------------------------------------------
+    def num_experts(self, config: Any) -> int:
+        for key in self.count_keys:
+            value = _get(config, key)
+            if value is not None:
+                return int(value)
+        raise UserError(f"config has none of {self.count_keys}: cannot tell how many experts it has")
+
+    def top_k(self, config: Any) -> int:
+        value = _get(config, self.topk_key)
+        if value is None:
+            raise UserError(f"config lacks {self.topk_key!r}: cannot tell how many experts each token uses")
+        return int(value)
+
+    def expert_width(self, config: Any) -> int:
+        return int(_get(config, self.width_key))
+
+    def num_groups(self, config: Any) -> int:
+        if self.group_key is None:
+            return 1
+        value = _get(config, self.group_key)
+        return int(value) if value else 1
+
+    def groups_per_token(self, config: Any) -> int:
+        value = _get(config, self.topk_group_key) if self.topk_group_key else None
+        return int(value) if value else 1
+
+    def renormalises(self, config: Any) -> bool:
+        if self.always_renorm:
+            return True
+        return bool(_get(config, self.renorm_key)) if self.renorm_key else False
+
+
+def _get(config: Any, key: str) -> Any:
+    if isinstance(config, dict):
+        return config.get(key)
+    return getattr(config, key, None)
+
+
+_DS_VECTORS = (RouterVector(path="e_score_correction_bias"),)
+
+ADAPTERS: dict[str, MoEAdapter] = {
+    a.model_type: a
+    for a in [
+        MoEAdapter(model_type="mixtral", count_keys=("num_local_experts",), width_key="intermediate_size",
+                   always_renorm=True),
+        MoEAdapter(model_type="qwen2_moe", count_keys=("num_experts",), width_key="moe_intermediate_size",
+                   shared_attrs=("shared_expert", "shared_expert_gate"), renorm_key="norm_topk_prob"),
+        MoEAdapter(model_type="qwen3_moe", count_keys=("num_experts", "num_local_experts"),
+                   width_key="moe_intermediate_size", renorm_key="norm_topk_prob"),
+        MoEAdapter(model_type="olmoe", count_keys=("num_experts",), width_key="intermediate_size",
+                   renorm_key="norm_topk_prob"),
+        MoEAdapter(model_type="deepseek_v2", count_keys=("n_routed_experts",), width_key="moe_intermediate_size",
+                   shared_attrs=("shared_experts",), shared_width_coupled=True, routing="softmax_topk_scaled",
+                   group_key="n_group", topk_group_key="topk_group"),
+        MoEAdapter(model_type="deepseek_v3", count_keys=("n_routed_experts",), width_key="moe_intermediate_size",
+                   shared_attrs=("shared_experts",), shared_width_coupled=True, routing="sigmoid_group_bias",
+                   router_vectors=_DS_VECTORS, renorm_key="norm_topk_prob", group_key="n_group",
+                   topk_group_key="topk_group"),
+        MoEAdapter(model_type="gpt_oss", router_attr="router", count_keys=("num_local_experts",),
+                   width_key="intermediate_size", layout="interleaved_transposed", has_expert_bias=True,
+                   router_vectors=(RouterVector(path="bias"),), routing="topk_softmax",
+                   notes="clamped SwiGLU; gate/up interleaved along the last axis"),
+        MoEAdapter(model_type="phimoe", router_attr="router", count_keys=("num_local_experts",),
+                   width_key="intermediate_size", routing="sparsemixer"),
+        MoEAdapter(model_type="granitemoe", block_attr="block_sparse_moe", router_attr="router",
+                   count_keys=("num_local_experts",), width_key="intermediate_size", routing="topk_softmax"),
+        MoEAdapter(model_type="glm4_moe", count_keys=("n_routed_experts",), width_key="moe_intermediate_size",
+                   shared_attrs=("shared_experts",), shared_width_coupled=True, routing="sigmoid_group_bias",
+                   router_vectors=_DS_VECTORS, renorm_key="norm_topk_prob", group_key="n_group",
+                   topk_group_key="topk_group"),
+        MoEAdapter(model_type="dots1", count_keys=("n_routed_experts",), width_key="moe_intermediate_size",
+                   shared_attrs=("shared_experts",), shared_width_coupled=True, routing="sigmoid_group_bias",
+                   router_vectors=_DS_VECTORS, renorm_key="norm_topk_prob", group_key="n_group",
+                   topk_group_key="topk_group"),
+        MoEAdapter(model_type="ernie4_5_moe", count_keys=("moe_num_experts",), topk_key="moe_k",
+                   width_key="moe_intermediate_size", shared_attrs=("shared_experts",),
+                   shared_width_coupled=True, always_renorm=True,
+                   router_vectors=(RouterVector(path="moe_statics.e_score_correction_bias", axis=1),)),
+        MoEAdapter(model_type="qwen3_next", count_keys=("num_experts",), width_key="moe_intermediate_size",
+                   shared_attrs=("shared_expert", "shared_expert_gate"), renorm_key="norm_topk_prob"),
+        MoEAdapter(model_type="llama4_text", block_attr="feed_forward", router_attr="router",
+                   count_keys=("num_local_experts",), width_key="intermediate_size", shared_attrs=("shared_expert",),
+                   shared_width_coupled=True, layout="concat_transposed", routing="sigmoid_input_scale",
+                   notes="experts run densely on sigmoid-scaled inputs"),
+    ]
+}
+
+
+def _unsupported(model_type: str | None) -> UserError:
+    known = ", ".join(sorted(ADAPTERS))
+    what = f"model_type {model_type!r}" if model_type else "a config without model_type"
+    return UserError(f"{what} is not a supported Mixture-of-Experts family. Supported: {known}.")
+
+
+def adapter_for_config_dict(config: dict[str, Any]) -> MoEAdapter:
+    """Pick the adapter from a raw config.json dict, before any weight loads."""
+    model_type = config.get("model_type")
+    if model_type == "llama4" and isinstance(config.get("text_config"), dict):
+        raise UserError("llama4 multimodal checkpoints are not supported; extract the text model (llama4_text)")
+    if model_type not in ADAPTERS:
+        raise _unsupported(model_type)
+    adapter = ADAPTERS[model_type]
+    if not any(config.get(k) for k in adapter.count_keys):
+        raise UserError(f"{model_type} config has no routed experts ({'/'.join(adapter.count_keys)} unset)")
+    return adapter
+
+
+def adapter_for(model_or_config: Any) -> MoEAdapter:
+    """Pick the adapter for an in-memory model or config object."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise _unsupported(model_type)
+    return ADAPTERS[model_type]
+
+
+@dataclass
+class MoELayer:
+    """One MoE block located in a live model."""
+
+    index: int  # decoder layer index
+    block: torch.nn.Module
+    router: torch.nn.Module
+    experts: torch.nn.Module
+    adapter: MoEAdapter
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.router.weight.shape[0])
+
+    @property
+    def prefix(self) -> str:
+        return f"model.layers.{self.index}.{self.adapter.block_attr}"
+
+    def shared(self) -> list[tuple[str, torch.nn.Module]]:
+        return [(a, getattr(self.block, a)) for a in self.adapter.shared_attrs if getattr(self.block, a, None) is not None]
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise UserError(f"{type(model).__name__} has no decoder layers at model.layers")
+    return layers
+
+
+def moe_layers(model: torch.nn.Module, adapter: MoEAdapter | None = None) -> list[MoELayer]:
+    """Every decoder layer whose block holds routed experts (dense layers are skipped)."""
+    adapter = adapter or adapter_for(model)
+    found: list[MoELayer] = []
+    for i, layer in enumerate(decoder_layers(model)):
+        block = getattr(layer, adapter.block_attr, None)
+        experts = getattr(block, adapter.experts_attr, None) if block is not None else None
+        router = getattr(block, adapter.router_attr, None) if block is not None else None
+        if experts is None or router is None or not hasattr(experts, "gate_up_proj"):
+            continue
+        found.append(MoELayer(index=i, block=block, router=router, experts=experts, adapter=adapter))
+    if not found:
+        raise UserError(f"{type(model).__name__} has no MoE layers that moecompress recognises")
+    return found

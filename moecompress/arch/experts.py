@@ -1,0 +1,149 @@
+"""A uniform per-expert view over the fused expert tensors of any supported layout.
+
+Canonical form (what every algorithm sees): ``gate [E, I, H]``, ``up [E, I, H]``, ``down [E, H, I]`` and
+optional biases ``gate_bias [E, I]``, ``up_bias [E, I]``, ``down_bias [E, H]``, i.e. the weights of
+``down(act(gate x) * up x)`` as ``nn.Linear`` would store them. The view converts to and from the
+family's storage layout (concatenated, gpt-oss interleaved + transposed, Llama4 transposed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from moecompress.arch.adapter import MoELayer
+
+
+@dataclass
+class ExpertWeights:
+    """Weights of one or many experts in canonical form (leading E axis optional)."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor | list[int] | int) -> ExpertWeights:
+        """Index the expert axis (or any leading index expression) of every tensor."""
+        return ExpertWeights(**{k: (v[index] if v is not None else None) for k, v in self.__dict__.items()})
+
+    def map(self, fn) -> ExpertWeights:
+        return ExpertWeights(**{k: (fn(v) if v is not None else None) for k, v in self.__dict__.items()})
+
+    @property
+    def width(self) -> int:
+        return int(self.gate.shape[-2])
+
+    def clone(self) -> ExpertWeights:
+        return self.map(lambda t: t.detach().clone())
+
+    def with_(self, **kw: torch.Tensor | None) -> ExpertWeights:
+        return replace(self, **kw)
+
+
+class ExpertView:
+    """Read and write a layer's routed experts in canonical form, whatever the storage layout."""
+
+    def __init__(self, layer: MoELayer) -> None:
+        self.layer = layer
+        self.module = layer.experts
+        self.layout = layer.adapter.layout
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.module.gate_up_proj.shape[0])
+
+    def get_all(self) -> ExpertWeights:
+        m = self.module
+        gu, down = m.gate_up_proj.detach(), m.down_proj.detach()
+        if self.layout == "concat":  # gate_up [E, 2I, H], down [E, H, I]
+            i = gu.shape[1] // 2
+            w = ExpertWeights(gate=gu[:, :i], up=gu[:, i:], down=down)
+        elif self.layout == "concat_transposed":  # gate_up [E, H, 2I], down [E, I, H]
+            i = gu.shape[2] // 2
+            w = ExpertWeights(gate=gu[:, :, :i].transpose(1, 2), up=gu[:, :, i:].transpose(1, 2),
+                              down=down.transpose(1, 2))
+        else:  # interleaved_transposed: gate_up [E, H, 2I] with gate=[..., ::2], up=[..., 1::2]; down [E, I, H]
+            w = ExpertWeights(gate=gu[:, :, ::2].transpose(1, 2), up=gu[:, :, 1::2].transpose(1, 2),
+                              down=down.transpose(1, 2))
+        if self.layer.adapter.has_expert_bias:
+            gub = m.gate_up_proj_bias.detach()
+            if self.layout == "interleaved_transposed":
+                w.gate_bias, w.up_bias = gub[:, ::2], gub[:, 1::2]
+            else:
+                i = gub.shape[1] // 2
+                w.gate_bias, w.up_bias = gub[:, :i], gub[:, i:]
+            w.down_bias = m.down_proj_bias.detach()
+        return w.map(lambda t: t.contiguous())
+
+    def get(self, e: int) -> ExpertWeights:
+        return self.get_all().select(e)
+
+    def set_all(self, w: ExpertWeights) -> None:
+        """Replace every fused tensor (the expert count and width may change; module ints are not touched)."""
+        m = self.module
+        dtype, device = m.gate_up_proj.dtype, m.gate_up_proj.device
+        if self.layout == "concat":
+            gu = torch.cat([w.gate, w.up], dim=1)
+            down = w.down
+        elif self.layout == "concat_transposed":
+            gu = torch.cat([w.gate.transpose(1, 2), w.up.transpose(1, 2)], dim=2)
+            down = w.down.transpose(1, 2)
+        else:
+            e, i, h = w.gate.shape
+            gu = torch.stack([w.gate.transpose(1, 2), w.up.transpose(1, 2)], dim=3).reshape(e, h, 2 * i)
+            down = w.down.transpose(1, 2)
+        m.gate_up_proj = _param(gu, dtype, device)
+        m.down_proj = _param(down, dtype, device)
+        if self.layer.adapter.has_expert_bias:
+            assert w.gate_bias is not None and w.up_bias is not None and w.down_bias is not None
+            if self.layout == "interleaved_transposed":
+                gub = torch.stack([w.gate_bias, w.up_bias], dim=2).reshape(w.gate_bias.shape[0], -1)
+            else:
+                gub = torch.cat([w.gate_bias, w.up_bias], dim=1)
+            m.gate_up_proj_bias = _param(gub, dtype, device)
+            m.down_proj_bias = _param(w.down_bias, dtype, device)
+
+    def set(self, e: int, w: ExpertWeights) -> None:
+        """Overwrite expert `e` in place with single-expert canonical weights of the same width."""
+        all_w = self.get_all().clone()
+        for name in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"):
+            src = getattr(w, name)
+            if src is not None and getattr(all_w, name) is not None:
+                getattr(all_w, name)[e] = src
+        self.set_all(all_w)
+
+    def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Output of expert `e` alone on inputs x [T, H] (no routing weight), using the module's activation."""
+        w = self.get(e)
+        return apply_expert(self.module, self.layout, w, x)[0]
+
+
+def apply_expert(module: torch.nn.Module, layout: str, w: ExpertWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run one canonical expert on x [T, H]; returns (output [T, H], intermediate activation [T, I]).
+
+    The activation is the family's own (``module._apply_gate`` handles gpt-oss's clamped SwiGLU), fed
+    with the gate/up pre-activations rebuilt in the module's storage order.
+    """
+    g = x @ w.gate.T
+    u = x @ w.up.T
+    if w.gate_bias is not None:
+        g = g + w.gate_bias
+        u = u + w.up_bias
+    if layout == "interleaved_transposed":
+        gu = torch.stack([g, u], dim=-1).flatten(-2)
+    else:
+        gu = torch.cat([g, u], dim=-1)
+    apply_gate = getattr(module, "_apply_gate", None)
+    act = apply_gate(gu) if apply_gate is not None else module.act_fn(g) * u
+    out = act @ w.down.T
+    if w.down_bias is not None:
+        out = out + w.down_bias
+    return out, act
+
+
+def _param(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.nn.Parameter:
+    return torch.nn.Parameter(t.detach().to(device=device, dtype=dtype).contiguous(), requires_grad=False)

@@ -1,0 +1,231 @@
+"""Loading user checkpoints safely and writing ours atomically, verified by a vanilla reload.
+
+The contract: what we write reloads with plain ``AutoModelForCausalLM.from_pretrained`` with zero
+missing/unexpected/mismatched keys and gives the logits we had in memory. We check both before the
+output directory appears (temp dir beside the target, then rename), so a failure leaves nothing behind
+and the input is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+import moecompress
+from moecompress.arch.adapter import MoEAdapter, adapter_for_config_dict
+from moecompress.errors import UserError
+
+PROVENANCE = "moecompress.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+class LoadedModel(BaseModel):
+    """A model in memory plus where it came from."""
+
+    model_config = {"arbitrary_types_allowed": True}
+    model: Any
+    tokenizer: Any | None
+    adapter: MoEAdapter
+    path: Path
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """config.json of a checkpoint folder, with clear errors for the usual mistakes."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"model folder {path} does not exist")
+    if not path.is_dir():
+        raise UserError(f"{path} is not a folder; pass the checkpoint folder that holds config.json")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"{path} has no config.json; is it a HuggingFace checkpoint folder?")
+    try:
+        return json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{cfg_file} is not valid JSON: {exc}") from exc
+
+
+def check_model_dir(path: Path) -> tuple[dict[str, Any], MoEAdapter]:
+    """Validate a model folder from its config alone: exists, MoE family supported, weights present."""
+    config = read_config(path)
+    adapter = adapter_for_config_dict(config)
+    if not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in Path(path).iterdir()):
+        raise UserError(f"{path} has a config.json but no weight files (*.safetensors / *.bin)")
+    return config, adapter
+
+
+def load_model(path: Path, *, dtype: torch.dtype | str | None = None, tokenizer: bool = True) -> LoadedModel:
+    """Load a supported MoE checkpoint for compression (eval mode, no grad)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    _, adapter = check_model_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"could not load weights from {path}: {_short(exc)}. Is a weight file corrupt or truncated?") from exc
+    except Exception as exc:  # safetensors raises its own error types on corrupt headers
+        if "safetensor" in type(exc).__module__.lower() or "header" in str(exc).lower():
+            raise UserError(f"could not load weights from {path}: {_short(exc)}. Is a weight file corrupt?") from exc
+        raise
+    model.eval()
+    tok = None
+    if tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except Exception:  # a checkpoint without tokenizer is still compressible; eval will say so
+            tok = None
+    return LoadedModel(model=model, tokenizer=tok, adapter=adapter, path=path)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def prepare_output(out: Path, *, overwrite: bool, source: Path | None = None) -> None:
+    """Refuse to clobber: an existing non-empty output needs --overwrite; never write into the input."""
+    out = Path(out)
+    if source is not None:
+        src, dst = Path(source).resolve(), out.resolve()
+        if dst == src or src in dst.parents:
+            raise UserError(f"output {out} is the input checkpoint or inside it; choose another --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"output {out} already exists and is not empty; pass --overwrite or choose another --out")
+
+
+def temp_dir_beside(out: Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move a finished temp dir into place; an existing output (only with --overwrite) is replaced."""
+    out = Path(out)
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}-{int(time.time())}"
+        out.rename(trash)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def provenance(source: Path | str | None, pass_entry: dict[str, Any] | None) -> dict[str, Any]:
+    """Chain the source's provenance (if any) with this pass."""
+    import transformers
+
+    passes: list[dict[str, Any]] = []
+    base = str(source) if source is not None else None
+    if source is not None and (Path(source) / PROVENANCE).is_file():
+        prev = json.loads((Path(source) / PROVENANCE).read_text())
+        passes = list(prev.get("passes", []))
+        base = prev.get("base_model", base)
+    if pass_entry:
+        passes.append(pass_entry)
+    return {
+        "moecompress_version": moecompress.__version__,
+        "base_model": base,
+        "source": str(source) if source is not None else None,
+        "passes": passes,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
+def probe_input(vocab_size: int, seq: int = 24, batch: int = 2, seed: int = 1234) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, seq), generator=g)
+
+
+@torch.no_grad()
+def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids.to(model.device)).logits.float().cpu()
+
+
+def verify_reload(path: Path, reference_logits: torch.Tensor, ids: torch.Tensor, *, atol: float | None = None) -> dict[str, Any]:
+    """Reload with vanilla transformers; fail loudly on any loading-info entry or logit mismatch."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v}
+    if problems:
+        raise RuntimeError(f"reload of {path} is not clean: {problems}")
+    model.eval()
+    got = logits_of(model, ids)
+    diff = float((got - reference_logits).abs().max())
+    scale = float(reference_logits.abs().max()) or 1.0
+    tol = atol if atol is not None else 1e-4 * max(1.0, scale)
+    if not diff <= tol:
+        raise RuntimeError(f"reloaded logits differ from the in-memory model by {diff:.3g} (tolerance {tol:.3g})")
+    return {"max_abs_logit_diff": diff, "loading_info": {k: len(v) for k, v in info.items()}}
+
+
+def write_checkpoint(
+    model: torch.nn.Module,
+    tokenizer: Any | None,
+    out: Path,
+    *,
+    source: Path | None,
+    pass_entry: dict[str, Any] | None = None,
+    extra_files: dict[str, str | bytes] | None = None,
+    overwrite: bool = False,
+    verify: bool = True,
+    save_original_format: bool = True,
+) -> dict[str, Any]:
+    """Save `model` (+ tokenizer, provenance, extra files) to `out` atomically and verify the reload.
+
+    Returns the verification summary (max logit difference, loading-info counts).
+    """
+    out = Path(out)
+    prepare_output(out, overwrite=overwrite, source=source)
+    tmp = temp_dir_beside(out)
+    try:
+        model.save_pretrained(tmp, save_original_format=save_original_format)
+        _save_tokenizer(tokenizer, source, tmp)
+        (tmp / PROVENANCE).write_text(json.dumps(provenance(source, pass_entry), indent=2))
+        for name, content in (extra_files or {}).items():
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content)
+        summary: dict[str, Any] = {}
+        if verify:
+            ids = probe_input(model.config.vocab_size)
+            summary = verify_reload(tmp, logits_of(model, ids), ids)
+        publish(tmp, out)
+        return summary
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+
+
+def _save_tokenizer(tokenizer: Any | None, source: Path | None, dst: Path) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(dst)
+        return
+    if source is None:
+        return
+    for name in _TOKENIZER_FILES:
+        src = Path(source) / name
+        if src.is_file() and not (dst / name).exists():
+            shutil.copy2(src, dst / name)
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """Bytes of weight files in a checkpoint folder (what a user downloads)."""
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))

@@ -1,0 +1,206 @@
+"""The only code that changes model structure.
+
+Every operation keeps the three places that describe an MoE layer consistent: the tensors (router rows,
+per-expert router vectors, fused expert weights), the integer attributes modules cache (``num_experts``
+is used by ``grouped_mm``'s histogram; stale values silently corrupt routing), and the config that
+``save_pretrained`` writes. Vanilla transformers holds one expert count and one expert width per config,
+so multi-layer operations must leave every layer with the same numbers; ``sync_config`` checks that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from moecompress.arch.adapter import MoEAdapter, MoELayer, moe_layers
+from moecompress.arch.experts import ExpertView, ExpertWeights
+from moecompress.errors import UserError
+
+_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
+_WIDTH_ATTRS = ("intermediate_dim", "intermediate_size", "expert_dim")
+
+
+# ---- guards (config only, so they run before any weight loads) ------------------------------------
+def check_expert_count(adapter: MoEAdapter, config: Any, n_keep: int) -> None:
+    """Refuse expert counts the family's router cannot route correctly."""
+    n_total = adapter.num_experts(config)
+    top_k = adapter.top_k(config)
+    if n_keep >= n_total or n_keep < 1:
+        raise UserError(f"keeping {n_keep} of {n_total} experts is not a reduction; choose 1 ≤ keep < {n_total}")
+    if n_keep < top_k:
+        max_ratio = 1 - top_k / n_total
+        raise UserError(
+            f"keeping {n_keep} experts leaves fewer than the {top_k} the router picks per token; "
+            f"keep ≥ {top_k} experts (ratio ≤ {max_ratio:.4g})"
+        )
+    groups = adapter.num_groups(config)
+    if groups > 1:
+        if n_keep % groups:
+            raise UserError(
+                f"the router is group-limited with {groups} groups: the kept count must be a multiple of {groups} "
+                f"so every group keeps the same number (got {n_keep})"
+            )
+        per_group = n_keep // groups
+        topk_group = adapter.groups_per_token(config)
+        if per_group < 2:
+            raise UserError(f"group-limited routing needs ≥ 2 experts per group; {n_keep} over {groups} groups leaves {per_group}")
+        if per_group * topk_group < top_k:
+            raise UserError(
+                f"{per_group} experts in each of the {topk_group} chosen groups cannot supply top-{top_k}; keep more experts"
+            )
+
+
+def check_group_balance(adapter: MoEAdapter, config: Any, n_total: int, keep: Sequence[int]) -> None:
+    """Group-limited routers address experts by group = index // (E / n_group); each group must keep the same count."""
+    groups = adapter.num_groups(config)
+    if groups <= 1:
+        return
+    size = n_total // groups
+    counts = torch.bincount(torch.as_tensor(list(keep)) // size, minlength=groups)
+    if not bool((counts == counts[0]).all()):
+        raise UserError(f"kept experts are unevenly spread over the {groups} routing groups: {counts.tolist()}")
+
+
+# ---- tensors ----------------------------------------------------------------------------------------
+def _resolve(module: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
+    *parents, leaf = path.split(".")
+    for p in parents:
+        module = getattr(module, p)
+    return module, leaf
+
+
+def _set_tensor(owner: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(owner, name)
+    if isinstance(old, torch.nn.Parameter):
+        setattr(owner, name, torch.nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+    else:
+        owner._buffers[name] = value.contiguous()
+
+
+def _set_ints(modules: Sequence[torch.nn.Module], names: Sequence[str], old: int, new: int) -> None:
+    for mod in modules:
+        for name in names:
+            if isinstance(getattr(mod, name, None), int) and getattr(mod, name) == old:
+                setattr(mod, name, new)
+
+
+def keep_experts(layer: MoELayer, keep: Sequence[int]) -> None:
+    """Keep only experts `keep` (in the given order) of one MoE layer: router rows, router vectors, weights, ints."""
+    n_old = layer.num_experts
+    idx = torch.as_tensor(list(keep), dtype=torch.long)
+    if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n_old or idx.unique().numel() != idx.numel():
+        raise UserError(f"layer {layer.index}: invalid expert indices {list(keep)} for {n_old} experts")
+    router = layer.router
+    _set_tensor(router, "weight", router.weight.detach()[idx])
+    for vec in layer.adapter.router_vectors:
+        owner, leaf = _resolve(router, vec.path)
+        t = getattr(owner, leaf, None)
+        if t is not None:
+            _set_tensor(owner, leaf, t.detach().index_select(vec.axis, idx))
+    view = ExpertView(layer)
+    view.set_all(view.get_all().select(idx))
+    _set_ints(list(layer.block.modules()), _COUNT_ATTRS, n_old, len(idx))
+
+
+def replace_expert(layer: MoELayer, index: int, weights: ExpertWeights) -> None:
+    """Overwrite one expert's weights (same width); used by merging."""
+    ExpertView(layer).set(index, weights)
+
+
+def set_router_rows(layer: MoELayer, weight: torch.Tensor, vectors: dict[str, torch.Tensor] | None = None) -> None:
+    """Replace router rows (and optionally router vectors) after merging; shapes must already match."""
+    _set_tensor(layer.router, "weight", weight.to(layer.router.weight.dtype))
+    for path, value in (vectors or {}).items():
+        owner, leaf = _resolve(layer.router, path)
+        _set_tensor(owner, leaf, value.to(getattr(owner, leaf).dtype))
+
+
+def shrink_neurons(layer: MoELayer, keep_per_expert: torch.Tensor, shared_keep: dict[str, torch.Tensor] | None = None) -> None:
+    """Keep intermediate neurons `keep_per_expert [E, I_new]` of each routed expert (one width for all).
+
+    When the family couples the shared-expert width to the routed width (trap a), the shared expert must
+    shrink too: pass its kept neurons in `shared_keep` (name -> indices), else the largest-norm ones are kept.
+    """
+    view = ExpertView(layer)
+    w = view.get_all()
+    n_exp, width = w.gate.shape[0], w.gate.shape[1]
+    if keep_per_expert.dim() != 2 or keep_per_expert.shape[0] != n_exp:
+        raise UserError(f"layer {layer.index}: keep_per_expert must be [E={n_exp}, I_new]")
+    new_width = int(keep_per_expert.shape[1])
+    if not 0 < new_width <= width:
+        raise UserError(f"layer {layer.index}: new width {new_width} must be in 1..{width}")
+    k = keep_per_expert.long()
+    rows = torch.arange(n_exp)[:, None]
+    new = ExpertWeights(
+        gate=w.gate[rows, k], up=w.up[rows, k], down=w.down.transpose(1, 2)[rows, k].transpose(1, 2),
+        gate_bias=w.gate_bias[rows, k] if w.gate_bias is not None else None,
+        up_bias=w.up_bias[rows, k] if w.up_bias is not None else None,
+        down_bias=w.down_bias,
+    )
+    view.set_all(new)
+    _set_ints([layer.experts], _WIDTH_ATTRS, width, new_width)
+    if layer.adapter.shared_width_coupled:
+        for name, mlp in layer.shared():
+            if not hasattr(mlp, "gate_proj"):
+                continue
+            old_shared = mlp.gate_proj.weight.shape[0]
+            ratio = old_shared // width
+            target = new_width * ratio
+            keep = (shared_keep or {}).get(name)
+            if keep is None:
+                score = mlp.down_proj.weight.detach().norm(dim=0) * mlp.up_proj.weight.detach().norm(dim=1)
+                keep = score.topk(target).indices.sort().values
+            shrink_mlp(mlp, keep)
+
+
+def shrink_mlp(mlp: torch.nn.Module, keep: torch.Tensor) -> None:
+    """Keep intermediate neurons `keep` of a dense gate/up/down MLP (nn.Linear layout)."""
+    keep = keep.long()
+    old = mlp.gate_proj.weight.shape[0]
+    for name in ("gate_proj", "up_proj"):
+        lin = getattr(mlp, name)
+        lin.weight = torch.nn.Parameter(lin.weight.detach()[keep].contiguous(), requires_grad=False)
+        if lin.bias is not None:
+            lin.bias = torch.nn.Parameter(lin.bias.detach()[keep].contiguous(), requires_grad=False)
+        lin.out_features = len(keep)
+    mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight.detach()[:, keep].contiguous(), requires_grad=False)
+    mlp.down_proj.in_features = len(keep)
+    _set_ints([mlp], ("intermediate_size",), old, len(keep))
+
+
+# ---- config -----------------------------------------------------------------------------------------
+def sync_config(model: torch.nn.Module, adapter: MoEAdapter | None = None) -> dict[str, int]:
+    """Write the live expert count and width into the config (every alias key) and the top-level model ints.
+
+    Raises if layers disagree: vanilla transformers can represent only one count and one width.
+    """
+    layers = moe_layers(model, adapter)
+    adapter = layers[0].adapter
+    counts = {layer.num_experts for layer in layers}
+    widths = {ExpertView(layer).get_all().width for layer in layers}
+    if len(counts) != 1 or len(widths) != 1:
+        raise UserError(
+            f"MoE layers disagree (experts {sorted(counts)}, widths {sorted(widths)}); vanilla transformers needs "
+            "one expert count and one expert width for the whole model"
+        )
+    n, width = counts.pop(), widths.pop()
+    cfg = model.config
+    old_n = adapter.num_experts(cfg)
+    for key in adapter.count_keys:
+        setattr(cfg, key, n)
+    setattr(cfg, adapter.width_key, width)
+    _set_ints([model], _COUNT_ATTRS, old_n, n)
+    return {"num_experts": n, "expert_width": width}
+
+
+def keep_experts_everywhere(model: torch.nn.Module, keep: dict[int, Sequence[int]]) -> None:
+    """Apply `keep_experts` to several layers (by decoder index), then sync the config."""
+    layers = {layer.index: layer for layer in moe_layers(model)}
+    missing = set(keep) - set(layers)
+    if missing:
+        raise UserError(f"layers {sorted(missing)} are not MoE layers; MoE layers: {sorted(layers)}")
+    for idx, kept in keep.items():
+        keep_experts(layers[idx], kept)
+    sync_config(model)
