@@ -1,0 +1,271 @@
+"""One streaming pass over calibration tokens that computes the model's normal output *and* every routing
+statistic (design §3: a custom experts implementation, so there is no second forward).
+
+The tap replaces the experts forward with an equivalent per-expert computation over the tokens routed to
+each expert (batched: one matmul per expert, never a loop over tokens) and, while a collection is active,
+accumulates the sums in ``LayerStats``. Gate weights are the ones the family's router hands to the experts,
+i.e. already renormalised / scaled / bias-chosen exactly as the model applies them. Padding is masked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from moecompress.arch.adapter import MoELayer, moe_layers
+from moecompress.arch.experts import ExpertView
+from moecompress.calib.stats import LayerStats, Stats
+
+TAP_IMPLEMENTATION = "moecompress_tap"
+_ACTIVE: dict[int, LayerTap] = {}
+
+
+def stored_expert_forward(module: torch.nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert `e` of a fused experts module on x [S, H] in the module's own storage layout.
+
+    Returns (output [S, H], intermediate activation [S, I]). Same arithmetic as the library's eager path.
+    """
+    transposed = bool(getattr(module, "is_transposed", False))
+    gu_w = module.gate_up_proj[e]
+    gu = x @ gu_w if transposed else x @ gu_w.T
+    if getattr(module, "has_bias", False):
+        gu = gu + module.gate_up_proj_bias[e]
+    apply_gate = getattr(module, "_apply_gate", None)
+    if apply_gate is not None:
+        act = apply_gate(gu)
+    else:
+        g, u = gu.chunk(2, dim=-1)
+        act = module.act_fn(g) * u
+    d_w = module.down_proj[e]
+    y = act @ d_w if transposed else act @ d_w.T
+    if getattr(module, "has_bias", False):
+        y = y + module.down_proj_bias[e]
+    return y, act
+
+
+def tap_experts_forward(
+    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Experts forward that also feeds the active statistics tap of this module (if any)."""
+    num_tokens, hidden = hidden_states.shape
+    k = top_k_index.shape[-1]
+    flat_e = top_k_index.reshape(-1)
+    flat_w = top_k_weights.reshape(-1)
+    order = torch.argsort(flat_e, stable=True)
+    counts = torch.bincount(flat_e, minlength=self.num_experts).tolist()
+    tok_sorted = order // k
+    x_sorted = hidden_states[tok_sorted]
+    tap = _ACTIVE.get(id(self))
+    y_sorted = torch.empty(order.numel(), hidden, dtype=hidden_states.dtype, device=hidden_states.device)
+    act_parts: list[torch.Tensor] = []
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            y, act = stored_expert_forward(self, e, x_sorted[start : start + n])
+            y_sorted[start : start + n] = y
+            if tap is not None:
+                act_parts.append(act)
+        start += n
+    w_sorted = flat_w[order].to(y_sorted.dtype)
+    out = torch.zeros_like(hidden_states)
+    out.index_add_(0, tok_sorted, y_sorted * w_sorted[:, None])
+    if tap is not None:
+        eid_sorted = flat_e[order]
+        act_sorted = torch.cat(act_parts) if act_parts else y_sorted.new_zeros(0, tap.stats.width)
+        tap.observe_experts(hidden_states, out, tok_sorted, eid_sorted, w_sorted, y_sorted, act_sorted)
+    return out
+
+
+ALL_EXPERTS_FUNCTIONS.register(TAP_IMPLEMENTATION, tap_experts_forward)
+
+
+class LayerTap:
+    """Accumulates statistics for one MoE layer during collection."""
+
+    def __init__(self, layer: MoELayer, sample_every: int, sample_cap: int) -> None:
+        view = ExpertView(layer)
+        w = view.get_all()
+        self.layer = layer
+        self.stats = LayerStats(num_experts=layer.num_experts, hidden=w.gate.shape[2], width=w.width)
+        self.mask: torch.Tensor | None = None  # [T] bool, real tokens of the current batch
+        self.sample_every = sample_every
+        self.sample_cap = sample_cap
+        self._seen_real = 0
+        self._samples: list[torch.Tensor] = []
+        self._sampled = 0
+
+    # block input: sample real tokens for later decisions (NAEE, merging, router refit)
+    def observe_block_input(self, hidden: torch.Tensor) -> None:
+        x = hidden.reshape(-1, hidden.shape[-1])
+        if self.mask is not None:
+            x = x[self.mask]
+        n = x.shape[0]
+        positions = torch.arange(self._seen_real, self._seen_real + n)
+        pick = (positions % self.sample_every) == 0
+        self._seen_real += n
+        if self._sampled < self.sample_cap and bool(pick.any()):
+            chosen = x[pick][: self.sample_cap - self._sampled].detach().float().cpu()
+            self._samples.append(chosen)
+            self._sampled += chosen.shape[0]
+
+    def observe_router(self, logits: torch.Tensor) -> None:
+        s = self.stats.sums
+        logits = logits.reshape(-1, logits.shape[-1]).detach().double()
+        if self.mask is not None:
+            logits = logits[self.mask]
+        s["logit_sum"] += logits.sum(0).cpu()
+        s["prob_sum"] += logits.softmax(-1).sum(0).cpu()
+        s["logit_gram"] += (logits.T @ logits).cpu()
+        self.stats.n_tokens += logits.shape[0]
+
+    def observe_experts(self, hidden: torch.Tensor, out: torch.Tensor, tok: torch.Tensor, eid: torch.Tensor,
+                        w: torch.Tensor, y: torch.Tensor, act: torch.Tensor) -> None:
+        s = self.stats.sums
+        e_count = self.stats.num_experts
+        if self.mask is not None:
+            keep = self.mask[tok]
+            tok, eid, w, y, act = tok[keep], eid[keep], w[keep], y[keep], act[keep]
+        y64 = y.detach().double()
+        w64 = w.detach().double()
+        norm = y64.norm(dim=-1)
+        # EASY-EP token weight: how much the routed output turns the hidden state
+        h = hidden.detach().double()
+        cos = torch.nn.functional.cosine_similarity(h, h + out.detach().double(), dim=-1)
+        tok_weight = (1 - cos).clamp_min(0)[tok]
+        idx = eid.cpu()
+        s["freq"] += torch.bincount(idx, minlength=e_count).double()
+        s["soft_freq"].index_add_(0, idx, w64.cpu())
+        s["reap_sum"].index_add_(0, idx, (w64 * norm).cpu())
+        s["ean"].index_add_(0, idx, (w64.abs() * norm).cpu())
+        s["easy_ep"].index_add_(0, idx, (w64 * norm * tok_weight).cpu())
+        s["out_sum"].index_add_(0, idx, y64.cpu())
+        a64 = act.detach().double()
+        s["act_sq"].index_add_(0, idx, (a64 * a64).cpu())
+        s["act_sq_gated"].index_add_(0, idx, (a64 * a64 * (w64 * w64)[:, None]).cpu())
+        if y64.shape[0]:
+            peak = torch.zeros(e_count, dtype=torch.float64).scatter_reduce(
+                0, idx, y64.abs().amax(dim=-1).cpu(), reduce="amax", include_self=True)
+            s["max_act"] = torch.maximum(s["max_act"], peak)
+
+    def finish(self) -> LayerStats:
+        if self._samples:
+            self.stats.sample = torch.cat(self._samples)
+        return self.stats
+
+
+class Llama4Tap(LayerTap):
+    """Llama4 runs every expert densely on sigmoid-scaled inputs; statistics come from the routed slots."""
+
+    def __init__(self, layer: MoELayer, sample_every: int, sample_cap: int) -> None:
+        super().__init__(layer, sample_every, sample_cap)
+        self._logits: torch.Tensor | None = None
+
+    def observe_router(self, logits: torch.Tensor) -> None:
+        self._logits = logits.detach()
+        super().observe_router(logits)
+
+    def observe_dense(self, routed_in: torch.Tensor, routed_out: torch.Tensor, block_in: torch.Tensor) -> None:
+        assert self._logits is not None
+        logits = self._logits.reshape(-1, self._logits.shape[-1])
+        t, e = logits.shape
+        k = int(self.layer.block.top_k)
+        top = logits.topk(k, dim=-1)
+        tok = torch.arange(t).repeat_interleave(k)
+        eid = top.indices.reshape(-1)
+        w = torch.ones_like(eid, dtype=routed_out.dtype)  # the gate already scaled the input
+        xin = routed_in.reshape(e, t, -1)[eid, tok]
+        ys, acts = [], []
+        order = torch.argsort(eid, stable=True)
+        eid, tok, xin = eid[order], tok[order], xin[order]
+        counts = torch.bincount(eid, minlength=e).tolist()
+        start = 0
+        for ex, n in enumerate(counts):
+            if n:
+                y, a = _llama4_expert(self.layer.experts, ex, xin[start : start + n])
+                ys.append(y)
+                acts.append(a)
+            start += n
+        out = routed_out.reshape(e, t, -1).sum(0)
+        self.observe_experts(block_in.reshape(t, -1), out, tok, eid, w, torch.cat(ys), torch.cat(acts))
+
+
+def _llama4_expert(module: torch.nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gu = x @ module.gate_up_proj[e]
+    g, u = gu.chunk(2, dim=-1)
+    act = module.act_fn(g) * u
+    return act @ module.down_proj[e], act
+
+
+@contextlib.contextmanager
+def collecting(model: torch.nn.Module, sample_tokens: int, total_tokens: int) -> Iterator[dict[int, LayerTap]]:
+    """Install taps on every MoE layer (and the tap experts implementation); restore everything on exit."""
+    layers = moe_layers(model)
+    every = max(1, math.ceil(total_tokens / max(sample_tokens, 1)))
+    llama4 = layers[0].adapter.routing == "sigmoid_input_scale"
+    taps: dict[int, LayerTap] = {}
+    handles: list[Any] = []
+    previous = getattr(model.config, "_experts_implementation", None)
+    if not llama4:
+        model.set_experts_implementation(TAP_IMPLEMENTATION)
+    logits_pos = 1 if llama4 else 0
+    for layer in layers:
+        tap = (Llama4Tap if llama4 else LayerTap)(layer, every, sample_tokens)
+        taps[layer.index] = tap
+        _ACTIVE[id(layer.experts)] = tap
+        handles.append(layer.block.register_forward_pre_hook(
+            lambda mod, args, kwargs, tap=tap: _pre_block(tap, args, kwargs), with_kwargs=True))
+        handles.append(layer.router.register_forward_hook(
+            lambda mod, args, out, tap=tap: tap.observe_router(out[logits_pos] if isinstance(out, tuple) else out)))
+        if llama4:
+            handles.append(layer.experts.register_forward_hook(
+                lambda mod, args, out, tap=tap: tap.observe_dense(args[0], out, tap._block_in)))
+    try:
+        yield taps
+    finally:
+        for h in handles:
+            h.remove()
+        for layer in layers:
+            _ACTIVE.pop(id(layer.experts), None)
+        if not llama4 and previous is not None:
+            model.set_experts_implementation(previous)
+
+
+def _pre_block(tap: LayerTap, args: tuple, kwargs: dict) -> None:
+    hidden = args[0] if args else kwargs["hidden_states"]
+    tap._block_in = hidden.reshape(-1, hidden.shape[-1])  # type: ignore[attr-defined]
+    tap.observe_block_input(hidden)
+
+
+def collect_stats(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    total_tokens: int,
+    sample_tokens: int = 2048,
+    progress: Any = None,
+    meta: dict[str, Any] | None = None,
+) -> Stats:
+    """Run the calibration batches once and return statistics for every MoE layer.
+
+    `batches` yields (input_ids [B, L], attention_mask [B, L]); `progress(n_done_tokens)` is called per batch.
+    """
+    t0 = time.perf_counter()
+    with torch.inference_mode(), collecting(model, sample_tokens, total_tokens) as taps:
+        for input_ids, attention_mask in batches:
+            mask = attention_mask.reshape(-1).bool()
+            for tap in taps.values():
+                tap.mask = mask
+            model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                  use_cache=False)
+            if progress is not None:
+                progress(int(mask.sum()))
+        layers = {idx: tap.finish() for idx, tap in taps.items()}
+    info = dict(meta or {})
+    info["collect_seconds"] = round(time.perf_counter() - t0, 3)
+    return Stats(layers=layers, meta=info)

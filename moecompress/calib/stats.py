@@ -1,0 +1,121 @@
+"""Per-layer, per-expert routing statistics: what the collector fills and every decision reads.
+
+Kept as plain tensors so they save to safetensors and reload without the model; derived criteria
+(REAP, EAN, ...) are computed from the sums here, so one calibration sweep serves every method and ratio.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from moecompress.errors import UserError
+
+SUM_FIELDS = (
+    "freq",  # [E] routed (token, slot) pairs
+    "soft_freq",  # [E] sum of applied gate weights
+    "reap_sum",  # [E] sum of g * ||y||  (REAP = reap_sum / freq)
+    "ean",  # [E] sum of ||g * y||
+    "easy_ep",  # [E] sum of g * ||y|| * max(1 - cos(h, h + routed), 0)
+    "max_act",  # [E] max |y| over routed tokens (super-expert detection)
+    "out_sum",  # [E, H] sum of expert outputs y over routed tokens
+    "act_sq",  # [E, I] sum of a^2 (intermediate activation) over routed tokens
+    "act_sq_gated",  # [E, I] sum of (g a)^2
+    "logit_sum",  # [E] sum of router logits over all tokens
+    "prob_sum",  # [E] sum of softmax(router logits) over all tokens
+    "logit_gram",  # [E, E] sum of logits logits^T (router-logit similarity between experts)
+)
+
+
+@dataclass
+class LayerStats:
+    """Sums over the calibration tokens for one MoE layer, plus a token sample of the block's inputs."""
+
+    num_experts: int
+    hidden: int
+    width: int
+    n_tokens: int = 0
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    sample: torch.Tensor | None = None  # [N, H] MoE-block inputs at real (unpadded) tokens
+
+    def __post_init__(self) -> None:
+        e, h, i = self.num_experts, self.hidden, self.width
+        shapes = {"out_sum": (e, h), "act_sq": (e, i), "act_sq_gated": (e, i), "logit_gram": (e, e)}
+        for name in SUM_FIELDS:
+            self.sums.setdefault(name, torch.zeros(shapes.get(name, (e,)), dtype=torch.float64))
+
+    # ---- derived criteria ----------------------------------------------------------------------
+    def __getattr__(self, name: str) -> torch.Tensor:
+        sums = self.__dict__.get("sums", {})
+        if name in sums:
+            return sums[name]
+        raise AttributeError(name)
+
+    @property
+    def reap(self) -> torch.Tensor:
+        return self.sums["reap_sum"] / self.sums["freq"].clamp_min(1)
+
+    @property
+    def mean_output(self) -> torch.Tensor:
+        return self.sums["out_sum"] / self.sums["freq"].clamp_min(1)[:, None]
+
+    @property
+    def mean_act_sq(self) -> torch.Tensor:
+        return self.sums["act_sq"] / self.sums["freq"].clamp_min(1)[:, None]
+
+    @property
+    def logit_similarity(self) -> torch.Tensor:
+        """Cosine similarity between experts' router-logit columns over all calibration tokens."""
+        g = self.sums["logit_gram"]
+        d = g.diagonal().clamp_min(1e-12).sqrt()
+        return g / (d[:, None] * d[None, :])
+
+
+@dataclass
+class Stats:
+    """Statistics of every MoE layer of one model under one calibration spec."""
+
+    layers: dict[int, LayerStats]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        layer_meta = {}
+        for idx, ls in self.layers.items():
+            for name, t in ls.sums.items():
+                tensors[f"{idx}.{name}"] = t.contiguous()
+            if ls.sample is not None:
+                tensors[f"{idx}.sample"] = ls.sample.contiguous()
+            layer_meta[str(idx)] = {"num_experts": ls.num_experts, "hidden": ls.hidden, "width": ls.width,
+                                    "n_tokens": ls.n_tokens}
+        tmp = path / "stats.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        tmp.rename(path / "stats.safetensors")
+        (path / "stats.json").write_text(json.dumps({"meta": self.meta, "layers": layer_meta}, indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> Stats:
+        path = Path(path)
+        try:
+            info = json.loads((path / "stats.json").read_text())
+            tensors = load_file(str(path / "stats.safetensors"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"statistics at {path} are unreadable ({exc}); delete the folder to recollect") from exc
+        layers: dict[int, LayerStats] = {}
+        for key, lm in info["layers"].items():
+            idx = int(key)
+            sums = {n: tensors[f"{idx}.{n}"] for n in SUM_FIELDS if f"{idx}.{n}" in tensors}
+            layers[idx] = LayerStats(num_experts=lm["num_experts"], hidden=lm["hidden"], width=lm["width"],
+                                     n_tokens=lm["n_tokens"], sums=sums, sample=tensors.get(f"{idx}.sample"))
+        return cls(layers=layers, meta=info.get("meta", {}))
+
+    @staticmethod
+    def exists(path: Path) -> bool:
+        return (Path(path) / "stats.json").is_file() and (Path(path) / "stats.safetensors").is_file()
