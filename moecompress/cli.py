@@ -87,6 +87,147 @@ def zoo_tiny(
     console.print(f"wrote tiny {family} to {out}")
 
 
+# ---- options shared by every pass command (machinery, not science) -----------------------------------
+OUT = typer.Option(..., "--out", "-o", help="Folder for the compressed checkpoint (+ report.json, report.md).")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace a non-empty --out.")
+CALIB = typer.Option(None, "--calib", help="Calibration data: a local .txt/.jsonl/.json/.parquet file or folder, or a "
+                     "HuggingFace dataset `name[:config][@split]`. Default: the reference corpus shipped with the model.")
+CALIB_SAMPLES = typer.Option(128, "--calib-samples", help="Number of calibration sequences.")
+CALIB_SEQLEN = typer.Option(256, "--calib-seqlen", help="Tokens per calibration sequence.")
+CALIB_SEED = typer.Option(0, "--calib-seed", help="Seed for sampling calibration sequences.")
+CALIB_DOMAIN = typer.Option(None, "--calib-domain", help="Only rows whose `domain` field equals this (jsonl).")
+EVAL = typer.Option(None, "--eval", help="Comma-separated lm-eval tasks to compare base vs compressed "
+                    "(bundled offline tasks: ref_ppl, ref_mc).")
+DTYPE = typer.Option(None, "--dtype", help="Load dtype (float32, bfloat16, ...). Default: the checkpoint's.")
+STATS_CACHE = typer.Option(None, "--stats-cache", help="Where calibration statistics are cached "
+                           "(default ~/.cache/moecompress/stats or $MOECOMPRESS_CACHE).")
+
+
+def calib_spec(calib: str | None, samples: int, seqlen: int, seed: int, domain: str | None = None):
+    from moecompress.calib.data import CalibSpec
+
+    if calib is None and domain is None:
+        return None
+    if calib is None:
+        raise UserError("--calib-domain needs --calib pointing at a jsonl file with a `domain` field")
+    return CalibSpec(source=calib, samples=samples, seqlen=seqlen, seed=seed, domain=domain)
+
+
+def eval_spec(tasks: str | None, model: Path):
+    if not tasks:
+        return None
+    from moecompress.eval import EvalSpec
+    from moecompress.runner import default_calibration_source
+
+    src = default_calibration_source(model)
+    return EvalSpec(tasks=[t.strip() for t in tasks.split(",") if t.strip()], data_dir=src.parent if src else None)
+
+
+def run_one(cfg_cls, fields: dict, model: Path, out: Path, *, calib=None, evals=None, overwrite: bool = False,
+            dtype: str | None = None, stats_cache: Path | None = None) -> dict:
+    """The pass commands are one-pass recipes: validate the config, then run it through the same runner."""
+    from pydantic import ValidationError
+
+    from moecompress.recipe import format_validation
+    from moecompress.runner import RunOptions, run_pass
+
+    quiet_transformers()
+    try:
+        cfg = cfg_cls(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        raise UserError(format_validation(exc)) from None
+    opts = RunOptions(overwrite=overwrite, dtype=dtype, stats_cache=stats_cache)
+    report = run_pass(cfg, model, out, calibration=calib, eval_spec=eval_spec(evals, model), opts=opts,
+                      console=console)
+    print_report(report)
+    return report
+
+
+def print_report(report: dict) -> None:
+    from rich.table import Table
+
+    from moecompress.report import _fmt_bytes, eval_rows
+
+    t = Table(title=f"{report['pass']} → {report['output']}")
+    for col in ("", "before", "after"):
+        t.add_column(col, justify="right")
+    t.add_row("parameters", f"{report['params_before']:,}", f"{report['params_after']:,}")
+    t.add_row("bytes", _fmt_bytes(report["bytes_before"]), _fmt_bytes(report["bytes_after"]))
+    for task, metric, b, c, r in eval_rows(report):
+        t.add_row(f"{task} {metric}", f"{b:.4g}", f"{c:.4g}" + (f" ({r:.1f}%)" if r is not None else ""))
+    console.print(t)
+    console.print(f"time {report['seconds']:.1f}s · peak RSS {report['peak_rss_mb']:.0f} MiB · reload verified "
+                  f"(max logit diff {report['verify'].get('max_abs_logit_diff', float('nan')):.2g})")
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                out += list(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise UserError(f"--layers {text!r}: use comma-separated indices or ranges, e.g. 0,2,4-7") from None
+    return out
+
+
+@app.command("prune")
+def prune_cmd(
+    model: Path = typer.Argument(..., help="Input checkpoint folder (never modified)."),
+    out: Path = OUT,
+    ratio: float | None = typer.Option(None, "--ratio", help="Share of experts to remove in every MoE layer (0-1)."),
+    keep: int | None = typer.Option(None, "--keep", help="Experts to keep per layer (instead of --ratio)."),
+    criterion: str = typer.Option("reap", "--criterion", help="frequency | soft_frequency | reap | ean | easy_ep | "
+                                  "naee | random. reap: mean gate x output norm over routed tokens."),
+    protect_super_experts: bool = typer.Option(False, "--protect-super-experts",
+                                               help="Never remove experts with extreme peak activations."),
+    layers: str | None = typer.Option(None, "--layers", help="MoE layers to prune, e.g. 0-3 (all must be listed for "
+                                      "a vanilla-loadable checkpoint)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for --criterion random."),
+    calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
+    calib_seed: int = CALIB_SEED, calib_domain: str | None = CALIB_DOMAIN,
+    evals: str | None = EVAL, overwrite: bool = OVERWRITE, dtype: str | None = DTYPE,
+    stats_cache: Path | None = STATS_CACHE,
+) -> None:
+    """Remove whole experts (same count per layer) ranked by routing statistics on calibration data.
+
+    Example: moecompress prune ref --out ref-p25 --ratio 0.25 --criterion reap --eval ref_ppl,ref_mc
+    """
+    from moecompress.passes.prune_experts import PruneExpertsConfig
+
+    run_one(PruneExpertsConfig, dict(ratio=ratio, keep=keep, criterion=criterion,
+                                     protect_super_experts=protect_super_experts, layers=parse_layers(layers),
+                                     seed=seed),
+            model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, calib_domain), evals=evals,
+            overwrite=overwrite, dtype=dtype, stats_cache=stats_cache)
+
+
+@app.command("run")
+def run_cmd(
+    recipe: Path = typer.Argument(..., help="Recipe YAML: model, calibration, eval and an ordered list of passes."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: each pass writes OUT/NN-pass/."),
+    model: Path | None = typer.Option(None, "--model", help="Override the recipe's model."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo finished steps instead of resuming."),
+    dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE,
+) -> None:
+    """Run a recipe; a rerun resumes (finished steps are skipped, an interrupted one is redone)."""
+    from moecompress.recipe import load_recipe
+    from moecompress.runner import RunOptions, run_recipe
+
+    parsed = load_recipe(recipe)  # validated before any weight loads
+    quiet_transformers()
+    reports = run_recipe(parsed, out, model=model, opts=RunOptions(overwrite=overwrite, dtype=dtype,
+                                                                   stats_cache=stats_cache), console=console)
+    for r in reports:
+        print_report(r)
+    console.print(f"run summary: {out / 'run.md'}")
+
+
 def _register_optional() -> None:
     """Attach commands whose modules live elsewhere in the package (kept out of this file on purpose)."""
     from importlib import import_module

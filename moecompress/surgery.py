@@ -204,3 +204,29 @@ def keep_experts_everywhere(model: torch.nn.Module, keep: dict[int, Sequence[int
     for idx, kept in keep.items():
         keep_experts(layers[idx], kept)
     sync_config(model)
+
+
+def sliced_router(layer: MoELayer, keep: Sequence[int]) -> torch.nn.Module:
+    """A shallow copy of the layer's router that only knows experts `keep` (the original is untouched).
+
+    Lets decisions evaluate a candidate subset with the family's own routing rule without copying experts.
+    """
+    import copy
+
+    idx = torch.as_tensor(list(keep), dtype=torch.long)
+    router = copy.copy(layer.router)
+    router._parameters = dict(router._parameters)
+    router._buffers = dict(router._buffers)
+    router._modules = {k: copy.copy(v) for k, v in router._modules.items()}
+    for sub in router._modules.values():
+        sub._parameters = dict(sub._parameters)
+        sub._buffers = dict(sub._buffers)
+    n_old = layer.num_experts
+    router._parameters["weight"] = torch.nn.Parameter(layer.router.weight.detach()[idx], requires_grad=False)
+    for vec in layer.adapter.router_vectors:
+        owner, leaf = _resolve(router, vec.path)
+        t = getattr(owner, leaf, None)
+        if t is not None:
+            _set_tensor(owner, leaf, t.detach().index_select(vec.axis, idx))
+    _set_ints([router, *router._modules.values()], _COUNT_ATTRS, n_old, len(idx))
+    return router

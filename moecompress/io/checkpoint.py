@@ -180,6 +180,8 @@ def write_checkpoint(
     overwrite: bool = False,
     verify: bool = True,
     save_original_format: bool = True,
+    save_fn: Any = None,
+    verify_atol: float | None = None,
 ) -> dict[str, Any]:
     """Save `model` (+ tokenizer, provenance, extra files) to `out` atomically and verify the reload.
 
@@ -189,7 +191,10 @@ def write_checkpoint(
     prepare_output(out, overwrite=overwrite, source=source)
     tmp = temp_dir_beside(out)
     try:
-        model.save_pretrained(tmp, save_original_format=save_original_format)
+        if save_fn is not None:  # e.g. quantized formats write their own tensors
+            save_fn(tmp)
+        else:
+            model.save_pretrained(tmp, save_original_format=save_original_format)
         _save_tokenizer(tokenizer, source, tmp)
         (tmp / PROVENANCE).write_text(json.dumps(provenance(source, pass_entry), indent=2))
         for name, content in (extra_files or {}).items():
@@ -202,7 +207,7 @@ def write_checkpoint(
         summary: dict[str, Any] = {}
         if verify:
             ids = probe_input(model.config.vocab_size)
-            summary = verify_reload(tmp, logits_of(model, ids), ids)
+            summary = verify_reload(tmp, logits_of(model, ids), ids, atol=verify_atol)
         publish(tmp, out)
         return summary
     except BaseException:

@@ -118,6 +118,11 @@ def _as_user_error(exc: BaseException, repo_id: str, endpoint: str, token: str |
             msg = f"the Hub at {endpoint} refused the upload to {repo_id}: HTTP {status} ({detail})"
     elif isinstance(exc, httpx2.TransportError):
         msg = f"could not reach {endpoint} ({type(exc).__name__}: {_first_lines(exc, 1)}); check the network or HF_ENDPOINT"
+    elif isinstance(exc, ConnectionError):  # hf_xet reports storage-side network failures this way
+        msg = (
+            f"uploading to the Hub's file storage failed ({_first_lines(exc, 2)}); check the network/firewall, "
+            "or set HF_HUB_DISABLE_XET=1 to upload through the older LFS protocol"
+        )
     elif isinstance(exc, ValueError) and "README.md" in str(exc):
         msg = f"the Hub rejected the model card metadata: {_first_lines(exc, 5)}"
     elif isinstance(exc, RuntimeError) and "uploading" in str(exc) and exc.__cause__ is not None:
@@ -209,7 +214,9 @@ def push_command(
     ),
 ) -> None:
     """Upload a checkpoint to the Hugging Face Hub with a generated model card (README.md)."""
-    files = checkpoint_files(dir) if dir.is_dir() else []
+    validate_checkpoint(dir)
+    validate_repo_id(repo)
+    files = checkpoint_files(dir)
     size = sum((dir / f).stat().st_size for f in files)
     typer.echo(f"pushing {len(files)} files ({size / 1e6:.1f} MB) from {dir} to {repo} ...", err=True)
     url = push_checkpoint(dir, repo, private=private, token=token, commit_message=message, base_model=base_model)

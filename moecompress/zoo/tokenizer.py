@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -36,3 +38,17 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrain
     )
     fast.model_max_length = 1 << 20
     return fast
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
+    """`save_pretrained`, then name the class explicitly so `AutoTokenizer` reloads it offline.
+
+    transformers 5 writes ``"tokenizer_class": "TokenizersBackend"``, which older readers do not know;
+    ``PreTrainedTokenizerFast`` loads everywhere.
+    """
+    out_dir = Path(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    cfg_file = out_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")

@@ -1,0 +1,133 @@
+"""Recipes: the science of a compression run in YAML, validated before any weight loads.
+
+```yaml
+model: artifacts/reference
+calibration: {source: artifacts/reference/data/train.jsonl, samples: 64, seqlen: 256}
+eval: {tasks: [ref_ppl, ref_mc]}
+passes:
+  - pass: prune_experts
+    ratio: 0.25
+    criterion: reap
+  - pass: quantize
+    bits: 4
+```
+Errors carry their location (``passes[1].ratio: Input should be less than 1``) and misspelt pass names get
+a suggestion.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from moecompress.errors import UserError
+from moecompress.passes.base import PassConfig, get_pass
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    model: str | None = None
+    calibration: dict[str, Any] | None = None
+    eval: dict[str, Any] | None = None
+    passes: list[Any] = Field(min_length=1)
+
+    @field_validator("passes")
+    @classmethod
+    def _each_has_name(cls, v: list[Any]) -> list[Any]:
+        for i, p in enumerate(v):
+            if not isinstance(p, dict) or "pass" not in p:
+                raise ValueError(f"item {i} must be a mapping with a 'pass:' key")
+        return v
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def format_validation(exc: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        where = _loc(tuple(err["loc"]))
+        where = f"{prefix}.{where}" if prefix and where else (prefix or where)
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(lines)
+
+
+def build_pass_config(raw: dict[str, Any], where: str) -> PassConfig:
+    data = dict(raw)
+    name = data.pop("pass")
+    if not isinstance(name, str):
+        raise UserError(f"{where}.pass: must be a pass name")
+    try:
+        registered = get_pass(name)
+    except UserError as exc:
+        raise UserError(f"{where}.pass: {exc}") from None
+    try:
+        return registered.config_cls(**data)
+    except ValidationError as exc:
+        raise UserError(format_validation(exc, where)) from None
+
+
+def build_calibration(raw: dict[str, Any] | None):
+    from moecompress.calib.data import CalibSpec
+
+    if raw is None:
+        return None
+    try:
+        return CalibSpec(**raw)
+    except ValidationError as exc:
+        raise UserError(format_validation(exc, "calibration")) from None
+
+
+def build_eval(raw: dict[str, Any] | None):
+    from moecompress.eval import EvalSpec
+
+    if raw is None:
+        return None
+    try:
+        return EvalSpec(**raw)
+    except ValidationError as exc:
+        raise UserError(format_validation(exc, "eval")) from None
+
+
+class ParsedRecipe(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model: str | None
+    calibration: Any
+    eval: Any
+    passes: list[PassConfig]
+    text: str = ""
+
+
+def parse_recipe(data: Any, text: str = "") -> ParsedRecipe:
+    if not isinstance(data, dict):
+        raise UserError("a recipe must be a YAML mapping with at least a 'passes:' list")
+    try:
+        recipe = Recipe(**data)
+    except ValidationError as exc:
+        raise UserError(format_validation(exc)) from None
+    passes = [build_pass_config(p, f"passes[{i}]") for i, p in enumerate(recipe.passes)]
+    return ParsedRecipe(model=recipe.model, calibration=build_calibration(recipe.calibration),
+                        eval=build_eval(recipe.eval), passes=passes, text=text)
+
+
+def load_recipe(path: Path) -> ParsedRecipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse_recipe(data, text)

@@ -1,0 +1,263 @@
+"""Run passes: load → (statistics) → decide/surgery → write (temp dir, verified reload) → eval → report.
+
+``run_pass`` is the unit (the CLI's prune/merge/quantize call it once); ``run_recipe`` chains passes into
+``OUT/NN-pass/`` folders and resumes: a step whose ``report.json`` exists is finished and skipped, an
+interrupted step left only a temp folder, which is discarded and redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from moecompress.calib.stats import Stats
+from moecompress.errors import UserError
+from moecompress.io.checkpoint import (
+    PROVENANCE,
+    check_model_dir,
+    checkpoint_bytes,
+    load_model,
+    prepare_output,
+    write_checkpoint,
+)
+from moecompress.passes.base import PassConfig, PassContext, get_pass
+
+REPORT = "report.json"
+
+
+class RunOptions(BaseModel):
+    """Machinery, not science: where and how to run (CLI options)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    overwrite: bool = False
+    dtype: str | None = None
+    stats_cache: Path | None = None
+    sample_tokens: int = 2048
+    verify: bool = True
+    plots: bool = True
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("MOECOMPRESS_CACHE", Path.home() / ".cache" / "moecompress"))
+
+
+def model_fingerprint(path: Path) -> str:
+    """Identity of a checkpoint's content for caches: config bytes + weight file names, sizes and mtimes."""
+    path = Path(path)
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.iterdir()):
+        if f.name.endswith((".safetensors", ".bin")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def default_calibration_source(model_dir: Path) -> Path | None:
+    """The reference model ships its corpus; compressed descendants find it through provenance."""
+    candidates = [Path(model_dir)]
+    prov = Path(model_dir) / PROVENANCE
+    if prov.is_file():
+        base = json.loads(prov.read_text()).get("base_model")
+        if base:
+            candidates.append(Path(base))
+    for c in candidates:
+        f = c / "data" / "train.jsonl"
+        if f.is_file():
+            return f
+    return None
+
+
+def resolve_calibration(spec: Any, model_dir: Path) -> Any:
+    from moecompress.calib.data import CalibSpec
+
+    if spec is not None:
+        return spec
+    src = default_calibration_source(model_dir)
+    if src is None:
+        raise UserError("this pass needs calibration data: pass --calib (a local .txt/.jsonl/.parquet file or a "
+                        "dataset name) or set `calibration:` in the recipe")
+    return CalibSpec(source=str(src))
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def obtain_stats(model: Any, tokenizer: Any, model_dir: Path, calib_spec: Any, opts: RunOptions,
+                 console: Any = None) -> Stats:
+    """Statistics for (model, calibration spec): from the cache when the same pair was seen, else one pass."""
+    from moecompress.calib.collect import collect_stats
+    from moecompress.calib.data import load_calibration
+
+    key = f"{model_fingerprint(model_dir)}-{calib_spec.cache_key()}-s{opts.sample_tokens}"
+    cache_dir = (opts.stats_cache or default_cache_root() / "stats") / key
+    if Stats.exists(cache_dir):
+        if console:
+            console.print(f"[dim]statistics: cache hit {cache_dir}[/]")
+        stats = Stats.load(cache_dir)
+        stats.meta["cache"] = "hit"
+        return stats
+    if tokenizer is None:
+        raise UserError(f"{model_dir} has no tokenizer; statistics need one to tokenize the calibration data")
+    batch = load_calibration(calib_spec, tokenizer)
+    ids, mask = batch.input_ids, batch.attention_mask
+    bs = max(1, min(8, 8192 // ids.shape[1]))
+    batches = [(ids[i : i + bs], mask[i : i + bs]) for i in range(0, ids.shape[0], bs)]
+    total = int(mask.sum())
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("collecting statistics"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                  TimeRemainingColumn(), console=console, disable=console is None, transient=True) as prog:
+        task = prog.add_task("stats", total=total)
+        stats = collect_stats(model, batches, total_tokens=total, sample_tokens=opts.sample_tokens,
+                              progress=lambda n: prog.advance(task, n),
+                              meta={"model": str(model_dir), "calibration": calib_spec.model_dump(mode="json"),
+                                    "tokens": total})
+    stats.save(cache_dir)
+    stats.meta["cache"] = "miss"
+    if console:
+        console.print(f"statistics: {total:,} tokens in {stats.meta['collect_seconds']:.1f}s → {cache_dir}")
+    return stats
+
+
+def run_pass(cfg: PassConfig, src: Path, out: Path, *, calibration: Any = None, eval_spec: Any = None,
+             opts: RunOptions | None = None, console: Any = None, recipe_text: str | None = None) -> dict[str, Any]:
+    """Apply one pass to checkpoint `src` and write checkpoint + report.json to `out`."""
+    opts = opts or RunOptions()
+    src, out = Path(src), Path(out)
+    hf_config, adapter = check_model_dir(src)
+    cfg.check(adapter, hf_config)
+    prepare_output(out, overwrite=opts.overwrite, source=src)
+    registered = get_pass(cfg.name)
+    t0 = time.perf_counter()
+    loaded = load_model(src, dtype=opts.dtype)
+    model, tok = loaded.model, loaded.tokenizer
+    cache: dict[str, Any] = {}
+
+    def get_calibration() -> Any:
+        if "calib" not in cache:
+            from moecompress.calib.data import load_calibration
+
+            if tok is None:
+                raise UserError(f"{src} has no tokenizer; calibration data cannot be tokenized")
+            cache["calib"] = load_calibration(resolve_calibration(calibration, src), tok)
+        return cache["calib"]
+
+    def get_stats() -> Stats:
+        if "stats" not in cache:
+            cache["stats"] = obtain_stats(model, tok, src, resolve_calibration(calibration, src), opts, console)
+        return cache["stats"]
+
+    params_before = count_params(model)
+    ctx = PassContext(model=model, tokenizer=tok, adapter=adapter, config=cfg, get_stats=get_stats,
+                      get_calibration=get_calibration, console=console)
+    details = registered.fn(ctx)
+    pass_seconds = time.perf_counter() - t0
+    entry = {"pass": cfg.name, "config": cfg.model_dump(mode="json"), "summary": details.get("summary", "")}
+    extra = {"recipe.yaml": recipe_text} if recipe_text else None
+    verify = write_checkpoint(model, tok, out, source=src, pass_entry=entry, overwrite=opts.overwrite,
+                              verify=opts.verify, save_fn=ctx.extras.get("save_fn"),
+                              verify_atol=ctx.extras.get("verify_atol"), extra_files=extra)
+    report: dict[str, Any] = {
+        "pass": cfg.name,
+        "config": cfg.model_dump(mode="json"),
+        "source": str(src),
+        "output": str(out),
+        "params_before": params_before,
+        "params_after": count_params(model),
+        "bytes_before": checkpoint_bytes(src),
+        "bytes_after": checkpoint_bytes(out),
+        "seconds": round(pass_seconds, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "statistics": (cache["stats"].meta if "stats" in cache else None),
+        "verify": verify,
+        "details": details,
+    }
+    if eval_spec is not None:
+        report["eval"] = evaluate_pair(src, model, tok, eval_spec, console)
+    write_report(out, report)
+    if opts.plots:
+        from moecompress.report import plot_pass
+
+        plot_pass(out, report, cache.get("stats"))
+    return report
+
+
+def evaluate_pair(src: Path, model: Any, tok: Any, eval_spec: Any, console: Any = None) -> dict[str, Any]:
+    """Base results (cached per checkpoint) vs the compressed in-memory model."""
+    from moecompress.eval import cached_evaluate, compare, evaluate_model
+
+    if console:
+        console.print(f"evaluating {', '.join(eval_spec.tasks)} …")
+    base = cached_evaluate(src, eval_spec, default_cache_root() / "eval")
+    compressed = evaluate_model(model, tok, eval_spec)
+    return {"base": base, "compressed": compressed, "comparison": compare(base, compressed)}
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    """report.json goes last and atomically: its presence marks a finished step (resume)."""
+    tmp = out / f".{REPORT}.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    tmp.rename(out / REPORT)
+    from moecompress.report import write_markdown
+
+    write_markdown(out, report)
+
+
+def run_recipe(recipe: Any, out: Path, *, model: Path | None = None, opts: RunOptions | None = None,
+               console: Any = None) -> list[dict[str, Any]]:
+    """Run every pass of a parsed recipe into OUT/NN-pass/, resuming finished steps."""
+    opts = opts or RunOptions()
+    out = Path(out)
+    src = Path(model) if model is not None else (Path(recipe.model) if recipe.model else None)
+    if src is None:
+        raise UserError("no model: set `model:` in the recipe or pass MODEL on the command line")
+    hf_config, adapter = check_model_dir(src)
+    for cfg in recipe.passes:  # fail before any weight loads
+        cfg.check(adapter, hf_config)
+        hf_config = planned_config(cfg, adapter, hf_config)
+    if out.exists() and any(out.iterdir()) and not (out / "recipe.yaml").exists() and not opts.overwrite:
+        raise UserError(f"output {out} exists and does not hold a recipe run; choose another --out or --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    if recipe.text:
+        (out / "recipe.yaml").write_text(recipe.text)
+    reports: list[dict[str, Any]] = []
+    for i, cfg in enumerate(recipe.passes, start=1):
+        step = out / f"{i:02d}-{cfg.name}"
+        for stale in out.glob(f".{step.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if (step / REPORT).is_file() and not opts.overwrite:
+            if console:
+                console.print(f"[green]✓[/] step {i} {cfg.name}: finished earlier, skipping ({step})")
+            reports.append(json.loads((step / REPORT).read_text()))
+            src = step
+            continue
+        if console:
+            console.rule(f"step {i}/{len(recipe.passes)}: {cfg.name}")
+        step_opts = opts.model_copy(update={"overwrite": True})  # a step dir without report is unfinished
+        reports.append(run_pass(cfg, src, step, calibration=recipe.calibration, eval_spec=recipe.eval,
+                                opts=step_opts, console=console, recipe_text=recipe.text or None))
+        src = step
+    from moecompress.report import write_run_summary
+
+    write_run_summary(out, reports)
+    return reports
+
+
+def planned_config(cfg: PassConfig, adapter: Any, hf_config: dict[str, Any]) -> dict[str, Any]:
+    """The config a pass will leave behind, so later passes are checked against what they will see."""
+    planner = getattr(cfg, "planned_config", None)
+    return planner(adapter, dict(hf_config)) if planner else hf_config
