@@ -216,7 +216,7 @@ def _read_hub(source: str) -> list[dict[str, Any]]:
     name, config, split = parse_hub_source(source)
     try:
         ds = datasets.load_dataset(name, config, split=split)
-    except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as exc:
+    except (OSError, datasets.exceptions.DatasetNotFoundError) as exc:  # ConnectionError when offline
         raise UserError(
             f"dataset {name!r} could not be downloaded ({type(exc).__name__}: {str(exc)[:200]}); you may be offline "
             "or the name is wrong — use a local .txt/.jsonl/.json/.parquet file or folder as the calibration "

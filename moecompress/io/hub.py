@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from moecompress.errors import UserError
+from moecompress.io.model_card import looks_like_hub_id
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitOperationAdd
@@ -165,6 +166,8 @@ def push_checkpoint(
     checkpoint_dir = Path(checkpoint_dir)
     validate_checkpoint(checkpoint_dir)
     validate_repo_id(repo_id)
+    if base_model is not None and not looks_like_hub_id(base_model, check_local=False):
+        raise UserError(f"--base-model must be a Hub model id OWNER/NAME, got {base_model!r}")
 
     from huggingface_hub import HfApi, constants, get_token
 
@@ -194,9 +197,11 @@ def push_checkpoint(
         raise
     except Exception as exc:
         err = _as_user_error(exc, repo_id, api.endpoint, token)
-        if err is None:
-            raise
-        raise err from None
+        if err is not None:
+            raise err from None
+        if token in str(exc):  # unexpected error: keep its type and message, never the secret
+            raise RuntimeError(f"{type(exc).__name__}: {_scrub(str(exc), token)}") from None
+        raise
     return str(url)
 
 

@@ -48,16 +48,19 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
-def looks_like_hub_id(source: str | None) -> bool:
-    """True for ``owner/name`` that is not a local folder: only Hub ids are valid ``base_model`` metadata."""
+def looks_like_hub_id(source: str | None, *, check_local: bool = True) -> bool:
+    """True for ``owner/name`` (and, with ``check_local``, not an existing local folder).
+
+    Only Hub ids are valid ``base_model`` metadata; a recorded ``models/foo`` may be a local path.
+    """
     if not source or not _HUB_ID.match(source) or "--" in source or ".." in source:
         return False
-    return not Path(source).expanduser().exists()
+    return not (check_local and Path(source).expanduser().exists())
 
 
-def _display_source(source: str) -> str:
+def _display_source(source: str, *, on_hub: bool) -> str:
     """Hub ids link to the Hub; local paths show only their folder name (the rest is private detail)."""
-    if looks_like_hub_id(source):
+    if on_hub:
         return f"[{source}](https://huggingface.co/{source})"
     name = Path(source.rstrip("/\\")).name or source
     return f"a local checkpoint (`{name}`)"
@@ -97,24 +100,46 @@ def _lower_is_better(metric: str) -> bool:
     return any(tag in metric.lower() for tag in _LOWER_IS_BETTER)
 
 
-def _eval_rows(base: dict[str, Any], compressed: dict[str, Any]) -> list[tuple[str, str, float | None, float, str]]:
-    """(task, metric, base, compressed, retention) for every numeric compressed metric, stderr excluded."""
-    rows = []
-    for task, metrics in compressed.items():
-        base_metrics = _as_dict(base.get(task))
+def _eval_pairs(report: dict[str, Any]) -> dict[tuple[str, str], tuple[float | None, float | None]]:
+    """(task, metric key) -> (base, compressed) from a report's ``eval``.
+
+    Reads the runner's ``comparison`` ({task: {metric: {base, compressed, ...}}}) when present, else the
+    plain ``base`` / ``compressed`` result dicts ({task: {metric: value}}); anything else is skipped.
+    """
+    ev = _as_dict(report.get("eval"))
+    pairs: dict[tuple[str, str], tuple[float | None, float | None]] = {}
+    for task, metrics in _as_dict(ev.get("comparison")).items():
+        for key, v in _as_dict(metrics).items():
+            v = _as_dict(v)
+            pairs[(str(task), str(key))] = (_number(v.get("base")), _number(v.get("compressed")))
+    if pairs:
+        return pairs
+    base, comp = _as_dict(ev.get("base")), _as_dict(ev.get("compressed"))
+    for task, metrics in comp.items():
         for key, value in _as_dict(metrics).items():
-            comp = _number(value)
-            if comp is None or "stderr" in key:
-                continue
-            ref = _number(base_metrics.get(key))
-            metric = _metric_name(key)
-            retention = ""
-            if ref is not None:
-                if _lower_is_better(metric):
-                    retention = f"{ref / comp * 100:.1f}%" if comp else ""
-                elif ref:
-                    retention = f"{comp / ref * 100:.1f}%"
-            rows.append((str(task), metric, ref, comp, retention))
+            pairs[(str(task), str(key))] = (_number(_as_dict(base.get(task)).get(key)), _number(value))
+    return pairs
+
+
+def _eval_rows(reports: list[dict[str, Any]]) -> list[tuple[str, str, float | None, float, str]]:
+    """(task, metric, base, compressed, retention): base from the first evaluated report, compressed from the last."""
+    evaluated = [p for p in (_eval_pairs(r) for r in reports) if p]
+    if not evaluated:
+        return []
+    first, last = evaluated[0], evaluated[-1]
+    rows = []
+    for (task, key), (_, comp) in last.items():
+        if comp is None or "stderr" in key:
+            continue
+        ref = first.get((task, key), (None, None))[0]
+        metric = _metric_name(key)
+        retention = ""
+        if ref is not None:
+            if _lower_is_better(metric):
+                retention = f"{ref / comp * 100:.1f}%" if comp else ""
+            elif ref:
+                retention = f"{comp / ref * 100:.1f}%"
+        rows.append((task, metric, ref, comp, retention))
     return rows
 
 
@@ -181,6 +206,26 @@ def _reports(raw: Any) -> list[dict[str, Any]]:
     return []
 
 
+def _same_dir(a: Any, b: Path) -> bool:
+    try:
+        return isinstance(a, str) and Path(a).resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _load_reports(checkpoint_dir: Path) -> list[dict[str, Any]]:
+    """This step's reports from the original model on: a recipe run's ``../run.json`` covers every step.
+
+    Only used when one of its entries names this folder as output, so a moved folder falls back to
+    its own report.json (which compares against the previous step only).
+    """
+    run = _reports(_read_json(checkpoint_dir.parent / "run.json"))
+    for i, r in enumerate(run):
+        if _same_dir(r.get("output"), checkpoint_dir):
+            return run[: i + 1]
+    return _reports(_read_json(checkpoint_dir / REPORT_FILE))
+
+
 def _pick(reports: list[dict[str, Any]], key: str, *, last: bool) -> Any:
     seq = reversed(reports) if last else reports
     for r in seq:
@@ -202,14 +247,14 @@ def build_model_card(checkpoint_dir: Path, repo_id: str, *, base_model: str | No
     checkpoint_dir = Path(checkpoint_dir)
     cfg = _as_dict(_read_json(checkpoint_dir / "config.json"))
     prov = _as_dict(_read_json(checkpoint_dir / PROVENANCE_FILE))
-    reports = _reports(_read_json(checkpoint_dir / REPORT_FILE))
+    reports = _load_reports(checkpoint_dir)
     recipe = None
     if (checkpoint_dir / RECIPE_FILE).is_file():
         recipe = (checkpoint_dir / RECIPE_FILE).read_text(encoding="utf-8", errors="replace").strip()
 
-    base = base_model or prov.get("base_model") or prov.get("source")
-    base = str(base) if base else None
-    hub_base = base if base and looks_like_hub_id(base) else None
+    recorded = prov.get("base_model") or prov.get("source")
+    base = base_model or (str(recorded) if recorded else None)
+    hub_base = base if base and looks_like_hub_id(base, check_local=base_model is None) else None
     passes = [p for p in prov.get("passes", []) if isinstance(p, dict)] if isinstance(prov.get("passes"), list) else []
     if not passes:  # no provenance: fall back to what the report names
         passes = [{"pass": r["pass"]} for r in reports if isinstance(r.get("pass"), str)]
@@ -218,10 +263,10 @@ def build_model_card(checkpoint_dir: Path, repo_id: str, *, base_model: str | No
     quantized = "quantization_config" in cfg
 
     # ---- evaluation
-    evals = [_as_dict(r.get("eval")) for r in reports if r.get("eval")]
-    eval_base = _as_dict(evals[0].get("base")) if evals else {}
-    eval_comp = _as_dict(evals[-1].get("compressed")) if evals else {}
-    rows = _eval_rows(eval_base, eval_comp)
+    rows = _eval_rows(reports)
+    # Reports that start after the first real pass compare against an intermediate checkpoint, not the base.
+    real_passes = [n for n in pass_names if not n.startswith("zoo.")]
+    partial = bool(reports) and len(reports) < len(real_passes)
 
     # ---- sizes
     params_before = _number(_pick(reports, "params_before", last=False))
@@ -269,7 +314,7 @@ def build_model_card(checkpoint_dir: Path, repo_id: str, *, base_model: str | No
     # ---- body
     name = repo_id.split("/")[-1]
     lines = [f"# {name}", ""]
-    origin = f"a compressed version of {_display_source(base)}" if base else "a compressed Mixture-of-Experts model"
+    origin = f"a compressed version of {_display_source(base, on_hub=base == hub_base)}" if base else "a compressed Mixture-of-Experts model"
     lines += [f"This model is {origin}, produced with moecompress {version}.", ""]
     lines += [f"Architecture: {_architecture_line(cfg)}.", ""]
 
@@ -286,6 +331,12 @@ def build_model_card(checkpoint_dir: Path, repo_id: str, *, base_model: str | No
         lines.append("No provenance (`moecompress.json`) was found in the checkpoint, so the steps are not recorded.")
     lines.append("")
 
+    col = "Before last pass" if partial else "Base"
+    note = (
+        [f"Only the last pass's report is in this folder, so *{col}* is the checkpoint that pass started from, "
+         "not the original model.", ""]
+        if partial else []
+    )
     size_rows = []
     for label, before, after, fmt in (
         ("Parameters", params_before, params_after, _fmt_count),
@@ -297,11 +348,12 @@ def build_model_card(checkpoint_dir: Path, repo_id: str, *, base_model: str | No
             f"| {label} | {fmt(before) if before is not None else 'n/a'} | {fmt(after)} | {_change(before, after)} |"
         )
     if size_rows:
-        lines += ["## Size", "", "| | Base | Compressed | Change |", "|---|---:|---:|---:|", *size_rows, ""]
+        lines += ["## Size", "", *note, f"| | {col} | Compressed | Change |", "|---|---:|---:|---:|", *size_rows, ""]
 
     lines += ["## Evaluation", ""]
     if rows:
-        lines += ["| Task | Metric | Base | Compressed | Retention |", "|---|---|---:|---:|---:|"]
+        lines += [*([] if size_rows else note), f"| Task | Metric | {col} | Compressed | Retention |",
+                  "|---|---|---:|---:|---:|"]
         for task, metric, ref, comp, retention in rows:
             ref_s = _fmt_value(ref) if ref is not None else "n/a"
             lines.append(f"| {task} | {metric} | {ref_s} | {_fmt_value(comp)} | {retention} |")

@@ -34,6 +34,9 @@ from moecompress.zoo.metrics import (
 )
 from moecompress.zoo.tokenizer import save_tokenizer, train_bpe_tokenizer
 
+__all__ = ["ReferenceResult", "build_reference", "evaluate_reference", "load_jsonl_texts", "mc_accuracy",
+           "perplexity", "reference_config"]
+
 DATA_DIR = "data"
 RESULT_FILE = "reference.json"
 
@@ -133,7 +136,6 @@ def train_model(model: Any, stream: torch.Tensor, *, seed: int, seconds: float, 
     order = torch.randperm(n_windows, generator=gen)
     cursor, step, ema = 0, 0, None
     start = time.perf_counter()
-    ce = bal = torch.tensor(0.0)
     while True:
         elapsed = time.perf_counter() - start
         progress = elapsed / seconds if seconds > 0 else 0.0
@@ -158,7 +160,8 @@ def train_model(model: Any, stream: torch.Tensor, *, seed: int, seconds: float, 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        ema = float(ce) if ema is None else 0.98 * ema + 0.02 * float(ce)
+        ce_val = ce.item()
+        ema = ce_val if ema is None else 0.98 * ema + 0.02 * ce_val
         if step % 100 == 0:
             log(f"step {step:5d}  {time.perf_counter() - start:6.0f}s  loss {ema:.3f}  balance {float(bal):.3f}  "
                 f"lr {opt.param_groups[0]['lr']:.2e}")
@@ -174,7 +177,7 @@ def build_reference(
     minutes: float = 9.0,
     max_steps: int | None = None,
     text_file: Path | None = None,
-    n_docs: int = 30000,
+    n_docs: int = 50000,
     val_fraction: float = 0.04,
     mc_per_domain: int = 60,
     vocab_size: int = 1024,
@@ -185,9 +188,10 @@ def build_reference(
     expert_width: int = 128,
     heads: int = 4,
     seqlen: int = 128,
-    batch_size: int = 16,
+    batch_size: int = 32,
     lr: float = 3e-3,
     balance_coef: float = 0.05,
+    train_experts_impl: str = "grouped_mm",
     log: Callable[[str], None] = print,
 ) -> ReferenceResult:
     """Generate the corpus, train tokenizer + Qwen3-MoE, evaluate, and save everything into `out_dir`.
@@ -225,6 +229,9 @@ def build_reference(
     cfg = reference_config(len(tokenizer), hidden=hidden, layers=layers, experts=experts, top_k=top_k,
                            expert_width=expert_width, heads=heads, seqlen=seqlen)
     model = AutoModelForCausalLM.from_config(cfg)
+    # grouped_mm trains ~1.5x faster than eager on CPU and is just as reproducible (bit-identical reruns at a
+    # fixed thread count, measured on torch 2.13); "eager" stays available for debugging.
+    model.set_experts_implementation(train_experts_impl)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: qwen3_moe {layers}x{hidden}, {experts} experts top-{top_k} width {expert_width}, "
         f"{n_params / 1e6:.2f}M params")
@@ -238,7 +245,8 @@ def build_reference(
         model={"family": "qwen3_moe", "hidden": hidden, "layers": layers, "experts": experts, "top_k": top_k,
                "expert_width": expert_width, "heads": heads, "vocab_size": len(tokenizer), "params": n_params},
         train={"n_docs": n_docs, "text_file": str(text_file) if text_file else None, "seqlen": seqlen,
-               "batch_size": batch_size, "lr": lr, "balance_coef": balance_coef, "minutes": minutes,
+               "batch_size": batch_size, "lr": lr, "balance_coef": balance_coef,
+               "train_experts_impl": train_experts_impl, "minutes": minutes,
                "max_steps": max_steps},
         **train_stats, **result)
 

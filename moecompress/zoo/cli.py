@@ -1,0 +1,61 @@
+"""`moecompress zoo …`: models built in code. The lead mounts `zoo_app` and adds `tiny` to it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import typer
+
+from moecompress.errors import UserError
+
+zoo_app = typer.Typer(
+    help="Models built in code: tiny random ones (plumbing) and the trained reference MoE (quality yardstick).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@zoo_app.command("reference")
+def reference_cmd(
+    out: Path = typer.Option(..., "--out", help="Folder for the model, tokenizer, data/ and reference.json."),
+    seed: int = typer.Option(0, help="Seed for corpus, tokenizer data order and weights."),
+    minutes: float = typer.Option(9.0, help="Training time budget in minutes (2 CPU cores: ~9 is enough)."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many steps (if earlier)."),
+    text: Path | None = typer.Option(None, "--text", help="Also train on this UTF-8 text file (domain 'text')."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
+) -> None:
+    """Train the reference Qwen3-MoE on a generated multi-domain corpus and report its quality."""
+    from moecompress.io.checkpoint import prepare_output, publish, temp_dir_beside
+    from moecompress.zoo.reference import build_reference
+
+    if minutes <= 0:
+        raise UserError(f"--minutes must be > 0, got {minutes}")
+    if text is not None and not text.is_file():
+        raise UserError(f"--text {text} is not a file; pass an existing UTF-8 text file")
+    _quiet_transformers()
+    prepare_output(out, overwrite=overwrite)
+    tmp = temp_dir_beside(out)
+    try:
+        build_reference(tmp, seed=seed, minutes=minutes, max_steps=max_steps, text_file=text,
+                        log=lambda s: typer.echo(s))
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # reference.json recorded the temp folder it was built in; point it at the final place.
+    result_file = out / "reference.json"
+    result = json.loads(result_file.read_text())
+    result["out_dir"] = str(out)
+    result_file.write_text(json.dumps(result, indent=2) + "\n")
+    typer.echo(f"wrote reference model to {out}")
+
+
+def _quiet_transformers() -> None:
+    """Per-file progress bars and advisory warnings would drown the training log."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
