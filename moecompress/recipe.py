@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moecompress.errors import UserError
 from moecompress.passes.base import PassConfig, get_pass
@@ -34,14 +34,6 @@ class Recipe(BaseModel):
     calibration: dict[str, Any] | None = None
     eval: dict[str, Any] | None = None
     passes: list[Any] = Field(min_length=1)
-
-    @field_validator("passes")
-    @classmethod
-    def _each_has_name(cls, v: list[Any]) -> list[Any]:
-        for i, p in enumerate(v):
-            if not isinstance(p, dict) or "pass" not in p:
-                raise ValueError(f"item {i} must be a mapping with a 'pass:' key")
-        return v
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -114,6 +106,9 @@ def parse_recipe(data: Any, text: str = "") -> ParsedRecipe:
         recipe = Recipe(**data)
     except ValidationError as exc:
         raise UserError(format_validation(exc)) from None
+    for i, p in enumerate(recipe.passes):
+        if not isinstance(p, dict) or "pass" not in p:
+            raise UserError(f"passes[{i}]: must be a mapping with a 'pass:' key naming the pass (e.g. pass: prune_experts)")
     passes = [build_pass_config(p, f"passes[{i}]") for i, p in enumerate(recipe.passes)]
     return ParsedRecipe(model=recipe.model, calibration=build_calibration(recipe.calibration),
                         eval=build_eval(recipe.eval), passes=passes, text=text)
