@@ -98,6 +98,8 @@ CALIB_SEED = typer.Option(0, "--calib-seed", help="Seed for sampling calibration
 CALIB_DOMAIN = typer.Option(None, "--calib-domain", help="Only rows whose `domain` field equals this (jsonl).")
 EVAL = typer.Option(None, "--eval", help="Comma-separated lm-eval tasks to compare base vs compressed "
                     "(bundled offline tasks: ref_ppl, ref_mc).")
+EVAL_DATA = typer.Option(None, "--eval-data", help="Folder with val.jsonl / mc.jsonl for the bundled tasks "
+                         "(default: the reference model's data/, found through provenance).")
 DTYPE = typer.Option(None, "--dtype", help="Load dtype (float32, bfloat16, ...). Default: the checkpoint's.")
 STATS_CACHE = typer.Option(None, "--stats-cache", help="Where calibration statistics are cached "
                            "(default ~/.cache/moecompress/stats or $MOECOMPRESS_CACHE).")
@@ -113,18 +115,20 @@ def calib_spec(calib: str | None, samples: int, seqlen: int, seed: int, domain: 
     return CalibSpec(source=calib, samples=samples, seqlen=seqlen, seed=seed, domain=domain)
 
 
-def eval_spec(tasks: str | None, model: Path):
+def eval_spec(tasks: str | None, model: Path, data_dir: Path | None = None):
     if not tasks:
         return None
     from moecompress.eval import EvalSpec
     from moecompress.runner import default_calibration_source
 
-    src = default_calibration_source(model)
-    return EvalSpec(tasks=[t.strip() for t in tasks.split(",") if t.strip()], data_dir=src.parent if src else None)
+    if data_dir is None:
+        src = default_calibration_source(model)
+        data_dir = src.parent if src else None
+    return EvalSpec(tasks=[t.strip() for t in tasks.split(",") if t.strip()], data_dir=data_dir)
 
 
-def run_one(cfg_cls, fields: dict, model: Path, out: Path, *, calib=None, evals=None, overwrite: bool = False,
-            dtype: str | None = None, stats_cache: Path | None = None) -> dict:
+def run_one(cfg_cls, fields: dict, model: Path, out: Path, *, calib=None, evals=None, eval_data: Path | None = None,
+            overwrite: bool = False, dtype: str | None = None, stats_cache: Path | None = None) -> dict:
     """The pass commands are one-pass recipes: validate the config, then run it through the same runner."""
     from pydantic import ValidationError
 
@@ -137,7 +141,7 @@ def run_one(cfg_cls, fields: dict, model: Path, out: Path, *, calib=None, evals=
     except ValidationError as exc:
         raise UserError(format_validation(exc)) from None
     opts = RunOptions(overwrite=overwrite, dtype=dtype, stats_cache=stats_cache)
-    report = run_pass(cfg, model, out, calibration=calib, eval_spec=eval_spec(evals, model), opts=opts,
+    report = run_pass(cfg, model, out, calibration=calib, eval_spec=eval_spec(evals, model, eval_data), opts=opts,
                       console=console)
     print_report(report)
     return report
@@ -191,8 +195,8 @@ def prune_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed for --criterion random."),
     calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
     calib_seed: int = CALIB_SEED, calib_domain: str | None = CALIB_DOMAIN,
-    evals: str | None = EVAL, overwrite: bool = OVERWRITE, dtype: str | None = DTYPE,
-    stats_cache: Path | None = STATS_CACHE,
+    evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA, overwrite: bool = OVERWRITE,
+    dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE,
 ) -> None:
     """Remove whole experts (same count per layer) ranked by routing statistics on calibration data.
 
@@ -204,7 +208,71 @@ def prune_cmd(
                                      protect_super_experts=protect_super_experts, layers=parse_layers(layers),
                                      seed=seed),
             model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, calib_domain), evals=evals,
-            overwrite=overwrite, dtype=dtype, stats_cache=stats_cache)
+            eval_data=eval_data, overwrite=overwrite, dtype=dtype, stats_cache=stats_cache)
+
+
+@app.command("merge")
+def merge_cmd(
+    model: Path = typer.Argument(..., help="Input checkpoint folder (never modified)."),
+    out: Path = OUT,
+    ratio: float | None = typer.Option(None, "--ratio", help="Share of experts to merge away in every MoE layer (0-1)."),
+    keep: int | None = typer.Option(None, "--keep", help="Experts left per layer (instead of --ratio)."),
+    method: str = typer.Option("hc", "--method", help="Grouping: msmoe (frequent experts absorb router-similar ones) | "
+                               "hc (hierarchical clustering of expert outputs) | kmeans | ream (salient experts absorb "
+                               "output+router-similar ones)."),
+    merge: str = typer.Option("freq", "--merge", help="freq (frequency-weighted average) | saliency (REAP-weighted) | "
+                              "subspace (Sub-MoE shared basis; with --rank or --energy)."),
+    router: str = typer.Option("refit", "--router", help="Router row of a merged expert: dominant | average | refit "
+                               "(least squares to the members' summed probabilities)."),
+    rank: int | None = typer.Option(None, "--rank", help="subspace: rank of the shared basis."),
+    energy: float | None = typer.Option(None, "--energy", help="subspace: keep singular values holding this share "
+                                        "of the energy, e.g. 0.95."),
+    align: str = typer.Option("both", "--align", help="Neuron alignment before averaging: activation | weight | both | none."),
+    group_size: int | None = typer.Option(None, "--group-size", help="ream: most experts one group may hold."),
+    seed: int = typer.Option(0, "--seed", help="Seed for --method kmeans."),
+    calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
+    calib_seed: int = CALIB_SEED, calib_domain: str | None = CALIB_DOMAIN,
+    evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA, overwrite: bool = OVERWRITE,
+    dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE,
+) -> None:
+    """Merge groups of experts into one each (same count per layer): the checkpoint shrinks and loads anywhere.
+
+    Example: moecompress merge ref --out ref-m25 --ratio 0.25 --method hc --merge freq --router refit --eval ref_ppl,ref_mc
+    """
+    from moecompress.passes.merge_experts import MergeExpertsConfig
+
+    run_one(MergeExpertsConfig, dict(ratio=ratio, keep=keep, method=method, merge=merge, router=router, rank=rank,
+                                     energy=energy, align=align, group_size=group_size, seed=seed),
+            model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, calib_domain), evals=evals,
+            eval_data=eval_data, overwrite=overwrite, dtype=dtype, stats_cache=stats_cache)
+
+
+@app.command("sweep")
+def sweep_cmd(
+    model: Path = typer.Argument(..., help="Input checkpoint folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for all variants, sweep.md and pareto.png."),
+    methods: str = typer.Option("prune:frequency,prune:reap", "--methods",
+                                help="Comma-separated: prune:<criterion>, merge:<method>[+<rule>], atomic:<criterion>."),
+    ratios: str = typer.Option("0.25,0.5", "--ratios", help="Comma-separated compression ratios."),
+    calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
+    calib_seed: int = CALIB_SEED, evals: str = typer.Option("ref_ppl", "--eval", help="lm-eval tasks to compare."),
+    eval_data: Path | None = EVAL_DATA, overwrite: bool = OVERWRITE, dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE,
+) -> None:
+    """Many variants from one statistics pass: a table (sweep.md) and a quality-vs-bytes Pareto plot."""
+    from moecompress.runner import RunOptions
+    from moecompress.sweep import run_sweep
+
+    quiet_transformers()
+    try:
+        ratio_list = [float(r) for r in ratios.split(",") if r.strip()]
+    except ValueError:
+        raise UserError(f"--ratios {ratios!r}: use comma-separated numbers, e.g. 0.25,0.5") from None
+    rows = run_sweep(model, out, [m.strip() for m in methods.split(",") if m.strip()], ratio_list,
+                     calibration=calib_spec(calib, calib_samples, calib_seqlen, calib_seed),
+                     eval_spec=eval_spec(evals, model, eval_data),
+                     opts=RunOptions(overwrite=overwrite, dtype=dtype, stats_cache=stats_cache), console=console)
+    console.print((out / "sweep.md").read_text())
+    console.print(f"{len(rows)} variants; Pareto plot: {out / 'pareto.png'}")
 
 
 @app.command("run")

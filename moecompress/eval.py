@@ -197,6 +197,23 @@ def _quiet() -> Iterator[None]:
             datasets.utils.logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def _preserve_rng() -> Iterator[None]:
+    """simple_evaluate reseeds python, numpy and torch globally; a caller's random baseline must not notice."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
 def _metrics(entry: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, value in entry.items():
@@ -213,17 +230,28 @@ def _model_data_dir(model: Any) -> Path | None:
     return cand if cand is not None and cand.is_dir() else None
 
 
+def check_eval_spec(spec: EvalSpec, data_dir: Path | None = None) -> list[Any]:
+    """Validate task names and bundled data before any weights load; returns the tasks for lm-eval.
+
+    Bundled names become task dicts (their data files are read and checked); standard names are looked up in
+    lm-eval's index, which costs ≈15 s the first time in a process, so only specs that use them pay it.
+    """
+    bundled = [t for t in spec.tasks if is_bundled(t)]
+    standard = [t for t in spec.tasks if not is_bundled(t)]
+    tasks: list[Any] = bundled_task_configs(bundled, data_dir or spec.data_dir) if bundled else []
+    if standard:
+        _check_standard(standard)
+    return tasks + standard
+
+
 def evaluate_model(model: Any, tokenizer: Any, spec: EvalSpec) -> Results:
     """Run `spec.tasks` on an in-memory model → {task: {metric: value}} (",none" stripped, no stderr)."""
     if tokenizer is None:
         raise UserError("evaluation needs a tokenizer; save one beside the model (tokenizer.json)")
-    bundled = [t for t in spec.tasks if is_bundled(t)]
-    standard = [t for t in spec.tasks if not is_bundled(t)]
-    data_dir = spec.data_dir or _model_data_dir(model)
-    tasks: list[Any] = bundled_task_configs(bundled, data_dir) if bundled else []
+    tasks = check_eval_spec(spec, spec.data_dir or _model_data_dir(model))
+    standard = [t for t in tasks if isinstance(t, str)]
     if standard:
-        task_manager = _check_standard(standard)
-        tasks += standard
+        task_manager = _default_task_manager()
     else:
         from lm_eval.tasks import TaskManager
 
@@ -236,7 +264,7 @@ def evaluate_model(model: Any, tokenizer: Any, spec: EvalSpec) -> Results:
     was_training = model.training
     model.eval()
     try:
-        with _quiet():
+        with _quiet(), _preserve_rng():
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size, device=device)
             kwargs: dict[str, Any] = {"limit": spec.limit} if spec.limit else {}
             if spec.num_fewshot is not None:
@@ -350,6 +378,7 @@ def cached_evaluate(model_dir: Path, spec: EvalSpec, cache_dir: Path) -> Results
             return json.loads(path.read_text())["results"]
         except (OSError, json.JSONDecodeError, KeyError):
             pass  # a torn or foreign file: recompute and overwrite
+    check_eval_spec(spec, data_dir)  # fail before the weights load
     model, tok = load_for_eval(model_dir)
     results = evaluate_model(model, tok, spec)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -432,12 +461,14 @@ def eval_command(
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     t0 = time.perf_counter()
     if cache:
         from moecompress.runner import default_cache_root
 
         results = cached_evaluate(model, spec, default_cache_root() / "eval")
     else:
+        check_eval_spec(spec)
         m, tok = load_for_eval(model)
         results = evaluate_model(m, tok, spec)
     render_results(results, console, title=f"{model} ({time.perf_counter() - t0:.1f} s)")

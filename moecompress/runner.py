@@ -7,7 +7,6 @@ interrupted step left only a temp folder, which is discarded and redone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -51,14 +50,10 @@ def default_cache_root() -> Path:
 
 
 def model_fingerprint(path: Path) -> str:
-    """Identity of a checkpoint's content for caches: config bytes + weight file names, sizes and mtimes."""
-    path = Path(path)
-    h = hashlib.sha256((path / "config.json").read_bytes())
-    for f in sorted(path.iterdir()):
-        if f.name.endswith((".safetensors", ".bin")):
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
+    """Identity of a checkpoint's content for caches (shared with the eval cache)."""
+    from moecompress.eval import checkpoint_fingerprint
+
+    return checkpoint_fingerprint(path)
 
 
 def default_calibration_source(model_dir: Path) -> Path | None:
@@ -141,6 +136,10 @@ def run_pass(cfg: PassConfig, src: Path, out: Path, *, calibration: Any = None, 
     hf_config, adapter = check_model_dir(src)
     cfg.check(adapter, hf_config)
     prepare_output(out, overwrite=opts.overwrite, source=src)
+    if eval_spec is not None:  # a typo in --eval must fail before compression, not after
+        from moecompress.eval import check_eval_spec
+
+        check_eval_spec(eval_spec, eval_data_dir(eval_spec, src))
     registered = get_pass(cfg.name)
     t0 = time.perf_counter()
     loaded = load_model(src, dtype=opts.dtype)
@@ -196,12 +195,22 @@ def run_pass(cfg: PassConfig, src: Path, out: Path, *, calibration: Any = None, 
     return report
 
 
+def eval_data_dir(eval_spec: Any, model_dir: Path) -> Path | None:
+    if eval_spec.data_dir is not None:
+        return Path(eval_spec.data_dir)
+    src = default_calibration_source(model_dir)
+    return src.parent if src else None
+
+
 def evaluate_pair(src: Path, model: Any, tok: Any, eval_spec: Any, console: Any = None) -> dict[str, Any]:
     """Base results (cached per checkpoint) vs the compressed in-memory model."""
     from moecompress.eval import cached_evaluate, compare, evaluate_model
 
     if console:
         console.print(f"evaluating {', '.join(eval_spec.tasks)} …")
+    data_dir = eval_data_dir(eval_spec, src)
+    if data_dir is not None and eval_spec.data_dir is None:
+        eval_spec = eval_spec.model_copy(update={"data_dir": data_dir})
     base = cached_evaluate(src, eval_spec, default_cache_root() / "eval")
     compressed = evaluate_model(model, tok, eval_spec)
     return {"base": base, "compressed": compressed, "comparison": compare(base, compressed)}

@@ -230,3 +230,73 @@ def sliced_router(layer: MoELayer, keep: Sequence[int]) -> torch.nn.Module:
             _set_tensor(owner, leaf, t.detach().index_select(vec.axis, idx))
     _set_ints([router, *router._modules.values()], _COUNT_ATTRS, n_old, len(idx))
     return router
+
+
+def merge_into(layer: MoELayer, anchors: Sequence[int], merged: ExpertWeights, router_weight: torch.Tensor,
+               vectors: dict[str, torch.Tensor] | None = None) -> None:
+    """Replace expert `anchors[j]` by merged expert j (and its router row / vectors), then keep only the anchors.
+
+    `merged` stacks one expert per anchor (same width as the layer); `router_weight` is [n, H]; `vectors`
+    maps a router-vector path to its values for the n merged experts (along the vector's expert axis).
+    The merged experts end up in ascending anchor order, so group-limited routers keep their blocks.
+    """
+    idx = torch.as_tensor(list(anchors), dtype=torch.long)
+    n_old = layer.num_experts
+    if idx.numel() == 0 or idx.unique().numel() != idx.numel() or int(idx.min()) < 0 or int(idx.max()) >= n_old:
+        raise UserError(f"layer {layer.index}: invalid merge anchors {list(anchors)} for {n_old} experts")
+    if merged.gate.shape[0] != idx.numel() or router_weight.shape[0] != idx.numel():
+        raise UserError(f"layer {layer.index}: {idx.numel()} anchors but {merged.gate.shape[0]} merged experts "
+                        f"and {router_weight.shape[0]} router rows")
+    view = ExpertView(layer)
+    full = view.get_all().clone()
+    for name, value in merged.__dict__.items():
+        target = getattr(full, name)
+        if target is not None and value is not None:
+            target[idx] = value.to(target.dtype)
+    view.set_all(full)
+    weight = layer.router.weight.detach().clone()
+    weight[idx] = router_weight.to(weight.dtype)
+    new_vectors: dict[str, torch.Tensor] = {}
+    axes = {vec.path: vec.axis for vec in layer.adapter.router_vectors}
+    for path, value in (vectors or {}).items():
+        if path not in axes:
+            raise UserError(f"layer {layer.index}: {path!r} is not a router vector of {layer.adapter.model_type}")
+        owner, leaf = _resolve(layer.router, path)
+        old = getattr(owner, leaf).detach().clone()
+        new_vectors[path] = old.index_copy(axes[path], idx, value.to(old.dtype))
+    set_router_rows(layer, weight, new_vectors)
+    order = idx.sort().values.tolist()
+    keep_experts(layer, order)
+
+
+def mask_neurons(layer: MoELayer, keep_mask: torch.Tensor, shared_keep: dict[str, torch.Tensor] | None = None) -> None:
+    """Zero the routed-expert neurons where `keep_mask [E, I]` is False (gate/up rows, their biases, down columns).
+
+    Shapes stay the same, so any per-expert neuron count loads in vanilla transformers; used to measure a
+    non-uniform (globally ranked) selection that cannot be written as one expert width. A zeroed neuron
+    contributes exactly 0 (act(0)·0 for SwiGLU, and for gpt-oss's clamped variant). Coupled shared
+    experts keep only `shared_keep[name]` (the rest zeroed), mirroring what `shrink_neurons` would keep.
+    """
+    view = ExpertView(layer)
+    w = view.get_all()
+    if keep_mask.shape != w.gate.shape[:2]:
+        raise UserError(f"layer {layer.index}: keep_mask must be [E, I] = {list(w.gate.shape[:2])}")
+    m = keep_mask.to(w.gate.dtype)
+    view.set_all(ExpertWeights(
+        gate=w.gate * m[..., None], up=w.up * m[..., None], down=w.down * m[:, None, :],
+        gate_bias=w.gate_bias * m if w.gate_bias is not None else None,
+        up_bias=w.up_bias * m if w.up_bias is not None else None,
+        down_bias=w.down_bias,
+    ))
+    for name, mlp in layer.shared():
+        keep = (shared_keep or {}).get(name)
+        if keep is None:
+            continue
+        sm = torch.zeros(mlp.gate_proj.weight.shape[0], dtype=mlp.gate_proj.weight.dtype)
+        sm[keep.long()] = 1
+        with torch.no_grad():
+            for lin in (mlp.gate_proj, mlp.up_proj):
+                lin.weight.mul_(sm[:, None])
+                if lin.bias is not None:
+                    lin.bias.mul_(sm)
+            mlp.down_proj.weight.mul_(sm[None, :])

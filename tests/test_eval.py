@@ -75,8 +75,12 @@ def test_bundled_tasks_match_direct_scoring(ref) -> None:
     assert res["ref_ppl"]["bits_per_byte"] == pytest.approx(bpb, rel=1e-4)
     assert res["ref_mc"]["acc"] == ev.mc_accuracy(model, tok, load_jsonl(data / "mc.jsonl"))
     assert math.isfinite(ev.token_perplexity(model, tok, texts, seqlen=16))
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
     limited = ev.evaluate_model(model, tok, ev.EvalSpec(tasks=["ref_mc:code"], data_dir=data, limit=2))
     assert set(limited) == {"ref_mc:code"}
+    assert torch.equal(torch.rand(3), expected)  # lm-eval's global reseeding does not leak to the caller
 
 
 def test_bundled_task_user_errors(ref, tmp_path: Path) -> None:
@@ -89,7 +93,7 @@ def test_bundled_task_user_errors(ref, tmp_path: Path) -> None:
         ev.bundled_task_configs(["ref_mc"], tmp_path)
 
 
-def test_unknown_task_names_bundled(ref, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_task_names_bundled(ref, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root, model, tok = ref
 
     class FakeIndex:  # lm-eval's real index takes ~15 s to build; its names are all this check needs
@@ -98,6 +102,13 @@ def test_unknown_task_names_bundled(ref, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(ev, "_default_task_manager", lambda: FakeIndex())
     with pytest.raises(UserError, match=r"unknown task 'arc_eazy'; did you mean arc_easy.*ref_ppl, ref_mc"):
         ev.evaluate_model(model, tok, ev.EvalSpec(tasks=["arc_eazy"], data_dir=root / "data"))
+
+    def no_load(*a, **k):
+        raise AssertionError("weights loaded before the task names were checked")
+
+    monkeypatch.setattr(ev, "load_for_eval", no_load)
+    with pytest.raises(UserError, match="unknown task 'hellaswog'"):
+        ev.cached_evaluate(root, ev.EvalSpec(tasks=["ref_mc", "hellaswog"]), tmp_path)
 
 
 @pytest.mark.slow

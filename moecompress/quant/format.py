@@ -179,7 +179,7 @@ def quantize_saved_checkpoint(
             weight = tensors.pop(f"{name}.weight")
             if check_weights:
                 _check_same(name, weight, res)
-            tensors.update(_packed_tensors(res, stored_bits[name]))
+            tensors.update({f"{name}.{k}": v for k, v in _packed_tensors(res, stored_bits[name]).items()})
             if index is not None:
                 del index["weight_map"][f"{name}.weight"]
                 for suffix in ("weight_packed", "weight_scale", "weight_shape"):
@@ -189,7 +189,7 @@ def quantize_saved_checkpoint(
         index.setdefault("metadata", {})["total_size"] = _total_tensor_bytes(folder, set(index["weight_map"].values()))
         (folder / _INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
-    config["quantization_config"] = _quantization_config(expert_scheme, dense_groups, list(ignore))
+    config["quantization_config"] = _quantization_config(quantized, stored_bits, list(ignore))
     cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     n_params = {name: res.shape[0] * res.shape[1] for name, res in quantized.items()}
@@ -334,17 +334,48 @@ def _packed_nbytes(res: QuantResult, bits: int) -> int:
     return out * -(-inn * bits // 32) * 4 + res.scale.numel() * res.scale.element_size() + 16
 
 
-def _prefixed(results: dict[str, Any], name: str) -> dict[str, Any]:
-    return {f"{name}.{k}": v for k, v in results.items()}
-
-
 def _generalise(name: str) -> str:
-    """Regex for a module name with every numeric path component (layer, expert) wildcarded."""
-    return ".".join(r"\d+" if p.isdigit() else re.escape(p) for p in name.split("."))
+    """Regex for a module name with every numeric path component (layer, expert index) wildcarded."""
+    return r"\.".join(r"\d+" if p.isdigit() else re.escape(p) for p in name.split("."))
+
+
+def _scheme(targets: list[str], bits: int, group_size: int) -> Any:
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    if group_size == -1:
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="channel", dynamic=False)
+    else:
+        args = QuantizationArgs(
+            num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size, dynamic=False
+        )
+    return QuantizationScheme(targets=targets, weights=args, format="pack-quantized")
 
 
 def _quantization_config(
-    expert_scheme: dict[str, int] | None, dense_groups: list[tuple[int, int]], ignore: list[str],
-    dense_members: Mapping[tuple[int, int], list[str]] | None = None,
+    quantized: Mapping[str, QuantResult], stored: Mapping[str, int], ignore: list[str]
 ) -> dict[str, Any]:
-    raise NotImplementedError
+    """The config.json block, built with compressed-tensors' own schema.
+
+    The routed-expert group comes first and is the only one whose ``re:`` target mentions ``experts``:
+    that is how transformers picks the experts' scheme. Dense groups list exact module names, so a shared
+    expert (``shared_experts.*``) can never be mistaken for the routed experts' group.
+    """
+    from compressed_tensors.quantization import QuantizationConfig
+
+    groups: dict[str, Any] = {}
+    experts = [m for m in quantized if is_routed_expert_key(m)]
+    if experts:
+        pats = sorted({_generalise(m) for m in experts})
+        res = quantized[experts[0]]
+        target = "re:^(?:" + "|".join(pats) + ")$"
+        groups["group_0"] = _scheme([target], stored[experts[0]], res.group_size)
+    members: dict[tuple[int, int], list[str]] = {}
+    for m, r in quantized.items():
+        if not is_routed_expert_key(m):
+            members.setdefault((stored[m], r.group_size), []).append(m)
+    for (bits, gs), names in sorted(members.items()):
+        groups[f"group_{len(groups)}"] = _scheme(sorted(names), bits, gs)
+    cfg = QuantizationConfig(
+        config_groups=groups, format="pack-quantized", quantization_status="compressed", ignore=ignore
+    )
+    return cfg.model_dump(mode="json")

@@ -163,7 +163,7 @@ def train_model(model: Any, stream: torch.Tensor, *, seed: int, seconds: float, 
         ce_val = ce.item()
         ema = ce_val if ema is None else 0.98 * ema + 0.02 * ce_val
         if step % 100 == 0:
-            log(f"step {step:5d}  {time.perf_counter() - start:6.0f}s  loss {ema:.3f}  balance {float(bal):.3f}  "
+            log(f"step {step:5d}  {time.perf_counter() - start:6.0f}s  loss {ema:.3f}  balance {bal.item():.3f}  "
                 f"lr {opt.param_groups[0]['lr']:.2e}")
     model.eval()
     return {"steps": step, "tokens_seen": step * batch_size * seqlen, "train_seconds": time.perf_counter() - start,

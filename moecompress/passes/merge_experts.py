@@ -1,0 +1,252 @@
+"""Pass `merge_experts`: merge groups of experts into one each, so the checkpoint really shrinks.
+
+Public merging code (M-SMoE, HC-SMoE, REAP's baselines) keeps every router row and points several rows at
+one merged weight: same file size, and a layout vanilla transformers cannot express. Here each group
+becomes one expert in its anchor's slot, the router gets one row per group, and ``surgery.merge_into``
+drops the other slots — the result has fewer experts in the config and reloads in vanilla transformers.
+
+Steps per layer: group (msmoe | hc | kmeans | ream) → align each member's neurons to the anchor (Hungarian)
+→ merge (freq | saliency | subspace) → router rows (dominant | average | refit) → surgery.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from moecompress.arch.adapter import MoEAdapter, MoELayer, moe_layers
+from moecompress.arch.experts import ExpertView, ExpertWeights
+from moecompress.calib.stats import LayerStats
+from moecompress.errors import UserError
+from moecompress.passes import merging as M
+from moecompress.passes.base import PassConfig, PassContext, register_pass
+from moecompress.surgery import check_expert_count, merge_into, sync_config
+
+Method = Literal["msmoe", "hc", "kmeans", "ream"]
+MergeRule = Literal["freq", "saliency", "subspace"]
+RouterRule = Literal["dominant", "average", "refit"]
+
+_SIGMOID_ROUTING = ("sigmoid_group_bias", "sigmoid_input_scale")
+_LOGIT_BIAS = "bias"  # a router vector named `bias` is added to the logits (gpt-oss); others only steer choice
+
+
+class MergeExpertsConfig(PassConfig):
+    """Merge a share of routed experts per layer into the remaining ones (same count in every layer)."""
+
+    name: ClassVar[str] = "merge_experts"
+    ratio: float | None = Field(None, gt=0, lt=1, description="share of experts removed (by merging) per layer")
+    keep: int | None = Field(None, ge=1, description="experts left per layer (instead of ratio)")
+    method: Method = Field("hc", description="grouping: msmoe | hc | kmeans | ream")
+    merge: MergeRule = Field("freq", description="merge rule: freq | saliency | subspace")
+    router: RouterRule = Field("refit", description="router row of a merged expert: dominant | average | refit")
+    rank: int | None = Field(None, ge=1, description="subspace: rank of the shared basis per weight matrix")
+    energy: float | None = Field(None, gt=0, le=1, description="subspace: keep singular values holding this energy")
+    align: M.AlignMode = Field("both", description="neuron alignment before averaging: activation | weight | both | none")
+    feature_tokens: int = Field(512, ge=16, description="sampled tokens used for expert-output features and alignment")
+    group_size: int | None = Field(None, ge=2, description="ream: most experts one dominant may absorb (incl. itself)")
+    refit_ridge: float = Field(1e-3, ge=0, description="refit: ridge strength towards the averaged rows")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MergeExpertsConfig:
+        if (self.ratio is None) == (self.keep is None):
+            raise ValueError("give exactly one of ratio or keep")
+        if self.merge != "subspace" and (self.rank is not None or self.energy is not None):
+            raise ValueError("rank/energy only apply to merge='subspace'")
+        if self.rank is not None and self.energy is not None:
+            raise ValueError("give rank or energy, not both")
+        return self
+
+    def n_keep(self, num_experts: int) -> int:
+        if self.keep is not None:
+            return self.keep
+        assert self.ratio is not None
+        return num_experts - int(math.floor(num_experts * self.ratio + 1e-9))
+
+    def planned_config(self, adapter: MoEAdapter, hf_config: dict[str, Any]) -> dict[str, Any]:
+        n = self.n_keep(adapter.num_experts(hf_config))
+        return {**hf_config, **{k: n for k in adapter.count_keys}}
+
+    def check(self, adapter: MoEAdapter, hf_config: dict[str, Any]) -> None:
+        e = adapter.num_experts(hf_config)
+        n_keep = self.n_keep(e)
+        try:
+            check_expert_count(adapter, hf_config, n_keep)
+        except UserError as exc:
+            what = f"ratio {self.ratio} leaves {n_keep}" if self.ratio is not None else f"keep {n_keep}"
+            raise UserError(f"merge_experts: {what} of {e} experts: {exc}") from None
+        if self.group_size is not None:
+            per_block = e // adapter.num_groups(hf_config)
+            need = math.ceil(per_block / (n_keep // adapter.num_groups(hf_config)))
+            if self.group_size < need:
+                raise UserError(f"merge_experts: group_size {self.group_size} cannot hold {per_block} experts in "
+                                f"{n_keep // adapter.num_groups(hf_config)} groups per routing block; use ≥ {need}")
+
+
+def prob_kind(adapter: MoEAdapter) -> M.ProbKind:
+    """Which probability the router's logits stand for (how merged probabilities add up)."""
+    return "sigmoid" if adapter.routing in _SIGMOID_ROUTING else "softmax"
+
+
+def router_logits(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """Raw router logits [N, E] on block inputs (the additive router bias included where the family has one)."""
+    w = layer.router.weight.detach().double()
+    z = x.double() @ w.T
+    bias = getattr(layer.router, _LOGIT_BIAS, None)
+    if any(v.path == _LOGIT_BIAS for v in layer.adapter.router_vectors) and bias is not None:
+        z = z + bias.detach().double()
+    return z
+
+
+def plan_groups(cfg: MergeExpertsConfig, ls: LayerStats, n_keep: int, n_groups: int,
+                outputs: torch.Tensor | None) -> list[M.Group]:
+    """The grouping method on one layer's statistics (and expert outputs on the sampled inputs)."""
+    freq = ls.sums["freq"].double()
+    if cfg.method == "msmoe":
+        return M.group_msmoe(freq, ls.logit_similarity, n_keep, n_groups)
+    assert outputs is not None
+    features = outputs.reshape(outputs.shape[0], -1)
+    if cfg.method == "hc":
+        return M.group_hc(features, freq, n_keep, n_groups)
+    if cfg.method == "kmeans":
+        return M.group_kmeans(features, freq, n_keep, n_groups, seed=cfg.seed)
+    similarity = 0.5 * (M.cosine_matrix(features) + ls.logit_similarity.double())
+    return M.group_ream(ls.reap.double(), similarity, n_keep, n_groups, cfg.group_size)
+
+
+def merge_groups(cfg: MergeExpertsConfig, w: ExpertWeights, groups: list[M.Group], ls: LayerStats,
+                 acts: torch.Tensor | None) -> tuple[ExpertWeights, list[dict[str, Any]]]:
+    """Align and merge each group's members; returns the stacked merged experts and per-group details."""
+    freq = ls.sums["freq"].double()
+    weight_src = ls.sums["reap_sum"].double() if cfg.merge == "saliency" else freq
+    merged: list[ExpertWeights] = []
+    info: list[dict[str, Any]] = []
+    for g in groups:
+        coef = M.normalise(weight_src[g.members])
+        anchor = w.select(g.anchor)
+        members = [anchor]
+        for m in g.members[1:]:
+            perm = M.align_permutation(anchor, w.select(m), acts[g.anchor] if acts is not None else None,
+                                       acts[m] if acts is not None else None, cfg.align)
+            members.append(M.permute_neurons(w.select(m), perm))
+        stacked = M.stack(members)
+        entry: dict[str, Any] = {"members": g.members, "coef": [round(float(c), 4) for c in coef]}
+        if cfg.merge == "subspace" and len(members) > 1:
+            one, ranks = M.merge_subspace(stacked, coef, cfg.rank, cfg.energy)
+            entry["ranks"] = ranks
+        else:
+            one = M.merge_average(stacked, coef)
+        merged.append(one)
+        info.append(entry)
+    return M.stack(merged), info
+
+
+def router_for(cfg: MergeExpertsConfig, layer: MoELayer, groups: list[M.Group], ls: LayerStats,
+               sample: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+    """Router rows [n, H] and router vectors for the merged experts, under the chosen rule."""
+    weight = layer.router.weight.detach()
+    freq = ls.sums["freq"].double()
+    coef = [M.normalise(freq[g.members]) for g in groups]
+    anchors = [g.anchor for g in groups]
+    vec_coef = None if cfg.router == "dominant" else coef
+    vectors: dict[str, torch.Tensor] = {}
+    for vec in layer.adapter.router_vectors:
+        owner = layer.router
+        for part in vec.path.split("."):
+            owner = getattr(owner, part, None)
+            if owner is None:
+                break
+        if isinstance(owner, torch.Tensor):
+            vectors[vec.path] = M.vector_merge(owner.detach(), vec.axis, groups, vec_coef)
+    info: dict[str, Any] = {}
+    if cfg.router == "dominant":
+        return weight[anchors].clone(), vectors, info
+    rows = M.router_average(weight, groups, coef)
+    if cfg.router == "average":
+        return rows, vectors, info
+    if sample is None or sample.shape[0] == 0:
+        raise UserError("router='refit' needs sampled layer inputs; recollect statistics with sample_tokens > 0 "
+                        "or use --router average")
+    kind = prob_kind(layer.adapter)
+    x = sample.double()
+    targets = M.group_targets(router_logits(layer, x), groups, kind)
+    avg_bias = vectors.get(_LOGIT_BIAS)
+    new_rows, new_bias = M.refit_router(x, targets, rows, kind, cfg.refit_ridge, init_bias=avg_bias)
+    if new_bias is not None:
+        vectors[_LOGIT_BIAS] = new_bias
+
+    def logits(r: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return x @ r.double().T + (b.double() if b is not None else 0)
+
+    info["refit_rel_error"] = round(_target_error(logits(new_rows, new_bias), targets, kind), 5)
+    info["average_rel_error"] = round(_target_error(logits(rows, avg_bias), targets, kind), 5)
+    return new_rows, vectors, info
+
+
+def _target_error(fitted: torch.Tensor, targets: torch.Tensor, kind: str) -> float:
+    if kind == "softmax":  # only differences between groups matter
+        fitted = fitted - fitted.mean(1, keepdim=True)
+        targets = targets - targets.mean(1, keepdim=True)
+    return float((fitted - targets).pow(2).sum() / targets.pow(2).sum().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def block_output(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """The MoE block's output on tokens x [N, H] (shared experts included)."""
+    dtype = layer.router.weight.dtype
+    out = layer.block(x.to(dtype)[None])
+    if isinstance(out, tuple):
+        out = out[0]
+    return out.reshape(x.shape[0], -1).double()
+
+
+@register_pass(MergeExpertsConfig)
+def merge_experts(ctx: PassContext) -> dict[str, Any]:
+    cfg: MergeExpertsConfig = ctx.config  # type: ignore[assignment]
+    model, adapter = ctx.model, ctx.adapter
+    layers = moe_layers(model, adapter)
+    e = layers[0].num_experts
+    n_keep = cfg.n_keep(e)
+    check_expert_count(adapter, model.config, n_keep)
+    n_groups = adapter.num_groups(model.config)
+    stats = ctx.get_stats()
+    needs_sample = cfg.method != "msmoe" or cfg.router == "refit" or cfg.align == "activation"
+    details: dict[str, Any] = {}
+    for layer in layers:
+        ls = stats.layers[layer.index]
+        sample = ls.sample
+        if needs_sample and (sample is None or sample.shape[0] == 0):
+            raise UserError(f"merge method {cfg.method!r} / router {cfg.router!r} / align {cfg.align!r} needs "
+                            "sampled layer inputs; recollect statistics with sample_tokens > 0")
+        x_feat = sample[: cfg.feature_tokens] if sample is not None and sample.shape[0] else None
+        view = ExpertView(layer)
+        w = view.get_all()
+        outputs = acts = None
+        if x_feat is not None and (cfg.method != "msmoe" or cfg.align in ("activation", "both")):
+            outputs, acts = M.expert_outputs(layer.experts, adapter.layout, w, x_feat)
+        before = block_output(layer, x_feat) if x_feat is not None else None
+        groups = plan_groups(cfg, ls, n_keep, n_groups, outputs)
+        merged, group_info = merge_groups(cfg, w, groups, ls, acts if cfg.align in ("activation", "both") else None)
+        rows, vectors, router_info = router_for(cfg, layer, groups, ls, sample)
+        merge_into(layer, [g.anchor for g in groups], merged, rows, vectors)
+        info: dict[str, Any] = {"groups": group_info, **router_info}
+        if before is not None:
+            after = block_output(layer, x_feat)
+            info["block_rel_error"] = round(float((after - before).pow(2).sum() / before.pow(2).sum().clamp_min(1e-30)), 5)
+        details[str(layer.index)] = info
+    sync_config(model, adapter)
+    errors = [d["block_rel_error"] for d in details.values() if "block_rel_error" in d]
+    summary = (f"merged {e}→{n_keep} experts per layer ({cfg.method}, {cfg.merge}, router {cfg.router})"
+               + (f"; mean block output rel. error {sum(errors) / len(errors):.4f}" if errors else ""))
+    return {
+        "summary": summary,
+        "experts_before": e,
+        "experts_after": n_keep,
+        "method": cfg.method,
+        "merge": cfg.merge,
+        "router": cfg.router,
+        "layers": details,
+    }
