@@ -103,7 +103,7 @@ def inspect_checkpoint(path: Path) -> Inspection:
     tensors: list[TensorInfo] = []
     moe_layer_ids: set[int] = set()
     headers = {f: read_safetensors_header(f) for f in files}
-    for f, header in headers.items():
+    for header in headers.values():
         for name, meta in header.items():
             if name == "__metadata__":
                 continue

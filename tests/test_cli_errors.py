@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.helpers import run_cli, tiny_checkpoint

@@ -5,12 +5,12 @@ import torch
 
 from moecompress.arch import ExpertView, moe_layers
 from moecompress.arch.experts import apply_expert
-from moecompress.calib.collect import LayerTap, _ACTIVE, collect_stats, tap_experts_forward
+from moecompress.calib.collect import _ACTIVE, LayerTap, collect_stats, tap_experts_forward
 from moecompress.calib.data import CalibSpec
 from moecompress.calib.stats import LayerStats, Stats
 from moecompress.passes import criteria
 from moecompress.passes.prune_experts import PruneExpertsConfig
-from moecompress.runner import RunOptions, run_pass
+from moecompress.runner import run_pass
 from moecompress.zoo.tiny import tiny
 from tests.helpers import calib_file, run_cli, tiny_checkpoint
 
