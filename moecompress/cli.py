@@ -186,28 +186,58 @@ def prune_cmd(
     out: Path = OUT,
     ratio: float | None = typer.Option(None, "--ratio", help="Share of experts to remove in every MoE layer (0-1)."),
     keep: int | None = typer.Option(None, "--keep", help="Experts to keep per layer (instead of --ratio)."),
-    criterion: str = typer.Option("reap", "--criterion", help="frequency | soft_frequency | reap | ean | easy_ep | "
-                                  "naee | random. reap: mean gate x output norm over routed tokens."),
+    criterion: str | None = typer.Option(None, "--criterion", help="Experts: frequency | soft_frequency | reap "
+                                         "(default) | ean | easy_ep | naee | random. With --neuron-ratio: heapr "
+                                         "(default) | camera | magnitude | random (atomic criteria)."),
     protect_super_experts: bool = typer.Option(False, "--protect-super-experts",
                                                help="Never remove experts with extreme peak activations."),
     layers: str | None = typer.Option(None, "--layers", help="MoE layers to prune, e.g. 0-3 (all must be listed for "
                                       "a vanilla-loadable checkpoint)."),
     seed: int = typer.Option(0, "--seed", help="Seed for --criterion random."),
+    neuron_ratio: float | None = typer.Option(None, "--neuron-ratio", help="Share of atomic experts (expert "
+                                              "intermediate neurons) to remove; with --ratio/--keep, experts are "
+                                              "pruned first, then neurons, into one checkpoint."),
+    layout: str = typer.Option("uniform", "--layout", help="With --neuron-ratio: uniform (one width, every expert "
+                               "keeps its own best neurons; loads everywhere) | masked (the global ranking's uneven "
+                               "selection written as zeros in same-shape tensors, to measure it)."),
+    expert_criterion: str | None = typer.Option(None, "--expert-criterion", help="Expert criterion when --ratio/"
+                                                "--keep is combined with --neuron-ratio (default reap)."),
     calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
     calib_seed: int = CALIB_SEED, calib_domain: str | None = CALIB_DOMAIN,
     evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA, overwrite: bool = OVERWRITE,
     dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE,
 ) -> None:
-    """Remove whole experts (same count per layer) ranked by routing statistics on calibration data.
+    """Remove whole experts (same count per layer) or expert neurons, ranked on calibration data.
 
     Example: moecompress prune ref --out ref-p25 --ratio 0.25 --criterion reap --eval ref_ppl,ref_mc
+
+    Neurons (HEAPr): moecompress prune ref --out ref-n25 --neuron-ratio 0.25 --criterion heapr
     """
+    from moecompress.passes.prune_atomic import ATOMIC_CRITERIA, PruneAtomicConfig
     from moecompress.passes.prune_experts import PruneExpertsConfig
 
+    calibration = calib_spec(calib, calib_samples, calib_seqlen, calib_seed, calib_domain)
+    if neuron_ratio is not None:
+        if criterion is not None and criterion not in ATOMIC_CRITERIA:
+            raise UserError(f"--criterion {criterion} ranks whole experts; with --neuron-ratio use one of "
+                            f"{' | '.join(ATOMIC_CRITERIA)} (and --expert-criterion {criterion} for the experts)")
+        if protect_super_experts or layers:
+            raise UserError("--protect-super-experts and --layers apply to expert pruning alone; drop them when "
+                            "using --neuron-ratio")
+        run_one(PruneAtomicConfig, dict(neuron_ratio=neuron_ratio, criterion=criterion, layout=layout,
+                                        expert_ratio=ratio, expert_keep=keep, expert_criterion=expert_criterion,
+                                        seed=seed),
+                model, out, calib=calibration, evals=evals, eval_data=eval_data, overwrite=overwrite, dtype=dtype,
+                stats_cache=stats_cache)
+        return
+    if criterion in ATOMIC_CRITERIA and criterion != "random":
+        raise UserError(f"--criterion {criterion} ranks expert neurons; add --neuron-ratio R (e.g. 0.25)")
+    if layout != "uniform" or expert_criterion is not None:
+        raise UserError("--layout and --expert-criterion apply to neuron pruning; add --neuron-ratio R")
     run_one(PruneExpertsConfig, dict(ratio=ratio, keep=keep, criterion=criterion,
                                      protect_super_experts=protect_super_experts, layers=parse_layers(layers),
                                      seed=seed),
-            model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, calib_domain), evals=evals,
+            model, out, calib=calibration, evals=evals,
             eval_data=eval_data, overwrite=overwrite, dtype=dtype, stats_cache=stats_cache)
 
 
@@ -245,6 +275,42 @@ def merge_cmd(
                                      energy=energy, align=align, group_size=group_size, seed=seed),
             model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, calib_domain), evals=evals,
             eval_data=eval_data, overwrite=overwrite, dtype=dtype, stats_cache=stats_cache)
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: Path = typer.Argument(..., help="Input checkpoint folder (float; never modified)."),
+    out: Path = OUT,
+    bits: int = typer.Option(4, "--bits", help="Weight bits: 8, 4, 3 or 2 (vLLM serves 4 and 8)."),
+    group_size: int = typer.Option(128, "--group-size", help="Columns sharing one scale; -1 = per output row."),
+    method: str = typer.Option("gptq", "--method", help="gptq (calibrated, error feedback) or rtn (round to nearest)."),
+    balance: bool = typer.Option(False, "--balance", help="Every calibration token updates every expert's Hessian "
+                                 "(rare experts get enough data)."),
+    affinity: bool = typer.Option(False, "--affinity", help="Weight each token's x xᵀ by its gate affinity for the "
+                                  "expert (MoEQuant AGQ)."),
+    attention: bool = typer.Option(False, "--attention", help="Also quantize attention linears."),
+    shared: bool = typer.Option(False, "--shared", help="Also quantize shared experts."),
+    ignore: list[str] = typer.Option([], "--ignore", help="Regex of module names to keep in high precision "
+                                     "(repeatable)."),
+    bits_budget: float | None = typer.Option(None, "--bits-budget", help="Mixed precision: average bits per expert "
+                                             "weight, allocated per expert from frequency and error (MC-MoE)."),
+    damp: float = typer.Option(0.01, "--damp", help="GPTQ damping, relative to the mean Hessian diagonal."),
+    calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
+    calib_seed: int = CALIB_SEED, evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA,
+    overwrite: bool = OVERWRITE, dtype: str | None = DTYPE,
+) -> None:
+    """Quantize routed experts (GPTQ or RTN) into a compressed-tensors pack-quantized checkpoint.
+
+    Router, embeddings, lm_head and norms stay in high precision. The output loads with plain
+    `from_pretrained` (and vLLM for 4/8 bits). Example: moecompress quantize ref --out ref-w4 --bits 4
+    """
+    from moecompress.passes.quantize import QuantizeConfig
+
+    run_one(QuantizeConfig, dict(bits=bits, group_size=group_size, method=method, balance=balance, affinity=affinity,
+                                 attention=attention, shared=shared, ignore=list(ignore), bits_budget=bits_budget,
+                                 damp=damp),
+            model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed), evals=evals,
+            eval_data=eval_data, overwrite=overwrite, dtype=dtype)
 
 
 @app.command("sweep")

@@ -78,12 +78,12 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
 
 
 def classify(name: str, adapter: MoEAdapter) -> str:
-    block = f".{adapter.block_attr}."
-    if f"{block}{adapter.experts_attr}." in name:
+    blocks = {f".{adapter.block_attr}.", f".{adapter.checkpoint_block or adapter.block_attr}."}  # memory vs disk
+    if any(f"{b}{adapter.experts_attr}." in name for b in blocks):
         return "routed_experts"
-    if any(f"{block}{s}." in name or f"{block}{s}_" in name for s in adapter.shared_attrs):
+    if any(f"{b}{s}." in name or f"{b}{s}_" in name for b in blocks for s in adapter.shared_attrs):
         return "shared_experts"
-    if f"{block}{adapter.router_attr}." in name:
+    if any(f"{b}{adapter.router_attr}." in name for b in blocks):
         return "router"
     if "attn" in name or "attention" in name:
         return "attention"

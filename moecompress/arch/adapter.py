@@ -58,11 +58,23 @@ class MoEAdapter(BaseModel):
     shared_width_coupled: bool = False  # shared expert width is derived from width_key (trap a)
     group_key: str | None = None  # number of routing groups (group-limited routers)
     topk_group_key: str | None = None
+    # How save_pretrained names one routed expert's linears on disk (per-expert layout); None when the
+    # family's checkpoints keep experts fused (then per-linear quantization formats cannot describe them).
+    checkpoint_block: str | None = None  # defaults to block_attr
+    checkpoint_expert_linears: tuple[str, str, str] | None = ("gate_proj", "up_proj", "down_proj")
     notes: str = ""
 
     @property
     def family(self) -> str:
         return self.model_type
+
+    def expert_checkpoint_name(self, layer: int, expert: int, proj: str) -> str:
+        """Checkpoint module name of one routed expert's `gate`/`up`/`down` linear (per-expert layout)."""
+        if self.checkpoint_expert_linears is None:
+            raise UserError(f"{self.model_type} checkpoints store routed experts fused; they have no per-expert linears")
+        linear = dict(zip(("gate", "up", "down"), self.checkpoint_expert_linears, strict=True))[proj]
+        block = self.checkpoint_block or self.block_attr
+        return f"model.layers.{layer}.{block}.{self.experts_attr}.{expert}.{linear}"
 
     # ---- reading the config -------------------------------------------------------------------
     def num_experts(self, config: Any) -> int:
@@ -109,7 +121,7 @@ ADAPTERS: dict[str, MoEAdapter] = {
     a.model_type: a
     for a in [
         MoEAdapter(model_type="mixtral", count_keys=("num_local_experts",), width_key="intermediate_size",
-                   always_renorm=True),
+                   always_renorm=True, checkpoint_block="block_sparse_moe", checkpoint_expert_linears=("w1", "w3", "w2")),
         MoEAdapter(model_type="qwen2_moe", count_keys=("num_experts",), width_key="moe_intermediate_size",
                    shared_attrs=("shared_expert", "shared_expert_gate"), renorm_key="norm_topk_prob"),
         MoEAdapter(model_type="qwen3_moe", count_keys=("num_experts", "num_local_experts"),
@@ -125,12 +137,14 @@ ADAPTERS: dict[str, MoEAdapter] = {
                    topk_group_key="topk_group"),
         MoEAdapter(model_type="gpt_oss", router_attr="router", count_keys=("num_local_experts",),
                    width_key="intermediate_size", layout="interleaved_transposed", has_expert_bias=True,
-                   router_vectors=(RouterVector(path="bias"),), routing="topk_softmax",
+                   router_vectors=(RouterVector(path="bias"),), routing="topk_softmax", checkpoint_expert_linears=None,
                    notes="clamped SwiGLU; gate/up interleaved along the last axis"),
         MoEAdapter(model_type="phimoe", router_attr="router", count_keys=("num_local_experts",),
-                   width_key="intermediate_size", routing="sparsemixer"),
+                   width_key="intermediate_size", routing="sparsemixer", checkpoint_block="block_sparse_moe",
+                   checkpoint_expert_linears=("w1", "w3", "w2")),
         MoEAdapter(model_type="granitemoe", block_attr="block_sparse_moe", router_attr="router",
-                   count_keys=("num_local_experts",), width_key="intermediate_size", routing="topk_softmax"),
+                   count_keys=("num_local_experts",), width_key="intermediate_size", routing="topk_softmax",
+                   checkpoint_expert_linears=None),
         MoEAdapter(model_type="glm4_moe", count_keys=("n_routed_experts",), width_key="moe_intermediate_size",
                    shared_attrs=("shared_experts",), shared_width_coupled=True, routing="sigmoid_group_bias",
                    router_vectors=_DS_VECTORS, renorm_key="norm_topk_prob", group_key="n_group",
@@ -148,7 +162,7 @@ ADAPTERS: dict[str, MoEAdapter] = {
         MoEAdapter(model_type="llama4_text", block_attr="feed_forward", router_attr="router",
                    count_keys=("num_local_experts",), width_key="intermediate_size", shared_attrs=("shared_expert",),
                    shared_width_coupled=True, layout="concat_transposed", routing="sigmoid_input_scale",
-                   notes="experts run densely on sigmoid-scaled inputs"),
+                   checkpoint_expert_linears=None, notes="experts run densely on sigmoid-scaled inputs"),
     ]
 }
 

@@ -15,6 +15,7 @@ sorted anchors keep every merged expert in the block it came from.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -103,6 +104,7 @@ def group_hc(features: torch.Tensor, freq: torch.Tensor, n_keep: int, n_groups: 
 def group_kmeans(features: torch.Tensor, freq: torch.Tensor, n_keep: int, n_groups: int = 1, seed: int = 0) -> list[Group]:
     """Sub-MoE-style k-means on L2-normalised expert outputs (seeded); empty clusters are refilled."""
     from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
 
     blocks, per = _per_block(features.shape[0], n_keep, n_groups)
     groups: list[Group] = []
@@ -111,7 +113,9 @@ def group_kmeans(features: torch.Tensor, freq: torch.Tensor, n_keep: int, n_grou
             groups += [Group([e]) for e in block]
             continue
         x = torch.nn.functional.normalize(features[block].double(), dim=1).numpy()
-        km = KMeans(n_clusters=per, random_state=seed, n_init=10).fit(x)
+        with warnings.catch_warnings():  # duplicate experts → fewer distinct points than clusters; fixed below
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            km = KMeans(n_clusters=per, random_state=seed, n_init=10).fit(x)
         labels = _fill_empty(np.asarray(km.labels_).copy(), x, np.asarray(km.cluster_centers_), per)
         groups += _groups_from_labels(block, labels, per, freq)
     return sorted(groups, key=lambda g: g.anchor)

@@ -33,6 +33,13 @@ logits test on tiny Qwen3-MoE; ``tests/test_quant_format.py`` keeps the importan
 
 So the unit that mixed precision can really save bytes on is: all routed experts together, plus each dense
 linear. Per-expert allocations (MC-MoE) are real in quality but need ``pad_mixed_experts`` to be stored.
+
+Config layout we write: ``group_0`` is the routed experts, one ``re:`` target with layer and expert indices
+wildcarded; dense groups list exact module names (no ``re:``), so DeepSeek-style ``shared_experts`` are
+never mistaken for the routed group. Measured exact (both load modes, max logit error ≤ 3e-7): Qwen3-MoE,
+Mixtral, OLMoE, Qwen2-MoE / DeepSeek-V3 / GLM4-MoE with quantized shared experts; float32 and bfloat16.
+Families whose original checkpoints keep experts fused on disk (gpt-oss, Llama4) have no per-expert 2-D
+weights to pack and are not supported here (their keys are reported as unknown).
 """
 
 from __future__ import annotations
@@ -129,7 +136,12 @@ def quantize_saved_checkpoint(
     """Rewrite a float checkpoint folder (safetensors, per-expert layout) in place as pack-quantized.
 
     See :func:`save_quantized`; ``check_weights`` compares each stored float weight with ``dequant``.
+    Everything that can be checked from names and shapes is checked before any file changes; a failed
+    weight comparison can leave earlier shards rewritten, so write into a temporary folder (as
+    ``io.checkpoint.write_checkpoint`` does) and publish it only on success.
     """
+    if not quantized:
+        raise UserError("nothing to quantize: the mapping of module names to quantized weights is empty")
     folder = Path(folder)
     cfg_path = folder / "config.json"
     config = json.loads(cfg_path.read_text())

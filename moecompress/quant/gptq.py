@@ -8,11 +8,14 @@ tokens the expert barely contributes to matter less. Experts that saw no calibra
 Hessian (as in QMoE), which makes GPTQ reduce exactly to round-to-nearest.
 
 Implementation notes (why it looks the way it does):
-- the inverse Hessian is used through the upper Cholesky factor of ``H⁻¹`` (numerically stable form);
+- the inverse Hessian is used through the upper Cholesky factor of ``H⁻¹`` (numerically stable form),
+  obtained from one Cholesky of the order-reversed Hessian and one triangular inverse;
+- ``gptq_quantize_batch`` runs the same column loop over a stack of matrices (all experts of a layer),
+  each with its own Hessian;
 - updates are lazy per block of columns, so the inner Python loop runs over the columns of one block and
   every operation in it is a vectorised row operation;
 - group scales are computed from the error-updated weights when the loop reaches a group's first column
-  (blocks are aligned to groups so the whole group is up to date at that moment);
+  (blocks and groups are aligned so the whole group is up to date at that moment);
 - ``act_order`` (columns in order of decreasing ``H_ii``) uses *static* group scales taken from the original
   weights, so codes stay in the original column order and no ``g_idx`` permutation has to be stored —
   transformers' fused-expert loader cannot apply one;
@@ -77,44 +80,77 @@ class HessianAccumulator:
         return self.sum / self.weight_sum
 
 
-def _inverse_cholesky(
-    h: torch.Tensor | None, n: int, damp: float, act_order: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Upper Cholesky factor of the damped inverse Hessian, in act-order when asked, and that order."""
-    if h is None:
-        h = torch.zeros(n, n, dtype=torch.float64)
-    if h.shape != (n, n):
-        raise ValueError(f"Hessian has shape {tuple(h.shape)}, expected ({n}, {n})")
-    h = h.detach().to(torch.float64).clone()
+def _inverse_cholesky(h: torch.Tensor, damp: float, act_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Upper Cholesky factors ``U`` (``H⁻¹ = UᵀU``) of the damped Hessians ``h [E, n, n]``, in act-order if asked.
+
+    Computed without forming ``H⁻¹``: with ``J`` the order reversal, ``JHJ = LLᵀ`` gives ``H = RRᵀ`` for the
+    upper-triangular ``R = JLJ``, hence ``U = R⁻¹ = J L⁻¹ J`` — one Cholesky and one triangular inverse.
+    """
+    n = h.shape[-1]
+    h = h.detach().float().clone()
     if not bool(torch.isfinite(h).all()):
         raise ValueError("Hessian has non-finite entries")
-    diag = h.diagonal()
+    eye = torch.eye(n)
+    live = h.diagonal(dim1=-2, dim2=-1) > 0
+    h[~live.any(-1)] = eye  # no calibration token: identity Hessian, GPTQ == RTN
+    diag = h.diagonal(dim1=-2, dim2=-1)
     live = diag > 0
-    if not bool(live.any()):
-        h = torch.eye(n, dtype=torch.float64)  # no calibration token: identity Hessian, GPTQ == RTN
-    else:
-        # Dead columns: give them a typical curvature so damping keeps its scale; no error flows in or out.
-        diag[~live] = diag[live].mean()
+    # Dead columns get a typical curvature so damping keeps its scale; no error flows in or out of them.
+    mean_live = (diag * live).sum(-1) / live.sum(-1)
+    diag.copy_(torch.where(live, diag, mean_live.unsqueeze(-1)))
     perm = None
     if act_order:
-        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
-        h = h[perm][:, perm]
-    mean_diag = h.diagonal().mean()
-    eye = torch.eye(n, dtype=torch.float64)
-    d = damp
-    # float32 factorisations are 2x faster and enough for a damped Hessian; float64 is the fallback.
-    for dtype in (torch.float32, torch.float64, torch.float64, torch.float64, torch.float64, torch.float64):
-        chol, info = torch.linalg.cholesky_ex((h + d * mean_diag * eye).to(dtype))
-        if int(info) == 0:
-            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(u).all()):
-                return u, perm
-        if dtype == torch.float64:
-            d = max(d * 10, 1e-4)
+        perm = torch.argsort(diag, dim=-1, descending=True, stable=True)  # [E, n]
+        h = h.gather(1, perm.unsqueeze(-1).expand(-1, -1, n)).gather(2, perm.unsqueeze(1).expand(-1, n, -1))
+    mean_diag = h.diagonal(dim1=-2, dim2=-1).mean(-1)  # [E]
+    u = torch.empty_like(h)
+    todo = torch.arange(h.shape[0])
+    d = torch.full_like(mean_diag, float(damp))
+    # float32 is enough for a damped Hessian; float64 with growing damping is the fallback for failures.
+    for attempt in range(6):
+        dtype = torch.float32 if attempt == 0 else torch.float64
+        hd = (h[todo] + (d[todo] * mean_diag[todo])[:, None, None] * eye).to(dtype).flip(-1, -2)
+        chol, info = torch.linalg.cholesky_ex(hd)
+        ok = info == 0
+        if bool(ok.any()):
+            inv = torch.linalg.solve_triangular(chol[ok], eye.to(dtype), upper=False).flip(-1, -2)
+            good = torch.isfinite(inv).flatten(1).all(-1)
+            idx = torch.nonzero(ok).squeeze(1)
+            u[todo[idx[good]]] = inv[good].float()
+            ok[idx[~good]] = False
+        todo = todo[~ok]
+        if todo.numel() == 0:
+            return u, perm
+        if attempt:
+            d[todo] = torch.clamp(d[todo] * 10, min=1e-4)
     raise UserError(
-        f"the calibration Hessian is not positive definite even with damping {d:g}; "
+        f"the calibration Hessian is not positive definite even with damping {float(d.max()):g}; "
         "raise `damp` or check the calibration inputs for NaN/inf"
     )
+
+
+def _stack_hessians(
+    h: torch.Tensor | HessianAccumulator | None | list[torch.Tensor | HessianAccumulator | None],
+    batch: int,
+    n: int,
+) -> torch.Tensor:
+    items = h if isinstance(h, list | tuple) else ([h] if batch == 1 or h is None else None)
+    if items is None:  # a stacked tensor [E, n, n]
+        hs = h
+    else:
+        if len(items) == 1 and batch > 1:
+            items = items * batch
+        if len(items) != batch:
+            raise ValueError(f"{len(items)} Hessians for {batch} weights")
+        mats = []
+        for it in items:
+            if isinstance(it, HessianAccumulator):
+                it = it.hessian()
+            mats.append(torch.zeros(n, n) if it is None else it.detach().float())
+        hs = torch.stack(mats)
+    if hs.shape != (batch, n, n):
+        raise ValueError(f"Hessians have shape {tuple(hs.shape)}, expected ({batch}, {n}, {n})")
+    return hs
 
 
 @torch.no_grad()
@@ -134,62 +170,97 @@ def gptq_quantize(
     scale dtype; errors are fed back from the values a reload will actually compute.
     """
     _check_weight(w)
-    out, n = w.shape
+    if isinstance(h, torch.Tensor) and h.dim() != 2:
+        raise ValueError(f"expected one Hessian [in, in], got shape {tuple(h.shape)}")
+    return gptq_quantize_batch(
+        w.unsqueeze(0), [h], bits, group_size, damp=damp, block_size=block_size, act_order=act_order,
+        scale_dtype=scale_dtype,
+    )[0]
+
+
+@torch.no_grad()
+def gptq_quantize_batch(
+    w: torch.Tensor,
+    h: torch.Tensor | list[torch.Tensor | HessianAccumulator | None] | None,
+    bits: int,
+    group_size: int,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    scale_dtype: torch.dtype | None = None,
+) -> list[QuantResult]:
+    """GPTQ on a stack of same-shaped weights ``w [E, out, in]`` (e.g. one projection of all experts of a
+    layer), each with its own Hessian (``[E, in, in]`` or a list; None entries: identity).
+
+    One Python column loop serves all E matrices, so a layer of experts costs little more than one expert.
+    """
+    if w.dim() != 3:
+        raise UserError(f"expected stacked weights [E, out, in], got shape {tuple(w.shape)}")
+    _check_weight(w[0])
+    batch, out, n = w.shape
     g = check_scheme(bits, group_size, n)
     if not damp >= 0:
         raise UserError(f"damp={damp} must be ≥ 0 (0.01 is typical; QMoE uses 0.1)")
     if block_size <= 0:
         raise UserError(f"block_size={block_size} must be positive")
     sdt = scale_dtype or w.dtype
-    if isinstance(h, HessianAccumulator):
-        h = h.hessian()
-    u, perm = _inverse_cholesky(h, n, damp, act_order)
-    u = u.to(torch.float32)
+    u, perm = _inverse_cholesky(_stack_hessians(h, batch, n), damp, act_order)
 
     qmin, qmax = qrange(bits)
+    exact = sdt == torch.float32 and w.dtype == torch.float32
     wf = w.detach().float().clone()
     grouped = g < n
     static = act_order or not grouped  # per-channel scales or act-order: scales from the original weights
+    n_groups = n // g
     if static:
-        scale_all = scales_for(wf.reshape(out, n // g, g), bits, sdt)  # [out, n_groups]
+        scale_all = scales_for(wf.reshape(batch, out, n_groups, g), bits, sdt)  # [E, out, n_groups]
     else:
-        scale_all = torch.empty(out, n // g)
+        scale_all = torch.empty(batch, out, n_groups)
     if perm is not None:
-        wf = wf[:, perm]
-    col_group = (perm if perm is not None else torch.arange(n)) // g
-    if grouped and not act_order:
-        block_size = max(g, (block_size // g) * g)  # a group never straddles two blocks
+        wf = wf.gather(2, perm.unsqueeze(1).expand(-1, out, -1))
+        col_group = perm // g  # [E, n]: group of the c-th processed column
+    if grouped and not act_order and g % block_size:
+        # Group starts must be block starts (or lie inside a block) so a group's scale sees all updates so far.
+        block_size = max(g, (block_size // g) * g)
 
-    codes = torch.empty(out, n)
-    cur_scale = None
+    codes = torch.empty(batch, out, n)
+    cur_scale = torch.empty(batch, out)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        w1 = wf[:, i1:i2].clone()
+        w1 = wf[:, :, i1:i2].clone()
         err1 = torch.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
+        u1 = u[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             c = i1 + i
-            if static:
-                s = scale_all[:, col_group[c]]
+            if perm is not None:
+                s = scale_all.gather(2, col_group[:, c].view(batch, 1, 1).expand(-1, out, 1)).squeeze(2)
+            elif static:
+                s = scale_all[:, :, c // g]
             else:
                 if c % g == 0:
-                    cur_scale = scales_for(w1[:, i : i + g], bits, sdt)
-                    scale_all[:, c // g] = cur_scale
+                    # a group longer than the block starts at the block start: wf is up to date there
+                    src = w1[:, :, i : i + g] if i + g <= i2 - i1 else wf[:, :, c : c + g]
+                    cur_scale = scales_for(src, bits, sdt)
+                    scale_all[:, :, c // g] = cur_scale
                 s = cur_scale
-            col = w1[:, i]
+            col = w1[:, :, i]
             q = torch.clamp(torch.round(col / s), qmin, qmax)
-            codes[:, c] = q
-            dq = (q * s).to(sdt).to(w.dtype).float()  # the value a reload will hold
-            e = (col - dq) / u1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        wf[:, i2:] -= err1 @ u[i1:i2, i2:]
+            codes[:, :, c] = q
+            dq = q * s if exact else (q * s).to(sdt).to(w.dtype).float()  # the value a reload will hold
+            e = (col - dq) / u1[:, i, i].unsqueeze(1)
+            w1[:, :, i:] -= e.unsqueeze(2) * u1[:, i, i:].unsqueeze(1)
+            err1[:, :, i] = e
+        if i2 < n:
+            wf[:, :, i2:] -= torch.bmm(err1, u[:, i1:i2, i2:])
 
     if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
+        codes = codes.gather(2, torch.argsort(perm, dim=-1).unsqueeze(1).expand(-1, out, -1))
     qw = codes.to(torch.int8)
     scale = scale_all.to(sdt)
-    return QuantResult(qw, scale, bits, group_size, dequantize(qw, scale, group_size, w.dtype))
+    return [
+        QuantResult(qw[e], scale[e], bits, group_size, dequantize(qw[e], scale[e], group_size, w.dtype))
+        for e in range(batch)
+    ]
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None = None) -> float:
