@@ -48,8 +48,8 @@ class Bench:
         loaded = load_model(self.path)
         self.model, self.tok, self.adapter = loaded.model, loaded.tokenizer, loaded.adapter
         data = self.path / "data"
-        self.val = load_jsonl(data / "val.jsonl")[:val_docs]
-        self.mc = load_jsonl(data / "mc.jsonl")[:mc_rows]
+        self.val = stratified(load_jsonl(data / "val.jsonl"), val_docs)
+        self.mc = stratified(load_jsonl(data / "mc.jsonl"), mc_rows)
         self.domains = sorted({r["domain"] for r in self.val})
         self.calib_spec = CalibSpec(source=str(data / "train.jsonl"), samples=calib_samples, seqlen=calib_seqlen,
                                     domain=calib_domain)
@@ -91,6 +91,15 @@ class Bench:
 
     def mc_acc(self, model: Any) -> float:
         return mc_accuracy(model, self.tok, self.mc)
+
+
+def stratified(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """Up to `n` rows with every domain equally represented (the files are grouped by domain)."""
+    by_domain: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_domain.setdefault(r.get("domain", ""), []).append(r)
+    per = max(1, n // max(len(by_domain), 1))
+    return [r for group in by_domain.values() for r in group[:per]]
 
 
 def params(model: Any) -> int:

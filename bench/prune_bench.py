@@ -8,12 +8,11 @@ Prints (1) every criterion at 25% and 50% of experts removed vs the unpruned mod
 from __future__ import annotations
 
 import statistics
-import time
 
-from common import Bench, table, torch
+from common import Bench, table
+from stats_cost import measure
 
-from moecompress.calib.collect import collect_stats
-from moecompress.calib.data import CalibSpec, load_calibration
+from moecompress.calib.data import CalibSpec
 from moecompress.passes.prune_experts import PruneExpertsConfig
 
 CRITERIA = ["frequency", "soft_frequency", "reap", "ean", "easy_ep", "naee"]
@@ -61,25 +60,7 @@ def main() -> None:
     print("(ratio = pruned ppl / base ppl on that domain; 1.0 = unchanged)")
 
     print("\n## Statistics pass cost")
-    calib = load_calibration(CalibSpec(source=b.calib_spec.source, samples=64, seqlen=256), b.tok)
-    batches = list(calib.batches(8))
-    total = int(calib.attention_mask.sum())
-
-    def plain() -> float:
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            for ids, mask in batches:
-                b.model(input_ids=ids, attention_mask=mask, use_cache=False)
-        return time.perf_counter() - t0
-
-    for impl in ("grouped_mm", "eager"):
-        b.model.set_experts_implementation(impl)
-        plain()  # warm-up
-        t_plain = min(plain() for _ in range(2))
-        t_stats = min(collect_stats(b.model, batches, total_tokens=total).meta["collect_seconds"] for _ in range(2))
-        print(f"plain forward ({impl}): {t_plain:.2f}s   statistics pass: {t_stats:.2f}s   ratio {t_stats / t_plain:.2f} "
-              f"over {total:,} tokens")
-    b.model.set_experts_implementation("grouped_mm")
+    measure(b)
 
 
 if __name__ == "__main__":

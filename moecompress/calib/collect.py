@@ -18,6 +18,11 @@ from typing import Any
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+try:  # transformers' grouped matmul helper (private; the per-expert loop below is the fallback)
+    from transformers.integrations.moe import _grouped_linear
+except ImportError:  # pragma: no cover - depends on the transformers version
+    _grouped_linear = None
+
 from moecompress.arch.adapter import MoELayer, moe_layers
 from moecompress.arch.experts import ExpertView
 from moecompress.calib.stats import LayerStats, Stats
@@ -49,35 +54,54 @@ def stored_expert_forward(module: torch.nn.Module, e: int, x: torch.Tensor) -> t
     return y, act
 
 
+def _grouped_expert_outputs(module: torch.nn.Module, x_sorted: torch.Tensor, eid_sorted: torch.Tensor,
+                            counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All routed (token, expert) pairs at once, grouped by expert: (outputs [S, H], activations [S, I]).
+
+    Uses the same grouped matmul as transformers' default implementation, so collecting statistics costs
+    about what a plain forward costs; falls back to one matmul per expert where grouped matmul is missing.
+    """
+    transposed = bool(getattr(module, "is_transposed", False))
+    has_bias = bool(getattr(module, "has_bias", False))
+    if _grouped_linear is not None:
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        gu = _grouped_linear(x_sorted, module.gate_up_proj, offsets,
+                             bias=module.gate_up_proj_bias[eid_sorted] if has_bias else None, is_transposed=transposed)
+        apply_gate = getattr(module, "_apply_gate", None)
+        if apply_gate is not None:
+            act = apply_gate(gu)
+        else:
+            g, u = gu.chunk(2, dim=-1)
+            act = module.act_fn(g) * u
+        y = _grouped_linear(act, module.down_proj, offsets,
+                            bias=module.down_proj_bias[eid_sorted] if has_bias else None, is_transposed=transposed)
+        return y, act
+    ys, acts, start = [], [], 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            y, act = stored_expert_forward(module, e, x_sorted[start : start + n])
+            ys.append(y)
+            acts.append(act)
+        start += n
+    return torch.cat(ys), torch.cat(acts)
+
+
 def tap_experts_forward(
     self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """Experts forward that also feeds the active statistics tap of this module (if any)."""
-    num_tokens, hidden = hidden_states.shape
     k = top_k_index.shape[-1]
     flat_e = top_k_index.reshape(-1)
     flat_w = top_k_weights.reshape(-1)
-    order = torch.argsort(flat_e, stable=True)
-    counts = torch.bincount(flat_e, minlength=self.num_experts).tolist()
+    eid_sorted, order = torch.sort(flat_e, stable=True)
+    counts = torch.bincount(flat_e, minlength=self.num_experts)
     tok_sorted = order // k
-    x_sorted = hidden_states[tok_sorted]
-    tap = _ACTIVE.get(id(self))
-    y_sorted = torch.empty(order.numel(), hidden, dtype=hidden_states.dtype, device=hidden_states.device)
-    act_parts: list[torch.Tensor] = []
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            y, act = stored_expert_forward(self, e, x_sorted[start : start + n])
-            y_sorted[start : start + n] = y
-            if tap is not None:
-                act_parts.append(act)
-        start += n
+    y_sorted, act_sorted = _grouped_expert_outputs(self, hidden_states[tok_sorted], eid_sorted, counts)
     w_sorted = flat_w[order].to(y_sorted.dtype)
     out = torch.zeros_like(hidden_states)
     out.index_add_(0, tok_sorted, y_sorted * w_sorted[:, None])
+    tap = _ACTIVE.get(id(self))
     if tap is not None:
-        eid_sorted = flat_e[order]
-        act_sorted = torch.cat(act_parts) if act_parts else y_sorted.new_zeros(0, tap.stats.width)
         tap.observe_experts(hidden_states, out, tok_sorted, eid_sorted, w_sorted, y_sorted, act_sorted)
     return out
 
@@ -126,32 +150,33 @@ class LayerTap:
 
     def observe_experts(self, hidden: torch.Tensor, out: torch.Tensor, tok: torch.Tensor, eid: torch.Tensor,
                         w: torch.Tensor, y: torch.Tensor, act: torch.Tensor) -> None:
+        """Per-batch sums in float32 (vectorised over all routed pairs), accumulated in float64."""
         s = self.stats.sums
         e_count = self.stats.num_experts
         if self.mask is not None:
             keep = self.mask[tok]
             tok, eid, w, y, act = tok[keep], eid[keep], w[keep], y[keep], act[keep]
-        y64 = y.detach().double()
-        w64 = w.detach().double()
-        norm = y64.norm(dim=-1)
+        y, w, act = y.detach().float(), w.detach().float(), act.detach().float()
+        norm = y.norm(dim=-1)
         # EASY-EP token weight: how much the routed output turns the hidden state
-        h = hidden.detach().double()
-        cos = torch.nn.functional.cosine_similarity(h, h + out.detach().double(), dim=-1)
+        h = hidden.detach().float()
+        cos = torch.nn.functional.cosine_similarity(h, h + out.detach().float(), dim=-1)
         tok_weight = (1 - cos).clamp_min(0)[tok]
-        idx = eid.cpu()
-        s["freq"] += torch.bincount(idx, minlength=e_count).double()
-        s["soft_freq"].index_add_(0, idx, w64.cpu())
-        s["reap_sum"].index_add_(0, idx, (w64 * norm).cpu())
-        s["ean"].index_add_(0, idx, (w64.abs() * norm).cpu())
-        s["easy_ep"].index_add_(0, idx, (w64 * norm * tok_weight).cpu())
-        s["out_sum"].index_add_(0, idx, y64.cpu())
-        a64 = act.detach().double()
-        s["act_sq"].index_add_(0, idx, (a64 * a64).cpu())
-        s["act_sq_gated"].index_add_(0, idx, (a64 * a64 * (w64 * w64)[:, None]).cpu())
-        if y64.shape[0]:
-            peak = torch.zeros(e_count, dtype=torch.float64).scatter_reduce(
-                0, idx, y64.abs().amax(dim=-1).cpu(), reduce="amax", include_self=True)
-            s["max_act"] = torch.maximum(s["max_act"], peak)
+        gate_norm = w * norm
+        per_pair = torch.stack([torch.ones_like(w), w, gate_norm, w.abs() * norm, gate_norm * tok_weight], dim=1)
+        sums = torch.zeros(e_count, 5, dtype=torch.float32, device=y.device).index_add_(0, eid, per_pair)
+        sums = sums.double().cpu()
+        for j, name in enumerate(("freq", "soft_freq", "reap_sum", "ean", "easy_ep")):
+            s[name] += sums[:, j]
+        s["out_sum"] += torch.zeros(e_count, y.shape[1], device=y.device).index_add_(0, eid, y).double().cpu()
+        a2 = act * act
+        s["act_sq"] += torch.zeros(e_count, a2.shape[1], device=y.device).index_add_(0, eid, a2).double().cpu()
+        s["act_sq_gated"] += torch.zeros(e_count, a2.shape[1], device=y.device).index_add_(
+            0, eid, a2 * (w * w)[:, None]).double().cpu()
+        if y.shape[0]:
+            peak = torch.zeros(e_count, dtype=torch.float32, device=y.device).scatter_reduce(
+                0, eid, y.abs().amax(dim=-1), reduce="amax", include_self=True)
+            s["max_act"] = torch.maximum(s["max_act"], peak.double().cpu())
 
     def finish(self) -> LayerStats:
         if self._samples:
