@@ -111,6 +111,7 @@ def temp_dir_beside(out: Path) -> Path:
 def publish(tmp: Path, out: Path) -> None:
     """Move a finished temp dir into place; an existing output (only with --overwrite) is replaced."""
     out = Path(out)
+    tmp.chmod(0o755)  # mkdtemp makes 0700; a published checkpoint should be readable like any folder
     if out.exists():
         trash = out.parent / f".{out.name}.old-{os.getpid()}-{int(time.time())}"
         out.rename(trash)

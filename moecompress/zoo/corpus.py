@@ -264,31 +264,42 @@ def _chunks(text: str, max_chars: int) -> list[str]:
 # --- word-order multiple choice -----------------------------------------------------------------------------
 
 def _snippets(doc: Doc) -> list[str]:
-    """Sentence-sized units: sentences for prose-like text, lines for everything else."""
+    """Units a document could start with, verbatim: sentences of prose, a function's first two lines, lines.
+
+    Items are scored from an eos prefix, i.e. as if they began a document; a line taken from the middle
+    of a function ("    while x < 90:") is out of distribution there and the model's choice becomes noise.
+    """
     if doc.domain in ("prose", "text"):
-        units = re.split(r"(?<=[.!?])\s+", doc.text)
+        units = re.split(r"(?<=[.!?])\s+", doc.text.strip())
+    elif doc.domain == "code":
+        units = ["\n".join(block.split("\n")[:2]) for block in doc.text.split("\n\n")]
     else:
         units = doc.text.split("\n")
-    return [" ".join(u.split()) for u in units if 4 <= len(u.split()) <= 24]
+    return [u.strip() for u in units if 4 <= len(u.split()) <= 24]
+
+
+def _shuffle_words(text: str, rng: random.Random) -> str:
+    """Permute the words but keep the whitespace between them (newlines, indentation) where it was."""
+    parts = re.split(r"(\s+)", text)
+    words = parts[0::2]
+    rng.shuffle(words)
+    parts[0::2] = words
+    return "".join(parts)
 
 
 def word_order_row(text: str, domain: str, rng: random.Random, n_choices: int = 4) -> MCRow | None:
     """The real word order among `n_choices - 1` distinct shuffles; None when too few distinct orders exist."""
-    words = text.split()
-    real = " ".join(words)
-    seen = {real}
+    seen = {text}
     for _ in range(50):
         if len(seen) == n_choices:
             break
-        perm = words[:]
-        rng.shuffle(perm)
-        seen.add(" ".join(perm))
+        seen.add(_shuffle_words(text, rng))
     if len(seen) < n_choices:
         return None
-    fakes = sorted(seen - {real})
+    fakes = sorted(seen - {text})
     rng.shuffle(fakes)
     label = rng.randrange(n_choices)
-    choices = fakes[:label] + [real] + fakes[label:]
+    choices = fakes[:label] + [text] + fakes[label:]
     return MCRow(choices=choices, label=label, domain=domain)
 
 

@@ -190,7 +190,7 @@ def build_reference(
     seqlen: int = 128,
     batch_size: int = 32,
     lr: float = 3e-3,
-    balance_coef: float = 0.05,
+    balance_coef: float = 0.01,
     train_experts_impl: str = "grouped_mm",
     log: Callable[[str], None] = print,
 ) -> ReferenceResult:
