@@ -17,37 +17,7 @@ import argparse  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-
-def mask_experts(model: torch.nn.Module, removed: dict[int, Sequence[int]]) -> list[torch.utils.hooks.RemovableHandle]:
-    """Route around `removed` experts (per layer index) by setting their router logits to -inf.
-
-    A local stand-in for structural pruning so this bench needs nothing from the surgery module; it will
-    switch to `moecompress.surgery.keep_experts` when that is available. Renormalised top-k over the
-    remaining experts is exactly what a pruned Qwen3-MoE computes.
-    """
-    handles = []
-    for i, layer in enumerate(model.model.layers):
-        if i not in removed:
-            continue
-        gate = layer.mlp.gate
-        dead = torch.tensor(sorted(removed[i]), dtype=torch.long)
-
-        def hook(module, args, output, dead=dead):
-            logits = output[0].clone()
-            logits[:, dead] = float("-inf")
-            probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-            top, idx = probs.topk(module.top_k, dim=-1)
-            if module.norm_topk_prob:
-                top = top / top.sum(-1, keepdim=True)
-            return logits, top.to(output[1].dtype), idx
-
-        handles.append(gate.register_forward_hook(hook))
-    return handles
 
 
 def main() -> None:
@@ -90,19 +60,20 @@ def main() -> None:
     print(f"val ppl {base:.3f}  (unigram baseline {uni:.2f}; {len(val)} docs scored in {t_ppl:.1f}s)")
     print(f"MC word-order accuracy {base_mc:.1%} (chance 25%)")
 
+    import copy
+
+    from moecompress.arch import moe_layers
+    from moecompress.surgery import keep_experts_everywhere
+
     n_exp = model.config.num_experts
-    n_layers = model.config.num_hidden_layers
     ppls, accs = [], []
     for seed in range(args.seeds):
         rng = random.Random(seed)
-        removed = {i: rng.sample(range(n_exp), n_exp // 2) for i in range(n_layers)}
-        handles = mask_experts(model, removed)
-        try:
-            ppls.append(perplexity(model, tok, val))
-            accs.append(mc_accuracy(model, tok, mc))
-        finally:
-            for h in handles:
-                h.remove()
+        pruned = copy.deepcopy(model)  # the product's own surgery, not a routing mask
+        keep_experts_everywhere(pruned, {ly.index: sorted(rng.sample(range(n_exp), n_exp - n_exp // 2))
+                                         for ly in moe_layers(pruned)})
+        ppls.append(perplexity(pruned, tok, val))
+        accs.append(mc_accuracy(pruned, tok, mc))
         print(f"  random half-prune seed {seed}: ppl {ppls[-1]:.3f}  MC {accs[-1]:.1%}")
     print(f"random half-prune ({args.seeds} seeds): ppl {statistics.mean(ppls):.3f} ± {statistics.pstdev(ppls):.3f} "
           f"(×{statistics.mean(ppls) / base:.2f} of base)  MC {statistics.mean(accs):.1%}")
