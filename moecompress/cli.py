@@ -247,10 +247,10 @@ def merge_cmd(
     out: Path = OUT,
     ratio: float | None = typer.Option(None, "--ratio", help="Share of experts to merge away in every MoE layer (0-1)."),
     keep: int | None = typer.Option(None, "--keep", help="Experts left per layer (instead of --ratio)."),
-    method: str = typer.Option("hc", "--method", help="Grouping: msmoe (frequent experts absorb router-similar ones) | "
+    method: str = typer.Option("ream", "--method", help="Grouping: msmoe (frequent experts absorb router-similar ones) | "
                                "hc (hierarchical clustering of expert outputs) | kmeans | ream (salient experts absorb "
                                "output+router-similar ones)."),
-    merge: str = typer.Option("freq", "--merge", help="freq (frequency-weighted average) | saliency (REAP-weighted) | "
+    merge: str = typer.Option("saliency", "--merge", help="freq (frequency-weighted average) | saliency (REAP-weighted) | "
                               "subspace (Sub-MoE shared basis; with --rank or --energy)."),
     router: str = typer.Option("refit", "--router", help="Router row of a merged expert: dominant | average | refit "
                                "(least squares to the members' summed probabilities)."),
@@ -267,7 +267,7 @@ def merge_cmd(
 ) -> None:
     """Merge groups of experts into one each (same count per layer): the checkpoint shrinks and loads anywhere.
 
-    Example: moecompress merge ref --out ref-m25 --ratio 0.25 --method hc --merge freq --router refit --eval ref_ppl,ref_mc
+    Example: moecompress merge ref --out ref-m50 --ratio 0.5 --method ream --merge saliency --router refit --eval ref_ppl,ref_mc
     """
     from moecompress.passes.merge_experts import MergeExpertsConfig
 

@@ -357,6 +357,9 @@ def collect_gradient_stats(
                 if progress is not None:
                     progress(int(mask.sum()))
             layers = {idx: tap.grad for idx, tap in taps.items()}
+        if n_pred and not any(float(lg.freq.sum()) for lg in layers.values()):
+            raise RuntimeError(f"{type(model).__name__} never called the {GRAD_IMPLEMENTATION!r} experts "
+                               "implementation; its MoE block bypasses transformers' experts interface")
     finally:
         model.train(was_training)
     info = dict(meta or {})

@@ -39,12 +39,15 @@ class MergeExpertsConfig(PassConfig):
     name: ClassVar[str] = "merge_experts"
     ratio: float | None = Field(None, gt=0, lt=1, description="share of experts removed (by merging) per layer")
     keep: int | None = Field(None, ge=1, description="experts left per layer (instead of ratio)")
-    method: Method = Field("hc", description="grouping: msmoe | hc | kmeans | ream")
-    merge: MergeRule = Field("freq", description="merge rule: freq | saliency | subspace")
+    # defaults: the best variant on the reference model at 25% and 50% removed (bench/merge_bench.py)
+    method: Method = Field("ream", description="grouping: msmoe | hc | kmeans | ream")
+    merge: MergeRule = Field("saliency", description="merge rule: freq | saliency | subspace")
     router: RouterRule = Field("refit", description="router row of a merged expert: dominant | average | refit")
     rank: int | None = Field(None, ge=1, description="subspace: rank of the shared basis per weight matrix")
     energy: float | None = Field(None, gt=0, le=1, description="subspace: keep singular values holding this energy")
     align: M.AlignMode = Field("both", description="neuron alignment before averaging: activation | weight | both | none")
+    features: Literal["mean", "tokens"] = Field(
+        "mean", description="hc/kmeans expert features: mean output over sampled tokens (HC-SMoE) or all per-token outputs")
     feature_tokens: int = Field(512, ge=16, description="sampled tokens used for expert-output features and alignment")
     group_size: int | None = Field(None, ge=2, description="ream: most experts one dominant may absorb (incl. itself)")
     refit_ridge: float = Field(1e-3, ge=0, description="refit: ridge strength towards the averaged rows")
@@ -108,12 +111,14 @@ def plan_groups(cfg: MergeExpertsConfig, ls: LayerStats, n_keep: int, n_groups: 
     if cfg.method == "msmoe":
         return M.group_msmoe(freq, ls.logit_similarity, n_keep, n_groups)
     assert outputs is not None
-    features = outputs.reshape(outputs.shape[0], -1)
+    features = outputs.mean(1) if cfg.features == "mean" else outputs.reshape(outputs.shape[0], -1)
     if cfg.method == "hc":
         return M.group_hc(features, freq, n_keep, n_groups)
     if cfg.method == "kmeans":
         return M.group_kmeans(features, freq, n_keep, n_groups, seed=cfg.seed)
-    similarity = 0.5 * (M.cosine_matrix(features) + ls.logit_similarity.double())
+    # REAM: how alike two experts act on the same tokens (per-token outputs) and how alike the router treats them
+    token_sim = M.cosine_matrix(outputs.reshape(outputs.shape[0], -1))
+    similarity = 0.5 * (token_sim + ls.logit_similarity.double())
     return M.group_ream(ls.reap.double(), similarity, n_keep, n_groups, cfg.group_size)
 
 

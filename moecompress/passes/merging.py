@@ -85,8 +85,13 @@ def group_msmoe(freq: torch.Tensor, logit_sim: torch.Tensor, n_keep: int, n_grou
     return sorted(groups, key=lambda g: g.anchor)
 
 
-def group_hc(features: torch.Tensor, freq: torch.Tensor, n_keep: int, n_groups: int = 1) -> list[Group]:
-    """HC-SMoE: average-linkage hierarchical clustering of expert outputs (cosine distance), cut at n groups."""
+def group_hc(features: torch.Tensor, freq: torch.Tensor, n_keep: int, n_groups: int = 1,
+             metric: Literal["euclidean", "cosine"] = "euclidean") -> list[Group]:
+    """HC-SMoE: average-linkage hierarchical clustering of expert-output features, cut at exactly n groups.
+
+    Euclidean on mean outputs (the HC-SMoE choice) keeps magnitude: experts that barely move the residual
+    stream cluster together, and merging those costs least.
+    """
     from sklearn.cluster import AgglomerativeClustering
 
     blocks, per = _per_block(features.shape[0], n_keep, n_groups)
@@ -96,13 +101,16 @@ def group_hc(features: torch.Tensor, freq: torch.Tensor, n_keep: int, n_groups: 
             groups += [Group([e]) for e in block]
             continue
         x = features[block].double().numpy()
-        labels = AgglomerativeClustering(n_clusters=per, linkage="average", metric="cosine").fit_predict(x)
+        labels = AgglomerativeClustering(n_clusters=per, linkage="average", metric=metric).fit_predict(x)
         groups += _groups_from_labels(block, labels, per, freq)
     return sorted(groups, key=lambda g: g.anchor)
 
 
 def group_kmeans(features: torch.Tensor, freq: torch.Tensor, n_keep: int, n_groups: int = 1, seed: int = 0) -> list[Group]:
-    """Sub-MoE-style k-means on L2-normalised expert outputs (seeded); empty clusters are refilled."""
+    """Sub-MoE-style k-means on L2-normalised expert-output features (cosine geometry, seeded).
+
+    Empty clusters (possible when experts are duplicates) are refilled so every group has a member.
+    """
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
 

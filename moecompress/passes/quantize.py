@@ -190,7 +190,7 @@ def quantize(ctx: PassContext) -> dict[str, Any]:
                 for name, lin in dense:
                     acc[name] = HessianAccumulator(lin.in_features)
                     hooks.append(lin.register_forward_pre_hook(
-                        lambda m, a, name=name: acc[name].add(a[0].reshape(-1, a[0].shape[-1])[_MASK[0]])))
+                        lambda m, a, h=acc[name]: h.add(a[0].reshape(-1, a[0].shape[-1])[_MASK[0]])))
                 tap = None
                 if moe is not None:
                     w = ExpertView(moe).get_all()
@@ -199,7 +199,7 @@ def quantize(ctx: PassContext) -> dict[str, Any]:
                     _ACTIVE[id(moe.experts)] = tap
                     logits_pos = 1 if adapter.routing == "sigmoid_input_scale" else 0
                     hooks.append(moe.router.register_forward_hook(
-                        lambda m, a, o, tap=tap: tap.observe_router(o[logits_pos] if isinstance(o, tuple) else o)))
+                        lambda m, a, o, tap=tap, pos=logits_pos: tap.observe_router(o[pos] if isinstance(o, tuple) else o)))
                 try:
                     with torch.no_grad():
                         for b, h in enumerate(hidden_states):
