@@ -7,11 +7,12 @@ only decides and calls ``moecompress.surgery``. ``check`` runs on config.json al
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moecompress.arch.adapter import MoEAdapter
 from moecompress.errors import UserError
@@ -26,6 +27,40 @@ class PassConfig(BaseModel):
 
     def check(self, adapter: MoEAdapter, hf_config: dict[str, Any]) -> None:
         """Raise UserError (with the fix) if this pass cannot apply to a model with this config."""
+
+
+class ExpertCountConfig(PassConfig):
+    """Shared by passes that leave fewer experts per layer: exactly one of `ratio` / `keep`, checked up front."""
+
+    ratio: float | None = Field(None, gt=0, lt=1, description="share of experts removed in every MoE layer")
+    keep: int | None = Field(None, ge=1, description="experts left per layer (instead of ratio)")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> ExpertCountConfig:
+        if (self.ratio is None) == (self.keep is None):
+            raise ValueError("give exactly one of ratio or keep")
+        return self
+
+    def n_keep(self, num_experts: int) -> int:
+        if self.keep is not None:
+            return self.keep
+        assert self.ratio is not None
+        return num_experts - int(math.floor(num_experts * self.ratio + 1e-9))
+
+    def planned_config(self, adapter: MoEAdapter, hf_config: dict[str, Any]) -> dict[str, Any]:
+        n = self.n_keep(adapter.num_experts(hf_config))
+        return {**hf_config, **{k: n for k in adapter.count_keys}}
+
+    def check(self, adapter: MoEAdapter, hf_config: dict[str, Any]) -> None:
+        from moecompress.surgery import check_expert_count
+
+        e = adapter.num_experts(hf_config)
+        n_keep = self.n_keep(e)
+        try:
+            check_expert_count(adapter, hf_config, n_keep)
+        except UserError as exc:
+            what = f"ratio {self.ratio} leaves {n_keep}" if self.ratio is not None else f"keep {n_keep}"
+            raise UserError(f"{self.name}: {what} of {e} experts: {exc}") from None
 
 
 @dataclass

@@ -22,7 +22,7 @@ from moecompress.arch.experts import ExpertView, ExpertWeights
 from moecompress.calib.stats import LayerStats
 from moecompress.errors import UserError
 from moecompress.passes import merging as M
-from moecompress.passes.base import PassConfig, PassContext, register_pass
+from moecompress.passes.base import ExpertCountConfig, PassContext, register_pass
 from moecompress.surgery import check_expert_count, merge_into, sync_config
 
 Method = Literal["msmoe", "hc", "kmeans", "ream"]
@@ -33,12 +33,10 @@ _SIGMOID_ROUTING = ("sigmoid_group_bias", "sigmoid_input_scale")
 _LOGIT_BIAS = "bias"  # a router vector named `bias` is added to the logits (gpt-oss); others only steer choice
 
 
-class MergeExpertsConfig(PassConfig):
+class MergeExpertsConfig(ExpertCountConfig):
     """Merge a share of routed experts per layer into the remaining ones (same count in every layer)."""
 
     name: ClassVar[str] = "merge_experts"
-    ratio: float | None = Field(None, gt=0, lt=1, description="share of experts removed (by merging) per layer")
-    keep: int | None = Field(None, ge=1, description="experts left per layer (instead of ratio)")
     # defaults: the best variant on the reference model at 25% and 50% removed (bench/merge_bench.py)
     method: Method = Field("ream", description="grouping: msmoe | hc | kmeans | ream")
     merge: MergeRule = Field("saliency", description="merge rule: freq | saliency | subspace")
@@ -55,32 +53,16 @@ class MergeExpertsConfig(PassConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> MergeExpertsConfig:
-        if (self.ratio is None) == (self.keep is None):
-            raise ValueError("give exactly one of ratio or keep")
         if self.merge != "subspace" and (self.rank is not None or self.energy is not None):
             raise ValueError("rank/energy only apply to merge='subspace'")
         if self.rank is not None and self.energy is not None:
             raise ValueError("give rank or energy, not both")
         return self
 
-    def n_keep(self, num_experts: int) -> int:
-        if self.keep is not None:
-            return self.keep
-        assert self.ratio is not None
-        return num_experts - int(math.floor(num_experts * self.ratio + 1e-9))
-
-    def planned_config(self, adapter: MoEAdapter, hf_config: dict[str, Any]) -> dict[str, Any]:
-        n = self.n_keep(adapter.num_experts(hf_config))
-        return {**hf_config, **{k: n for k in adapter.count_keys}}
-
     def check(self, adapter: MoEAdapter, hf_config: dict[str, Any]) -> None:
+        super().check(adapter, hf_config)
         e = adapter.num_experts(hf_config)
         n_keep = self.n_keep(e)
-        try:
-            check_expert_count(adapter, hf_config, n_keep)
-        except UserError as exc:
-            what = f"ratio {self.ratio} leaves {n_keep}" if self.ratio is not None else f"keep {n_keep}"
-            raise UserError(f"merge_experts: {what} of {e} experts: {exc}") from None
         if self.group_size is not None:
             per_block = e // adapter.num_groups(hf_config)
             need = math.ceil(per_block / (n_keep // adapter.num_groups(hf_config)))

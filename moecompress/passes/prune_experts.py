@@ -2,60 +2,32 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from moecompress.arch.adapter import MoEAdapter, moe_layers
+from moecompress.arch.adapter import moe_layers
 from moecompress.errors import UserError
 from moecompress.passes import criteria
-from moecompress.passes.base import PassConfig, PassContext, register_pass
-from moecompress.surgery import check_expert_count, check_group_balance, keep_experts, sync_config
+from moecompress.passes.base import ExpertCountConfig, PassContext, register_pass
+from moecompress.surgery import check_group_balance, keep_experts, sync_config
 
 Criterion = Literal["frequency", "soft_frequency", "reap", "ean", "easy_ep", "naee", "random"]
 
 
-class PruneExpertsConfig(PassConfig):
+class PruneExpertsConfig(ExpertCountConfig):
     """Remove a share of routed experts per layer, ranked by a criterion computed on calibration data."""
 
     name: ClassVar[str] = "prune_experts"
-    ratio: float | None = Field(None, gt=0, lt=1, description="share of experts to remove in every layer")
-    keep: int | None = Field(None, ge=1, description="experts to keep per layer (instead of ratio)")
     criterion: Criterion = "reap"
     protect_super_experts: bool = False
     super_expert_factor: float = Field(10.0, gt=1)
     layers: list[int] | None = None
     seed: int = 0
 
-    @model_validator(mode="after")
-    def _one_size(self) -> PruneExpertsConfig:
-        if (self.ratio is None) == (self.keep is None):
-            raise ValueError("give exactly one of ratio or keep")
-        return self
-
     @property
     def needs_stats_for(self) -> bool:
         return self.criterion != "random"
-
-    def n_keep(self, num_experts: int) -> int:
-        if self.keep is not None:
-            return self.keep
-        assert self.ratio is not None
-        return num_experts - int(math.floor(num_experts * self.ratio + 1e-9))
-
-    def planned_config(self, adapter: MoEAdapter, hf_config: dict[str, Any]) -> dict[str, Any]:
-        n = self.n_keep(adapter.num_experts(hf_config))
-        return {**hf_config, **{k: n for k in adapter.count_keys}}
-
-    def check(self, adapter: MoEAdapter, hf_config: dict[str, Any]) -> None:
-        e = adapter.num_experts(hf_config)
-        n_keep = self.n_keep(e)
-        try:
-            check_expert_count(adapter, hf_config, n_keep)
-        except UserError as exc:
-            what = f"ratio {self.ratio} leaves {n_keep}" if self.ratio is not None else f"keep {n_keep}"
-            raise UserError(f"prune_experts: {what} of {e} experts: {exc}") from None
 
 
 @register_pass(PruneExpertsConfig)
