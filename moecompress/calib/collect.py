@@ -31,6 +31,15 @@ TAP_IMPLEMENTATION = "moecompress_tap"
 _ACTIVE: dict[int, LayerTap] = {}
 
 
+def gated_activation(module: torch.nn.Module, gu: torch.Tensor) -> torch.Tensor:
+    """The family's own gating of gate/up pre-activations (gpt-oss: clamped, interleaved SwiGLU)."""
+    apply_gate = getattr(module, "_apply_gate", None)
+    if apply_gate is not None:
+        return apply_gate(gu)
+    g, u = gu.chunk(2, dim=-1)
+    return module.act_fn(g) * u
+
+
 def stored_expert_forward(module: torch.nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert `e` of a fused experts module on x [S, H] in the module's own storage layout.
 
@@ -41,12 +50,7 @@ def stored_expert_forward(module: torch.nn.Module, e: int, x: torch.Tensor) -> t
     gu = x @ gu_w if transposed else x @ gu_w.T
     if getattr(module, "has_bias", False):
         gu = gu + module.gate_up_proj_bias[e]
-    apply_gate = getattr(module, "_apply_gate", None)
-    if apply_gate is not None:
-        act = apply_gate(gu)
-    else:
-        g, u = gu.chunk(2, dim=-1)
-        act = module.act_fn(g) * u
+    act = gated_activation(module, gu)
     d_w = module.down_proj[e]
     y = act @ d_w if transposed else act @ d_w.T
     if getattr(module, "has_bias", False):
@@ -67,12 +71,7 @@ def _grouped_expert_outputs(module: torch.nn.Module, x_sorted: torch.Tensor, eid
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
         gu = _grouped_linear(x_sorted, module.gate_up_proj, offsets,
                              bias=module.gate_up_proj_bias[eid_sorted] if has_bias else None, is_transposed=transposed)
-        apply_gate = getattr(module, "_apply_gate", None)
-        if apply_gate is not None:
-            act = apply_gate(gu)
-        else:
-            g, u = gu.chunk(2, dim=-1)
-            act = module.act_fn(g) * u
+        act = gated_activation(module, gu)
         y = _grouped_linear(act, module.down_proj, offsets,
                             bias=module.down_proj_bias[eid_sorted] if has_bias else None, is_transposed=transposed)
         return y, act
