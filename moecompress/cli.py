@@ -105,13 +105,19 @@ STATS_CACHE = typer.Option(None, "--stats-cache", help="Where calibration statis
                            "(default ~/.cache/moecompress/stats or $MOECOMPRESS_CACHE).")
 
 
-def calib_spec(calib: str | None, samples: int, seqlen: int, seed: int, domain: str | None = None):
+def calib_spec(calib: str | None, samples: int, seqlen: int, seed: int, domain: str | None = None,
+               model: Path | None = None):
+    """The calibration spec from CLI options; without --calib, the reference corpus the model ships (if any)."""
     from moecompress.calib.data import CalibSpec
+    from moecompress.runner import default_calibration_source
 
-    if calib is None and domain is None:
-        return None
     if calib is None:
-        raise UserError("--calib-domain needs --calib pointing at a jsonl file with a `domain` field")
+        found = default_calibration_source(model) if model is not None and Path(model).is_dir() else None
+        if found is None:
+            if domain is not None:
+                raise UserError("--calib-domain needs --calib pointing at a jsonl file with a `domain` field")
+            return None  # the pass will say it needs --calib, if it does
+        calib = str(found)
     return CalibSpec(source=calib, samples=samples, seqlen=seqlen, seed=seed, domain=domain)
 
 
@@ -216,7 +222,7 @@ def prune_cmd(
     from moecompress.passes.prune_atomic import ATOMIC_CRITERIA, PruneAtomicConfig
     from moecompress.passes.prune_experts import PruneExpertsConfig
 
-    calibration = calib_spec(calib, calib_samples, calib_seqlen, calib_seed, calib_domain)
+    calibration = calib_spec(calib, calib_samples, calib_seqlen, calib_seed, calib_domain, model)
     if neuron_ratio is not None:
         if criterion is not None and criterion not in ATOMIC_CRITERIA:
             raise UserError(f"--criterion {criterion} ranks whole experts; with --neuron-ratio use one of "
@@ -273,7 +279,7 @@ def merge_cmd(
 
     run_one(MergeExpertsConfig, dict(ratio=ratio, keep=keep, method=method, merge=merge, router=router, rank=rank,
                                      energy=energy, align=align, group_size=group_size, seed=seed),
-            model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, calib_domain), evals=evals,
+            model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, calib_domain, model), evals=evals,
             eval_data=eval_data, overwrite=overwrite, dtype=dtype, stats_cache=stats_cache)
 
 
@@ -309,7 +315,7 @@ def quantize_cmd(
     run_one(QuantizeConfig, dict(bits=bits, group_size=group_size, method=method, balance=balance, affinity=affinity,
                                  attention=attention, shared=shared, ignore=list(ignore), bits_budget=bits_budget,
                                  damp=damp),
-            model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed), evals=evals,
+            model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, model=model), evals=evals,
             eval_data=eval_data, overwrite=overwrite, dtype=dtype)
 
 
@@ -334,7 +340,7 @@ def sweep_cmd(
     except ValueError:
         raise UserError(f"--ratios {ratios!r}: use comma-separated numbers, e.g. 0.25,0.5") from None
     rows = run_sweep(model, out, [m.strip() for m in methods.split(",") if m.strip()], ratio_list,
-                     calibration=calib_spec(calib, calib_samples, calib_seqlen, calib_seed),
+                     calibration=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, model=model),
                      eval_spec=eval_spec(evals, model, eval_data),
                      opts=RunOptions(overwrite=overwrite, dtype=dtype, stats_cache=stats_cache), console=console)
     console.print((out / "sweep.md").read_text())

@@ -117,6 +117,14 @@ def set_router_rows(layer: MoELayer, weight: torch.Tensor, vectors: dict[str, to
         _set_tensor(owner, leaf, value.to(getattr(owner, leaf).dtype))
 
 
+def grouped_mm_width_multiple(dtype: torch.dtype) -> int:
+    """Smallest width step transformers' grouped_mm kernel accepts: rows of 16 bytes (8 bf16, 4 fp32 values).
+
+    The step is taken for 2-byte dtypes even in fp32, because users commonly reload checkpoints in bf16.
+    """
+    return max(16 // max(torch.empty(0, dtype=dtype).element_size(), 1), 8)
+
+
 def shrink_neurons(layer: MoELayer, keep_per_expert: torch.Tensor, shared_keep: dict[str, torch.Tensor] | None = None) -> None:
     """Keep intermediate neurons `keep_per_expert [E, I_new]` of each routed expert (one width for all).
 
@@ -131,6 +139,13 @@ def shrink_neurons(layer: MoELayer, keep_per_expert: torch.Tensor, shared_keep: 
     new_width = int(keep_per_expert.shape[1])
     if not 0 < new_width <= width:
         raise UserError(f"layer {layer.index}: new width {new_width} must be in 1..{width}")
+    multiple = grouped_mm_width_multiple(w.gate.dtype)
+    if new_width % multiple:
+        raise UserError(
+            f"layer {layer.index}: expert width {new_width} is not a multiple of {multiple}; transformers' default "
+            f"grouped_mm experts kernel needs 16-byte rows ({multiple} {w.gate.dtype} values), so the checkpoint "
+            "would load but crash on its first forward. Round the kept width to a multiple of "
+            f"{multiple}")
     k = keep_per_expert.long()
     rows = torch.arange(n_exp)[:, None]
     new = ExpertWeights(
