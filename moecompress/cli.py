@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")  # library progress bars (compressed-tensors, datasets); ours are rich
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402

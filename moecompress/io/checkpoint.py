@@ -8,11 +8,13 @@ and the input is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,16 +154,36 @@ def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids.to(model.device)).logits.float().cpu()
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Silence loaders' own progress bars and advisory logs (compressed-tensors forces tqdm on); errors still raise."""
+    import io
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("compressed_tensors", "llmcompressor")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels, strict=True):
+            lg.setLevel(lv)
+
+
 def verify_reload(path: Path, reference_logits: torch.Tensor, ids: torch.Tensor, *, atol: float | None = None) -> dict[str, Any]:
     """Reload with vanilla transformers; fail loudly on any loading-info entry or logit mismatch."""
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    with quiet_loading():
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
     problems = {k: v for k, v in info.items() if v}
     if problems:
         raise RuntimeError(f"reload of {path} is not clean: {problems}")
     model.eval()
-    got = logits_of(model, ids)
+    with quiet_loading():  # compressed-tensors dispatches lazily, on the first forward
+        got = logits_of(model, ids)
     diff = float((got - reference_logits).abs().max())
     scale = float(reference_logits.abs().max()) or 1.0
     tol = atol if atol is not None else 1e-4 * max(1.0, scale)
