@@ -167,3 +167,22 @@ def test_cli_refuses_non_empty_out(tmp_path: Path, capsys: pytest.CaptureFixture
     assert (tmp_path / "keep.txt").read_text() == "mine"
     code, _, err = run_cli(["zoo", "reference", "--out", tmp_path / "new", "--minutes", "0"], capsys)
     assert code == 2 and "--minutes" in err and not (tmp_path / "new").exists()
+
+
+def test_inspect_counts_on_the_reference_model(tiny_reference, capsys: pytest.CaptureFixture):
+    """`moecompress inspect` on a (small) trained reference: counts match the loaded model exactly."""
+    from transformers import AutoModelForCausalLM
+
+    from moecompress.arch import moe_layers
+    from tests.helpers import run_cli
+
+    out, _ = tiny_reference
+    code, stdout, _ = run_cli(["inspect", out, "--json"], capsys)
+    assert code == 0
+    data = json.loads(stdout)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    routed = sum(p.numel() for ly in moe_layers(model) for p in ly.experts.parameters())
+    assert data["total_params"] == sum(t.numel() for t in model.state_dict().values())
+    assert data["groups"]["routed_experts"]["params"] == routed
+    assert (data["experts_per_layer"], data["top_k"], data["expert_width"]) == (TINY["experts"], 2, TINY["expert_width"])
+    assert data["moe_layers"] == list(range(TINY["layers"]))
