@@ -60,8 +60,9 @@ def _plt():
     return plt
 
 
-def plot_usage_heatmap(stats: Any, path: Path, title: str = "expert usage per layer") -> None:
-    """Share of routed tokens per expert (rows: layers) — dead or dominant experts stand out."""
+def plot_usage_heatmap(stats: Any, path: Path, title: str = "expert usage per layer",
+                       kept: dict[str, list[int]] | None = None) -> None:
+    """Share of routed tokens per expert (rows: layers) — dead or dominant experts stand out; removed ones get ×."""
     plt = _plt()
     layers = sorted(stats.layers)
     mat = torch.stack([stats.layers[i].sums["freq"] / stats.layers[i].sums["freq"].sum().clamp_min(1) for i in layers])
@@ -72,6 +73,11 @@ def plot_usage_heatmap(stats: Any, path: Path, title: str = "expert usage per la
     ax.set_yticks(range(len(layers)), [str(i) for i in layers])
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="share of routed tokens")
+    for row, layer in enumerate(layers):
+        keep = (kept or {}).get(str(layer))
+        if keep is not None:
+            for e in sorted(set(range(mat.shape[1])) - set(keep)):
+                ax.text(e, row, "×", ha="center", va="center", color="white", fontsize=11, fontweight="bold")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -79,7 +85,9 @@ def plot_usage_heatmap(stats: Any, path: Path, title: str = "expert usage per la
 
 def plot_pass(out: Path, report: dict[str, Any], stats: Any = None) -> None:
     if stats is not None:
-        plot_usage_heatmap(stats, Path(out) / "expert_usage.png", f"expert usage before {report['pass']}")
+        kept = (report.get("details") or {}).get("kept")
+        title = f"expert usage before {report['pass']}" + (" (× = removed)" if kept else "")
+        plot_usage_heatmap(stats, Path(out) / "expert_usage.png", title, kept if isinstance(kept, dict) else None)
 
 
 def plot_metric_vs_size(points: list[dict[str, Any]], path: Path, metric_label: str, title: str) -> None:
