@@ -252,12 +252,18 @@ def collecting(model: torch.nn.Module, sample_tokens: int, total_tokens: int) ->
     try:
         yield taps
     finally:
-        for h in handles:
-            h.remove()
-        for layer in layers:
-            _ACTIVE.pop(id(layer.experts), None)
-        if not llama4 and previous is not None:
-            model.set_experts_implementation(previous)
+        release_taps(model, layers, handles, None if llama4 else previous, _ACTIVE)
+
+
+def release_taps(model: torch.nn.Module, layers: list[MoELayer], handles: list[Any], previous: str | None,
+                 active: dict[int, Any]) -> None:
+    """Undo a collection: remove hooks, forget the layers' taps in `active`, restore the experts implementation."""
+    for h in handles:
+        h.remove()
+    for layer in layers:
+        active.pop(id(layer.experts), None)
+    if previous is not None:
+        model.set_experts_implementation(previous)
 
 
 def _pre_block(tap: LayerTap, args: tuple, kwargs: dict) -> None:

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moecompress.arch.adapter import MoELayer, decoder_layers, moe_layers
-from moecompress.calib.collect import stored_expert_forward
+from moecompress.calib.collect import release_taps, stored_expert_forward
 from moecompress.errors import UserError
 
 GRAD_IMPLEMENTATION = "moecompress_grad"
@@ -310,12 +310,7 @@ def gradient_taps(model: torch.nn.Module, explicit_layers: Iterable[int] = (),
         with _frozen_with_input_grad(model), _layer_checkpointing(model, checkpoint_layers):
             yield taps
     finally:
-        for h in handles:
-            h.remove()
-        for layer in layers:
-            _ACTIVE.pop(id(layer.experts), None)
-        if previous is not None:
-            model.set_experts_implementation(previous)
+        release_taps(model, layers, handles, previous, _ACTIVE)
 
 
 def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
