@@ -143,18 +143,22 @@ def _read_txt(path: Path) -> list[dict[str, Any]]:
     return [{"text": p.strip()} for p in parts if p.strip()]
 
 
-def _read_jsonl(path: Path, text: str | None = None) -> list[dict[str, Any]]:
+def jsonl_values(path: Path, text: str | None = None) -> list[tuple[int, Any]]:
+    """(line number, parsed value) for every non-blank line of a JSON-lines file; bad JSON names its line."""
     text = _read_text(path) if text is None else text
-    rows = []
+    values = []
     for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            values.append((i, json.loads(line)))
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}:{i}: not valid JSON ({exc.msg}); fix or delete that line") from None
-        rows.append(_as_row(value, f"{path}:{i}"))
-    return rows
+    return values
+
+
+def _read_jsonl(path: Path, text: str | None = None) -> list[dict[str, Any]]:
+    return [_as_row(value, f"{path}:{i}") for i, value in jsonl_values(path, text)]
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:

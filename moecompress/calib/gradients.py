@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moecompress.arch.adapter import MoELayer, decoder_layers, moe_layers
 from moecompress.calib.collect import release_taps, stored_expert_forward
+from moecompress.calib.stats import bundle_exists, load_bundle, save_bundle
 from moecompress.errors import UserError
 
 GRAD_IMPLEMENTATION = "moecompress_grad"
@@ -78,32 +77,22 @@ class GradStats:
         return sum(lg.state_bytes() for lg in self.layers.values())
 
     def save(self, path: Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         info: dict[str, Any] = {}
         for idx, lg in self.layers.items():
             for name in ("freq", "act_sq", "proj_sq", "m_sum"):
                 t = getattr(lg, name)
                 if t is not None:
-                    tensors[f"{idx}.{name}"] = t.contiguous()
+                    tensors[f"{idx}.{name}"] = t
             for sname, sg in lg.shared.items():
-                tensors[f"{idx}.shared.{sname}.act_sq"] = sg.act_sq.contiguous()
-                tensors[f"{idx}.shared.{sname}.proj_sq"] = sg.proj_sq.contiguous()
+                tensors[f"{idx}.shared.{sname}.act_sq"] = sg.act_sq
+                tensors[f"{idx}.shared.{sname}.proj_sq"] = sg.proj_sq
             info[str(idx)] = {"n_tokens": lg.n_tokens, "shared": sorted(lg.shared)}
-        tmp = path / "grad.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.rename(path / "grad.safetensors")
-        (path / "grad.json").write_text(json.dumps({"meta": self.meta, "layers": info}, indent=2, default=str))
+        save_bundle(path, "grad", tensors, {"meta": self.meta, "layers": info})
 
     @classmethod
     def load(cls, path: Path) -> GradStats:
-        path = Path(path)
-        try:
-            info = json.loads((path / "grad.json").read_text())
-            t = load_file(str(path / "grad.safetensors"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"gradient statistics at {path} are unreadable ({exc}); delete the folder to recollect") from exc
+        info, t = load_bundle(path, "grad", "gradient statistics")
         layers = {}
         for key, li in info["layers"].items():
             shared = {s: SharedGrad(t[f"{key}.shared.{s}.act_sq"], t[f"{key}.shared.{s}.proj_sq"]) for s in li["shared"]}
@@ -113,7 +102,7 @@ class GradStats:
 
     @staticmethod
     def exists(path: Path) -> bool:
-        return (Path(path) / "grad.json").is_file() and (Path(path) / "grad.safetensors").is_file()
+        return bundle_exists(path, "grad")
 
 
 # ---- the experts implementation --------------------------------------------------------------------------

@@ -16,6 +16,35 @@ from safetensors.torch import load_file, save_file
 
 from moecompress.errors import UserError
 
+
+def save_bundle(path: Path, stem: str, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    """Write `stem.safetensors` (atomically, via a temp name) and then `stem.json` into folder `path`.
+
+    The json goes last, so `bundle_exists` is only true for a complete pair.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f"{stem}.safetensors.tmp"
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp))
+    tmp.rename(path / f"{stem}.safetensors")
+    (path / f"{stem}.json").write_text(json.dumps(info, indent=2, default=str))
+
+
+def load_bundle(path: Path, stem: str, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a pair written by `save_bundle`; an unreadable one is a UserError naming `what` and the fix."""
+    path = Path(path)
+    try:
+        info = json.loads((path / f"{stem}.json").read_text())
+        tensors = load_file(str(path / f"{stem}.safetensors"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{what} at {path} are unreadable ({exc}); delete the folder to recollect") from exc
+    return info, tensors
+
+
+def bundle_exists(path: Path, stem: str) -> bool:
+    return (Path(path) / f"{stem}.json").is_file() and (Path(path) / f"{stem}.safetensors").is_file()
+
+
 SUM_FIELDS = (
     "freq",  # [E] routed (token, slot) pairs
     "soft_freq",  # [E] sum of applied gate weights
@@ -84,30 +113,20 @@ class Stats:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         layer_meta = {}
         for idx, ls in self.layers.items():
             for name, t in ls.sums.items():
-                tensors[f"{idx}.{name}"] = t.contiguous()
+                tensors[f"{idx}.{name}"] = t
             if ls.sample is not None:
-                tensors[f"{idx}.sample"] = ls.sample.contiguous()
+                tensors[f"{idx}.sample"] = ls.sample
             layer_meta[str(idx)] = {"num_experts": ls.num_experts, "hidden": ls.hidden, "width": ls.width,
                                     "n_tokens": ls.n_tokens}
-        tmp = path / "stats.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.rename(path / "stats.safetensors")
-        (path / "stats.json").write_text(json.dumps({"meta": self.meta, "layers": layer_meta}, indent=2))
+        save_bundle(path, "stats", tensors, {"meta": self.meta, "layers": layer_meta})
 
     @classmethod
     def load(cls, path: Path) -> Stats:
-        path = Path(path)
-        try:
-            info = json.loads((path / "stats.json").read_text())
-            tensors = load_file(str(path / "stats.safetensors"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"statistics at {path} are unreadable ({exc}); delete the folder to recollect") from exc
+        info, tensors = load_bundle(path, "stats", "statistics")
         layers: dict[int, LayerStats] = {}
         for key, lm in info["layers"].items():
             idx = int(key)
@@ -118,4 +137,4 @@ class Stats:
 
     @staticmethod
     def exists(path: Path) -> bool:
-        return (Path(path) / "stats.json").is_file() and (Path(path) / "stats.safetensors").is_file()
+        return bundle_exists(path, "stats")

@@ -6,7 +6,6 @@ this is also what lm-eval's rolling log-likelihood does, so the numbers line up 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 import torch
 
+from moecompress.calib.data import jsonl_values
 from moecompress.errors import UserError
 
 
@@ -23,13 +23,7 @@ def load_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"{path} does not exist; pass a .jsonl file (one JSON object per line)")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{n} is not valid JSON ({exc.msg}); each line must be one JSON object") from exc
+    for n, row in jsonl_values(path):
         if not isinstance(row, dict):
             raise UserError(f"{path}:{n} is not a JSON object; each line must look like {{\"text\": ...}}")
         rows.append(row)
