@@ -27,7 +27,7 @@ from moecompress.arch.experts import ExpertView
 from moecompress.calib.collect import _ACTIVE, TAP_IMPLEMENTATION, stored_expert_forward
 from moecompress.errors import UserError
 from moecompress.passes.base import PassConfig, PassContext, register_pass
-from moecompress.quant.gptq import HessianAccumulator, gptq_quantize, gptq_quantize_batch, output_error
+from moecompress.quant.gptq import HessianAccumulator, gptq_quantize_batch, output_error
 from moecompress.quant.rtn import SUPPORTED_BITS, QuantResult, check_scheme, quantize_rtn
 
 _ATTN_LINEAR = re.compile(r"(self_attn|linear_attn|attention)\.[a-z_]+$")
@@ -120,10 +120,12 @@ class ExpertHessians:
             start += n
 
 
-def _quantize_stack(ws: torch.Tensor, hs: list[torch.Tensor | None], bits: int, cfg: QuantizeConfig) -> list[QuantResult]:
+def _quantize_stack(ws: torch.Tensor, hs: list[torch.Tensor | None], bits: int, group_size: int,
+                    cfg: QuantizeConfig) -> list[QuantResult]:
+    """RTN or GPTQ (batched over the stack) of weights ws [E, out, in], each with its own input Hessian."""
     if cfg.method == "rtn":
-        return [quantize_rtn(w, bits, cfg.group_size) for w in ws]
-    return gptq_quantize_batch(ws, hs, bits, cfg.group_size, damp=cfg.damp, act_order=cfg.act_order)
+        return [quantize_rtn(w, bits, group_size) for w in ws]
+    return gptq_quantize_batch(ws, hs, bits, group_size, damp=cfg.damp, act_order=cfg.act_order)
 
 
 def _capture_layer_inputs(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]):
@@ -131,9 +133,6 @@ def _capture_layer_inputs(model: torch.nn.Module, batches: list[tuple[torch.Tens
     layers = decoder_layers(model)
     first: list[torch.Tensor] = []
     kwargs: dict[int, list[dict[str, Any]]] = defaultdict(list)
-
-    class _Stop(Exception):
-        pass
 
     def grab(i: int):
         def hook(mod, args, kw):  # noqa: ANN001
@@ -175,6 +174,7 @@ def quantize(ctx: PassContext) -> dict[str, Any]:
     token_counts: dict[str, list[int]] = {}
     errors: dict[str, float] = {}
     per_channel: list[str] = []
+    current_mask = [masks[0]]  # real-token mask of the batch in flight, read by the dense-linear hooks
     previous = getattr(model.config, "_experts_implementation", None)
     model.set_experts_implementation(TAP_IMPLEMENTATION)
     from rich.progress import Progress
@@ -190,7 +190,7 @@ def quantize(ctx: PassContext) -> dict[str, Any]:
                 for name, lin in dense:
                     acc[name] = HessianAccumulator(lin.in_features)
                     hooks.append(lin.register_forward_pre_hook(
-                        lambda m, a, h=acc[name]: h.add(a[0].reshape(-1, a[0].shape[-1])[_MASK[0]])))
+                        lambda m, a, h=acc[name]: h.add(a[0].reshape(-1, a[0].shape[-1])[current_mask[0]])))
                 tap = None
                 if moe is not None:
                     w = ExpertView(moe).get_all()
@@ -203,7 +203,7 @@ def quantize(ctx: PassContext) -> dict[str, Any]:
                 try:
                     with torch.no_grad():
                         for b, h in enumerate(hidden_states):
-                            _MASK[0] = masks[b]
+                            current_mask[0] = masks[b]
                             if tap is not None:
                                 tap.mask = masks[b]
                             layer(h, **layer_kwargs[i][b])
@@ -217,18 +217,15 @@ def quantize(ctx: PassContext) -> dict[str, Any]:
                     gs = cfg.group_size if cfg.group_size == -1 or lin.in_features % cfg.group_size == 0 else -1
                     if gs != cfg.group_size:
                         per_channel.append(name)
-                    res = (quantize_rtn(lin.weight.detach(), cfg.bits, gs) if cfg.method == "rtn" else
-                           gptq_quantize(lin.weight.detach(), acc[name], cfg.bits, gs, damp=cfg.damp,
-                                         act_order=cfg.act_order))
-                    errors[name] = output_error(lin.weight.detach(), res.dequant, acc[name].hessian())
+                    h = acc[name].hessian()
+                    res = _quantize_stack(lin.weight.detach()[None], [h], cfg.bits, gs, cfg)[0]
+                    errors[name] = output_error(lin.weight.detach(), res.dequant, h)
                     with torch.no_grad():
                         lin.weight.copy_(res.dequant)
                     quantized[name] = res
                 if moe is not None:
                     assert tap is not None
-                    bits = _expert_bits(moe, tap, cfg)
-                    _quantize_experts(moe, tap, bits, cfg, adapter, quantized, errors)
-                    per_expert_bits[str(i)] = bits
+                    per_expert_bits[str(i)] = _quantize_experts(moe, tap, cfg, adapter, quantized, errors)
                     token_counts[str(i)] = tap.routed.tolist()
                 with torch.no_grad():  # propagate: the next layer sees this layer's quantized outputs
                     hidden_states = [_layer_out(layer(h, **layer_kwargs[i][b])) for b, h in enumerate(hidden_states)]
@@ -262,9 +259,6 @@ def quantize(ctx: PassContext) -> dict[str, Any]:
     }
 
 
-_MASK: list[torch.Tensor] = [torch.zeros(0, dtype=torch.bool)]
-
-
 def _dense_targets(layer: torch.nn.Module, cfg: QuantizeConfig, names: dict[int, str],
                    ignore: list[re.Pattern[str]]) -> list[tuple[str, torch.nn.Linear]]:
     out = []
@@ -278,46 +272,46 @@ def _dense_targets(layer: torch.nn.Module, cfg: QuantizeConfig, names: dict[int,
     return out
 
 
-def _expert_bits(moe: Any, tap: ExpertHessians, cfg: QuantizeConfig) -> list[int]:
-    """One width for all experts, or an MC-MoE allocation under the average-bits budget."""
-    if cfg.bits_budget is None:
-        return [cfg.bits] * moe.num_experts
+_PROJECTIONS = ("gate", "up", "down")
+
+
+def _quantize_experts(moe: Any, tap: ExpertHessians, cfg: QuantizeConfig, adapter: MoEAdapter,
+                      quantized: dict[str, QuantResult], errors: dict[str, float]) -> list[int]:
+    """Quantize one layer's routed experts in place; returns the width chosen for each expert.
+
+    With a bits budget every candidate width is quantized once, the MC-MoE allocation picks per expert from
+    those measured errors, and the chosen results are used as they are (no second quantization).
+    """
     import numpy as np
 
-    from moecompress.quant.bits import allocate_bits, importance_scores
-
-    w = ExpertView(moe).get_all()
-    cands = sorted(cfg.candidate_bits)
-    errors = np.zeros((moe.num_experts, len(cands)))
-    for c, b in enumerate(cands):
-        for proj, hs in (("gate", tap.x), ("up", tap.x), ("down", tap.a)):
-            ws = getattr(w, proj)
-            results = _quantize_stack(ws, [h.hessian() for h in hs], b, cfg)
-            for e, r in enumerate(results):
-                errors[e, c] += output_error(ws[e], r.dequant, hs[e].hessian())
-    freq = tap.routed.double().numpy()
-    importance = importance_scores(freq)
-    n_params = [3 * w.gate.shape[1] * w.gate.shape[2]] * moe.num_experts
-    alloc = allocate_bits(importance, errors, n_params, cands, cfg.bits_budget)
-    return [int(b) for b in alloc.bits]
-
-
-def _quantize_experts(moe: Any, tap: ExpertHessians, bits: list[int], cfg: QuantizeConfig, adapter: MoEAdapter,
-                      quantized: dict[str, QuantResult], errors: dict[str, float]) -> None:
     view = ExpertView(moe)
     w = view.get_all()
+    gate_h = [h.hessian() for h in tap.x]
+    hessians = {"gate": gate_h, "up": gate_h, "down": [h.hessian() for h in tap.a]}
+    cands = sorted(cfg.candidate_bits) if cfg.bits_budget is not None else [cfg.bits]
+    results = {(p, b): _quantize_stack(getattr(w, p), hessians[p], b, cfg.group_size, cfg)
+               for b in cands for p in _PROJECTIONS}
+    err = {key: [output_error(getattr(w, key[0])[e], r.dequant, hessians[key[0]][e]) for e, r in enumerate(rs)]
+           for key, rs in results.items()}
+    if cfg.bits_budget is None:
+        bits = [cfg.bits] * moe.num_experts
+    else:
+        from moecompress.quant.bits import allocate_bits, importance_scores
+
+        table = np.array([[sum(err[(p, b)][e] for p in _PROJECTIONS) for b in cands] for e in range(moe.num_experts)])
+        n_params = [3 * w.gate.shape[1] * w.gate.shape[2]] * moe.num_experts
+        alloc = allocate_bits(importance_scores(tap.routed.double().numpy()), table, n_params, cands, cfg.bits_budget)
+        bits = [int(b) for b in alloc.bits]
     new = w.clone()
-    for proj, hs in (("gate", tap.x), ("up", tap.x), ("down", tap.a)):
-        ws = getattr(w, proj)
-        for b in sorted(set(bits)):
-            idx = [e for e in range(moe.num_experts) if bits[e] == b]
-            results = _quantize_stack(ws[idx], [hs[e].hessian() for e in idx], b, cfg)
-            for e, r in zip(idx, results, strict=True):
-                getattr(new, proj)[e] = r.dequant
-                name = adapter.expert_checkpoint_name(moe.index, e, proj)
-                quantized[name] = r
-                errors[name] = output_error(ws[e], r.dequant, hs[e].hessian())
+    for p in _PROJECTIONS:
+        for e, b in enumerate(bits):
+            r = results[(p, b)][e]
+            getattr(new, p)[e] = r.dequant
+            name = adapter.expert_checkpoint_name(moe.index, e, p)
+            quantized[name] = r
+            errors[name] = err[(p, b)][e]
     view.set_all(new)
+    return bits
 
 
 def _mean_by_kind(errors: dict[str, float]) -> dict[str, float]:
