@@ -91,11 +91,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def obtain_stats(model: Any, tokenizer: Any, model_dir: Path, calib_spec: Any, opts: RunOptions,
+def obtain_stats(model: Any, get_calibration: Any, model_dir: Path, calib_spec: Any, opts: RunOptions,
                  console: Any = None) -> Stats:
     """Statistics for (model, calibration spec): from the cache when the same pair was seen, else one pass."""
     from moecompress.calib.collect import collect_stats
-    from moecompress.calib.data import load_calibration
 
     key = f"{model_fingerprint(model_dir)}-{calib_spec.cache_key()}-s{opts.sample_tokens}"
     cache_dir = (opts.stats_cache or default_cache_root() / "stats") / key
@@ -105,13 +104,9 @@ def obtain_stats(model: Any, tokenizer: Any, model_dir: Path, calib_spec: Any, o
         stats = Stats.load(cache_dir)
         stats.meta["cache"] = "hit"
         return stats
-    if tokenizer is None:
-        raise UserError(f"{model_dir} has no tokenizer; statistics need one to tokenize the calibration data")
-    batch = load_calibration(calib_spec, tokenizer)
-    ids, mask = batch.input_ids, batch.attention_mask
-    bs = max(1, min(8, 8192 // ids.shape[1]))
-    batches = [(ids[i : i + bs], mask[i : i + bs]) for i in range(0, ids.shape[0], bs)]
-    total = int(mask.sum())
+    batch = get_calibration()  # tokenized once per pass, shared with passes that also read the tokens
+    batches = list(batch.batches(max(1, min(8, 8192 // batch.input_ids.shape[1]))))
+    total = int(batch.attention_mask.sum())
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn("collecting statistics"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
@@ -157,7 +152,8 @@ def run_pass(cfg: PassConfig, src: Path, out: Path, *, calibration: Any = None, 
 
     def get_stats() -> Stats:
         if "stats" not in cache:
-            cache["stats"] = obtain_stats(model, tok, src, resolve_calibration(calibration, src), opts, console)
+            cache["stats"] = obtain_stats(model, get_calibration, src, resolve_calibration(calibration, src), opts,
+                                          console)
         return cache["stats"]
 
     params_before = count_params(model)
