@@ -134,3 +134,15 @@ def test_expert_view_roundtrip_every_layout():
         view.set_all(w)
         for n, p in ly.experts.named_parameters():
             torch.testing.assert_close(p, before[n], atol=1e-6, rtol=0)
+
+
+def test_written_config_carries_every_expert_count_alias(tmp_path):
+    """Qwen3-MoE is read as `num_experts` by older readers and `num_local_experts` by transformers 5."""
+    import json
+
+    model, tok = tiny("qwen3_moe")
+    layers = moe_layers(model)
+    surgery.keep_experts_everywhere(model, {ly.index: [0, 2, 3] for ly in layers})
+    write_checkpoint(model, tok, tmp_path / "out", source=None)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["num_experts"] == cfg["num_local_experts"] == 3

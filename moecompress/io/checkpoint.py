@@ -144,6 +144,28 @@ def provenance(source: Path | str | None, pass_entry: dict[str, Any] | None) -> 
     }
 
 
+def write_count_aliases(folder: Path) -> None:
+    """Write the expert count under every config key the family is known by (design §3).
+
+    transformers saves only one of the aliases (Qwen3-MoE: `num_local_experts`), but older readers look for
+    `num_experts`; writing all of them keeps every reader of our checkpoints agreeing on the count.
+    """
+    cfg_file = Path(folder) / "config.json"
+    config = json.loads(cfg_file.read_text())
+    adapter = adapter_for_config_dict(config)
+    n = adapter.num_experts(config)
+    if all(config.get(k) == n for k in adapter.count_keys):
+        return
+    config.update({k: n for k in adapter.count_keys})
+    cfg_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def verify_model_reload(model: torch.nn.Module, path: Path, *, atol: float | None = None) -> dict[str, Any]:
+    """`verify_reload` against the logits `model` gives now on a fixed probe input."""
+    ids = probe_input(model.config.vocab_size)
+    return verify_reload(path, logits_of(model, ids), ids, atol=atol)
+
+
 def probe_input(vocab_size: int, seq: int = 24, batch: int = 2, seed: int = 1234) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, seq), generator=g)
@@ -227,10 +249,10 @@ def write_checkpoint(
                 target.write_bytes(content)
             else:
                 target.write_text(content)
+        write_count_aliases(tmp)
         summary: dict[str, Any] = {}
         if verify:
-            ids = probe_input(model.config.vocab_size)
-            summary = verify_reload(tmp, logits_of(model, ids), ids, atol=verify_atol)
+            summary = verify_model_reload(model, tmp, atol=verify_atol)
         publish(tmp, out)
         return summary
     except BaseException:

@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel
 
 from moecompress.errors import UserError
+from moecompress.io.checkpoint import verify_model_reload, write_count_aliases
 from moecompress.zoo.corpus import Doc, generate_corpus, split_docs, text_file_docs, word_order_task
 from moecompress.zoo.metrics import (
     balance_loss,
@@ -251,10 +252,10 @@ def build_reference(
         **train_stats, **result)
 
     model.save_pretrained(out_dir)
-    _add_num_experts(out_dir / "config.json")
+    write_count_aliases(out_dir)
     save_tokenizer(tokenizer, out_dir)
     (out_dir / RESULT_FILE).write_text(result_full.model_dump_json(indent=2) + "\n")
-    _verify_reload(out_dir)
+    verify_model_reload(model.eval(), out_dir)  # zero loading-info entries and the logits we have in memory
     log(format_result(result_full))
     return result_full
 
@@ -287,23 +288,6 @@ def evaluate_reference(model: Any, tokenizer: Any, data: Path, *, train_ids: lis
         "expert_usage": usage,
         "layer_entropy": [normalized_entropy(u) for u in usage],
     }
-
-
-def _add_num_experts(cfg_file: Path) -> None:
-    """Qwen3-MoE saves only `num_local_experts`; older readers look for `num_experts` (design §3)."""
-    cfg = json.loads(cfg_file.read_text())
-    cfg["num_experts"] = cfg.get("num_local_experts", cfg.get("num_experts"))
-    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def _verify_reload(out_dir: Path) -> None:
-    """Fail loudly if vanilla transformers would reload the folder with missing/unexpected keys."""
-    from transformers import AutoModelForCausalLM
-
-    _, info = AutoModelForCausalLM.from_pretrained(out_dir, output_loading_info=True)
-    problems = {k: v for k, v in info.items() if v}
-    if problems:
-        raise RuntimeError(f"reference checkpoint in {out_dir} does not reload cleanly: {problems}")
 
 
 def format_result(r: ReferenceResult) -> str:
