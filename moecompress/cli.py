@@ -137,16 +137,11 @@ def eval_spec(tasks: str | None, model: Path, data_dir: Path | None = None):
 def run_one(cfg_cls, fields: dict, model: Path, out: Path, *, calib=None, evals=None, eval_data: Path | None = None,
             overwrite: bool = False, dtype: str | None = None, stats_cache: Path | None = None) -> dict:
     """The pass commands are one-pass recipes: validate the config, then run it through the same runner."""
-    from pydantic import ValidationError
-
-    from moecompress.recipe import format_validation
+    from moecompress.recipe import validated
     from moecompress.runner import RunOptions, run_pass
 
     quiet_transformers()
-    try:
-        cfg = cfg_cls(**{k: v for k, v in fields.items() if v is not None})
-    except ValidationError as exc:
-        raise UserError(format_validation(exc)) from None
+    cfg = validated(cfg_cls, {k: v for k, v in fields.items() if v is not None})
     opts = RunOptions(overwrite=overwrite, dtype=dtype, stats_cache=stats_cache)
     report = run_pass(cfg, model, out, calibration=calib, eval_spec=eval_spec(evals, model, eval_data), opts=opts,
                       console=console)

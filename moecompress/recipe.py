@@ -53,6 +53,14 @@ def format_validation(exc: ValidationError, prefix: str = "") -> str:
     return "; ".join(lines)
 
 
+def validated(cls: type[BaseModel], data: dict[str, Any], where: str = "") -> Any:
+    """`cls(**data)`, with pydantic's errors turned into one located UserError (`where.field: message`)."""
+    try:
+        return cls(**data)
+    except ValidationError as exc:
+        raise UserError(format_validation(exc, where)) from None
+
+
 def build_pass_config(raw: dict[str, Any], where: str) -> PassConfig:
     data = dict(raw)
     name = data.pop("pass")
@@ -62,32 +70,19 @@ def build_pass_config(raw: dict[str, Any], where: str) -> PassConfig:
         registered = get_pass(name)
     except UserError as exc:
         raise UserError(f"{where}.pass: {exc}") from None
-    try:
-        return registered.config_cls(**data)
-    except ValidationError as exc:
-        raise UserError(format_validation(exc, where)) from None
+    return validated(registered.config_cls, data, where)
 
 
 def build_calibration(raw: dict[str, Any] | None):
     from moecompress.calib.data import CalibSpec
 
-    if raw is None:
-        return None
-    try:
-        return CalibSpec(**raw)
-    except ValidationError as exc:
-        raise UserError(format_validation(exc, "calibration")) from None
+    return None if raw is None else validated(CalibSpec, raw, "calibration")
 
 
 def build_eval(raw: dict[str, Any] | None):
     from moecompress.eval import EvalSpec
 
-    if raw is None:
-        return None
-    try:
-        return EvalSpec(**raw)
-    except ValidationError as exc:
-        raise UserError(format_validation(exc, "eval")) from None
+    return None if raw is None else validated(EvalSpec, raw, "eval")
 
 
 class ParsedRecipe(BaseModel):

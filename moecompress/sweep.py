@@ -17,9 +17,7 @@ from moecompress.passes.base import PassConfig, get_pass
 
 def method_config(method: str, ratio: float) -> PassConfig:
     """Translate `kind:option[+rule]` at `ratio` into a validated pass config."""
-    from pydantic import ValidationError
-
-    from moecompress.recipe import format_validation
+    from moecompress.recipe import validated
 
     kind, _, option = method.partition(":")
     if kind == "prune":
@@ -31,11 +29,10 @@ def method_config(method: str, ratio: float) -> PassConfig:
         name, fields = "prune_atomic", {"neuron_ratio": ratio, "criterion": option or "heapr"}
     else:
         raise UserError(f"method {method!r}: use prune:<criterion>, merge:<method>[+<rule>] or atomic:<criterion>")
-    registered = get_pass(name)
     try:
-        return registered.config_cls(**fields)
-    except ValidationError as exc:
-        raise UserError(f"method {method!r} at ratio {ratio}: {format_validation(exc)}") from None
+        return validated(get_pass(name).config_cls, fields)
+    except UserError as exc:
+        raise UserError(f"method {method!r} at ratio {ratio}: {exc}") from None
 
 
 def run_sweep(model: Path, out: Path, methods: list[str], ratios: list[float], *, calibration: Any, eval_spec: Any,
