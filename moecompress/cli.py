@@ -152,13 +152,13 @@ def run_one(cfg_cls, fields: dict, model: Path, out: Path, *, calib=None, evals=
 def print_report(report: dict) -> None:
     from rich.table import Table
 
-    from moecompress.report import _fmt_bytes, eval_rows
+    from moecompress.report import eval_rows, human_bytes
 
     t = Table(title=f"{report['pass']} → {report['output']}")
     for col in ("", "before", "after"):
         t.add_column(col, justify="right")
     t.add_row("parameters", f"{report['params_before']:,}", f"{report['params_after']:,}")
-    t.add_row("bytes", _fmt_bytes(report["bytes_before"]), _fmt_bytes(report["bytes_after"]))
+    t.add_row("bytes", human_bytes(report["bytes_before"]), human_bytes(report["bytes_after"]))
     for task, metric, b, c, r in eval_rows(report):
         t.add_row(f"{task} {metric}", f"{b:.4g}", f"{c:.4g}" + (f" ({r:.1f}%)" if r is not None else ""))
     console.print(t)

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from moecompress.arch.adapter import MoEAdapter
 from moecompress.errors import UserError
 from moecompress.io.checkpoint import check_model_dir
+from moecompress.report import human_bytes
 
 _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
                "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8}
@@ -198,20 +199,12 @@ def render(ins: Inspection, console: Any) -> None:
         t.add_column(col, justify="right" if col != "group" else "left")
     for name, g in ins.groups.items():
         if g.params or g.bytes:
-            t.add_row(name, f"{g.params:,}", _human(g.bytes), f"{100 * g.params / max(ins.total_params, 1):.1f}",
+            t.add_row(name, f"{g.params:,}", human_bytes(g.bytes), f"{100 * g.params / max(ins.total_params, 1):.1f}",
                       f"{8 * g.bytes / g.params:.2f}" if g.params else "-")
-    t.add_row("total", f"{ins.total_params:,}", _human(ins.total_bytes), "100.0",
+    t.add_row("total", f"{ins.total_params:,}", human_bytes(ins.total_bytes), "100.0",
               f"{8 * ins.total_bytes / max(ins.total_params, 1):.2f}", style="bold")
     console.print(t)
     console.print(f"routed experts are {100 * ins.expert_fraction:.1f}% of the parameters")
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _ranges(ids: list[int]) -> str:

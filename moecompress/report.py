@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 
-def _fmt_bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """Binary-prefixed size (KiB, MiB, ...) as the CLI and reports print it."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -36,7 +37,7 @@ def markdown(report: dict[str, Any]) -> str:
     pb, pa = report["params_before"], report["params_after"]
     bb, ba = report["bytes_before"], report["bytes_after"]
     lines.append(f"| parameters | {pb:,} | {pa:,} | {100 * (pa - pb) / max(pb, 1):+.1f}% |")
-    lines.append(f"| bytes on disk | {_fmt_bytes(bb)} | {_fmt_bytes(ba)} | {100 * (ba - bb) / max(bb, 1):+.1f}% |")
+    lines.append(f"| bytes on disk | {human_bytes(bb)} | {human_bytes(ba)} | {100 * (ba - bb) / max(bb, 1):+.1f}% |")
     lines += ["", f"time: {report['seconds']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MiB", ""]
     rows = eval_rows(report)
     if rows:

@@ -65,7 +65,7 @@ def run_sweep(model: Path, out: Path, methods: list[str], ratios: list[float], *
 
 
 def write_sweep(out: Path, rows: list[dict[str, Any]]) -> None:
-    from moecompress.report import _fmt_bytes, eval_rows, plot_metric_vs_size
+    from moecompress.report import eval_rows, human_bytes, plot_metric_vs_size
 
     if not rows:
         return
@@ -74,12 +74,12 @@ def write_sweep(out: Path, rows: list[dict[str, Any]]) -> None:
     lines = ["# sweep", "", "| method | ratio | bytes | params | " + " | ".join(f"{t} {m}" for t, m in metric_keys) + " |",
              "|---|---:|---:|---:|" + "---:|" * len(metric_keys)]
     base_vals = {(t, m): b for t, m, b, _, _ in first}
-    lines.append(f"| base | 0 | {_fmt_bytes(rows[0]['report']['bytes_before'])} | {rows[0]['report']['params_before']:,} | "
+    lines.append(f"| base | 0 | {human_bytes(rows[0]['report']['bytes_before'])} | {rows[0]['report']['params_before']:,} | "
                  + " | ".join(f"{base_vals[k]:.4g}" for k in metric_keys) + " |")
     for row in rows:
         rep = row["report"]
         vals = {(t, m): c for t, m, _, c, _ in eval_rows(rep)}
-        lines.append(f"| {row['method']} | {row['ratio']:g} | {_fmt_bytes(rep['bytes_after'])} | {rep['params_after']:,} | "
+        lines.append(f"| {row['method']} | {row['ratio']:g} | {human_bytes(rep['bytes_after'])} | {rep['params_after']:,} | "
                      + " | ".join(f"{vals.get(k, float('nan')):.4g}" for k in metric_keys) + " |")
     (Path(out) / "sweep.md").write_text("\n".join(lines) + "\n")
     (Path(out) / "sweep.json").write_text(json.dumps(rows, indent=2, default=str))
