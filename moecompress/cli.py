@@ -122,15 +122,12 @@ def calib_spec(calib: str | None, samples: int, seqlen: int, seed: int, domain: 
     return CalibSpec(source=calib, samples=samples, seqlen=seqlen, seed=seed, domain=domain)
 
 
-def eval_spec(tasks: str | None, model: Path, data_dir: Path | None = None):
+def eval_spec(tasks: str | None, data_dir: Path | None = None):
+    """--eval/--eval-data as a spec; the runner finds the reference data itself when --eval-data is omitted."""
     if not tasks:
         return None
     from moecompress.eval import EvalSpec
-    from moecompress.runner import default_calibration_source
 
-    if data_dir is None:
-        src = default_calibration_source(model)
-        data_dir = src.parent if src else None
     return EvalSpec(tasks=[t.strip() for t in tasks.split(",") if t.strip()], data_dir=data_dir)
 
 
@@ -143,7 +140,7 @@ def run_one(cfg_cls, fields: dict, model: Path, out: Path, *, calib=None, evals=
     quiet_transformers()
     cfg = validated(cfg_cls, {k: v for k, v in fields.items() if v is not None})
     opts = RunOptions(overwrite=overwrite, dtype=dtype, stats_cache=stats_cache)
-    report = run_pass(cfg, model, out, calibration=calib, eval_spec=eval_spec(evals, model, eval_data), opts=opts,
+    report = run_pass(cfg, model, out, calibration=calib, eval_spec=eval_spec(evals, eval_data), opts=opts,
                       console=console)
     print_report(report)
     return report
@@ -337,7 +334,7 @@ def sweep_cmd(
         raise UserError(f"--ratios {ratios!r}: use comma-separated numbers, e.g. 0.25,0.5") from None
     rows = run_sweep(model, out, [m.strip() for m in methods.split(",") if m.strip()], ratio_list,
                      calibration=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, model=model),
-                     eval_spec=eval_spec(evals, model, eval_data),
+                     eval_spec=eval_spec(evals, eval_data),
                      opts=RunOptions(overwrite=overwrite, dtype=dtype, stats_cache=stats_cache), console=console)
     console.print((out / "sweep.md").read_text())
     console.print(f"{len(rows)} variants; Pareto plot: {out / 'pareto.png'}")
