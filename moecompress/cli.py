@@ -361,6 +361,26 @@ def run_cmd(
     console.print(f"run summary: {out / 'run.md'}")
 
 
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder: one subfolder per step."),
+    reference: Path = typer.Option(Path("artifacts/reference"), "--reference",
+                                   help="Where the trained reference MoE is (built here when missing)."),
+    minutes: float = typer.Option(9.0, "--minutes", help="Training budget when the reference must be built."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo finished steps instead of resuming."),
+) -> None:
+    """The main job on an embedded default: reference MoE → REAP prune 25% → GPTQ W4, evaluated.
+
+    Builds the small reference MoE locally when it is missing (~9 min on 2 CPU cores; reused afterwards),
+    runs the packaged recipe (written to OUT/recipe.yaml), prints parameters, bytes, perplexity and accuracy
+    after each step, and names the checkpoint, report and plots it wrote.
+    """
+    from moecompress.demo import run_demo
+
+    quiet_transformers()
+    run_demo(out, reference, minutes=minutes, overwrite=overwrite, console=console)
+
+
 def _register_optional() -> None:
     """Attach commands whose modules live elsewhere in the package (kept out of this file on purpose)."""
     from importlib import import_module

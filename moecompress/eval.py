@@ -188,13 +188,32 @@ def _quiet() -> Iterator[None]:
     bars_were_on = not datasets.utils.logging.is_progress_bar_enabled()
     datasets.utils.logging.disable_progress_bar()
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()), _silence_fd2():
             yield
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
         if not bars_were_on:
             datasets.utils.logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _silence_fd2() -> Iterator[None]:
+    """Child processes write to file descriptor 2 directly (lm-eval runs `git describe` to record a commit,
+    which prints "fatal: not a git repository" outside a clone); Python-level redirection cannot catch that."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable stderr descriptor: nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 @contextlib.contextmanager
@@ -244,8 +263,12 @@ def check_eval_spec(spec: EvalSpec, data_dir: Path | None = None) -> list[Any]:
     return tasks + standard
 
 
-def evaluate_model(model: Any, tokenizer: Any, spec: EvalSpec) -> Results:
-    """Run `spec.tasks` on an in-memory model → {task: {metric: value}} (",none" stripped, no stderr)."""
+def evaluate_model(model: Any, tokenizer: Any, spec: EvalSpec,
+                   progress: Callable[[int], None] | None = None) -> Results:
+    """Run `spec.tasks` on an in-memory model → {task: {metric: value}} (",none" stripped, no stderr).
+
+    `progress(1)` is called after every forward batch lm-eval runs (lm-eval's own bars are silenced).
+    """
     if tokenizer is None:
         raise UserError("evaluation needs a tokenizer; save one beside the model (tokenizer.json)")
     tasks = check_eval_spec(spec, spec.data_dir or _model_data_dir(model))
@@ -266,6 +289,8 @@ def evaluate_model(model: Any, tokenizer: Any, spec: EvalSpec) -> Results:
     try:
         with _quiet(), _preserve_rng():
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size, device=device)
+            if progress is not None:
+                lm._model_call = _counting(lm._model_call, progress)  # the one call every request goes through
             kwargs: dict[str, Any] = {"limit": spec.limit} if spec.limit else {}
             if spec.num_fewshot is not None:
                 kwargs["num_fewshot"] = spec.num_fewshot
@@ -362,8 +387,8 @@ def load_for_eval(model_dir: Path, dtype: str | None = None) -> tuple[Any, Any]:
     return model, tok
 
 
-def cached_evaluate(model_dir: Path, spec: EvalSpec, cache_dir: Path) -> Results:
-    """`evaluate_model` on a checkpoint folder, cached in `cache_dir` by checkpoint content + spec + data."""
+def _cache_file(model_dir: Path, spec: EvalSpec, cache_dir: Path) -> tuple[Path, EvalSpec, Path | None]:
+    """Where the results of `spec` on checkpoint `model_dir` are cached (content + spec + data identity)."""
     from moecompress.io.checkpoint import read_config
 
     model_dir = Path(model_dir)
@@ -372,21 +397,43 @@ def cached_evaluate(model_dir: Path, spec: EvalSpec, cache_dir: Path) -> Results
     if data_dir is not None and spec.data_dir is None:
         spec = spec.model_copy(update={"data_dir": data_dir})
     key = f"{checkpoint_fingerprint(model_dir)}-{_spec_key(spec, data_dir)}"
-    path = Path(cache_dir) / f"{key}.json"
+    return Path(cache_dir) / f"{key}.json", spec, data_dir
+
+
+def remember_evaluation(model_dir: Path, spec: EvalSpec, cache_dir: Path, results: Results) -> None:
+    """Cache results measured on an in-memory model whose written checkpoint was verified to give its logits,
+    so the next step of a recipe does not evaluate the same weights again as its base."""
+    path, spec, _ = _cache_file(model_dir, spec, cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"model": str(model_dir), "spec": spec.model_dump(mode="json"),
+                               "results": results}, indent=2))
+    tmp.replace(path)
+
+
+def cached_evaluate(model_dir: Path, spec: EvalSpec, cache_dir: Path,
+                    progress: Callable[[int], None] | None = None) -> Results:
+    """`evaluate_model` on a checkpoint folder, cached in `cache_dir` by checkpoint content + spec + data."""
+    path, spec, data_dir = _cache_file(model_dir, spec, cache_dir)
     if path.is_file():
         try:
             return json.loads(path.read_text())["results"]
         except (OSError, json.JSONDecodeError, KeyError):
             pass  # a torn or foreign file: recompute and overwrite
     check_eval_spec(spec, data_dir)  # fail before the weights load
-    model, tok = load_for_eval(model_dir)
-    results = evaluate_model(model, tok, spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"model": str(model_dir), "spec": spec.model_dump(mode="json"),
-                               "results": results}, indent=2))
-    tmp.replace(path)
+    model, tok = load_for_eval(Path(model_dir))
+    results = evaluate_model(model, tok, spec, progress)
+    remember_evaluation(model_dir, spec, cache_dir, results)
     return results
+
+
+def _counting(fn: Callable[..., Any], progress: Callable[[int], None]) -> Callable[..., Any]:
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        out = fn(*args, **kwargs)
+        progress(1)
+        return out
+
+    return counted
 
 
 # ------------------------------------------------------------------------------------ fast helpers

@@ -7,11 +7,13 @@ interrupted step left only a temp folder, which is discarded and redone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +184,7 @@ def run_pass(cfg: PassConfig, src: Path, out: Path, *, calibration: Any = None, 
         "details": details,
     }
     if eval_spec is not None:
-        report["eval"] = evaluate_pair(src, model, tok, eval_spec, console)
+        report["eval"] = evaluate_pair(src, model, tok, eval_spec, console, out=out if verify else None)
     write_report(out, report)
     if opts.plots:
         from moecompress.report import plot_pass
@@ -198,18 +200,40 @@ def eval_data_dir(eval_spec: Any, model_dir: Path) -> Path | None:
     return src.parent if src else None
 
 
-def evaluate_pair(src: Path, model: Any, tok: Any, eval_spec: Any, console: Any = None) -> dict[str, Any]:
-    """Base results (cached per checkpoint) vs the compressed in-memory model."""
-    from moecompress.eval import cached_evaluate, compare, evaluate_model
+def evaluate_pair(src: Path, model: Any, tok: Any, eval_spec: Any, console: Any = None,
+                  out: Path | None = None) -> dict[str, Any]:
+    """Base results (cached per checkpoint) vs the compressed in-memory model.
 
-    if console:
-        console.print(f"evaluating {', '.join(eval_spec.tasks)} …")
+    `out`: the verified checkpoint of `model`; its results are cached so a later step reuses them as its base.
+    """
+    from moecompress.eval import cached_evaluate, compare, evaluate_model, remember_evaluation
+
     data_dir = eval_data_dir(eval_spec, src)
     if data_dir is not None and eval_spec.data_dir is None:
         eval_spec = eval_spec.model_copy(update={"data_dir": data_dir})
-    base = cached_evaluate(src, eval_spec, default_cache_root() / "eval")
-    compressed = evaluate_model(model, tok, eval_spec)
+    cache = default_cache_root() / "eval"
+    with batch_spinner(console) as spin:
+        base = cached_evaluate(src, eval_spec, cache, progress=spin("evaluating the input on "
+                                                                    + ", ".join(eval_spec.tasks)))
+        compressed = evaluate_model(model, tok, eval_spec, progress=spin("evaluating the output on "
+                                                                         + ", ".join(eval_spec.tasks)))
+    if out is not None:
+        remember_evaluation(out, eval_spec, cache, compressed)
     return {"base": base, "compressed": compressed, "comparison": compare(base, compressed)}
+
+
+@contextlib.contextmanager
+def batch_spinner(console: Any) -> Iterator[Callable[[str], Callable[[int], None]]]:
+    """Progress for work of unknown length (lm-eval's requests): `spin(label)` starts a row, returns its counter."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.completed} batches"),
+                  TimeElapsedColumn(), console=console, disable=console is None, transient=True) as prog:
+        def spin(label: str) -> Callable[[int], None]:
+            task = prog.add_task(label, total=None)
+            return lambda n: prog.advance(task, n)
+
+        yield spin
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:

@@ -186,3 +186,45 @@ def test_inspect_counts_on_the_reference_model(tiny_reference, capsys: pytest.Ca
     assert data["groups"]["routed_experts"]["params"] == routed
     assert (data["experts_per_layer"], data["top_k"], data["expert_width"]) == (TINY["experts"], 2, TINY["expert_width"])
     assert data["moe_layers"] == list(range(TINY["layers"]))
+
+
+def test_demo_runs_the_recipe_on_the_reference_and_resumes(tiny_reference, tmp_path: Path, cache_dir,
+                                                           capsys: pytest.CaptureFixture):
+    """`moecompress demo` reuses a built reference, prunes then quantizes it with evaluation, names its outputs."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import run_cli
+
+    ref = tmp_path / "ref"
+    shutil.copytree(tiny_reference[0], ref)
+    code, out, err = run_cli(["demo", "--reference", ref, "--out", tmp_path / "demo"], capsys)
+    assert code == 0, err
+    assert "reusing" in out and "checkpoint" in out and "run.md" in out
+    rows = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert [r["step"] for r in rows] == ["input", "1: prune_experts", "2: quantize"]
+    assert rows[0]["bytes"] > rows[1]["bytes"] > rows[2]["bytes"]
+    assert all("ref_ppl word_perplexity" in r["metrics"] and "ref_mc acc" in r["metrics"] for r in rows)
+    last = tmp_path / "demo" / "02-quantize"
+    _, info = AutoModelForCausalLM.from_pretrained(last, output_loading_info=True)
+    assert all(not v for v in info.values()), info
+    # step 2's input is step 1's verified output: its results were cached when step 1 measured them in memory
+    reports = json.loads((tmp_path / "demo" / "run.json").read_text())
+    assert reports[1]["eval"]["base"] == reports[0]["eval"]["compressed"]
+    # the written recipe names this machine's model and calibration file, and a rerun resumes
+    recipe = (tmp_path / "demo" / "recipe.yaml").read_text()
+    assert str(ref) in recipe and "train.jsonl" in recipe
+    code, out, err = run_cli(["demo", "--reference", ref, "--out", tmp_path / "demo"], capsys)
+    assert code == 0, err
+    assert out.count("finished earlier, skipping") == 2
+
+
+def test_demo_refuses_a_folder_that_is_not_a_reference(tmp_path: Path, capsys: pytest.CaptureFixture):
+    from tests.helpers import run_cli
+
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "notes.txt").write_text("mine")
+    code, _, err = run_cli(["demo", "--reference", tmp_path / "ref", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "reference.json" in err
+    assert not (tmp_path / "o").exists() and (tmp_path / "ref" / "notes.txt").read_text() == "mine"

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import typer
+from rich.console import Console
 
 from moecompress.errors import UserError
 
@@ -33,6 +35,20 @@ def reference_cmd(
     overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
 ) -> None:
     """Train the reference Qwen3-MoE on a generated multi-domain corpus and report its quality."""
+    _quiet_transformers()
+    build_reference_folder(out, seed=seed, minutes=minutes, max_steps=max_steps, text=text, overwrite=overwrite,
+                           console=Console())
+    typer.echo(f"wrote reference model to {out}")
+
+
+def build_reference_folder(out: Path, *, seed: int = 0, minutes: float = 9.0, max_steps: int | None = None,
+                           text: Path | None = None, overwrite: bool = False, console: Any = None) -> None:
+    """Train the reference into a temp folder beside `out` and rename it into place (never a half-built model).
+
+    A progress bar follows the training budget; the corpus/model/evaluation lines are printed above it.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     from moecompress.io.checkpoint import prepare_output, publish, temp_dir_beside
     from moecompress.zoo.reference import build_reference
 
@@ -40,12 +56,16 @@ def reference_cmd(
         raise UserError(f"--minutes must be > 0, got {minutes}")
     if text is not None and not text.is_file():
         raise UserError(f"--text {text} is not a file; pass an existing UTF-8 text file")
-    _quiet_transformers()
     prepare_output(out, overwrite=overwrite)
     tmp = temp_dir_beside(out)
     try:
-        build_reference(tmp, seed=seed, minutes=minutes, max_steps=max_steps, text_file=text,
-                        log=lambda s: typer.echo(s))
+        with Progress(TextColumn("training the reference MoE"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                      TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=console is None,
+                      transient=True) as prog:
+            task = prog.add_task("train", total=1.0)
+            build_reference(tmp, seed=seed, minutes=minutes, max_steps=max_steps, text_file=text,
+                            log=(console.print if console is not None else (lambda _s: None)),
+                            on_progress=lambda f: prog.update(task, completed=f))
         publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -55,7 +75,6 @@ def reference_cmd(
     result = json.loads(result_file.read_text())
     result["out_dir"] = str(out)
     result_file.write_text(json.dumps(result, indent=2) + "\n")
-    typer.echo(f"wrote reference model to {out}")
 
 
 def _quiet_transformers() -> None:

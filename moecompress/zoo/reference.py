@@ -120,8 +120,12 @@ def _lr_factor(progress: float, warmup: float = 0.03, floor: float = 0.1) -> flo
 
 
 def train_model(model: Any, stream: torch.Tensor, *, seed: int, seconds: float, max_steps: int | None,
-                seqlen: int, batch_size: int, lr: float, balance_coef: float, log: Callable[[str], None]) -> dict[str, Any]:
-    """AdamW on random packed windows until the time budget or `max_steps`, LR decayed over whichever ends first."""
+                seqlen: int, batch_size: int, lr: float, balance_coef: float, log: Callable[[str], None],
+                on_progress: Callable[[float], None] | None = None) -> dict[str, Any]:
+    """AdamW on random packed windows until the time budget or `max_steps`, LR decayed over whichever ends first.
+
+    `on_progress(fraction)` is called after every step (fraction of the time/step budget used, 0..1).
+    """
     n_windows = (len(stream) - 1) // seqlen
     if n_windows < batch_size:
         raise UserError(f"corpus too small: {n_windows} windows of {seqlen} tokens for batch {batch_size}; "
@@ -142,6 +146,8 @@ def train_model(model: Any, stream: torch.Tensor, *, seed: int, seconds: float, 
         progress = elapsed / seconds if seconds > 0 else 0.0
         if max_steps is not None:
             progress = max(progress, step / max_steps)
+        if on_progress is not None:
+            on_progress(min(progress, 1.0))
         if progress >= 1.0:
             break
         for g in opt.param_groups:
@@ -194,6 +200,7 @@ def build_reference(
     balance_coef: float = 0.01,
     train_experts_impl: str = "grouped_mm",
     log: Callable[[str], None] = print,
+    on_progress: Callable[[float], None] | None = None,
 ) -> ReferenceResult:
     """Generate the corpus, train tokenizer + Qwen3-MoE, evaluate, and save everything into `out_dir`.
 
@@ -237,7 +244,8 @@ def build_reference(
     log(f"model: qwen3_moe {layers}x{hidden}, {experts} experts top-{top_k} width {expert_width}, "
         f"{n_params / 1e6:.2f}M params")
     train_stats = train_model(model, stream, seed=seed, seconds=minutes * 60, max_steps=max_steps, seqlen=seqlen,
-                              batch_size=batch_size, lr=lr, balance_coef=balance_coef, log=log)
+                              batch_size=batch_size, lr=lr, balance_coef=balance_coef, log=log,
+                              on_progress=on_progress)
 
     model.set_experts_implementation("grouped_mm")  # vanilla default: what a plain from_pretrained gives
     result = evaluate_reference(model, tokenizer, data, train_ids=train_ids, seqlen=seqlen)
