@@ -138,9 +138,9 @@ def test_cached_evaluate_hits_second_time(ref, tmp_path: Path, monkeypatch: pyte
     calls: list[int] = []
     real = ev.evaluate_model
 
-    def counting(model, tok, spec):
+    def counting(model, tok, spec, progress=None):
         calls.append(1)
-        return real(model, tok, spec)
+        return real(model, tok, spec, progress)
 
     monkeypatch.setattr(ev, "evaluate_model", counting)
     spec = ev.EvalSpec(tasks=["ref_mc"], limit=4)  # data_dir defaults to MODEL/data
