@@ -1,0 +1,107 @@
+"""The one seam through which raw checkpoint tensors are read: ``TensorReader``.
+
+Everything the engine reads from a checkpoint's shards goes through ``TensorReader.get`` / ``get_slice``, so
+a reader that converts tensors as they are read (e.g. dequantizing FP8-block or MXFP4 source formats) plugs in
+at one place. Shards are memory-mapped (``safe_open``), so reading one layer never touches the others.
+Broken folders (a shard named in the index but missing, a truncated shard, a key in the index that no file
+holds) fail here, up front, with one clear message.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from moecompress.errors import UserError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class TensorReader:
+    """Raw on-disk tensors of a safetensors checkpoint folder, by their on-disk key."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._file_of = self._key_map()
+        self._handles: dict[str, Any] = {}
+        self._check_shards()
+
+    # -- layout --------------------------------------------------------------------------------------
+    def _key_map(self) -> dict[str, str]:
+        index = self.folder / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise UserError(f"{index} is not a valid safetensors index ({exc})") from exc
+            return dict(weight_map)
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            if any(self.folder.glob("*.bin")):
+                raise UserError(f"{self.folder} holds only *.bin weights; streaming needs safetensors. Convert with "
+                                "`model.save_pretrained(dst)` once, or run on a machine that fits the model.")
+            raise UserError(f"{self.folder} has no *.safetensors weight files")
+        if len(files) > 1:
+            raise UserError(f"{self.folder} has several *.safetensors files but no {INDEX}")
+        with self._open(files[0].name) as f:
+            return {k: files[0].name for k in f.keys()}
+
+    def _open(self, name: str) -> Any:
+        path = self.folder / name
+        if not path.is_file():
+            raise UserError(f"shard {name} is named in {self.folder / INDEX} but missing from {self.folder}")
+        try:
+            return safe_open(str(path), framework="pt", device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for corrupt/truncated files
+            raise UserError(f"shard {path} cannot be read ({str(exc).strip()[:200]}); is it truncated or "
+                            "corrupt? Re-download it.") from exc
+
+    def _check_shards(self) -> None:
+        by_file: dict[str, set[str]] = {}
+        for key, name in self._file_of.items():
+            by_file.setdefault(name, set()).add(key)
+        for name, keys in sorted(by_file.items()):
+            handle = self._handle(name)
+            missing = keys - set(handle.keys())
+            if missing:
+                raise UserError(f"{len(missing)} key(s) named in the index are not in shard {name}, e.g. "
+                                f"{sorted(missing)[0]!r}; the checkpoint is incomplete or its index is stale")
+
+    def _handle(self, name: str) -> Any:
+        if name not in self._handles:
+            self._handles[name] = self._open(name)
+        return self._handles[name]
+
+    # -- the seam ------------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def shard_of(self, key: str) -> str:
+        return self._file_of[key]
+
+    def get_slice(self, key: str) -> Any:
+        """Lazy handle: ``[...]`` reads the whole tensor, ``[e0:e1]`` only those rows."""
+        return self._handle(self._file_of[key]).get_slice(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._handle(self._file_of[key]).get_tensor(key)
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(f"cannot read {key!r} from {self.folder / self._file_of[key]}: "
+                            f"{str(exc).strip()[:200]}") from exc
+
+    def shape(self, key: str) -> list[int]:
+        return list(self.get_slice(key).get_shape())
+
+    def nbytes(self) -> int:
+        return sum((self.folder / n).stat().st_size for n in set(self._file_of.values()))
+
+    def close(self) -> None:
+        self._handles.clear()
