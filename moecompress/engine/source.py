@@ -122,9 +122,16 @@ class ModelSource:
         return f"{self._layers_path}.{i}."
 
     def conversion(self) -> list[Any]:
-        from transformers.conversion_mapping import get_model_conversion_mapping
+        """The family's checkpoint conversion rules, computed once; their use flags say what save must revert."""
+        if not hasattr(self, "_mapping"):
+            from transformers.conversion_mapping import get_model_conversion_mapping
 
-        return get_model_conversion_mapping(self.model)
+            self._mapping = get_model_conversion_mapping(self.model)
+        return self._mapping
+
+    def _remember_used_conversions(self) -> None:
+        """What ``from_pretrained`` leaves on the model so that saving writes the layout it read."""
+        self.model._weight_conversions = [m for m in self.conversion() if m.was_used()]
 
     def _assign_keys(self) -> dict[Any, list[str]]:
         """On-disk key → the part owning its in-memory target, using transformers' renaming rules."""
@@ -140,6 +147,7 @@ class ModelSource:
             target, _ = rename_source_key(key, renamings, converters, self.model.base_model_prefix, meta)
             m = pattern.match(target)
             parts.setdefault(int(m.group(1)) if m else REST, []).append(key)
+        self._remember_used_conversions()
         return parts
 
     def keys_of(self, part: Any) -> list[str]:
@@ -182,6 +190,7 @@ class ModelSource:
                                           weight_mapping=self.conversion())
         with _quiet_transformers():
             info, _ = convert_and_load_state_dict_in_model(self.model, state, load_config)
+        self._remember_used_conversions()
         expected = self.expected_keys(part)
         missing = sorted(k for k in info.missing_keys if k in expected)
         problems = {"missing": missing, "unexpected": sorted(info.unexpected_keys),
@@ -198,6 +207,14 @@ class ModelSource:
                             "the checkpoint is incomplete or does not match its config.json")
         self._tie()
         return self.module_of(part)
+
+    def state_of(self, part: Any) -> dict[str, torch.Tensor]:
+        """The part's in-memory tensors under full model keys (what ``model.state_dict()`` would hold)."""
+        if part == REST:
+            layers = re.compile(re.escape(self._layers_path) + r"\.\d+\.")
+            return {k: v for k, v in self.model.state_dict().items() if not layers.match(k)}
+        prefix = self.layer_prefix(part)
+        return {prefix + k: v for k, v in self.layer(part).state_dict().items()}
 
     def _tie(self) -> None:
         tied = getattr(self.model, "all_tied_weights_keys", {}) or {}

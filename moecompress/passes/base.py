@@ -81,9 +81,39 @@ PassFn = Callable[[PassContext], dict[str, Any]]
 
 
 @dataclass
+class LayerwisePass:
+    """The engine's contract for a pass: global decisions first, then surgery on one decoder layer at a time.
+
+    ``plan(ctx)`` decides whatever needs every layer (from statistics; weights are not available).
+    ``apply_layer(ctx, plan, index, decoder_layer)`` decides and applies surgery to that layer only, with its
+    weights in memory, and returns the layer's report entry (or None for layers it leaves alone).
+    ``finish(ctx, plan, per_layer)`` updates the config and builds the pass report. The pass never sees
+    shards, devices or memory budgets; the in-memory path (``run_layerwise``) calls the same three functions.
+    """
+
+    plan: Callable[[PassContext], Any]
+    apply_layer: Callable[[PassContext, Any, int, Any], dict[str, Any] | None]
+    finish: Callable[[PassContext, Any, dict[int, dict[str, Any]]], dict[str, Any]]
+
+
+def run_layerwise(lp: LayerwisePass, ctx: PassContext) -> dict[str, Any]:
+    """A layerwise pass on a model already in memory: the same plan/apply/finish the engine streams."""
+    from moecompress.arch.adapter import decoder_layers
+
+    plan = lp.plan(ctx)
+    per_layer: dict[int, dict[str, Any]] = {}
+    for i, layer in enumerate(decoder_layers(ctx.model)):
+        info = lp.apply_layer(ctx, plan, i, layer)
+        if info is not None:
+            per_layer[i] = info
+    return lp.finish(ctx, plan, per_layer)
+
+
+@dataclass
 class RegisteredPass:
     config_cls: type[PassConfig]
     fn: PassFn
+    layerwise: LayerwisePass | None = None
 
 
 PASSES: dict[str, RegisteredPass] = {}
@@ -95,6 +125,24 @@ def register_pass(config_cls: type[PassConfig]) -> Callable[[PassFn], PassFn]:
         return fn
 
     return deco
+
+
+def register_layerwise(config_cls: type[PassConfig], lp: LayerwisePass) -> PassFn:
+    """Register a pass by its layerwise form; its in-memory function is ``run_layerwise`` over the same parts."""
+
+    def fn(ctx: PassContext) -> dict[str, Any]:
+        return run_layerwise(lp, ctx)
+
+    fn.__name__ = config_cls.name
+    PASSES[config_cls.name] = RegisteredPass(config_cls=config_cls, fn=fn, layerwise=lp)
+    return fn
+
+
+def moe_layer_at(ctx: PassContext, index: int) -> Any:
+    """The MoE view of decoder layer `index`, or None for a dense layer."""
+    from moecompress.arch.adapter import moe_layers
+
+    return next((ly for ly in moe_layers(ctx.model, ctx.adapter) if ly.index == index), None)
 
 
 def get_pass(name: str) -> RegisteredPass:
