@@ -115,7 +115,7 @@ def calib_spec(calib: str | None, samples: int, seqlen: int, seed: int, domain: 
                model: Path | None = None):
     """The calibration spec from CLI options; without --calib, the reference corpus the model ships (if any)."""
     from moecompress.calib.data import CalibSpec
-    from moecompress.runner import default_calibration_source
+    from moecompress.io.locations import default_calibration_source
 
     if calib is None:
         found = default_calibration_source(model) if model is not None and Path(model).is_dir() else None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import resource
 import shutil
 import time
@@ -22,7 +21,6 @@ from pydantic import BaseModel, ConfigDict
 from moecompress.calib.stats import Stats
 from moecompress.errors import UserError
 from moecompress.io.checkpoint import (
-    PROVENANCE,
     check_model_dir,
     checkpoint_bytes,
     load_model,
@@ -30,6 +28,7 @@ from moecompress.io.checkpoint import (
     publish,
     write_checkpoint,
 )
+from moecompress.io.locations import default_cache_root, default_calibration_source  # noqa: F401 (re-exported)
 from moecompress.passes.base import PassConfig, PassContext, get_pass
 
 REPORT = "report.json"
@@ -50,30 +49,11 @@ class RunOptions(BaseModel):
     max_shard_size: str = "5GB"
 
 
-def default_cache_root() -> Path:
-    return Path(os.environ.get("MOECOMPRESS_CACHE", Path.home() / ".cache" / "moecompress"))
-
-
 def model_fingerprint(path: Path) -> str:
     """Identity of a checkpoint's content for caches (shared with the eval cache)."""
     from moecompress.eval import checkpoint_fingerprint
 
     return checkpoint_fingerprint(path)
-
-
-def default_calibration_source(model_dir: Path) -> Path | None:
-    """The reference model ships its corpus; compressed descendants find it through provenance."""
-    candidates = [Path(model_dir)]
-    prov = Path(model_dir) / PROVENANCE
-    if prov.is_file():
-        base = json.loads(prov.read_text()).get("base_model")
-        if base:
-            candidates.append(Path(base))
-    for c in candidates:
-        f = c / "data" / "train.jsonl"
-        if f.is_file():
-            return f
-    return None
 
 
 def resolve_calibration(spec: Any, model_dir: Path) -> Any:
