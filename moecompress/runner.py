@@ -253,12 +253,13 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
     entry: dict[str, Any] = {"pass": cfg.name, "config": cfg.model_dump(mode="json")}
     tmp = engine.temp_dir_beside(out)
     try:
-        details, ids, logits = engine.compress_streamed(lp, ctx, source, tmp, max_shard_bytes=max_shard,
-                                                        console=console)
+        details, ids, logits, config_update = engine.compress_streamed(
+            lp, ctx, source, tmp, max_shard_bytes=max_shard, budget=budget // 2, spill_dir=spill, console=console)
         pass_seconds = time.perf_counter() - t0
         entry["summary"] = details.get("summary", "")
         engine.write_metadata(source, tok, tmp, src=src, pass_entry=entry,
-                              extra_files={"recipe.yaml": recipe_text} if recipe_text else None)
+                              extra_files={"recipe.yaml": recipe_text} if recipe_text else None,
+                              config_update=config_update)
         verify: dict[str, Any] = {}
         if opts.verify:
             verify = engine.verify_streamed(tmp, ids, logits, budget=budget, device=str(source.device),

@@ -105,3 +105,64 @@ class TensorReader:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+class PackedDequantReader(TensorReader):
+    """Reads our compressed-tensors ``pack-quantized`` checkpoints as float: each module's ``weight_packed`` /
+    ``weight_scale`` / ``weight_shape`` appear as one ``weight`` (codes x scale, computed as the loader does).
+
+    Used to verify a streamed quantized output with the same float engine that wrote it.
+    """
+
+    _PARTS = ("weight_packed", "weight_scale", "weight_shape")
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        raw = super().keys()
+        self._packed = {k[: -len(".weight_packed")] for k in raw if k.endswith(".weight_packed")}
+        self._keys = [k for k in raw if k.rsplit(".", 1)[-1] not in self._PARTS or k.rsplit(".", 1)[0] not in
+                      self._packed] + [f"{m}.weight" for m in sorted(self._packed)]
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def shard_of(self, key: str) -> str:
+        m = key[: -len(".weight")]
+        return super().shard_of(f"{m}.weight_packed" if m in self._packed else key)
+
+    def get(self, key: str) -> torch.Tensor:
+        m = key[: -len(".weight")] if key.endswith(".weight") else None
+        if m not in self._packed:
+            return super().get(key)
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+        from moecompress.quant.rtn import dequantize
+
+        packed, scale = super().get(f"{m}.weight_packed"), super().get(f"{m}.weight_scale")
+        out, inn = (int(v) for v in super().get(f"{m}.weight_shape"))
+        bits = round(packed.shape[1] * 32 / inn)
+        q = unpack_from_int32(packed, bits, torch.Size([out, inn]))
+        groups = scale.shape[1]
+        return dequantize(q, scale, -1 if groups == 1 else inn // groups)
+
+    def get_slice(self, key: str) -> Any:
+        m = key[: -len(".weight")] if key.endswith(".weight") else None
+        if m not in self._packed:
+            return super().get_slice(key)
+        return _Materialised(self.get(key))
+
+
+class _Materialised:
+    """A slice-like view over a tensor computed in memory (dequantized weights)."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+    def __getitem__(self, idx: Any) -> torch.Tensor:
+        return self.t[idx]
+
+    def get_shape(self) -> list[int]:
+        return list(self.t.shape)
+
+    def get_dtype(self) -> str:
+        return {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}.get(self.t.dtype, "F32")

@@ -37,7 +37,7 @@ from moecompress.io.checkpoint import (
     verify_reload,
     write_count_aliases,
 )
-from moecompress.passes.base import LayerwisePass, PassContext
+from moecompress.passes.base import LayerwisePass, PassContext, observe_and_apply
 
 DEFAULT_SHARD = "5GB"
 
@@ -120,43 +120,59 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 def compress_streamed(lp: LayerwisePass, ctx: PassContext, source: ModelSource, tmp: Path, *,
-                      max_shard_bytes: int, console: Any = None) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """Sweep 2: plan, then per layer read → apply → probe → write → release. Returns (details, probe ids, logits)."""
+                      max_shard_bytes: int, budget: int = 1 << 62, spill_dir: Path | None = None,
+                      console: Any = None) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Sweep 2: plan, then per layer read → (observe) → apply → probe → write → release.
+
+    Returns (details, probe ids, probe logits of the compressed model, config keys to add).
+    """
     plan = lp.plan(ctx)
-    ids = probe_input(source.config.get_text_config().vocab_size if hasattr(source.config, "get_text_config")
-                      else source.config.vocab_size)
+    text_config = source.config.get_text_config() if hasattr(source.config, "get_text_config") else source.config
+    ids = probe_input(text_config.vocab_size)
     probe = [(ids, torch.ones_like(ids))]
     writer = ShardWriter(tmp, max_shard_bytes)
     source.materialise(REST)
     flow = start_flow(source, probe, budget=1 << 62)
+    calib = None
+    if lp.calibration is not None:
+        calib = start_flow(source, lp.calibration(ctx, plan), budget=budget, spill_dir=spill_dir)
     per_layer: dict[int, dict[str, Any]] = {}
     try:
         with sweep_progress(console, f"{ctx.config.name}: compress + write", source.num_layers) as advance:
             for i in range(source.num_layers):
                 layer = source.materialise(i)
-                info = lp.apply_layer(ctx, plan, i, layer)
+                info = observe_and_apply(lp, ctx, plan, i, layer, calib)
                 if info is not None:
                     per_layer[i] = info
                 run_layer(flow, i, layer)
-                writer.add(on_disk_state(source.model, source.state_of(i)))
+                state = on_disk_state(source.model, source.state_of(i))
+                writer.add(lp.emit(ctx, plan, i, state) if lp.emit is not None else state)
                 source.release(i)
                 advance()
         logits = head_logits(source, probe[0], flow.acts.get(0))
     finally:
         flow.close()
+        if calib is not None:
+            calib.close()
     details = lp.finish(ctx, plan, per_layer)
     writer.add(on_disk_state(source.model, source.state_of(REST)))
     writer.finish()
-    return details, ids, logits
+    update = lp.config_update(ctx, plan, writer.shapes) if lp.config_update is not None else {}
+    return details, ids, logits, update
 
 
 def write_metadata(source: ModelSource, tokenizer: Any, tmp: Path, *, src: Path, pass_entry: dict[str, Any],
-                   extra_files: dict[str, str | bytes] | None) -> None:
-    """config (as the pass left it), generation config, tokenizer, provenance, extra files."""
+                   extra_files: dict[str, str | bytes] | None, config_update: dict[str, Any] | None = None) -> None:
+    """config (as the pass left it, plus `config_update`), generation config, tokenizer, provenance, extras."""
     config = source.model.config
     config.dtype = source.dtype
     config.architectures = [type(source.model).__name__]
     config.save_pretrained(tmp)
+    if config_update:
+        cfg_file = tmp / "config.json"
+        data = json.loads(cfg_file.read_text())
+        data.update(config_update)
+        cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     gen = Path(src) / "generation_config.json"
     if gen.is_file():
         shutil.copy2(gen, tmp / gen.name)
@@ -176,7 +192,12 @@ def verify_streamed(folder: Path, ids: torch.Tensor, reference: torch.Tensor, *,
                     atol: float | None = None, full_reload: bool | None = None, console: Any = None) -> dict[str, Any]:
     """Written keys/shapes/dtypes equal the meta model of the written config, and a streamed forward of the
     written checkpoint gives the compressed model's logits; plus a vanilla reload when the model fits."""
-    vsrc = ModelSource(folder, device=device)
+    reader = None
+    if json.loads((Path(folder) / "config.json").read_text()).get("quantization_config"):
+        from moecompress.engine.reader import PackedDequantReader
+
+        reader = PackedDequantReader(Path(folder))
+    vsrc = ModelSource(folder, device=device, reader=reader)
     assigned = {k for part in [REST, *range(vsrc.num_layers)] for k in vsrc.keys_of(part)}
     stray = set(vsrc.reader.keys()) - assigned
     if stray:

@@ -66,6 +66,7 @@ class ShardWriter:
         self._data: Any = None
         self._size = 0
         self.total = 0
+        self.shapes: dict[str, list[int]] = {}
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         for key, t in tensors.items():
@@ -85,6 +86,7 @@ class ShardWriter:
                 self._data.write(t.reshape(-1).view(torch.uint8).numpy().data)
             self._size += n
             self.total += n
+            self.shapes[key] = list(t.shape)
 
     def _close_shard(self) -> None:
         data_path = Path(self._data.name)
