@@ -73,6 +73,7 @@ def calib(path: Path, n: int = 400) -> Path:
 
 COMMANDS = {
     "prune": ["prune", "--ratio", "0.25", "--criterion", "reap"],
+    "gptq": ["quantize", "--method", "gptq", "--bits", "4", "--group-size", "128"],
     "merge": ["merge", "--ratio", "0.25", "--method", "msmoe", "--merge", "freq", "--router", "average",
               "--align", "none"],
 }
@@ -96,9 +97,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--passes", default="prune,merge")
+    ap.add_argument("--passes", default="prune,merge,gptq")
     ap.add_argument("--max-memory", default=None, help="passed to the passes (e.g. a quarter of the checkpoint)")
-    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-seqlen", type=int, default=256)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/moecompress-stream-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint")

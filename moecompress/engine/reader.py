@@ -2,7 +2,8 @@
 
 Everything the engine reads from a checkpoint's shards goes through ``TensorReader.get`` / ``get_slice``, so
 a reader that converts tensors as they are read (e.g. dequantizing FP8-block or MXFP4 source formats) plugs in
-at one place. Shards are memory-mapped (``safe_open``), so reading one layer never touches the others.
+at one place. Shards are opened with ``safe_open`` and read with ``pread`` (not memory-mapped: pages of a
+mapped shard stay resident in the process as the sweep touches them), so reading one layer reads only it.
 Broken folders (a shard named in the index but missing, a truncated shard, a key in the index that no file
 holds) fail here, up front, with one clear message.
 """
@@ -56,7 +57,10 @@ class TensorReader:
         if not path.is_file():
             raise UserError(f"shard {name} is named in {self.folder / INDEX} but missing from {self.folder}")
         try:
-            return safe_open(str(path), framework="pt", device="cpu")
+            try:  # pread: bytes are read into our tensors, not mapped (mapped pages would count as resident memory)
+                return safe_open(str(path), framework="pt", device="cpu", backend="pread")
+            except TypeError:  # older safetensors: memory-mapped only
+                return safe_open(str(path), framework="pt", device="cpu")
         except Exception as exc:  # safetensors raises its own error types for corrupt/truncated files
             raise UserError(f"shard {path} cannot be read ({str(exc).strip()[:200]}); is it truncated or "
                             "corrupt? Re-download it.") from exc
