@@ -133,7 +133,7 @@ def run_pass(cfg: PassConfig, src: Path, out: Path, *, calibration: Any = None, 
 
         check_eval_spec(eval_spec, eval_data_dir(eval_spec, src))
     registered = get_pass(cfg.name)
-    if registered.layerwise is not None:
+    if registered.layerwise is not None and registered.layerwise.streams(cfg):
         return run_streamed(cfg, registered.layerwise, src, out, calibration=calibration, eval_spec=eval_spec,
                             opts=opts, console=console, recipe_text=recipe_text)
     t0 = time.perf_counter()
@@ -247,9 +247,20 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
                                           console, collector=collector)
         return cache["stats"]
 
+    def grad_collector(batch_size: int) -> Any:
+        from moecompress.engine.grad import stream_gradient_stats
+
+        grad_src = engine.open_source(src, dtype=opts.dtype, device=opts.device)
+        try:
+            return stream_gradient_stats(grad_src, list(get_calibration().batches(batch_size)), budget=budget // 2,
+                                         spill_dir=spill, console=console)
+        finally:
+            grad_src.close()
+
     params_before = engine.count_params(source.model)
     ctx = PassContext(model=source.model, tokenizer=tok, adapter=source.adapter, config=cfg, get_stats=get_stats,
-                      get_calibration=get_calibration, console=console)
+                      get_calibration=get_calibration, console=console, layer_visitor=engine.layer_visitor(source),
+                      get_grad_stats=grad_collector)
     entry: dict[str, Any] = {"pass": cfg.name, "config": cfg.model_dump(mode="json")}
     tmp = engine.temp_dir_beside(out)
     try:

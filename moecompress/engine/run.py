@@ -115,6 +115,23 @@ def stream_stats(source: ModelSource, batches: list[tuple[torch.Tensor, torch.Te
     return Stats(layers=layers, meta=info)
 
 
+def layer_visitor(source: ModelSource) -> Callable[[Callable[[int, Any], Any], bool], dict[int, Any]]:
+    """``PassContext.for_each_layer`` for a streamed model: each layer read, visited, released in turn."""
+
+    def visit(fn: Callable[[int, Any], Any], weights: bool) -> dict[int, Any]:
+        out: dict[int, Any] = {}
+        for i in range(source.num_layers):
+            layer = source.materialise(i) if weights else source.layer(i)
+            try:
+                out[i] = fn(i, layer)
+            finally:
+                if weights:
+                    source.release(i)
+        return out
+
+    return visit
+
+
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -75,6 +75,17 @@ class PassContext:
     get_calibration: Callable[[], Any]
     console: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
+    # The engine streams these; None means "the model is in memory": iterate it / run the in-memory collector.
+    layer_visitor: Callable[[Callable[[int, Any], Any], bool], dict[int, Any]] | None = None
+    get_grad_stats: Callable[[int], Any] | None = None  # batch size → HEAPr gradient statistics
+
+    def for_each_layer(self, fn: Callable[[int, Any], Any], weights: bool = True) -> dict[int, Any]:
+        """{index: fn(index, decoder_layer)} over every decoder layer, its weights in memory when `weights`."""
+        if self.layer_visitor is not None:
+            return self.layer_visitor(fn, weights)
+        from moecompress.arch.adapter import decoder_layers
+
+        return {i: fn(i, layer) for i, layer in enumerate(decoder_layers(self.model))}
 
 
 PassFn = Callable[[PassContext], dict[str, Any]]
@@ -106,6 +117,7 @@ class LayerwisePass:
     propagate: bool = False
     emit: Callable[[PassContext, Any, int, dict[str, Any]], dict[str, Any]] | None = None
     config_update: Callable[[PassContext, Any, dict[str, list[int]]], dict[str, Any]] | None = None
+    streams: Callable[[Any], bool] = lambda cfg: True  # False: this config needs the whole model in memory
 
 
 def observe_and_apply(lp: LayerwisePass, ctx: PassContext, plan: Any, index: int, layer: Any, flow: Any) -> Any:
