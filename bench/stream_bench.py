@@ -73,6 +73,7 @@ def calib(path: Path, n: int = 400) -> Path:
 
 COMMANDS = {
     "prune": ["prune", "--ratio", "0.25", "--criterion", "reap"],
+    "heapr": ["prune", "--neuron-ratio", "0.25", "--criterion", "heapr"],
     "gptq": ["quantize", "--method", "gptq", "--bits", "4", "--group-size", "128"],
     "merge": ["merge", "--ratio", "0.25", "--method", "msmoe", "--merge", "freq", "--router", "average",
               "--align", "none"],
@@ -93,14 +94,15 @@ def run(cmd: list[str]) -> tuple[float, float, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=10)
+    ap.add_argument("--layers", type=int, default=20)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--width", type=int, default=1024)
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--passes", default="prune,merge,gptq")
-    ap.add_argument("--max-memory", default=None, help="passed to the passes (e.g. a quarter of the checkpoint)")
-    ap.add_argument("--calib-samples", type=int, default=16)
-    ap.add_argument("--calib-seqlen", type=int, default=256)
+    ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--passes", default="prune,merge,heapr,gptq,prune@quarter",
+                    help="comma-separated; NAME@quarter runs with --max-memory at 1/4 of the checkpoint's bytes")
+    ap.add_argument("--max-memory", default=None, help="--max-memory for the passes (default: the engine's own)")
+    ap.add_argument("--calib-samples", type=int, default=8)
+    ap.add_argument("--calib-seqlen", type=int, default=128)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/moecompress-stream-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
     args = ap.parse_args()
@@ -110,22 +112,25 @@ def main() -> None:
         src = work / "src"
         t0 = time.perf_counter()
         nbytes = generate(src, args.layers, args.hidden, args.width, args.experts, "1GB")
+        sys.stdout.flush()
         print(f"checkpoint: {args.layers} layers x {args.experts} experts, hidden {args.hidden}, width {args.width}: "
               f"{nbytes / 2**30:.2f} GiB bf16 in {len(list(src.glob('*.safetensors')))} shards "
               f"(generated in {time.perf_counter() - t0:.0f}s)")
         data = calib(work / "calib.jsonl")
-        for name in args.passes.split(","):
+        for spec in args.passes.split(","):
+            name, _, variant = spec.partition("@")
             out = work / f"out-{name}"
             cmd = [sys.executable, "-m", "moecompress.cli", *COMMANDS[name][:1], str(src), "--out", str(out),
                    *COMMANDS[name][1:], "--calib", str(data), "--calib-samples", str(args.calib_samples),
                    "--calib-seqlen", str(args.calib_seqlen), "--max-shard-size", "1GB", "--device", "cpu",
                    "--stats-cache", str(work / "stats")]
-            if args.max_memory:
-                cmd += ["--max-memory", args.max_memory]
+            budget = str(nbytes // 4) if variant == "quarter" else args.max_memory
+            if budget:
+                cmd += ["--max-memory", budget]
             rss, wall, _ = run(cmd)
             report = json.loads((out / "report.json").read_text())
             shards = len(list(out.glob("*.safetensors")))
-            print(f"{name:6s} peak RSS {rss / 2**30:.2f} GiB = {rss / nbytes:.2f}x checkpoint; wall {wall:.0f}s; "
+            print(f"{spec:14s} max-memory {budget or 'default'}: peak RSS {rss / 2**30:.2f} GiB = {rss / nbytes:.2f}x checkpoint; wall {wall:.0f}s; "
                   f"output {report['bytes_after'] / 2**30:.2f} GiB in {shards} shards; verify {report['verify']}")
             shutil.rmtree(out, ignore_errors=True)
     finally:

@@ -299,9 +299,13 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
         "verify": verify,
         "details": details,
     }
-    if eval_spec is not None:
-        loaded = load_model(out, dtype=opts.dtype)
-        report["eval"] = evaluate_pair(src, loaded.model, loaded.tokenizer or tok, eval_spec, console)
+    if eval_spec is not None:  # a checkpoint larger than the budget is placed by accelerate, offloaded to disk
+        offload = engine.spill_dir_beside(out)
+        try:
+            loaded = load_model(out, dtype=opts.dtype, max_memory=budget, offload_folder=offload)
+            report["eval"] = evaluate_pair(src, loaded.model, loaded.tokenizer or tok, eval_spec, console)
+        finally:
+            shutil.rmtree(offload, ignore_errors=True)
     write_report(out, report)
     if opts.plots:
         from moecompress.report import plot_pass

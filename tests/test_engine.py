@@ -398,3 +398,15 @@ def test_prune_atomic_through_engine_equals_in_memory(tmp_path, cache_dir, famil
     _assert_same_checkpoint(tmp_path / "inmem", out)
     assert report["details"]["nonzero_params"] == want_details["nonzero_params"]
     assert report["details"]["global_ranking"] == want_details["global_ranking"]
+
+
+def test_eval_loading_of_a_checkpoint_larger_than_the_budget(tmp_path):
+    """A model over the budget is placed by accelerate (disk offload) and gives the same logits."""
+    folder = _save(tmp_path, "qwen3_moe")
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = load_model(folder).model(input_ids=ids).logits
+        got_model = load_model(folder, max_memory=20_000, offload_folder=tmp_path / "offload").model
+        assert getattr(got_model, "hf_device_map", None)  # really placed by accelerate
+        got = got_model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
