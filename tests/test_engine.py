@@ -127,9 +127,10 @@ def _on_disk_keys(folder):
     return keys
 
 
-PRUNE_CASES = [("qwen3_moe", "reap"), ("mixtral", "frequency"), ("gpt_oss", "ean"), ("deepseek_v3", "easy_ep"),
-               ("qwen2_moe", "soft_frequency"), ("llama4_text", "reap"), ("qwen3_moe", "naee"),
-               ("mixtral", "random")]
+SLOW = pytest.mark.slow
+PRUNE_CASES = [("qwen3_moe", "reap"), ("mixtral", "frequency"), ("gpt_oss", "ean"),
+               pytest.param("deepseek_v3", "easy_ep", marks=SLOW), pytest.param("qwen2_moe", "soft_frequency", marks=SLOW),
+               ("llama4_text", "reap"), ("qwen3_moe", "naee"), ("mixtral", "random")]
 
 
 @pytest.mark.parametrize(("family", "criterion"), PRUNE_CASES)
@@ -151,7 +152,7 @@ def test_prune_through_engine_equals_in_memory(tmp_path, cache_dir, family, crit
 MERGE_CASES = [("qwen3_moe", dict(method="ream", merge="saliency", router="refit")),
                ("mixtral", dict(method="msmoe", merge="freq", router="dominant", align="none")),
                ("deepseek_v3", dict(method="hc", merge="saliency", router="average")),
-               ("gpt_oss", dict(method="kmeans", merge="subspace", router="refit", rank=8))]
+               pytest.param("gpt_oss", dict(method="kmeans", merge="subspace", router="refit", rank=8), marks=SLOW)]
 
 
 @pytest.mark.parametrize(("family", "kw"), MERGE_CASES)

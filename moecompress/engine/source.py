@@ -236,9 +236,20 @@ class ModelSource:
             return
         for sub in module.modules():
             _to_meta(sub, recurse=False)
+        _return_freed_memory()
 
     def close(self) -> None:
         self.reader.close()
+
+
+def _return_freed_memory() -> None:
+    """Hand memory freed with a layer back to the OS (glibc keeps freed heap pages otherwise; RSS would creep)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _to_meta(module: torch.nn.Module, recurse: bool) -> None:
