@@ -102,6 +102,11 @@ EVAL = typer.Option(None, "--eval", help="Comma-separated lm-eval tasks to compa
 EVAL_DATA = typer.Option(None, "--eval-data", help="Folder with val.jsonl / mc.jsonl for the bundled tasks "
                          "(default: the reference model's data/, found through provenance).")
 DTYPE = typer.Option(None, "--dtype", help="Load dtype (float32, bfloat16, ...). Default: the checkpoint's.")
+DEVICE = typer.Option("auto", "--device", help="Where each layer is computed: cpu | cuda | auto (cuda when "
+                      "available). The model is streamed one decoder layer at a time from its shards.")
+MAX_MEMORY = typer.Option(None, "--max-memory", help="CPU RAM the run may use, e.g. 24GiB (default: 3/4 of what "
+                          "is free). Calibration activations beyond it spill to disk beside --out.")
+MAX_SHARD = typer.Option("5GB", "--max-shard-size", help="Largest output shard (model-0000k-of-0000n.safetensors).")
 STATS_CACHE = typer.Option(None, "--stats-cache", help="Where calibration statistics are cached "
                            "(default ~/.cache/moecompress/stats or $MOECOMPRESS_CACHE).")
 
@@ -110,7 +115,7 @@ def calib_spec(calib: str | None, samples: int, seqlen: int, seed: int, domain: 
                model: Path | None = None):
     """The calibration spec from CLI options; without --calib, the reference corpus the model ships (if any)."""
     from moecompress.calib.data import CalibSpec
-    from moecompress.runner import default_calibration_source
+    from moecompress.io.locations import default_calibration_source
 
     if calib is None:
         found = default_calibration_source(model) if model is not None and Path(model).is_dir() else None
@@ -132,14 +137,16 @@ def eval_spec(tasks: str | None, data_dir: Path | None = None):
 
 
 def run_one(cfg_cls, fields: dict, model: Path, out: Path, *, calib=None, evals=None, eval_data: Path | None = None,
-            overwrite: bool = False, dtype: str | None = None, stats_cache: Path | None = None) -> dict:
+            overwrite: bool = False, dtype: str | None = None, stats_cache: Path | None = None,
+            device: str | None = None, max_memory: str | None = None, max_shard_size: str = "5GB") -> dict:
     """The pass commands are one-pass recipes: validate the config, then run it through the same runner."""
     from moecompress.recipe import validated
     from moecompress.runner import RunOptions, run_pass
 
     quiet_transformers()
     cfg = validated(cfg_cls, {k: v for k, v in fields.items() if v is not None})
-    opts = RunOptions(overwrite=overwrite, dtype=dtype, stats_cache=stats_cache)
+    opts = RunOptions(overwrite=overwrite, dtype=dtype, stats_cache=stats_cache, device=device,
+                      max_memory=max_memory, max_shard_size=max_shard_size)
     report = run_pass(cfg, model, out, calibration=calib, eval_spec=eval_spec(evals, eval_data), opts=opts,
                       console=console)
     print_report(report)
@@ -160,7 +167,11 @@ def print_report(report: dict) -> None:
         t.add_row(f"{task} {metric}", f"{b:.4g}", f"{c:.4g}" + (f" ({r:.1f}%)" if r is not None else ""))
     console.print(t)
     console.print(f"time {report['seconds']:.1f}s · peak RSS {report['peak_rss_mb']:.0f} MiB · reload verified "
-                  f"(max logit diff {report['verify'].get('max_abs_logit_diff', float('nan')):.2g})")
+                  f"(max logit diff {_logit_diff(report['verify']):.2g})")
+
+
+def _logit_diff(verify: dict) -> float:
+    return verify.get("max_abs_logit_diff", verify.get("streamed_max_abs_logit_diff", float("nan")))
 
 
 def parse_layers(text: str | None) -> list[int] | None:
@@ -205,6 +216,7 @@ def prune_cmd(
     calib_seed: int = CALIB_SEED, calib_domain: str | None = CALIB_DOMAIN,
     evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA, overwrite: bool = OVERWRITE,
     dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE,
+    device: str = DEVICE, max_memory: str | None = MAX_MEMORY, max_shard_size: str = MAX_SHARD,
 ) -> None:
     """Remove whole experts (same count per layer) or expert neurons, ranked on calibration data.
 
@@ -227,7 +239,7 @@ def prune_cmd(
                                         expert_ratio=ratio, expert_keep=keep, expert_criterion=expert_criterion,
                                         seed=seed),
                 model, out, calib=calibration, evals=evals, eval_data=eval_data, overwrite=overwrite, dtype=dtype,
-                stats_cache=stats_cache)
+                stats_cache=stats_cache, device=device, max_memory=max_memory, max_shard_size=max_shard_size)
         return
     if criterion in ATOMIC_CRITERIA and criterion != "random":
         raise UserError(f"--criterion {criterion} ranks expert neurons; add --neuron-ratio R (e.g. 0.25)")
@@ -237,7 +249,8 @@ def prune_cmd(
                                      protect_super_experts=protect_super_experts, layers=parse_layers(layers),
                                      seed=seed),
             model, out, calib=calibration, evals=evals,
-            eval_data=eval_data, overwrite=overwrite, dtype=dtype, stats_cache=stats_cache)
+            eval_data=eval_data, overwrite=overwrite, dtype=dtype, stats_cache=stats_cache, device=device,
+            max_memory=max_memory, max_shard_size=max_shard_size)
 
 
 @app.command("merge")
@@ -263,6 +276,7 @@ def merge_cmd(
     calib_seed: int = CALIB_SEED, calib_domain: str | None = CALIB_DOMAIN,
     evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA, overwrite: bool = OVERWRITE,
     dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE,
+    device: str = DEVICE, max_memory: str | None = MAX_MEMORY, max_shard_size: str = MAX_SHARD,
 ) -> None:
     """Merge groups of experts into one each (same count per layer): the checkpoint shrinks and loads anywhere.
 
@@ -273,7 +287,8 @@ def merge_cmd(
     run_one(MergeExpertsConfig, dict(ratio=ratio, keep=keep, method=method, merge=merge, router=router, rank=rank,
                                      energy=energy, align=align, group_size=group_size, seed=seed),
             model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, calib_domain, model), evals=evals,
-            eval_data=eval_data, overwrite=overwrite, dtype=dtype, stats_cache=stats_cache)
+            eval_data=eval_data, overwrite=overwrite, dtype=dtype, stats_cache=stats_cache, device=device,
+            max_memory=max_memory, max_shard_size=max_shard_size)
 
 
 @app.command("quantize")
@@ -297,6 +312,7 @@ def quantize_cmd(
     calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
     calib_seed: int = CALIB_SEED, evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA,
     overwrite: bool = OVERWRITE, dtype: str | None = DTYPE,
+    device: str = DEVICE, max_memory: str | None = MAX_MEMORY, max_shard_size: str = MAX_SHARD,
 ) -> None:
     """Quantize routed experts (GPTQ or RTN) into a compressed-tensors pack-quantized checkpoint.
 
@@ -309,7 +325,8 @@ def quantize_cmd(
                                  attention=attention, shared=shared, ignore=list(ignore), bits_budget=bits_budget,
                                  damp=damp),
             model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, model=model), evals=evals,
-            eval_data=eval_data, overwrite=overwrite, dtype=dtype)
+            eval_data=eval_data, overwrite=overwrite, dtype=dtype, device=device, max_memory=max_memory,
+            max_shard_size=max_shard_size)
 
 
 @app.command("sweep")
@@ -347,6 +364,7 @@ def run_cmd(
     model: Path | None = typer.Option(None, "--model", help="Override the recipe's model."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo finished steps instead of resuming."),
     dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE,
+    device: str = DEVICE, max_memory: str | None = MAX_MEMORY, max_shard_size: str = MAX_SHARD,
 ) -> None:
     """Run a recipe; a rerun resumes (finished steps are skipped, an interrupted one is redone)."""
     from moecompress.recipe import load_recipe
@@ -355,7 +373,9 @@ def run_cmd(
     parsed = load_recipe(recipe)  # validated before any weight loads
     quiet_transformers()
     reports = run_recipe(parsed, out, model=model, opts=RunOptions(overwrite=overwrite, dtype=dtype,
-                                                                   stats_cache=stats_cache), console=console)
+                                                                   stats_cache=stats_cache, device=device,
+                                                                   max_memory=max_memory,
+                                                                   max_shard_size=max_shard_size), console=console)
     for r in reports:
         print_report(r)
     console.print(f"run summary: {out / 'run.md'}")

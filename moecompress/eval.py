@@ -495,7 +495,7 @@ def eval_command(
 
     read_config(model)
     if data_dir is None:
-        from moecompress.runner import default_calibration_source
+        from moecompress.io.locations import default_calibration_source
 
         src = default_calibration_source(model)
         data_dir = src.parent if src is not None else None
@@ -511,7 +511,7 @@ def eval_command(
     transformers.utils.logging.disable_progress_bar()
     t0 = time.perf_counter()
     if cache:
-        from moecompress.runner import default_cache_root
+        from moecompress.io.locations import default_cache_root
 
         results = cached_evaluate(model, spec, default_cache_root() / "eval")
     else:

@@ -8,8 +8,8 @@ interrupted step left only a temp folder, which is discarded and redone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
-import os
 import resource
 import shutil
 import time
@@ -23,13 +23,14 @@ from pydantic import BaseModel, ConfigDict
 from moecompress.calib.stats import Stats
 from moecompress.errors import UserError
 from moecompress.io.checkpoint import (
-    PROVENANCE,
     check_model_dir,
     checkpoint_bytes,
     load_model,
     prepare_output,
+    publish,
     write_checkpoint,
 )
+from moecompress.io.locations import default_cache_root, default_calibration_source  # noqa: F401 (re-exported)
 from moecompress.passes.base import PassConfig, PassContext, get_pass
 
 REPORT = "report.json"
@@ -45,10 +46,9 @@ class RunOptions(BaseModel):
     sample_tokens: int = 2048
     verify: bool = True
     plots: bool = True
-
-
-def default_cache_root() -> Path:
-    return Path(os.environ.get("MOECOMPRESS_CACHE", Path.home() / ".cache" / "moecompress"))
+    device: str | None = None  # cpu | cuda | auto (engine)
+    max_memory: str | None = None  # CPU RAM budget of the engine, e.g. "24GiB"; default: 3/4 of available
+    max_shard_size: str = "5GB"
 
 
 def model_fingerprint(path: Path) -> str:
@@ -56,21 +56,6 @@ def model_fingerprint(path: Path) -> str:
     from moecompress.eval import checkpoint_fingerprint
 
     return checkpoint_fingerprint(path)
-
-
-def default_calibration_source(model_dir: Path) -> Path | None:
-    """The reference model ships its corpus; compressed descendants find it through provenance."""
-    candidates = [Path(model_dir)]
-    prov = Path(model_dir) / PROVENANCE
-    if prov.is_file():
-        base = json.loads(prov.read_text()).get("base_model")
-        if base:
-            candidates.append(Path(base))
-    for c in candidates:
-        f = c / "data" / "train.jsonl"
-        if f.is_file():
-            return f
-    return None
 
 
 def resolve_calibration(spec: Any, model_dir: Path) -> Any:
@@ -94,8 +79,12 @@ def peak_rss_mb() -> float:
 
 
 def obtain_stats(model: Any, get_calibration: Any, model_dir: Path, calib_spec: Any, opts: RunOptions,
-                 console: Any = None) -> Stats:
-    """Statistics for (model, calibration spec): from the cache when the same pair was seen, else one pass."""
+                 console: Any = None, collector: Any = None) -> Stats:
+    """Statistics for (model, calibration spec): from the cache when the same pair was seen, else one pass.
+
+    `collector(batches, total_tokens, meta)` computes them (the engine's streamed sweep); default: one forward
+    of the in-memory `model`.
+    """
     from moecompress.calib.collect import collect_stats
 
     key = f"{model_fingerprint(model_dir)}-{calib_spec.cache_key()}-s{opts.sample_tokens}"
@@ -109,6 +98,14 @@ def obtain_stats(model: Any, get_calibration: Any, model_dir: Path, calib_spec: 
     batch = get_calibration()  # tokenized once per pass, shared with passes that also read the tokens
     batches = list(batch.batches(max(1, min(8, 8192 // batch.input_ids.shape[1]))))
     total = int(batch.attention_mask.sum())
+    meta = {"model": str(model_dir), "calibration": calib_spec.model_dump(mode="json"), "tokens": total}
+    if collector is not None:
+        stats = collector(batches, total, meta)
+        stats.save(cache_dir)
+        stats.meta["cache"] = "miss"
+        if console:
+            console.print(f"statistics: {total:,} tokens in {stats.meta['collect_seconds']:.1f}s → {cache_dir}")
+        return stats
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn("collecting statistics"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
@@ -138,6 +135,9 @@ def run_pass(cfg: PassConfig, src: Path, out: Path, *, calibration: Any = None, 
 
         check_eval_spec(eval_spec, eval_data_dir(eval_spec, src))
     registered = get_pass(cfg.name)
+    if registered.layerwise is not None and registered.layerwise.streams(cfg):
+        return run_streamed(cfg, registered.layerwise, src, out, calibration=calibration, eval_spec=eval_spec,
+                            opts=opts, console=console, recipe_text=recipe_text)
     t0 = time.perf_counter()
     loaded = load_model(src, dtype=opts.dtype)
     model, tok = loaded.model, loaded.tokenizer
@@ -185,6 +185,130 @@ def run_pass(cfg: PassConfig, src: Path, out: Path, *, calibration: Any = None, 
     }
     if eval_spec is not None:
         report["eval"] = evaluate_pair(src, model, tok, eval_spec, console, out=out if verify else None)
+    write_report(out, report)
+    if opts.plots:
+        from moecompress.report import plot_pass
+
+        plot_pass(out, report, cache.get("stats"))
+    return report
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
+
+
+def run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, **kw: Any) -> dict[str, Any]:
+    """A layerwise pass through the engine: the checkpoint is never in memory whole (moecompress.engine)."""
+    try:
+        return _run_streamed(cfg, lp, src, out, **kw)
+    except OSError as exc:
+        if exc.errno in _WRITE_ERRNOS:
+            raise UserError(f"cannot write {out}: {exc.strerror or exc} ({getattr(exc, 'filename', None) or out}); "
+                            "nothing was written there. Free space, fix permissions or choose another --out.") from exc
+        raise
+
+
+def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration: Any, eval_spec: Any,
+                  opts: RunOptions, console: Any = None, recipe_text: str | None = None) -> dict[str, Any]:
+    from moecompress.engine import run as engine
+    from moecompress.engine.sink import parse_size
+
+    t0 = time.perf_counter()
+    budget = engine.memory_budget(opts.max_memory)
+    max_shard = parse_size(opts.max_shard_size)
+    source = engine.open_source(src, dtype=opts.dtype, device=opts.device)
+    tok = None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(src)
+    except Exception:  # a checkpoint without tokenizer is still compressible; calibration will say so
+        tok = None
+    cache: dict[str, Any] = {}
+    spill = engine.spill_dir_beside(out)
+
+    def get_calibration() -> Any:
+        if "calib" not in cache:
+            from moecompress.calib.data import load_calibration
+
+            if tok is None:
+                raise UserError(f"{src} has no tokenizer; calibration data cannot be tokenized")
+            cache["calib"] = load_calibration(resolve_calibration(calibration, src), tok)
+        return cache["calib"]
+
+    def collector(batches: Any, total: int, meta: dict[str, Any]) -> Stats:
+        stats_src = engine.open_source(src, dtype=opts.dtype, device=opts.device)
+        try:
+            return engine.stream_stats(stats_src, batches, total_tokens=total, sample_tokens=opts.sample_tokens,
+                                       budget=budget // 2, spill_dir=spill, console=console, meta=meta)
+        finally:
+            stats_src.close()
+
+    def get_stats() -> Stats:
+        if "stats" not in cache:
+            cache["stats"] = obtain_stats(None, get_calibration, src, resolve_calibration(calibration, src), opts,
+                                          console, collector=collector)
+        return cache["stats"]
+
+    def grad_collector(batch_size: int) -> Any:
+        from moecompress.engine.grad import stream_gradient_stats
+
+        grad_src = engine.open_source(src, dtype=opts.dtype, device=opts.device)
+        try:
+            return stream_gradient_stats(grad_src, list(get_calibration().batches(batch_size)), budget=budget // 2,
+                                         spill_dir=spill, console=console)
+        finally:
+            grad_src.close()
+
+    params_before = engine.count_params(source.model)
+    ctx = PassContext(model=source.model, tokenizer=tok, adapter=source.adapter, config=cfg, get_stats=get_stats,
+                      get_calibration=get_calibration, console=console, layer_visitor=engine.layer_visitor(source),
+                      get_grad_stats=grad_collector)
+    entry: dict[str, Any] = {"pass": cfg.name, "config": cfg.model_dump(mode="json")}
+    tmp = engine.temp_dir_beside(out)
+    try:
+        details, ids, logits, config_update = engine.compress_streamed(
+            lp, ctx, source, tmp, max_shard_bytes=max_shard, budget=budget // 2, spill_dir=spill, console=console)
+        pass_seconds = time.perf_counter() - t0
+        entry["summary"] = details.get("summary", "")
+        engine.write_metadata(source, tok, tmp, src=src, pass_entry=entry,
+                              extra_files={"recipe.yaml": recipe_text} if recipe_text else None,
+                              config_update=config_update)
+        verify: dict[str, Any] = {}
+        if opts.verify:
+            verify = engine.verify_streamed(tmp, ids, logits, budget=budget, device=str(source.device),
+                                            atol=ctx.extras.get("verify_atol"), console=console)
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+        source.close()
+    report: dict[str, Any] = {
+        "pass": cfg.name,
+        "config": cfg.model_dump(mode="json"),
+        "source": str(src),
+        "output": str(out),
+        "params_before": params_before,
+        "params_after": engine.count_params(source.model),
+        "bytes_before": checkpoint_bytes(src),
+        "bytes_after": checkpoint_bytes(out),
+        "seconds": round(pass_seconds, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "engine": {"mode": "streamed", "device": str(source.device), "max_memory_bytes": budget,
+                   "max_shard_bytes": max_shard},
+        "statistics": (cache["stats"].meta if "stats" in cache else None),
+        "verify": verify,
+        "details": details,
+    }
+    if eval_spec is not None:  # a checkpoint larger than the budget is placed by accelerate, offloaded to disk
+        offload = engine.spill_dir_beside(out)
+        try:
+            loaded = load_model(out, dtype=opts.dtype, max_memory=budget, offload_folder=offload)
+            report["eval"] = evaluate_pair(src, loaded.model, loaded.tokenizer or tok, eval_spec, console,
+                                           out=out)  # loaded from `out`: its results are the checkpoint's
+        finally:
+            shutil.rmtree(offload, ignore_errors=True)
     write_report(out, report)
     if opts.plots:
         from moecompress.report import plot_pass

@@ -64,14 +64,24 @@ def check_model_dir(path: Path) -> tuple[dict[str, Any], MoEAdapter]:
     return config, adapter
 
 
-def load_model(path: Path, *, dtype: torch.dtype | str | None = None, tokenizer: bool = True) -> LoadedModel:
-    """Load a supported MoE checkpoint for compression (eval mode, no grad)."""
+def load_model(path: Path, *, dtype: torch.dtype | str | None = None, tokenizer: bool = True,
+               max_memory: int | None = None, offload_folder: Path | None = None) -> LoadedModel:
+    """Load a supported MoE checkpoint for compression (eval mode, no grad).
+
+    With `max_memory` (bytes of CPU RAM) a checkpoint larger than that is placed by accelerate
+    (``device_map="auto"``: GPUs first when present, then CPU up to the budget, the rest offloaded to disk in
+    `offload_folder`), e.g. to evaluate a model that the engine compressed without ever holding it whole.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     _, adapter = check_model_dir(path)
+    placement: dict[str, Any] = {}
+    if max_memory is not None and checkpoint_bytes(path) > max_memory // 2:
+        placement = {"device_map": "auto", "max_memory": {"cpu": int(max_memory)},
+                     "offload_folder": str(offload_folder or temp_dir_beside(path.parent / f".{path.name}-offload"))}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", **placement)
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"could not load weights from {path}: {_short(exc)}. Is a weight file corrupt or truncated?") from exc
     except Exception as exc:  # safetensors raises its own error types on corrupt headers

@@ -75,15 +75,94 @@ class PassContext:
     get_calibration: Callable[[], Any]
     console: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
+    # The engine streams these; None means "the model is in memory": iterate it / run the in-memory collector.
+    layer_visitor: Callable[[Callable[[int, Any], Any], bool], dict[int, Any]] | None = None
+    get_grad_stats: Callable[[int], Any] | None = None  # batch size → HEAPr gradient statistics
+
+    def for_each_layer(self, fn: Callable[[int, Any], Any], weights: bool = True) -> dict[int, Any]:
+        """{index: fn(index, decoder_layer)} over every decoder layer, its weights in memory when `weights`."""
+        if self.layer_visitor is not None:
+            return self.layer_visitor(fn, weights)
+        from moecompress.arch.adapter import decoder_layers
+
+        return {i: fn(i, layer) for i, layer in enumerate(decoder_layers(self.model))}
 
 
 PassFn = Callable[[PassContext], dict[str, Any]]
 
 
 @dataclass
+class LayerwisePass:
+    """The engine's contract for a pass: global decisions first, then surgery on one decoder layer at a time.
+
+    ``plan(ctx)`` decides whatever needs every layer (from statistics; weights are not available).
+    ``apply_layer(ctx, plan, index, decoder_layer)`` decides and applies surgery to that layer only, with its
+    weights in memory, and returns the layer's report entry (or None for layers it leaves alone).
+    ``finish(ctx, plan, per_layer)`` updates the config and builds the pass report. The pass never sees
+    shards, devices or memory budgets; the in-memory path (``run_layerwise``) calls the same functions.
+
+    Passes that observe calibration activations layer by layer (GPTQ) also give ``calibration(ctx, plan)`` (the
+    batches), ``observe(ctx, plan, index, decoder_layer)`` (a context manager active while every batch runs
+    through the layer before ``apply_layer``; it yields a per-batch callback ``(b) -> None``) and
+    ``propagate=True`` when the next layer must see this layer's *compressed* outputs. Passes that store tensors
+    differently from ``save_pretrained`` give ``emit(ctx, plan, index, on_disk)`` (rewrite one layer's on-disk
+    tensors) and ``config_update(ctx, plan, shapes)`` (keys added to config.json, from the written shapes).
+    """
+
+    plan: Callable[[PassContext], Any]
+    apply_layer: Callable[[PassContext, Any, int, Any], dict[str, Any] | None]
+    finish: Callable[[PassContext, Any, dict[int, dict[str, Any]]], dict[str, Any]]
+    calibration: Callable[[PassContext, Any], list[Any]] | None = None
+    observe: Callable[[PassContext, Any, int, Any], Any] | None = None
+    propagate: bool = False
+    emit: Callable[[PassContext, Any, int, dict[str, Any]], dict[str, Any]] | None = None
+    config_update: Callable[[PassContext, Any, dict[str, list[int]]], dict[str, Any]] | None = None
+    streams: Callable[[Any], bool] = lambda cfg: True  # False: this config needs the whole model in memory
+
+
+def observe_and_apply(lp: LayerwisePass, ctx: PassContext, plan: Any, index: int, layer: Any, flow: Any) -> Any:
+    """One layer of a pass: observe the calibration flow (if any), apply, propagate. Shared by both paths."""
+    from moecompress.engine.loop import run_layer
+
+    if flow is not None and lp.observe is not None:
+        with lp.observe(ctx, plan, index, layer) as before_batch:
+            run_layer(flow, index, layer, before_batch=before_batch, update=not lp.propagate)
+    info = lp.apply_layer(ctx, plan, index, layer)
+    if flow is not None and (lp.propagate or lp.observe is None):
+        run_layer(flow, index, layer)
+    return info
+
+
+def run_layerwise(lp: LayerwisePass, ctx: PassContext) -> dict[str, Any]:
+    """A layerwise pass on a model already in memory: the same plan/observe/apply/finish the engine streams."""
+    from types import SimpleNamespace
+
+    from moecompress.arch.adapter import decoder_layers
+    from moecompress.engine.loop import start_flow
+
+    plan = lp.plan(ctx)
+    flow = None
+    if lp.calibration is not None:
+        model = ctx.model
+        flow = start_flow(SimpleNamespace(model=model, device=model.device, dtype=model.dtype),
+                          lp.calibration(ctx, plan), budget=1 << 62)
+    per_layer: dict[int, dict[str, Any]] = {}
+    try:
+        for i, layer in enumerate(decoder_layers(ctx.model)):
+            info = observe_and_apply(lp, ctx, plan, i, layer, flow)
+            if info is not None:
+                per_layer[i] = info
+    finally:
+        if flow is not None:
+            flow.close()
+    return lp.finish(ctx, plan, per_layer)
+
+
+@dataclass
 class RegisteredPass:
     config_cls: type[PassConfig]
     fn: PassFn
+    layerwise: LayerwisePass | None = None
 
 
 PASSES: dict[str, RegisteredPass] = {}
@@ -95,6 +174,24 @@ def register_pass(config_cls: type[PassConfig]) -> Callable[[PassFn], PassFn]:
         return fn
 
     return deco
+
+
+def register_layerwise(config_cls: type[PassConfig], lp: LayerwisePass) -> PassFn:
+    """Register a pass by its layerwise form; its in-memory function is ``run_layerwise`` over the same parts."""
+
+    def fn(ctx: PassContext) -> dict[str, Any]:
+        return run_layerwise(lp, ctx)
+
+    fn.__name__ = config_cls.name
+    PASSES[config_cls.name] = RegisteredPass(config_cls=config_cls, fn=fn, layerwise=lp)
+    return fn
+
+
+def moe_layer_at(ctx: PassContext, index: int) -> Any:
+    """The MoE view of decoder layer `index`, or None for a dense layer."""
+    from moecompress.arch.adapter import moe_layers
+
+    return next((ly for ly in moe_layers(ctx.model, ctx.adapter) if ly.index == index), None)
 
 
 def get_pass(name: str) -> RegisteredPass:

@@ -22,7 +22,13 @@ from moecompress.arch.experts import ExpertView, ExpertWeights
 from moecompress.calib.stats import LayerStats
 from moecompress.errors import UserError
 from moecompress.passes import merging as M
-from moecompress.passes.base import ExpertCountConfig, PassContext, register_pass
+from moecompress.passes.base import (
+    ExpertCountConfig,
+    LayerwisePass,
+    PassContext,
+    moe_layer_at,
+    register_layerwise,
+)
 from moecompress.surgery import check_expert_count, merge_into, sync_config
 
 Method = Literal["msmoe", "hc", "kmeans", "ream"]
@@ -190,41 +196,54 @@ def block_output(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(x.shape[0], -1).double()
 
 
-@register_pass(MergeExpertsConfig)
-def merge_experts(ctx: PassContext) -> dict[str, Any]:
+def _plan(ctx: PassContext) -> dict[str, Any]:
     cfg: MergeExpertsConfig = ctx.config  # type: ignore[assignment]
-    model, adapter = ctx.model, ctx.adapter
-    layers = moe_layers(model, adapter)
+    layers = moe_layers(ctx.model, ctx.adapter)
     e = layers[0].num_experts
     n_keep = cfg.n_keep(e)
-    check_expert_count(adapter, model.config, n_keep)
-    n_groups = adapter.num_groups(model.config)
-    stats = ctx.get_stats()
+    check_expert_count(ctx.adapter, ctx.model.config, n_keep)
+    return {"experts": e, "n_keep": n_keep, "n_groups": ctx.adapter.num_groups(ctx.model.config),
+            "stats": ctx.get_stats()}
+
+
+def _apply_layer(ctx: PassContext, plan: dict[str, Any], index: int, _decoder_layer: Any) -> dict[str, Any] | None:
+    """Group this layer's experts, merge each group into its anchor and give the router the merged rows."""
+    cfg: MergeExpertsConfig = ctx.config  # type: ignore[assignment]
+    layer = moe_layer_at(ctx, index)
+    if layer is None:
+        return None
+    adapter, n_keep, n_groups = ctx.adapter, plan["n_keep"], plan["n_groups"]
     needs_sample = cfg.method != "msmoe" or cfg.router == "refit" or cfg.align == "activation"
-    details: dict[str, Any] = {}
-    for layer in layers:
-        ls = stats.layers[layer.index]
-        sample = ls.sample
-        if needs_sample and (sample is None or sample.shape[0] == 0):
-            raise UserError(f"merge method {cfg.method!r} / router {cfg.router!r} / align {cfg.align!r} needs "
-                            "sampled layer inputs; recollect statistics with sample_tokens > 0")
-        x_feat = sample[: cfg.feature_tokens] if sample is not None and sample.shape[0] else None
-        view = ExpertView(layer)
-        w = view.get_all()
-        outputs = acts = None
-        if x_feat is not None and (cfg.method != "msmoe" or cfg.align in ("activation", "both")):
-            outputs, acts = M.expert_outputs(layer.experts, adapter.layout, w, x_feat)
-        before = block_output(layer, x_feat) if x_feat is not None else None
-        groups = plan_groups(cfg, ls, n_keep, n_groups, outputs)
-        merged, group_info = merge_groups(cfg, w, groups, ls, acts if cfg.align in ("activation", "both") else None)
-        rows, vectors, router_info = router_for(cfg, layer, groups, ls, sample)
-        merge_into(layer, [g.anchor for g in groups], merged, rows, vectors)
-        info: dict[str, Any] = {"groups": group_info, **router_info}
-        if before is not None:
-            after = block_output(layer, x_feat)
-            info["block_rel_error"] = round(float((after - before).pow(2).sum() / before.pow(2).sum().clamp_min(1e-30)), 5)
-        details[str(layer.index)] = info
-    sync_config(model, adapter)
+    ls = plan["stats"].layers[layer.index]
+    sample = ls.sample
+    if needs_sample and (sample is None or sample.shape[0] == 0):
+        raise UserError(f"merge method {cfg.method!r} / router {cfg.router!r} / align {cfg.align!r} needs "
+                        "sampled layer inputs; recollect statistics with sample_tokens > 0")
+    if sample is not None:
+        sample = sample.to(layer.router.weight.device)
+    x_feat = sample[: cfg.feature_tokens] if sample is not None and sample.shape[0] else None
+    view = ExpertView(layer)
+    w = view.get_all()
+    outputs = acts = None
+    if x_feat is not None and (cfg.method != "msmoe" or cfg.align in ("activation", "both")):
+        outputs, acts = M.expert_outputs(layer.experts, adapter.layout, w, x_feat)
+    before = block_output(layer, x_feat) if x_feat is not None else None
+    groups = plan_groups(cfg, ls, n_keep, n_groups, outputs)
+    merged, group_info = merge_groups(cfg, w, groups, ls, acts if cfg.align in ("activation", "both") else None)
+    rows, vectors, router_info = router_for(cfg, layer, groups, ls, sample)
+    merge_into(layer, [g.anchor for g in groups], merged, rows, vectors)
+    info: dict[str, Any] = {"groups": group_info, **router_info}
+    if before is not None:
+        after = block_output(layer, x_feat)
+        info["block_rel_error"] = round(float((after - before).pow(2).sum() / before.pow(2).sum().clamp_min(1e-30)), 5)
+    return info
+
+
+def _finish(ctx: PassContext, plan: dict[str, Any], per_layer: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    cfg: MergeExpertsConfig = ctx.config  # type: ignore[assignment]
+    sync_config(ctx.model, ctx.adapter)
+    e, n_keep = plan["experts"], plan["n_keep"]
+    details = {str(i): info for i, info in per_layer.items()}
     errors = [d["block_rel_error"] for d in details.values() if "block_rel_error" in d]
     summary = (f"merged {e}→{n_keep} experts per layer ({cfg.method}, {cfg.merge}, router {cfg.router})"
                + (f"; mean block output rel. error {sum(errors) / len(errors):.4f}" if errors else ""))
@@ -237,3 +256,7 @@ def merge_experts(ctx: PassContext) -> dict[str, Any]:
         "router": cfg.router,
         "layers": details,
     }
+
+
+MERGE_EXPERTS = LayerwisePass(plan=_plan, apply_layer=_apply_layer, finish=_finish)
+merge_experts = register_layerwise(MergeExpertsConfig, MERGE_EXPERTS)

@@ -22,12 +22,12 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from moecompress.arch.adapter import MoEAdapter, MoELayer, moe_layers
+from moecompress.arch.adapter import MoEAdapter, MoELayer, decoder_layers, moe_layers
 from moecompress.arch.experts import ExpertView
 from moecompress.calib.gradients import GradStats, LayerGrad, batch_key, collect_gradient_stats
 from moecompress.calib.stats import LayerStats, Stats
 from moecompress.errors import UserError
-from moecompress.passes.base import PassConfig, PassContext, register_pass
+from moecompress.passes.base import LayerwisePass, PassConfig, PassContext, moe_layer_at, register_layerwise
 from moecompress.passes.prune_experts import Criterion as ExpertCriterion
 from moecompress.passes.prune_experts import PruneExpertsConfig, prune_experts
 from moecompress.surgery import mask_neurons, shrink_neurons, sync_config
@@ -192,7 +192,8 @@ def shared_selection(layer: MoELayer, width: int, new_width: int, scores: dict[s
 # ---- statistics ---------------------------------------------------------------------------------------
 def gradient_stats(ctx: PassContext, cfg: PruneAtomicConfig, *, cacheable: bool) -> GradStats:
     """HEAPr statistics for the in-memory model; cached on disk when the model is an unmodified checkpoint."""
-    from moecompress.runner import default_cache_root, model_fingerprint
+    from moecompress.eval import checkpoint_fingerprint as model_fingerprint
+    from moecompress.io.locations import default_cache_root
 
     calib = ctx.get_calibration()
     cache_dir = None
@@ -206,8 +207,12 @@ def gradient_stats(ctx: PassContext, cfg: PruneAtomicConfig, *, cacheable: bool)
             gs = GradStats.load(cache_dir)
             gs.meta["cache"] = "hit"
             return gs
-    gs = collect_gradient_stats(ctx.model, calib.batches(cfg.batch_size), checkpoint_layers=cfg.checkpoint_layers,
-                                meta={"tokens": calib.n_tokens})
+    if ctx.get_grad_stats is not None:  # the engine: forward sweep + streamed backward, one layer at a time
+        gs = ctx.get_grad_stats(cfg.batch_size)
+        gs.meta["tokens"] = calib.n_tokens
+    else:
+        gs = collect_gradient_stats(ctx.model, calib.batches(cfg.batch_size), checkpoint_layers=cfg.checkpoint_layers,
+                                    meta={"tokens": calib.n_tokens})
     if cache_dir is not None:
         gs.save(cache_dir)
     gs.meta["cache"] = "miss" if cache_dir is not None else "off"
@@ -226,11 +231,40 @@ def _fresh_stats(ctx: PassContext) -> Stats:
     return collect_stats(ctx.model, calib.batches(bs), total_tokens=calib.n_tokens, sample_tokens=0)
 
 
-def compute_scores(ctx: PassContext, cfg: PruneAtomicConfig, layers: list[MoELayer], *, fresh: bool
+def layer_scores(cfg: PruneAtomicConfig, layer: MoELayer, grad: GradStats | None, stats: Stats | None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Neuron scores [E, I] of one MoE layer and of its coupled shared experts."""
+    idx = layer.index
+    if grad is not None:
+        scores = heapr_scores(grad.layers[idx], cfg.frequency_weighted)
+    elif stats is not None:
+        scores = camera_scores(stats.layers[idx], ExpertView(layer).get_all().down, cfg.frequency_weighted)
+    elif cfg.criterion == "magnitude":
+        scores = magnitude_scores(layer)
+    else:
+        w = ExpertView(layer).get_all()
+        scores = random_scores(tuple(w.gate.shape[:2]), cfg.seed, idx)
+    shared: dict[str, torch.Tensor] = {}
+    for name, mlp in layer.shared():
+        if not hasattr(mlp, "gate_proj"):
+            continue
+        if grad is not None and name in grad.layers[idx].shared:
+            sg, n = grad.layers[idx].shared[name], max(grad.layers[idx].n_tokens, 1)
+            shared[name] = (sg.act_sq / n) * (sg.proj_sq / n)
+        elif cfg.criterion == "random":
+            shared[name] = random_scores((mlp.gate_proj.weight.shape[0],), cfg.seed, 10_000 + idx)
+        else:  # camera has no shared-expert activations; weight magnitude stands in
+            shared[name] = _mlp_magnitude(mlp)
+    return scores, shared
+
+
+def compute_scores(ctx: PassContext, cfg: PruneAtomicConfig, *, fresh: bool
                    ) -> tuple[dict[int, torch.Tensor], dict[int, dict[str, torch.Tensor]], dict[str, Any]]:
-    """Per-layer neuron scores [E, I], coupled shared-expert neuron scores, and what was measured."""
-    scores: dict[int, torch.Tensor] = {}
-    shared: dict[int, dict[str, torch.Tensor]] = {}
+    """Per-layer neuron scores [E, I], coupled shared-expert neuron scores, and what was measured.
+
+    Layers are visited through ``ctx.for_each_layer`` (streamed by the engine); weights are read only for the
+    criteria that need them (camera, magnitude).
+    """
     info: dict[str, Any] = {}
     grad = stats = None
     if cfg.criterion == "heapr":
@@ -238,34 +272,19 @@ def compute_scores(ctx: PassContext, cfg: PruneAtomicConfig, layers: list[MoELay
         info["gradient_statistics"] = {**grad.meta, "state_bytes": grad.state_bytes()}
     elif cfg.criterion == "camera":
         stats = _fresh_stats(ctx) if fresh else ctx.get_stats()
-    for layer in layers:
-        idx = layer.index
-        if grad is not None:
-            scores[idx] = heapr_scores(grad.layers[idx], cfg.frequency_weighted)
-        elif stats is not None:
-            scores[idx] = camera_scores(stats.layers[idx], ExpertView(layer).get_all().down, cfg.frequency_weighted)
-        elif cfg.criterion == "magnitude":
-            scores[idx] = magnitude_scores(layer)
-        else:
-            w = ExpertView(layer).get_all()
-            scores[idx] = random_scores(tuple(w.gate.shape[:2]), cfg.seed, idx)
-        shared[idx] = {}
-        for name, mlp in layer.shared():
-            if not hasattr(mlp, "gate_proj"):
-                continue
-            if grad is not None and name in grad.layers[idx].shared:
-                sg, n = grad.layers[idx].shared[name], max(grad.layers[idx].n_tokens, 1)
-                shared[idx][name] = (sg.act_sq / n) * (sg.proj_sq / n)
-            elif cfg.criterion == "random":
-                shared[idx][name] = random_scores((mlp.gate_proj.weight.shape[0],), cfg.seed, 10_000 + idx)
-            else:  # camera has no shared-expert activations; weight magnitude stands in
-                shared[idx][name] = _mlp_magnitude(mlp)
-    return scores, shared, info
+
+    def visit(index: int, _layer: Any) -> Any:
+        moe = moe_layer_at(ctx, index)
+        return None if moe is None else layer_scores(cfg, moe, grad, stats)
+
+    found = {i: r for i, r in ctx.for_each_layer(visit, cfg.criterion in ("camera", "magnitude")).items()
+             if r is not None}
+    return {i: r[0] for i, r in found.items()}, {i: r[1] for i, r in found.items()}, info
 
 
 # ---- the pass -----------------------------------------------------------------------------------------
-@register_pass(PruneAtomicConfig)
-def prune_atomic(ctx: PassContext) -> dict[str, Any]:
+def _plan(ctx: PassContext) -> dict[str, Any]:
+    """Expert pruning (optional, in memory), scores for every layer, and the global/per-expert selections."""
     cfg: PruneAtomicConfig = ctx.config  # type: ignore[assignment]
     model, adapter = ctx.model, ctx.adapter
     details: dict[str, Any] = {}
@@ -275,42 +294,64 @@ def prune_atomic(ctx: PassContext) -> dict[str, Any]:
     layers = moe_layers(model, adapter)
     width = ExpertView(layers[0]).get_all().width
     new_width = cfg.new_width(width)
-    scores, shared_scores, info = compute_scores(ctx, cfg, layers, fresh=sub is not None)
+    scores, shared_scores, info = compute_scores(ctx, cfg, fresh=sub is not None)
     n_keep_total = new_width * sum(ly.num_experts for ly in layers)
     global_keep = global_selection(scores, n_keep_total)
     per_expert = {idx: per_expert_selection(s, new_width) for idx, s in scores.items()}
     chosen = per_expert if cfg.effective_ranking == "per_expert" else global_keep
-    for layer in layers:
-        shared_keep = shared_selection(layer, width, new_width, shared_scores[layer.index])
+    return {"details": details, "width": width, "new_width": new_width, "scores": scores, "shared": shared_scores,
+            "info": info, "n_keep_total": n_keep_total, "global": global_keep, "per_expert": per_expert,
+            "chosen": chosen, "experts": sum(ly.num_experts for ly in layers)}
+
+
+def _apply_layer(ctx: PassContext, plan: dict[str, Any], index: int, decoder_layer: Any) -> dict[str, Any] | None:
+    cfg: PruneAtomicConfig = ctx.config  # type: ignore[assignment]
+    layer = moe_layer_at(ctx, index)
+    if layer is not None:
+        shared_keep = shared_selection(layer, plan["width"], plan["new_width"], plan["shared"][index])
         if cfg.layout == "uniform":
-            keep_idx = torch.stack([torch.nonzero(row).flatten() for row in chosen[layer.index]])
+            keep_idx = torch.stack([torch.nonzero(row).flatten() for row in plan["chosen"][index]])
             shrink_neurons(layer, keep_idx, shared_keep or None)
         else:
-            mask_neurons(layer, chosen[layer.index], shared_keep or None)
-    synced = sync_config(model, adapter)
-    agree = sum(int((global_keep[i] & per_expert[i]).sum()) for i in scores) / max(n_keep_total, 1)
+            mask_neurons(layer, plan["chosen"][index], shared_keep or None)
+    return {"nonzero": sum(int(torch.count_nonzero(p)) for p in decoder_layer.parameters())}
+
+
+def _finish(ctx: PassContext, plan: dict[str, Any], per_layer: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    cfg: PruneAtomicConfig = ctx.config  # type: ignore[assignment]
+    model = ctx.model
+    details, scores, global_keep = plan["details"], plan["scores"], plan["global"]
+    width, new_width, n_keep_total = plan["width"], plan["new_width"], plan["n_keep_total"]
+    synced = sync_config(model, ctx.adapter)
+    inside = {id(p) for layer in decoder_layers(model) for p in layer.parameters()}
+    rest = sum(int(torch.count_nonzero(p)) for p in model.parameters() if id(p) not in inside)
+    agree = sum(int((global_keep[i] & plan["per_expert"][i]).sum()) for i in scores) / max(n_keep_total, 1)
     counts = {str(i): global_keep[i].sum(1).tolist() for i in sorted(scores)}
     all_counts = torch.cat([global_keep[i].sum(1) for i in scores]).double()
     details.update({
         "summary": f"{cfg.criterion} · {cfg.layout} ({cfg.effective_ranking}) · width {width}→{new_width}"
                    + (f" · experts {details['experts']['experts_before']}→{details['experts']['experts_after']}"
-                      if sub is not None else ""),
+                      if "experts" in details else ""),
         "criterion": cfg.criterion,
         "layout": cfg.layout,
         "ranking": cfg.effective_ranking,
         "width_before": width,
         "width_after": new_width if cfg.layout == "uniform" else width,
         "neurons_kept_per_expert": new_width,
-        "neurons_removed": sum(ly.num_experts for ly in layers) * (width - new_width),
+        "neurons_removed": plan["experts"] * (width - new_width),
         "config_after": synced,
-        "nonzero_params": sum(int(torch.count_nonzero(p)) for p in model.parameters()),
+        "nonzero_params": rest + sum(d["nonzero"] for d in per_layer.values()),
         "global_ranking": {
             "kept_per_expert": counts,
             "min": int(all_counts.min()), "median": float(all_counts.median()), "max": int(all_counts.max()),
             "dead_experts": int((all_counts == 0).sum()),
             "agreement_with_per_expert": round(agree, 4),
         },
-        **info,
+        **plan["info"],
     })
     return details
 
+
+PRUNE_ATOMIC = LayerwisePass(plan=_plan, apply_layer=_apply_layer, finish=_finish,
+                             streams=lambda cfg: cfg.expert_config() is None)
+prune_atomic = register_layerwise(PruneAtomicConfig, PRUNE_ATOMIC)

@@ -9,7 +9,13 @@ from pydantic import Field
 from moecompress.arch.adapter import moe_layers
 from moecompress.errors import UserError
 from moecompress.passes import criteria
-from moecompress.passes.base import ExpertCountConfig, PassContext, register_pass
+from moecompress.passes.base import (
+    ExpertCountConfig,
+    LayerwisePass,
+    PassContext,
+    moe_layer_at,
+    register_layerwise,
+)
 from moecompress.surgery import check_group_balance, keep_experts, sync_config
 
 Criterion = Literal["frequency", "soft_frequency", "reap", "ean", "easy_ep", "naee", "random"]
@@ -30,11 +36,10 @@ class PruneExpertsConfig(ExpertCountConfig):
         return self.criterion != "random"
 
 
-@register_pass(PruneExpertsConfig)
-def prune_experts(ctx: PassContext) -> dict[str, Any]:
+def _plan(ctx: PassContext) -> dict[str, Any]:
+    """Checks that need every layer, and the statistics (streamed or cached) every layer's decision reads."""
     cfg: PruneExpertsConfig = ctx.config  # type: ignore[assignment]
-    model, adapter = ctx.model, ctx.adapter
-    layers = moe_layers(model, adapter)
+    layers = moe_layers(ctx.model, ctx.adapter)
     if cfg.layers is not None:
         chosen = set(cfg.layers)
         unknown = chosen - {layer.index for layer in layers}
@@ -46,37 +51,49 @@ def prune_experts(ctx: PassContext) -> dict[str, Any]:
                 "cannot load (one count per config). List every MoE layer, or drop --layers."
             )
     e = layers[0].num_experts
-    n_keep = cfg.n_keep(e)
-    groups = adapter.num_groups(model.config)
     stats = ctx.get_stats() if cfg.criterion != "random" or cfg.protect_super_experts else None
-    kept: dict[int, list[int]] = {}
-    details: dict[str, Any] = {}
-    for layer in layers:
-        protect = (criteria.super_experts(stats.layers[layer.index], cfg.super_expert_factor)
-                   if cfg.protect_super_experts and stats is not None else [])
-        if len(protect) > n_keep:
-            raise UserError(f"layer {layer.index} has {len(protect)} super experts but only {n_keep} are kept")
-        info: dict[str, Any] = {"protected": protect}
-        if cfg.criterion == "random":
-            keep = criteria.random_keep(e, n_keep, groups, cfg.seed, layer.index)
-        elif cfg.criterion == "naee":
-            keep, search = criteria.naee_keep(layer, stats.layers[layer.index], n_keep, groups, protect=protect)
-            info.update(search)
-        else:
-            scores = criteria.expert_scores(stats.layers[layer.index], cfg.criterion)
-            keep = criteria.select_by_score(scores, n_keep, groups, protect)
-            info["scores"] = [round(float(s), 6) for s in scores]
-        check_group_balance(adapter, model.config, e, keep)
-        kept[layer.index] = keep
-        details[str(layer.index)] = info
-    for layer in layers:
-        keep_experts(layer, kept[layer.index])
-    sync_config(model, adapter)
+    return {"experts": e, "n_keep": cfg.n_keep(e), "groups": ctx.adapter.num_groups(ctx.model.config), "stats": stats}
+
+
+def _apply_layer(ctx: PassContext, plan: dict[str, Any], index: int, _decoder_layer: Any) -> dict[str, Any] | None:
+    """Rank this layer's experts by the criterion and keep the best `n_keep` (same count in every layer)."""
+    cfg: PruneExpertsConfig = ctx.config  # type: ignore[assignment]
+    layer = moe_layer_at(ctx, index)
+    if layer is None:
+        return None
+    e, n_keep, groups, stats = plan["experts"], plan["n_keep"], plan["groups"], plan["stats"]
+    protect = (criteria.super_experts(stats.layers[layer.index], cfg.super_expert_factor)
+               if cfg.protect_super_experts and stats is not None else [])
+    if len(protect) > n_keep:
+        raise UserError(f"layer {layer.index} has {len(protect)} super experts but only {n_keep} are kept")
+    info: dict[str, Any] = {"protected": protect}
+    if cfg.criterion == "random":
+        keep = criteria.random_keep(e, n_keep, groups, cfg.seed, layer.index)
+    elif cfg.criterion == "naee":
+        keep, search = criteria.naee_keep(layer, stats.layers[layer.index], n_keep, groups, protect=protect)
+        info.update(search)
+    else:
+        scores = criteria.expert_scores(stats.layers[layer.index], cfg.criterion)
+        keep = criteria.select_by_score(scores, n_keep, groups, protect)
+        info["scores"] = [round(float(s), 6) for s in scores]
+    check_group_balance(ctx.adapter, ctx.model.config, e, keep)
+    keep_experts(layer, keep)
+    info["kept"] = keep
+    return info
+
+
+def _finish(ctx: PassContext, plan: dict[str, Any], per_layer: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    cfg: PruneExpertsConfig = ctx.config  # type: ignore[assignment]
+    sync_config(ctx.model, ctx.adapter)
+    kept = {str(i): info.pop("kept") for i, info in per_layer.items()}
     return {
-        "experts_before": e,
-        "experts_after": n_keep,
+        "experts_before": plan["experts"],
+        "experts_after": plan["n_keep"],
         "criterion": cfg.criterion,
-        "kept": {str(k): v for k, v in kept.items()},
-        "layers": details,
+        "kept": kept,
+        "layers": {str(i): info for i, info in per_layer.items()},
     }
 
+
+PRUNE_EXPERTS = LayerwisePass(plan=_plan, apply_layer=_apply_layer, finish=_finish)
+prune_experts = register_layerwise(PruneExpertsConfig, PRUNE_EXPERTS)

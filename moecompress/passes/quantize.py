@@ -15,18 +15,21 @@ widest chosen width: exact on reload, but the byte saving needs a runtime that r
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator
 
-from moecompress.arch.adapter import MoEAdapter, decoder_layers, moe_layers
+from moecompress.arch.adapter import MoEAdapter
 from moecompress.arch.experts import ExpertView
 from moecompress.calib.collect import _ACTIVE, TAP_IMPLEMENTATION, stored_expert_forward
 from moecompress.errors import UserError
-from moecompress.passes.base import PassConfig, PassContext, register_pass
+from moecompress.passes.base import LayerwisePass, PassConfig, PassContext, moe_layer_at, register_layerwise
 from moecompress.quant.gptq import HessianAccumulator, gptq_quantize_batch, output_error
 from moecompress.quant.rtn import SUPPORTED_BITS, QuantResult, check_scheme, quantize_rtn
 
@@ -128,123 +131,155 @@ def _quantize_stack(ws: torch.Tensor, hs: list[torch.Tensor | None], bits: int, 
     return gptq_quantize_batch(ws, hs, bits, group_size, damp=cfg.damp, act_order=cfg.act_order)
 
 
-def _capture_layer_inputs(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]):
-    """Hidden states entering layer 0 and each layer's keyword arguments (masks, positions), per batch."""
-    layers = decoder_layers(model)
-    first: list[torch.Tensor] = []
-    kwargs: dict[int, list[dict[str, Any]]] = defaultdict(list)
+@dataclass
+class QuantRecord:
+    """What remains of a QuantResult once its packed tensors are written (enough for config and report)."""
 
-    def grab(i: int):
-        def hook(mod, args, kw):  # noqa: ANN001
-            if i == 0:
-                first.append((args[0] if args else kw["hidden_states"]).detach())
-            kwargs[i].append({k: v for k, v in kw.items() if k != "hidden_states"})
-            return None
-        return hook
-
-    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            for ids, mask in batches:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return first, kwargs
+    bits: int
+    group_size: int
+    shape: tuple[int, int]
 
 
-def _layer_out(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
+def _calibration(ctx: PassContext, plan: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return plan["batches"]
 
 
-@register_pass(QuantizeConfig)
-def quantize(ctx: PassContext) -> dict[str, Any]:
+def _plan(ctx: PassContext) -> dict[str, Any]:
     cfg: QuantizeConfig = ctx.config  # type: ignore[assignment]
     model, adapter = ctx.model, ctx.adapter
-    calib = ctx.get_calibration()
-    batches = list(calib.batches(8))
-    masks = [m.reshape(-1).bool() for _, m in batches]
-    ignore = [re.compile(p) for p in cfg.ignore]
-    moe_by_index = {ly.index: ly for ly in moe_layers(model, adapter)}
-    sigmoid = adapter.routing in ("sigmoid_group_bias", "sigmoid_input_scale")
-    hidden_states, layer_kwargs = _capture_layer_inputs(model, batches)
-    module_names = {id(m): n for n, m in model.named_modules()}
-    quantized: dict[str, QuantResult] = {}
-    per_expert_bits: dict[str, list[int]] = {}
-    token_counts: dict[str, list[int]] = {}
-    errors: dict[str, float] = {}
-    per_channel: list[str] = []
-    current_mask = [masks[0]]  # real-token mask of the batch in flight, read by the dense-linear hooks
+    batches = list(ctx.get_calibration().batches(8))
     previous = getattr(model.config, "_experts_implementation", None)
     model.set_experts_implementation(TAP_IMPLEMENTATION)
-    from rich.progress import Progress
+    return {
+        "batches": batches,
+        "masks": [m.reshape(-1).bool() for _, m in batches],
+        "ignore": [re.compile(p) for p in cfg.ignore],
+        "sigmoid": adapter.routing in ("sigmoid_group_bias", "sigmoid_input_scale"),
+        "previous_impl": previous,
+        "results": {},  # checkpoint module name → QuantResult (QuantRecord once written by the engine)
+        "errors": {},
+        "per_channel": [],
+        "layer_state": {},  # the layer in flight: Hessian accumulators and taps
+    }
 
+
+@contextlib.contextmanager
+def _observe(ctx: PassContext, plan: dict[str, Any], index: int, layer: torch.nn.Module) -> Iterator[Any]:
+    """Accumulate input Hessians of this layer's target linears and routed experts over every batch."""
+    cfg: QuantizeConfig = ctx.config  # type: ignore[assignment]
+    adapter = ctx.adapter
+    moe = moe_layer_at(ctx, index)
+    prefix = _layer_prefix(ctx.model, layer)
+    names = {id(m): prefix + n if n else prefix.rstrip(".") for n, m in layer.named_modules()}
+    dense = _dense_targets(layer, cfg, names, plan["ignore"])
+    masks = plan["masks"]
+    current_mask = [masks[0]]
+    acc: dict[str, HessianAccumulator] = {}
+    hooks = []
+    for name, lin in dense:
+        acc[name] = HessianAccumulator(lin.in_features)
+        hooks.append(lin.register_forward_pre_hook(
+            lambda m, a, h=acc[name]: h.add(a[0].reshape(-1, a[0].shape[-1])[current_mask[0].to(a[0].device)])))
+    tap = None
+    if moe is not None:
+        w = ExpertView(moe).get_all()
+        tap = ExpertHessians(moe.experts, moe.num_experts, w.gate.shape[2], w.width, balance=cfg.balance,
+                             affinity=cfg.affinity, sigmoid=plan["sigmoid"])
+        _ACTIVE[id(moe.experts)] = tap
+        logits_pos = 1 if adapter.routing == "sigmoid_input_scale" else 0
+        hooks.append(moe.router.register_forward_hook(
+            lambda m, a, o, tap=tap, pos=logits_pos: tap.observe_router(o[pos] if isinstance(o, tuple) else o)))
+
+    def before_batch(b: int) -> None:
+        current_mask[0] = masks[b]
+        if tap is not None:
+            tap.mask = masks[b].to(moe.experts.gate_up_proj.device)
+
+    plan["layer_state"] = {"dense": dense, "acc": acc, "tap": tap, "moe": moe}
     try:
-        with Progress(console=ctx.console, disable=ctx.console is None, transient=True) as prog:
-            task = prog.add_task("quantizing layers", total=len(decoder_layers(model)))
-            for i, layer in enumerate(decoder_layers(model)):
-                moe = moe_by_index.get(i)
-                dense = _dense_targets(layer, cfg, module_names, ignore)
-                acc: dict[str, HessianAccumulator] = {}
-                hooks = []
-                for name, lin in dense:
-                    acc[name] = HessianAccumulator(lin.in_features)
-                    hooks.append(lin.register_forward_pre_hook(
-                        lambda m, a, h=acc[name]: h.add(a[0].reshape(-1, a[0].shape[-1])[current_mask[0]])))
-                tap = None
-                if moe is not None:
-                    w = ExpertView(moe).get_all()
-                    tap = ExpertHessians(moe.experts, moe.num_experts, w.gate.shape[2], w.width, balance=cfg.balance,
-                                         affinity=cfg.affinity, sigmoid=sigmoid)
-                    _ACTIVE[id(moe.experts)] = tap
-                    logits_pos = 1 if adapter.routing == "sigmoid_input_scale" else 0
-                    hooks.append(moe.router.register_forward_hook(
-                        lambda m, a, o, tap=tap, pos=logits_pos: tap.observe_router(o[pos] if isinstance(o, tuple) else o)))
-                try:
-                    with torch.no_grad():
-                        for b, h in enumerate(hidden_states):
-                            current_mask[0] = masks[b]
-                            if tap is not None:
-                                tap.mask = masks[b]
-                            layer(h, **layer_kwargs[i][b])
-                finally:
-                    for hk in hooks:
-                        hk.remove()
-                    if moe is not None:
-                        _ACTIVE.pop(id(moe.experts), None)
-                for name, lin in dense:
-                    # a dense linear whose width the group size does not divide gets one scale per row
-                    gs = cfg.group_size if cfg.group_size == -1 or lin.in_features % cfg.group_size == 0 else -1
-                    if gs != cfg.group_size:
-                        per_channel.append(name)
-                    h = acc[name].hessian()
-                    res = _quantize_stack(lin.weight.detach()[None], [h], cfg.bits, gs, cfg)[0]
-                    errors[name] = output_error(lin.weight.detach(), res.dequant, h)
-                    with torch.no_grad():
-                        lin.weight.copy_(res.dequant)
-                    quantized[name] = res
-                if moe is not None:
-                    assert tap is not None
-                    per_expert_bits[str(i)] = _quantize_experts(moe, tap, cfg, adapter, quantized, errors)
-                    token_counts[str(i)] = tap.routed.tolist()
-                with torch.no_grad():  # propagate: the next layer sees this layer's quantized outputs
-                    hidden_states = [_layer_out(layer(h, **layer_kwargs[i][b])) for b, h in enumerate(hidden_states)]
-                prog.advance(task)
+        yield before_batch
     finally:
-        if previous is not None:
-            model.set_experts_implementation(previous)
+        for hk in hooks:
+            hk.remove()
+        if moe is not None:
+            _ACTIVE.pop(id(moe.experts), None)
 
+
+def _apply_layer(ctx: PassContext, plan: dict[str, Any], index: int, layer: torch.nn.Module) -> dict[str, Any] | None:
+    """GPTQ/RTN of this layer's targets from the Hessians just observed; weights become their dequantized values."""
+    cfg: QuantizeConfig = ctx.config  # type: ignore[assignment]
+    st = plan.pop("layer_state")
+    plan["layer_state"] = {}
+    quantized, errors = plan["results"], plan["errors"]
+    for name, lin in st["dense"]:
+        # a dense linear whose width the group size does not divide gets one scale per row
+        gs = cfg.group_size if cfg.group_size == -1 or lin.in_features % cfg.group_size == 0 else -1
+        if gs != cfg.group_size:
+            plan["per_channel"].append(name)
+        h = st["acc"][name].hessian()
+        res = _quantize_stack(lin.weight.detach()[None], [h], cfg.bits, gs, cfg)[0]
+        errors[name] = output_error(lin.weight.detach(), res.dequant, h)
+        with torch.no_grad():
+            lin.weight.copy_(res.dequant)
+        quantized[name] = res
+    moe = st["moe"]
+    if moe is None:
+        return None
+    bits = _quantize_experts(moe, st["tap"], cfg, ctx.adapter, quantized, errors)
+    return {"bits": bits, "tokens": st["tap"].routed.tolist()}
+
+
+def _emit(ctx: PassContext, plan: dict[str, Any], index: int, on_disk: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Replace this layer's quantized float weights by packed codes + scales (engine path)."""
+    from moecompress.quant.format import packed_module_tensors
+
+    cfg: QuantizeConfig = ctx.config  # type: ignore[assignment]
+    out = dict(on_disk)
+    for name, res in list(plan["results"].items()):
+        if isinstance(res, QuantRecord) or f"{name}.weight" not in out:
+            continue
+        stored = max(cfg.candidate_bits) if cfg.bits_budget is not None and _is_expert(name) else res.bits
+        out.update(packed_module_tensors(name, out.pop(f"{name}.weight"), res, stored))
+        plan["results"][name] = QuantRecord(bits=res.bits, group_size=res.group_size, shape=res.shape)
+    return out
+
+
+def _is_expert(name: str) -> bool:
+    from moecompress.quant.format import is_routed_expert_key
+
+    return is_routed_expert_key(name)
+
+
+def _config_update(ctx: PassContext, plan: dict[str, Any], shapes: dict[str, list[int]]) -> dict[str, Any]:
+    from moecompress.quant.format import streamed_quantization_config
+
+    cfg: QuantizeConfig = ctx.config  # type: ignore[assignment]
+    return {"quantization_config": streamed_quantization_config(
+        plan["results"], shapes, pad_mixed_experts=cfg.bits_budget is not None,
+        allow_mixed_dense=bool(plan["per_channel"]), expert_container=max(cfg.candidate_bits)
+        if cfg.bits_budget is not None else None)}
+
+
+def _finish(ctx: PassContext, plan: dict[str, Any], per_layer: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    cfg: QuantizeConfig = ctx.config  # type: ignore[assignment]
+    model = ctx.model
+    if plan["previous_impl"] is not None:
+        model.set_experts_implementation(plan["previous_impl"])
     from moecompress.quant.format import save_quantized
 
     mixed = cfg.bits_budget is not None
     info: dict[str, Any] = {}
+    quantized = plan["results"]
+    per_channel = plan["per_channel"]
 
-    def save_fn(tmp) -> None:  # noqa: ANN001
+    def save_fn(tmp) -> None:  # noqa: ANN001 - the in-memory path writes through save_pretrained
         written = save_quantized(model, tmp, quantized, ignore=None, pad_mixed_experts=mixed,
                                  allow_mixed_dense=bool(per_channel))
         info.update(written.to_dict())
 
     ctx.extras["save_fn"] = save_fn
+    per_expert_bits = {str(i): d["bits"] for i, d in per_layer.items()}
+    token_counts = {str(i): d["tokens"] for i, d in per_layer.items()}
     all_bits = [b for bits in per_expert_bits.values() for b in bits]
     return {
         "summary": f"{cfg.method.upper()} W{cfg.bits if not mixed else f'{sum(all_bits) / len(all_bits):.2f}avg'} "
@@ -253,10 +288,22 @@ def quantize(ctx: PassContext) -> dict[str, Any]:
         "quantized_modules": len(quantized),
         "expert_bits": per_expert_bits,
         "expert_tokens": token_counts,
-        "mean_output_error": _mean_by_kind(errors),
+        "mean_output_error": _mean_by_kind(plan["errors"]),
         "per_channel_fallback": per_channel,
         "format": info,
     }
+
+
+def _layer_prefix(model: torch.nn.Module, layer: torch.nn.Module) -> str:
+    for name, mod in model.named_modules():
+        if mod is layer:
+            return name + "."
+    raise RuntimeError("decoder layer not found in the model")  # pragma: no cover
+
+
+QUANTIZE = LayerwisePass(plan=_plan, apply_layer=_apply_layer, finish=_finish, calibration=_calibration,
+                         observe=_observe, propagate=True, emit=_emit, config_update=_config_update)
+quantize = register_layerwise(QuantizeConfig, QUANTIZE)
 
 
 def _dense_targets(layer: torch.nn.Module, cfg: QuantizeConfig, names: dict[int, str],

@@ -391,3 +391,38 @@ def _quantization_config(
         config_groups=groups, format="pack-quantized", quantization_status="compressed", ignore=ignore
     )
     return cfg.model_dump(mode="json")
+
+
+# ---- streamed writing (moecompress.engine): one layer's tensors at a time ------------------------------------
+def packed_module_tensors(name: str, weight: torch.Tensor, res: QuantResult, stored_bits: int) -> dict[str, torch.Tensor]:
+    """The on-disk tensors replacing ``{name}.weight`` (checked against the float weight written in its place)."""
+    _check_same(name, weight, res)
+    return {f"{name}.{k}": v for k, v in _packed_tensors(res, stored_bits).items()}
+
+
+def streamed_quantization_config(
+    records: Mapping[str, Any],
+    shapes: Mapping[str, list[int]],
+    *,
+    pad_mixed_experts: bool,
+    allow_mixed_dense: bool,
+    expert_container: int | None = None,
+) -> dict[str, Any]:
+    """config.json's quantization block for a checkpoint written layer by layer.
+
+    `records` hold bits/group_size/shape per quantized module; `shapes` are the written tensors' shapes (packed
+    modules appear as ``weight_packed``). Same checks and schema as ``quantize_saved_checkpoint``. A streamed
+    mixed-precision run cannot know the widest chosen width before the last layer, so routed experts are
+    stored at `expert_container` bits (the widest candidate).
+    """
+    float_shapes = {k: v for k, v in shapes.items() if k.endswith(".weight")}
+    float_shapes.update({f"{m}.weight": list(r.shape) for m, r in records.items()})
+    _, _, stored = _plan_schemes(records, float_shapes, pad_mixed_experts=pad_mixed_experts,
+                                 allow_mixed_dense=allow_mixed_dense)
+    if expert_container is not None:
+        stored.update({m: expert_container for m in records if is_routed_expert_key(m)})
+    ignore = sorted(
+        k[: -len(".weight")] for k, s in float_shapes.items()
+        if len(s) == 2 and k[: -len(".weight")] not in records and "embed" not in k.rsplit(".", 2)[-2]
+    )
+    return _quantization_config(records, stored, ignore)

@@ -1,0 +1,191 @@
+"""Layer loop: calibration hidden states flow through the decoder one layer at a time.
+
+The hidden states at the current layer boundary, for every calibration batch, live in an ``ActivationCache``
+(CPU RAM up to a budget, then a memory-mapped file on disk). The keyword arguments each decoder layer receives
+(attention masks per layer type, rotary position embeddings, position ids) are captured once per batch by
+running the model's own forward with every decoder layer short-circuited, so families with several mask kinds
+(sliding / chunked / linear attention) get exactly what the full forward would give them.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moecompress.arch.adapter import decoder_layers
+from moecompress.engine.source import REST, ModelSource
+
+
+class _Stop(Exception):
+    pass
+
+
+class ActivationCache:
+    """Hidden states [B, L, H] per batch; in RAM up to `budget` bytes, the rest in a disk memmap under `spill_dir`."""
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, budget: int,
+                 spill_dir: Path | None = None) -> None:
+        self.shapes = [tuple(s) for s in shapes]
+        self.dtype = dtype
+        item = torch.empty((), dtype=dtype).element_size()
+        sizes = [int(torch.Size(s).numel()) for s in self.shapes]
+        self.nbytes = sum(sizes) * item
+        self.on_disk = self.nbytes > budget
+        self._slots: list[torch.Tensor]
+        if self.on_disk:
+            folder = Path(spill_dir) if spill_dir else Path(tempfile.gettempdir())
+            folder.mkdir(parents=True, exist_ok=True)
+            self._file = tempfile.NamedTemporaryFile(prefix="moecompress-acts-", suffix=".bin", dir=folder)
+            self._file.truncate(sum(sizes) * item)
+            flat = torch.from_file(self._file.name, shared=True, size=sum(sizes), dtype=dtype)
+            self._slots, start = [], 0
+            for s, n in zip(self.shapes, sizes, strict=True):
+                self._slots.append(flat[start : start + n].view(s))
+                start += n
+        else:
+            self._slots = [torch.empty(s, dtype=dtype) for s in self.shapes]
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def get(self, b: int) -> torch.Tensor:
+        return self._slots[b]
+
+    def set(self, b: int, value: torch.Tensor) -> None:
+        self._slots[b].copy_(value.detach().to("cpu", self.dtype))
+
+    def close(self) -> None:
+        self._slots = []
+        if self.on_disk:
+            self._file.close()
+
+
+@dataclass
+class Flow:
+    """Calibration batches at the current layer boundary plus what each layer is called with."""
+
+    batches: list[tuple[torch.Tensor, torch.Tensor]]  # (input_ids, attention_mask) on CPU
+    acts: ActivationCache
+    layer_kwargs: list[dict[int, tuple[tuple, dict]]]  # per batch: layer index → (args, kwargs)
+    device: torch.device
+    position: int = 0  # index of the next layer to run
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def masks(self) -> list[torch.Tensor]:
+        return [m.reshape(-1).bool() for _, m in self.batches]
+
+    def close(self) -> None:
+        self.acts.close()
+
+
+def start_flow(source: ModelSource, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *, budget: int,
+               spill_dir: Path | None = None) -> Flow:
+    """Embed every batch (REST must be materialised) and capture each layer's call arguments."""
+    model = source.model
+    layers = decoder_layers(model)
+    shapes, kwargs_all, first = [], [], []
+    for ids, mask in batches:
+        captured: dict[int, tuple[tuple, dict]] = {}
+        store: dict[str, torch.Tensor] = {}
+        originals = []
+        for i, layer in enumerate(layers):
+            originals.append(layer.__dict__.get("forward"))
+            layer.forward = _catcher(i, len(layers), captured, store)
+        try:
+            with torch.no_grad():
+                model(input_ids=ids.to(source.device), attention_mask=mask.to(source.device), use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for layer, orig in zip(layers, originals, strict=True):
+                if orig is None:
+                    del layer.forward
+                else:
+                    layer.forward = orig
+        h = store["h0"]
+        shapes.append(tuple(h.shape))
+        first.append(h)
+        kwargs_all.append(captured)
+    acts = ActivationCache(shapes, first[0].dtype if first else source.dtype, budget, spill_dir)
+    for b, h in enumerate(first):
+        acts.set(b, h)
+    return Flow(batches=[(i.cpu(), m.cpu()) for i, m in batches], acts=acts, layer_kwargs=kwargs_all,
+                device=source.device)
+
+
+def _catcher(index: int, count: int, captured: dict, store: dict) -> Callable[..., Any]:
+    def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if index == 0:
+            store["h0"] = hidden_states.detach()
+        captured[index] = (args, kwargs)
+        if index == count - 1:
+            raise _Stop
+        return hidden_states
+
+    return forward
+
+
+def layer_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def run_layer(flow: Flow, index: int, layer: torch.nn.Module, *, before_batch: Callable[[int], None] | None = None,
+              update: bool = True) -> None:
+    """Push every batch through decoder layer `index`; its outputs replace the cache (the next boundary)."""
+    for b in range(len(flow.acts)):
+        if before_batch is not None:
+            before_batch(b)
+        args, kwargs = flow.layer_kwargs[b][index]
+        h = flow.acts.get(b).to(flow.device)
+        out = layer_output(layer(h, *args, **kwargs))
+        if update:
+            flow.acts.set(b, out)
+    if update:
+        flow.position = index + 1
+
+
+@torch.no_grad()
+def head_logits(source: ModelSource, batch: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from last-boundary hidden states (REST materialised), through the model's own forward tail.
+
+    Every decoder layer is short-circuited and the first one hands back `hidden`, so family details after the
+    layers (final norm, logit scaling or soft-capping) are applied by the model's code, not restated here.
+    """
+    model = source.model
+    layers = decoder_layers(model)
+    hidden = hidden.to(source.device)
+    for i, layer in enumerate(layers):
+        layer.forward = (lambda h, *a, **k: hidden) if i == 0 else (lambda h, *a, **k: h)
+    try:
+        ids, mask = batch
+        out = model(input_ids=ids.to(source.device), attention_mask=mask.to(source.device), use_cache=False)
+    finally:
+        for layer in layers:
+            del layer.forward
+    return out.logits.float().cpu()
+
+
+def stream_forward(source: ModelSource, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
+                   budget: int = 1 << 30, progress: Callable[[int], None] | None = None,
+                   on_layer: Callable[[int, torch.nn.Module], None] | None = None) -> list[torch.Tensor]:
+    """Logits of `batches` computed one layer at a time from the source (verification / streamed eval)."""
+    source.materialise(REST)
+    flow = start_flow(source, batches, budget=budget)
+    try:
+        for i in range(source.num_layers):
+            layer = source.materialise(i)
+            if on_layer is not None:
+                on_layer(i, layer)
+            run_layer(flow, i, layer)
+            source.release(i)
+            if progress is not None:
+                progress(i)
+        return [head_logits(source, flow.batches[b], flow.acts.get(b)) for b in range(len(flow.acts))]
+    finally:
+        flow.close()

@@ -1,0 +1,259 @@
+"""The engine: one way to run a layerwise pass on a checkpoint, whether it fits in memory or not.
+
+Sweep 1 (statistics, only on a cache miss): calibration hidden states flow through the decoder one layer at a
+time from the source shards while the statistics tap observes each MoE layer. Sweep 2 (compress + write): each
+decoder layer is read, the pass decides and applies surgery to it, a probe batch flows through the compressed
+layer (the reference logits for verification), and the layer is written to the output shards and released.
+Verification streams the written checkpoint the same way (keys, shapes, dtypes against the meta model of the
+written config, then the probe's logits); a vanilla ``from_pretrained`` reload is added when the model fits.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moecompress.calib.stats import Stats
+from moecompress.engine.loop import head_logits, run_layer, start_flow, stream_forward
+from moecompress.engine.reader import TensorReader
+from moecompress.engine.sink import ShardWriter, on_disk_state, parse_size
+from moecompress.engine.source import REST, ModelSource
+from moecompress.errors import UserError
+from moecompress.io.checkpoint import (
+    PROVENANCE,
+    _save_tokenizer,
+    checkpoint_bytes,
+    probe_input,
+    provenance,
+    temp_dir_beside,
+    verify_reload,
+    write_count_aliases,
+)
+from moecompress.passes.base import LayerwisePass, PassContext, observe_and_apply
+
+DEFAULT_SHARD = "5GB"
+
+
+def memory_budget(max_memory: str | int | None) -> int:
+    """Bytes of CPU RAM the engine may use: --max-memory, else 3/4 of what the machine has available now."""
+    if max_memory is not None:
+        n = parse_size(max_memory)
+        if n <= 0:
+            raise UserError(f"--max-memory must be positive, got {max_memory!r}")
+        return n
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 * 3 // 4
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def pick_device(device: str | None) -> str:
+    """cpu | cuda | auto (cuda when available)."""
+    device = (device or "auto").lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"--device must be cpu, cuda or auto, got {device!r}")
+    return device
+
+
+@contextmanager
+def sweep_progress(console: Any, label: str, total: int) -> Iterator[Callable[[], None]]:
+    """One progress bar per sweep over decoder layers (with ETA)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("layers"), TimeRemainingColumn(),
+                  console=console, disable=console is None, transient=True) as prog:
+        task = prog.add_task(label, total=total)
+        yield lambda: prog.advance(task, 1)
+
+
+def stream_stats(source: ModelSource, batches: list[tuple[torch.Tensor, torch.Tensor]], *, total_tokens: int,
+                 sample_tokens: int, budget: int, spill_dir: Path | None = None, console: Any = None,
+                 meta: dict[str, Any] | None = None) -> Stats:
+    """The statistics ``collect_stats`` gives, computed one decoder layer at a time from the shards."""
+    from moecompress.calib.collect import collecting
+
+    t0 = time.perf_counter()
+    source.materialise(REST)
+    flow = start_flow(source, batches, budget=budget, spill_dir=spill_dir)
+    masks = flow.masks()
+    try:
+        with torch.inference_mode(), collecting(source.model, sample_tokens, total_tokens) as taps, \
+                sweep_progress(console, "collecting statistics", source.num_layers) as advance:
+            for i in range(source.num_layers):
+                layer = source.materialise(i)
+
+                def set_mask(b: int) -> None:
+                    for tap in taps.values():
+                        tap.mask = masks[b].to(flow.device)
+
+                run_layer(flow, i, layer, before_batch=set_mask)
+                source.release(i)
+                advance()
+            layers = {idx: tap.finish() for idx, tap in taps.items()}
+    finally:
+        flow.close()
+    info = dict(meta or {})
+    info["collect_seconds"] = round(time.perf_counter() - t0, 3)
+    info["engine"] = "streamed"
+    return Stats(layers=layers, meta=info)
+
+
+def layer_visitor(source: ModelSource) -> Callable[[Callable[[int, Any], Any], bool], dict[int, Any]]:
+    """``PassContext.for_each_layer`` for a streamed model: each layer read, visited, released in turn."""
+
+    def visit(fn: Callable[[int, Any], Any], weights: bool) -> dict[int, Any]:
+        out: dict[int, Any] = {}
+        for i in range(source.num_layers):
+            layer = source.materialise(i) if weights else source.layer(i)
+            try:
+                out[i] = fn(i, layer)
+            finally:
+                if weights:
+                    source.release(i)
+        return out
+
+    return visit
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def compress_streamed(lp: LayerwisePass, ctx: PassContext, source: ModelSource, tmp: Path, *,
+                      max_shard_bytes: int, budget: int = 1 << 62, spill_dir: Path | None = None,
+                      console: Any = None) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Sweep 2: plan, then per layer read → (observe) → apply → probe → write → release.
+
+    Returns (details, probe ids, probe logits of the compressed model, config keys to add).
+    """
+    plan = lp.plan(ctx)
+    text_config = source.config.get_text_config() if hasattr(source.config, "get_text_config") else source.config
+    ids = probe_input(text_config.vocab_size)
+    probe = [(ids, torch.ones_like(ids))]
+    writer = ShardWriter(tmp, max_shard_bytes)
+    source.materialise(REST)
+    flow = start_flow(source, probe, budget=1 << 62)
+    calib = None
+    if lp.calibration is not None:
+        calib = start_flow(source, lp.calibration(ctx, plan), budget=budget, spill_dir=spill_dir)
+    per_layer: dict[int, dict[str, Any]] = {}
+    try:
+        with sweep_progress(console, f"{ctx.config.name}: compress + write", source.num_layers) as advance:
+            for i in range(source.num_layers):
+                layer = source.materialise(i)
+                info = observe_and_apply(lp, ctx, plan, i, layer, calib)
+                if info is not None:
+                    per_layer[i] = info
+                run_layer(flow, i, layer)
+                state = on_disk_state(source.model, source.state_of(i))
+                writer.add(lp.emit(ctx, plan, i, state) if lp.emit is not None else state)
+                source.release(i)
+                advance()
+        logits = head_logits(source, probe[0], flow.acts.get(0))
+    finally:
+        flow.close()
+        if calib is not None:
+            calib.close()
+    details = lp.finish(ctx, plan, per_layer)
+    writer.add(on_disk_state(source.model, source.state_of(REST)))
+    writer.finish()
+    update = lp.config_update(ctx, plan, writer.shapes) if lp.config_update is not None else {}
+    return details, ids, logits, update
+
+
+def write_metadata(source: ModelSource, tokenizer: Any, tmp: Path, *, src: Path, pass_entry: dict[str, Any],
+                   extra_files: dict[str, str | bytes] | None, config_update: dict[str, Any] | None = None) -> None:
+    """config (as the pass left it, plus `config_update`), generation config, tokenizer, provenance, extras."""
+    config = source.model.config
+    config.dtype = source.dtype
+    config.architectures = [type(source.model).__name__]
+    config.save_pretrained(tmp)
+    if config_update:
+        cfg_file = tmp / "config.json"
+        data = json.loads(cfg_file.read_text())
+        data.update(config_update)
+        cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    gen = Path(src) / "generation_config.json"
+    if gen.is_file():
+        shutil.copy2(gen, tmp / gen.name)
+    _save_tokenizer(tokenizer, src, tmp)
+    (tmp / PROVENANCE).write_text(json.dumps(provenance(src, pass_entry), indent=2))
+    for name, content in (extra_files or {}).items():
+        target = tmp / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            target.write_text(content)
+    write_count_aliases(tmp)
+
+
+def verify_streamed(folder: Path, ids: torch.Tensor, reference: torch.Tensor, *, budget: int, device: str,
+                    atol: float | None = None, full_reload: bool | None = None, console: Any = None) -> dict[str, Any]:
+    """Written keys/shapes/dtypes equal the meta model of the written config, and a streamed forward of the
+    written checkpoint gives the compressed model's logits; plus a vanilla reload when the model fits."""
+    reader = None
+    if json.loads((Path(folder) / "config.json").read_text()).get("quantization_config"):
+        from moecompress.engine.reader import PackedDequantReader
+
+        reader = PackedDequantReader(Path(folder))
+    vsrc = ModelSource(folder, device=device, reader=reader)
+    assigned = {k for part in [REST, *range(vsrc.num_layers)] for k in vsrc.keys_of(part)}
+    stray = set(vsrc.reader.keys()) - assigned
+    if stray:
+        raise RuntimeError(f"written checkpoint has keys no module takes: {sorted(stray)[:3]}")
+    with sweep_progress(console, "verifying (streamed)", vsrc.num_layers) as advance:
+        got = stream_forward(vsrc, [(ids, torch.ones_like(ids))], budget=budget, progress=lambda _i: advance())[0]
+    vsrc.close()
+    diff = float((got - reference).abs().max())
+    scale = float(reference.abs().max()) or 1.0
+    tol = atol if atol is not None else 1e-4 * max(1.0, scale)
+    if not diff <= tol:
+        raise RuntimeError(f"streamed reload logits differ from the compressed model by {diff:.3g} (tolerance {tol:.3g})")
+    summary: dict[str, Any] = {"streamed_max_abs_logit_diff": diff, "keys_checked": len(assigned)}
+    size = checkpoint_bytes(folder)
+    if full_reload if full_reload is not None else size * 3 < budget:
+        summary.update(verify_reload(folder, reference, ids, atol=atol))
+        summary["full_reload"] = True
+    else:
+        summary["full_reload"] = False
+        summary["loading_info"] = {"missing_keys": 0, "unexpected_keys": 0, "mismatched_keys": 0}
+    return summary
+
+
+def open_source(src: Path, *, dtype: str | None, device: str | None) -> ModelSource:
+    """A ModelSource with the CLI's dtype/device options, errors as UserErrors."""
+    dt: torch.dtype | None = None
+    if dtype and dtype != "auto":
+        dt = getattr(torch, dtype, None)
+        if not isinstance(dt, torch.dtype):
+            raise UserError(f"--dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+    return ModelSource(Path(src), dtype=dt, device=pick_device(device), reader=TensorReader(Path(src)))
+
+
+def spill_dir_beside(out: Path) -> Path:
+    """Where activations spill to disk: beside the output (same filesystem the user chose), removed after."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.acts-", dir=out.parent))
+
+
+__all__ = ["DEFAULT_SHARD", "compress_streamed", "count_params", "memory_budget", "open_source", "pick_device",
+           "spill_dir_beside", "stream_stats", "temp_dir_beside", "verify_streamed", "write_metadata"]
