@@ -102,6 +102,10 @@ EVAL = typer.Option(None, "--eval", help="Comma-separated lm-eval tasks to compa
 EVAL_DATA = typer.Option(None, "--eval-data", help="Folder with val.jsonl / mc.jsonl for the bundled tasks "
                          "(default: the reference model's data/, found through provenance).")
 DTYPE = typer.Option(None, "--dtype", help="Load dtype (float32, bfloat16, ...). Default: the checkpoint's.")
+TARGET = typer.Option(None, "--target", help="vllm: serving checks (expert count vs --ep-size and n_group, "
+                      "widths multiple of 64, 4/8-bit, group size -1/32/64/128) become errors, raised before "
+                      "anything loads. Default: they are warnings.")
+EP_SIZE = typer.Option(None, "--ep-size", min=1, help="Expert-parallel size the output's expert count must divide by.")
 STATS_CACHE = typer.Option(None, "--stats-cache", help="Where calibration statistics are cached "
                            "(default ~/.cache/moecompress/stats or $MOECOMPRESS_CACHE).")
 
@@ -112,6 +116,8 @@ def calib_spec(calib: str | None, samples: int, seqlen: int, seed: int, domain: 
     from moecompress.calib.data import CalibSpec
     from moecompress.runner import default_calibration_source
 
+    if _PLAN_MODE:  # plan sizes the activation cache from these even when no --calib is given
+        _PLAN_MODE.update(samples=samples, seqlen=seqlen)
     if calib is None:
         found = default_calibration_source(model) if model is not None and Path(model).is_dir() else None
         if found is None:
@@ -132,18 +138,98 @@ def eval_spec(tasks: str | None, data_dir: Path | None = None):
 
 
 def run_one(cfg_cls, fields: dict, model: Path, out: Path, *, calib=None, evals=None, eval_data: Path | None = None,
-            overwrite: bool = False, dtype: str | None = None, stats_cache: Path | None = None) -> dict:
-    """The pass commands are one-pass recipes: validate the config, then run it through the same runner."""
+            overwrite: bool = False, dtype: str | None = None, stats_cache: Path | None = None,
+            target: str | None = None, ep_size: int | None = None) -> dict | None:
+    """The pass commands are one-pass recipes: validate the config, then run it through the same runner
+    (or, under `moecompress plan`, size it without running)."""
     from moecompress.recipe import validated
     from moecompress.runner import RunOptions, run_pass
 
     quiet_transformers()
     cfg = validated(cfg_cls, {k: v for k, v in fields.items() if v is not None})
-    opts = RunOptions(overwrite=overwrite, dtype=dtype, stats_cache=stats_cache)
+    target = check_target(target)
+    if _PLAN_MODE:
+        show_plan(str(model), [cfg], calib=calib, target=target, ep_size=ep_size, **_PLAN_MODE)
+        return None
+    opts = RunOptions(overwrite=overwrite, dtype=dtype, stats_cache=stats_cache, target=target, ep_size=ep_size)
     report = run_pass(cfg, model, out, calibration=calib, eval_spec=eval_spec(evals, eval_data), opts=opts,
                       console=console)
     print_report(report)
     return report
+
+
+def check_target(target: str | None) -> str | None:
+    if target not in (None, "vllm", "transformers"):
+        raise UserError(f"--target {target!r}: use vllm (serving checks become errors) or transformers")
+    return target
+
+
+_PLAN_MODE: dict = {}  # set by `moecompress plan` while it dispatches to a pass command
+
+
+def show_plan(model: str, passes: list, *, calib=None, target: str | None = None, ep_size: int | None = None,
+              json_out: bool = False, max_memory: str | None = None, samples: int | None = None,
+              seqlen: int | None = None) -> None:
+    """Plan passes on MODEL from its config.json alone and print it (tables, or JSON for scripts)."""
+    from moecompress.io.checkpoint import read_config
+    from moecompress.plan import parse_size, plan_passes, render_plan
+
+    config = read_config(Path(model))
+    samples = calib.samples if calib is not None else (samples or CALIB_SAMPLES.default)
+    seqlen = calib.seqlen if calib is not None else (seqlen or CALIB_SEQLEN.default)
+    plan = plan_passes(config, passes, model=str(model), samples=samples, seqlen=seqlen, target=target,
+                       ep_size=ep_size, max_memory=parse_size(max_memory), console=None if json_out else console)
+    if json_out:
+        typer.echo(plan.model_dump_json(indent=2))
+    else:
+        render_plan(plan, console)
+
+
+@app.command("plan", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def plan_cmd(
+    ctx: typer.Context,
+    what: str = typer.Argument(..., help="A recipe YAML, or a pass command (prune | merge | quantize) followed by "
+                               "its usual arguments, e.g. `plan prune MODEL --ratio 0.5`."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    max_memory: str | None = typer.Option(None, "--max-memory", help="CPU RAM the run may use, e.g. 64GiB: the "
+                                          "plan shows what spills to disk (or that it cannot fit)."),
+    model: str | None = typer.Option(None, "--model", help="With a recipe: override its model."),
+    target: str | None = TARGET, ep_size: int | None = EP_SIZE,
+) -> None:
+    """Before → after of every step (experts, total/active parameters, bytes, peak RAM/GPU) and serving checks,
+    from config.json alone: nothing is loaded, nothing is written.
+
+    Examples: moecompress plan recipes/reap50-w4.yaml --model Qwen/Qwen3-30B-A3B --target vllm
+              moecompress plan prune Qwen/Qwen3-30B-A3B --ratio 0.5 --ep-size 8 --json
+    """
+    quiet_transformers()
+    target = check_target(target)
+    opts = {"json_out": json_out, "max_memory": max_memory}
+    if what.endswith((".yaml", ".yml")) or Path(what).is_file():
+        from moecompress.recipe import load_recipe
+
+        if ctx.args:
+            raise UserError(f"plan {what}: unexpected arguments {' '.join(ctx.args)}")
+        recipe = load_recipe(Path(what))
+        src = model or recipe.model
+        if src is None:
+            raise UserError("no model: set `model:` in the recipe or pass --model")
+        show_plan(src, recipe.passes, calib=recipe.calibration, target=target, ep_size=ep_size, **opts)
+        return
+    if what not in ("prune", "merge", "quantize"):
+        raise UserError(f"plan {what}: give a recipe .yaml or one of prune | merge | quantize with its arguments")
+    args = list(ctx.args)
+    if not any(a in ("--out", "-o") or a.startswith("--out=") for a in args):
+        args += ["--out", ".moecompress-plan-unused"]  # pass commands require --out; plan never writes
+    if target:
+        args += ["--target", target]
+    if ep_size:
+        args += ["--ep-size", str(ep_size)]
+    _PLAN_MODE.update(opts)
+    try:
+        typer.main.get_command(app).main([what, *args], prog_name="moecompress plan", standalone_mode=False)
+    finally:
+        _PLAN_MODE.clear()
 
 
 def print_report(report: dict) -> None:
@@ -204,7 +290,8 @@ def prune_cmd(
     calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
     calib_seed: int = CALIB_SEED, calib_domain: str | None = CALIB_DOMAIN,
     evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA, overwrite: bool = OVERWRITE,
-    dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE,
+    dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE, target: str | None = TARGET,
+    ep_size: int | None = EP_SIZE,
 ) -> None:
     """Remove whole experts (same count per layer) or expert neurons, ranked on calibration data.
 
@@ -227,7 +314,7 @@ def prune_cmd(
                                         expert_ratio=ratio, expert_keep=keep, expert_criterion=expert_criterion,
                                         seed=seed),
                 model, out, calib=calibration, evals=evals, eval_data=eval_data, overwrite=overwrite, dtype=dtype,
-                stats_cache=stats_cache)
+                stats_cache=stats_cache, target=target, ep_size=ep_size)
         return
     if criterion in ATOMIC_CRITERIA and criterion != "random":
         raise UserError(f"--criterion {criterion} ranks expert neurons; add --neuron-ratio R (e.g. 0.25)")
@@ -237,7 +324,8 @@ def prune_cmd(
                                      protect_super_experts=protect_super_experts, layers=parse_layers(layers),
                                      seed=seed),
             model, out, calib=calibration, evals=evals,
-            eval_data=eval_data, overwrite=overwrite, dtype=dtype, stats_cache=stats_cache)
+            eval_data=eval_data, overwrite=overwrite, dtype=dtype, stats_cache=stats_cache, target=target,
+            ep_size=ep_size)
 
 
 @app.command("merge")
@@ -262,7 +350,8 @@ def merge_cmd(
     calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
     calib_seed: int = CALIB_SEED, calib_domain: str | None = CALIB_DOMAIN,
     evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA, overwrite: bool = OVERWRITE,
-    dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE,
+    dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE, target: str | None = TARGET,
+    ep_size: int | None = EP_SIZE,
 ) -> None:
     """Merge groups of experts into one each (same count per layer): the checkpoint shrinks and loads anywhere.
 
@@ -273,7 +362,8 @@ def merge_cmd(
     run_one(MergeExpertsConfig, dict(ratio=ratio, keep=keep, method=method, merge=merge, router=router, rank=rank,
                                      energy=energy, align=align, group_size=group_size, seed=seed),
             model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, calib_domain, model), evals=evals,
-            eval_data=eval_data, overwrite=overwrite, dtype=dtype, stats_cache=stats_cache)
+            eval_data=eval_data, overwrite=overwrite, dtype=dtype, stats_cache=stats_cache, target=target,
+            ep_size=ep_size)
 
 
 @app.command("quantize")
@@ -296,7 +386,8 @@ def quantize_cmd(
     damp: float = typer.Option(0.01, "--damp", help="GPTQ damping, relative to the mean Hessian diagonal."),
     calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
     calib_seed: int = CALIB_SEED, evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA,
-    overwrite: bool = OVERWRITE, dtype: str | None = DTYPE,
+    overwrite: bool = OVERWRITE, dtype: str | None = DTYPE, target: str | None = TARGET,
+    ep_size: int | None = EP_SIZE,
 ) -> None:
     """Quantize routed experts (GPTQ or RTN) into a compressed-tensors pack-quantized checkpoint.
 
@@ -309,7 +400,7 @@ def quantize_cmd(
                                  attention=attention, shared=shared, ignore=list(ignore), bits_budget=bits_budget,
                                  damp=damp),
             model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, model=model), evals=evals,
-            eval_data=eval_data, overwrite=overwrite, dtype=dtype)
+            eval_data=eval_data, overwrite=overwrite, dtype=dtype, target=target, ep_size=ep_size)
 
 
 @app.command("sweep")
@@ -346,7 +437,8 @@ def run_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: each pass writes OUT/NN-pass/."),
     model: Path | None = typer.Option(None, "--model", help="Override the recipe's model."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo finished steps instead of resuming."),
-    dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE,
+    dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE, target: str | None = TARGET,
+    ep_size: int | None = EP_SIZE,
 ) -> None:
     """Run a recipe; a rerun resumes (finished steps are skipped, an interrupted one is redone)."""
     from moecompress.recipe import load_recipe
@@ -355,7 +447,9 @@ def run_cmd(
     parsed = load_recipe(recipe)  # validated before any weight loads
     quiet_transformers()
     reports = run_recipe(parsed, out, model=model, opts=RunOptions(overwrite=overwrite, dtype=dtype,
-                                                                   stats_cache=stats_cache), console=console)
+                                                                   stats_cache=stats_cache,
+                                                                   target=check_target(target), ep_size=ep_size),
+                         console=console)
     for r in reports:
         print_report(r)
     console.print(f"run summary: {out / 'run.md'}")

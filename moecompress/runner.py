@@ -43,6 +43,8 @@ class RunOptions(BaseModel):
     sample_tokens: int = 2048
     verify: bool = True
     plots: bool = True
+    target: str | None = None  # "vllm": serving checks are errors, raised before anything loads
+    ep_size: int | None = None  # expert-parallel size the output must divide by
 
 
 def default_cache_root() -> Path:
@@ -130,6 +132,7 @@ def run_pass(cfg: PassConfig, src: Path, out: Path, *, calibration: Any = None, 
     src, out = Path(src), Path(out)
     hf_config, adapter = check_model_dir(src)
     cfg.check(adapter, hf_config)
+    findings = check_serving(cfg, adapter, hf_config, opts, console)
     prepare_output(out, overwrite=opts.overwrite, source=src)
     if eval_spec is not None:  # a typo in --eval must fail before compression, not after
         from moecompress.eval import check_eval_spec
@@ -179,6 +182,7 @@ def run_pass(cfg: PassConfig, src: Path, out: Path, *, calibration: Any = None, 
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "statistics": (cache["stats"].meta if "stats" in cache else None),
         "verify": verify,
+        "serving_checks": [f.model_dump() for f in findings],
         "details": details,
     }
     if eval_spec is not None:
@@ -231,8 +235,9 @@ def run_recipe(recipe: Any, out: Path, *, model: Path | None = None, opts: RunOp
     if src is None:
         raise UserError("no model: set `model:` in the recipe or pass MODEL on the command line")
     hf_config, adapter = check_model_dir(src)
-    for cfg in recipe.passes:  # fail before any weight loads
+    for i, cfg in enumerate(recipe.passes, start=1):  # fail before any weight loads
         cfg.check(adapter, hf_config)
+        check_serving(cfg, adapter, hf_config, opts, where=f"step {i}")  # warnings print when the step runs
         hf_config = planned_config(cfg, adapter, hf_config)
     if out.exists() and any(out.iterdir()) and not (out / "recipe.yaml").exists() and not opts.overwrite:
         raise UserError(f"output {out} exists and does not hold a recipe run; choose another --out or --overwrite")
@@ -262,7 +267,26 @@ def run_recipe(recipe: Any, out: Path, *, model: Path | None = None, opts: RunOp
     return reports
 
 
+def check_serving(cfg: PassConfig, adapter: Any, hf_config: dict[str, Any], opts: RunOptions, console: Any = None,
+                  where: str = "") -> list[Any]:
+    """The serving checks `plan` prints, run before every pass: warnings, or errors with --target vllm."""
+    from moecompress.serving import enforce, serving_findings
+
+    findings = serving_findings(cfg, adapter, hf_config, planned_config(cfg, adapter, hf_config), opts.ep_size)
+    enforce(findings, opts.target, where=where or cfg.name, console=console)  # type: ignore[arg-type]
+    return findings
+
+
 def planned_config(cfg: PassConfig, adapter: Any, hf_config: dict[str, Any]) -> dict[str, Any]:
-    """The config a pass will leave behind, so later passes are checked against what they will see."""
+    """The config a pass will leave behind, so later passes are checked against what they will see.
+
+    Passes other than `quantize` write float weights: a quantized source (FP8, MXFP4) is dequantized as it is
+    read, so its `quantization_config` does not carry over and the output is bfloat16.
+    """
     planner = getattr(cfg, "planned_config", None)
-    return planner(adapter, dict(hf_config)) if planner else hf_config
+    after = planner(adapter, dict(hf_config)) if planner else dict(hf_config)
+    if cfg.name != "quantize" and after.get("quantization_config"):
+        after = {k: v for k, v in after.items() if k != "quantization_config"}
+        after["dtype"] = "bfloat16"
+        after.pop("torch_dtype", None)
+    return after

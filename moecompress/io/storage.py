@@ -78,11 +78,13 @@ def mxfp4_bytes(model: torch.nn.Module, skel: Skeleton, skip: list[str]) -> dict
     return out
 
 
-def int_packed_bytes(rows: int, cols: int, bits: int, group_size: int, *, symmetric: bool = True) -> int:
-    """compressed-tensors pack-quantized: int32-packed values + bf16 scale per group (+ zero points if asymmetric)."""
+def int_packed_bytes(rows: int, cols: int, bits: int, group_size: int, *, symmetric: bool = True,
+                     scale_bytes: int = 2) -> int:
+    """compressed-tensors pack-quantized: int32-packed values + a scale per group in the model's float dtype
+    (+ int32 zero points if asymmetric) + the int64[2] weight_shape."""
     groups = 1 if group_size in (-1, 0) else ceil_div(cols, group_size)
     packed = rows * ceil_div(cols * bits, 32) * 4
-    scales = rows * groups * 2
+    scales = rows * groups * scale_bytes
     zeros = 0 if symmetric else rows * groups * 4
     return packed + scales + zeros + 2 * 8  # weight_shape int64[2]
 
@@ -134,3 +136,19 @@ def _ct_targets(module: str, targets: list[str]) -> bool:
         if module.endswith(t):
             return True
     return False
+
+
+def scheme_bytes(model: torch.nn.Module, skel: Skeleton, groups: set[str], bits: int, group_size: int) -> dict[str, int]:
+    """Bytes after our `quantize` pass: matrices of `groups` pack-quantized, everything else as stored."""
+    linear_names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    out: dict[str, int] = defaultdict(int)
+    for name, p in model.named_parameters():
+        group = skel.param_group[name]
+        matrix = (p.ndim == 3 and group == "routed_experts") or (
+            p.ndim == 2 and name.endswith(".weight") and name.rsplit(".", 1)[0] in linear_names)
+        if group in groups and matrix:
+            n, rows, cols = linear_shapes(name, p)
+            out[group] += n * int_packed_bytes(rows, cols, bits, group_size, scale_bytes=p.element_size())
+        else:
+            out[group] += p.numel() * p.element_size()
+    return {g: out.get(g, 0) for g in GROUPS}
