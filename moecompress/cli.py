@@ -45,14 +45,21 @@ def quiet_transformers() -> None:
 
 @app.command("inspect")
 def inspect_cmd(
-    model: Path = typer.Argument(..., help="Checkpoint folder (config.json + *.safetensors)."),
+    model: str = typer.Argument(..., help="Checkpoint folder, or a Hub id (only its config.json is downloaded). "
+                                "config.json alone is enough."),
     json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
     tensors: bool = typer.Option(False, "--tensors", help="Also list every tensor with its dtype, bits and bytes."),
+    revision: str | None = typer.Option(None, "--revision", help="With a Hub id: branch, tag or commit."),
 ) -> None:
-    """Show family, routing, experts per layer and where the parameters and bytes are (no weights load)."""
+    """Family, layer pattern, experts, top-k, total and active parameters, bytes by group — from config.json
+    alone (no weight is read; safetensors headers give exact bytes when present)."""
     from moecompress.inspect import inspect_checkpoint, render
+    from moecompress.io.resolve import resolve_model
 
-    ins = inspect_checkpoint(model)
+    resolved = resolve_model(model, revision=revision, needs="config")
+    ins = inspect_checkpoint(resolved.path)
+    if resolved.repo_id:
+        ins.path = resolved.label
     if json_out:
         data = ins.model_dump()
         if not tensors:
@@ -102,6 +109,7 @@ EVAL = typer.Option(None, "--eval", help="Comma-separated lm-eval tasks to compa
 EVAL_DATA = typer.Option(None, "--eval-data", help="Folder with val.jsonl / mc.jsonl for the bundled tasks "
                          "(default: the reference model's data/, found through provenance).")
 DTYPE = typer.Option(None, "--dtype", help="Load dtype (float32, bfloat16, ...). Default: the checkpoint's.")
+REVISION = typer.Option(None, "--revision", help="With a Hub id: branch, tag or commit to download (default main).")
 TARGET = typer.Option(None, "--target", help="vllm: serving checks (expert count vs --ep-size and n_group, "
                       "widths multiple of 64, 4/8-bit, group size -1/32/64/128) become errors, raised before "
                       "anything loads. Default: they are warnings.")
@@ -139,7 +147,7 @@ def eval_spec(tasks: str | None, data_dir: Path | None = None):
 
 def run_one(cfg_cls, fields: dict, model: Path, out: Path, *, calib=None, evals=None, eval_data: Path | None = None,
             overwrite: bool = False, dtype: str | None = None, stats_cache: Path | None = None,
-            target: str | None = None, ep_size: int | None = None) -> dict | None:
+            target: str | None = None, ep_size: int | None = None, revision: str | None = None) -> dict | None:
     """The pass commands are one-pass recipes: validate the config, then run it through the same runner
     (or, under `moecompress plan`, size it without running)."""
     from moecompress.recipe import validated
@@ -149,10 +157,11 @@ def run_one(cfg_cls, fields: dict, model: Path, out: Path, *, calib=None, evals=
     cfg = validated(cfg_cls, {k: v for k, v in fields.items() if v is not None})
     target = check_target(target)
     if _PLAN_MODE:
-        show_plan(str(model), [cfg], calib=calib, target=target, ep_size=ep_size, **_PLAN_MODE)
+        show_plan(str(model), [cfg], calib=calib, target=target, ep_size=ep_size, revision=revision, **_PLAN_MODE)
         return None
-    opts = RunOptions(overwrite=overwrite, dtype=dtype, stats_cache=stats_cache, target=target, ep_size=ep_size)
-    report = run_pass(cfg, model, out, calibration=calib, eval_spec=eval_spec(evals, eval_data), opts=opts,
+    opts = RunOptions(overwrite=overwrite, dtype=dtype, stats_cache=stats_cache, target=target, ep_size=ep_size,
+                      revision=revision)
+    report = run_pass(cfg, str(model), out, calibration=calib, eval_spec=eval_spec(evals, eval_data), opts=opts,
                       console=console)
     print_report(report)
     return report
@@ -169,12 +178,15 @@ _PLAN_MODE: dict = {}  # set by `moecompress plan` while it dispatches to a pass
 
 def show_plan(model: str, passes: list, *, calib=None, target: str | None = None, ep_size: int | None = None,
               json_out: bool = False, max_memory: str | None = None, samples: int | None = None,
-              seqlen: int | None = None) -> None:
+              seqlen: int | None = None, revision: str | None = None) -> None:
     """Plan passes on MODEL from its config.json alone and print it (tables, or JSON for scripts)."""
     from moecompress.io.checkpoint import read_config
+    from moecompress.io.resolve import resolve_model
     from moecompress.plan import parse_size, plan_passes, render_plan
 
-    config = read_config(Path(model))
+    resolved = resolve_model(model, revision=revision, needs="config")
+    config = read_config(resolved.path)
+    model = resolved.label
     samples = calib.samples if calib is not None else (samples or CALIB_SAMPLES.default)
     seqlen = calib.seqlen if calib is not None else (seqlen or CALIB_SEQLEN.default)
     plan = plan_passes(config, passes, model=str(model), samples=samples, seqlen=seqlen, target=target,
@@ -194,7 +206,7 @@ def plan_cmd(
     max_memory: str | None = typer.Option(None, "--max-memory", help="CPU RAM the run may use, e.g. 64GiB: the "
                                           "plan shows what spills to disk (or that it cannot fit)."),
     model: str | None = typer.Option(None, "--model", help="With a recipe: override its model."),
-    target: str | None = TARGET, ep_size: int | None = EP_SIZE,
+    target: str | None = TARGET, ep_size: int | None = EP_SIZE, revision: str | None = REVISION,
 ) -> None:
     """Before → after of every step (experts, total/active parameters, bytes, peak RAM/GPU) and serving checks,
     from config.json alone: nothing is loaded, nothing is written.
@@ -214,7 +226,8 @@ def plan_cmd(
         src = model or recipe.model
         if src is None:
             raise UserError("no model: set `model:` in the recipe or pass --model")
-        show_plan(src, recipe.passes, calib=recipe.calibration, target=target, ep_size=ep_size, **opts)
+        show_plan(src, recipe.passes, calib=recipe.calibration, target=target, ep_size=ep_size, revision=revision,
+                  **opts)
         return
     if what not in ("prune", "merge", "quantize"):
         raise UserError(f"plan {what}: give a recipe .yaml or one of prune | merge | quantize with its arguments")
@@ -225,6 +238,8 @@ def plan_cmd(
         args += ["--target", target]
     if ep_size:
         args += ["--ep-size", str(ep_size)]
+    if revision:
+        args += ["--revision", revision]
     _PLAN_MODE.update(opts)
     try:
         typer.main.get_command(app).main([what, *args], prog_name="moecompress plan", standalone_mode=False)
@@ -267,7 +282,8 @@ def parse_layers(text: str | None) -> list[int] | None:
 
 @app.command("prune")
 def prune_cmd(
-    model: Path = typer.Argument(..., help="Input checkpoint folder (never modified)."),
+    model: str = typer.Argument(..., help="Input checkpoint folder (never modified) or a Hub id (downloaded to the "
+                                "HF cache; --revision pins a commit)."),
     out: Path = OUT,
     ratio: float | None = typer.Option(None, "--ratio", help="Share of experts to remove in every MoE layer (0-1)."),
     keep: int | None = typer.Option(None, "--keep", help="Experts to keep per layer (instead of --ratio)."),
@@ -291,7 +307,7 @@ def prune_cmd(
     calib_seed: int = CALIB_SEED, calib_domain: str | None = CALIB_DOMAIN,
     evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA, overwrite: bool = OVERWRITE,
     dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE, target: str | None = TARGET,
-    ep_size: int | None = EP_SIZE,
+    ep_size: int | None = EP_SIZE, revision: str | None = REVISION,
 ) -> None:
     """Remove whole experts (same count per layer) or expert neurons, ranked on calibration data.
 
@@ -314,7 +330,7 @@ def prune_cmd(
                                         expert_ratio=ratio, expert_keep=keep, expert_criterion=expert_criterion,
                                         seed=seed),
                 model, out, calib=calibration, evals=evals, eval_data=eval_data, overwrite=overwrite, dtype=dtype,
-                stats_cache=stats_cache, target=target, ep_size=ep_size)
+                stats_cache=stats_cache, target=target, ep_size=ep_size, revision=revision)
         return
     if criterion in ATOMIC_CRITERIA and criterion != "random":
         raise UserError(f"--criterion {criterion} ranks expert neurons; add --neuron-ratio R (e.g. 0.25)")
@@ -325,12 +341,13 @@ def prune_cmd(
                                      seed=seed),
             model, out, calib=calibration, evals=evals,
             eval_data=eval_data, overwrite=overwrite, dtype=dtype, stats_cache=stats_cache, target=target,
-            ep_size=ep_size)
+            ep_size=ep_size, revision=revision)
 
 
 @app.command("merge")
 def merge_cmd(
-    model: Path = typer.Argument(..., help="Input checkpoint folder (never modified)."),
+    model: str = typer.Argument(..., help="Input checkpoint folder (never modified) or a Hub id (downloaded to the "
+                                "HF cache; --revision pins a commit)."),
     out: Path = OUT,
     ratio: float | None = typer.Option(None, "--ratio", help="Share of experts to merge away in every MoE layer (0-1)."),
     keep: int | None = typer.Option(None, "--keep", help="Experts left per layer (instead of --ratio)."),
@@ -351,7 +368,7 @@ def merge_cmd(
     calib_seed: int = CALIB_SEED, calib_domain: str | None = CALIB_DOMAIN,
     evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA, overwrite: bool = OVERWRITE,
     dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE, target: str | None = TARGET,
-    ep_size: int | None = EP_SIZE,
+    ep_size: int | None = EP_SIZE, revision: str | None = REVISION,
 ) -> None:
     """Merge groups of experts into one each (same count per layer): the checkpoint shrinks and loads anywhere.
 
@@ -363,12 +380,12 @@ def merge_cmd(
                                      energy=energy, align=align, group_size=group_size, seed=seed),
             model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, calib_domain, model), evals=evals,
             eval_data=eval_data, overwrite=overwrite, dtype=dtype, stats_cache=stats_cache, target=target,
-            ep_size=ep_size)
+            ep_size=ep_size, revision=revision)
 
 
 @app.command("quantize")
 def quantize_cmd(
-    model: Path = typer.Argument(..., help="Input checkpoint folder (float; never modified)."),
+    model: str = typer.Argument(..., help="Input checkpoint folder (float; never modified) or a Hub id."),
     out: Path = OUT,
     bits: int = typer.Option(4, "--bits", help="Weight bits: 8, 4, 3 or 2 (vLLM serves 4 and 8)."),
     group_size: int = typer.Option(128, "--group-size", help="Columns sharing one scale; -1 = per output row."),
@@ -387,7 +404,7 @@ def quantize_cmd(
     calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
     calib_seed: int = CALIB_SEED, evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA,
     overwrite: bool = OVERWRITE, dtype: str | None = DTYPE, target: str | None = TARGET,
-    ep_size: int | None = EP_SIZE,
+    ep_size: int | None = EP_SIZE, revision: str | None = REVISION,
 ) -> None:
     """Quantize routed experts (GPTQ or RTN) into a compressed-tensors pack-quantized checkpoint.
 
@@ -400,12 +417,12 @@ def quantize_cmd(
                                  attention=attention, shared=shared, ignore=list(ignore), bits_budget=bits_budget,
                                  damp=damp),
             model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, model=model), evals=evals,
-            eval_data=eval_data, overwrite=overwrite, dtype=dtype, target=target, ep_size=ep_size)
+            eval_data=eval_data, overwrite=overwrite, dtype=dtype, target=target, ep_size=ep_size, revision=revision)
 
 
 @app.command("sweep")
 def sweep_cmd(
-    model: Path = typer.Argument(..., help="Input checkpoint folder."),
+    model: str = typer.Argument(..., help="Input checkpoint folder or a Hub id."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for all variants, sweep.md and pareto.png."),
     methods: str = typer.Option("prune:frequency,prune:reap", "--methods",
                                 help="Comma-separated: prune:<criterion>, merge:<method>[+<rule>], atomic:<criterion>."),
@@ -413,6 +430,7 @@ def sweep_cmd(
     calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
     calib_seed: int = CALIB_SEED, evals: str = typer.Option("ref_ppl", "--eval", help="lm-eval tasks to compare."),
     eval_data: Path | None = EVAL_DATA, overwrite: bool = OVERWRITE, dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE,
+    revision: str | None = REVISION,
 ) -> None:
     """Many variants from one statistics pass: a table (sweep.md) and a quality-vs-bytes Pareto plot."""
     from moecompress.runner import RunOptions
@@ -426,7 +444,8 @@ def sweep_cmd(
     rows = run_sweep(model, out, [m.strip() for m in methods.split(",") if m.strip()], ratio_list,
                      calibration=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, model=model),
                      eval_spec=eval_spec(evals, eval_data),
-                     opts=RunOptions(overwrite=overwrite, dtype=dtype, stats_cache=stats_cache), console=console)
+                     opts=RunOptions(overwrite=overwrite, dtype=dtype, stats_cache=stats_cache, revision=revision),
+                     console=console)
     console.print((out / "sweep.md").read_text())
     console.print(f"{len(rows)} variants; Pareto plot: {out / 'pareto.png'}")
 
@@ -435,10 +454,10 @@ def sweep_cmd(
 def run_cmd(
     recipe: Path = typer.Argument(..., help="Recipe YAML: model, calibration, eval and an ordered list of passes."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: each pass writes OUT/NN-pass/."),
-    model: Path | None = typer.Option(None, "--model", help="Override the recipe's model."),
+    model: str | None = typer.Option(None, "--model", help="Override the recipe's model (folder or Hub id)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo finished steps instead of resuming."),
     dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE, target: str | None = TARGET,
-    ep_size: int | None = EP_SIZE,
+    ep_size: int | None = EP_SIZE, revision: str | None = REVISION,
 ) -> None:
     """Run a recipe; a rerun resumes (finished steps are skipped, an interrupted one is redone)."""
     from moecompress.recipe import load_recipe
@@ -448,7 +467,8 @@ def run_cmd(
     quiet_transformers()
     reports = run_recipe(parsed, out, model=model, opts=RunOptions(overwrite=overwrite, dtype=dtype,
                                                                    stats_cache=stats_cache,
-                                                                   target=check_target(target), ep_size=ep_size),
+                                                                   target=check_target(target), ep_size=ep_size,
+                                                                   revision=revision),
                          console=console)
     for r in reports:
         print_report(r)

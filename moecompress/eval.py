@@ -424,7 +424,7 @@ def render_results(results: Results, console: Any, title: str = "evaluation") ->
 
 
 def eval_command(
-    model: Path = typer.Argument(..., help="Checkpoint folder (config.json, weights, tokenizer)."),
+    model: str = typer.Argument(..., help="Checkpoint folder (config.json, weights, tokenizer) or a Hub id."),
     tasks: str = typer.Option(
         "ref_ppl,ref_mc", "--tasks",
         help="Comma-separated tasks. Bundled offline: ref_ppl, ref_mc, ref_ppl:<domain>, ref_ppl:* (every "
@@ -438,6 +438,7 @@ def eval_command(
     num_fewshot: int | None = typer.Option(None, "--num-fewshot", help="Few-shot examples (standard tasks)."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the results to this JSON file."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse results of an unchanged checkpoint."),
+    revision: str | None = typer.Option(None, "--revision", help="With a Hub id: branch, tag or commit."),
 ) -> None:
     """Evaluate a checkpoint with lm-eval (bundled offline tasks or standard ones) and print a table."""
     from pydantic import ValidationError
@@ -445,7 +446,10 @@ def eval_command(
 
     console = Console()
     from moecompress.io.checkpoint import read_config
+    from moecompress.io.resolve import resolve_model
 
+    resolved = resolve_model(model, revision=revision)
+    model = resolved.path  # type: ignore[assignment]
     read_config(model)
     if data_dir is None:
         from moecompress.runner import default_calibration_source
@@ -471,8 +475,8 @@ def eval_command(
         check_eval_spec(spec)
         m, tok = load_for_eval(model)
         results = evaluate_model(m, tok, spec)
-    render_results(results, console, title=f"{model} ({time.perf_counter() - t0:.1f} s)")
+    render_results(results, console, title=f"{resolved.label} ({time.perf_counter() - t0:.1f} s)")
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps({"model": str(model), "spec": spec.model_dump(mode="json"),
+        json_out.write_text(json.dumps({"model": resolved.label, "spec": spec.model_dump(mode="json"),
                                         "results": results}, indent=2))

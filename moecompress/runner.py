@@ -28,6 +28,7 @@ from moecompress.io.checkpoint import (
     prepare_output,
     write_checkpoint,
 )
+from moecompress.io.resolve import ResolvedModel, resolve_model
 from moecompress.passes.base import PassConfig, PassContext, get_pass
 
 REPORT = "report.json"
@@ -43,6 +44,7 @@ class RunOptions(BaseModel):
     sample_tokens: int = 2048
     verify: bool = True
     plots: bool = True
+    revision: str | None = None  # branch, tag or commit when the model is a Hub id
     target: str | None = None  # "vllm": serving checks are errors, raised before anything loads
     ep_size: int | None = None  # expert-parallel size the output must divide by
 
@@ -125,11 +127,14 @@ def obtain_stats(model: Any, get_calibration: Any, model_dir: Path, calib_spec: 
     return stats
 
 
-def run_pass(cfg: PassConfig, src: Path, out: Path, *, calibration: Any = None, eval_spec: Any = None,
-             opts: RunOptions | None = None, console: Any = None, recipe_text: str | None = None) -> dict[str, Any]:
-    """Apply one pass to checkpoint `src` and write checkpoint + report.json to `out`."""
+def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, calibration: Any = None,
+             eval_spec: Any = None, opts: RunOptions | None = None, console: Any = None,
+             recipe_text: str | None = None) -> dict[str, Any]:
+    """Apply one pass to checkpoint `src` (a folder, a Hub id or a resolved model) and write checkpoint +
+    report.json to `out`."""
     opts = opts or RunOptions()
-    src, out = Path(src), Path(out)
+    resolved = src if isinstance(src, ResolvedModel) else resolve_model(src, revision=opts.revision)
+    src, out = resolved.path, Path(out)
     hf_config, adapter = check_model_dir(src)
     cfg.check(adapter, hf_config)
     findings = check_serving(cfg, adapter, hf_config, opts, console)
@@ -168,11 +173,11 @@ def run_pass(cfg: PassConfig, src: Path, out: Path, *, calibration: Any = None, 
     extra = {"recipe.yaml": recipe_text} if recipe_text else None
     verify = write_checkpoint(model, tok, out, source=src, pass_entry=entry, overwrite=opts.overwrite,
                               verify=opts.verify, save_fn=ctx.extras.get("save_fn"),
-                              verify_atol=ctx.extras.get("verify_atol"), extra_files=extra)
+                              verify_atol=ctx.extras.get("verify_atol"), extra_files=extra, hub=resolved.hub_ref())
     report: dict[str, Any] = {
         "pass": cfg.name,
         "config": cfg.model_dump(mode="json"),
-        "source": str(src),
+        "source": resolved.label,
         "output": str(out),
         "params_before": params_before,
         "params_after": count_params(model),
@@ -231,10 +236,12 @@ def run_recipe(recipe: Any, out: Path, *, model: Path | None = None, opts: RunOp
     """Run every pass of a parsed recipe into OUT/NN-pass/, resuming finished steps."""
     opts = opts or RunOptions()
     out = Path(out)
-    src = Path(model) if model is not None else (Path(recipe.model) if recipe.model else None)
-    if src is None:
+    model_arg = model if model is not None else recipe.model
+    if model_arg is None:
         raise UserError("no model: set `model:` in the recipe or pass MODEL on the command line")
-    hf_config, adapter = check_model_dir(src)
+    resolved = resolve_model(model_arg, revision=opts.revision)
+    src: Path | ResolvedModel = resolved
+    hf_config, adapter = check_model_dir(resolved.path)
     for i, cfg in enumerate(recipe.passes, start=1):  # fail before any weight loads
         cfg.check(adapter, hf_config)
         check_serving(cfg, adapter, hf_config, opts, where=f"step {i}")  # warnings print when the step runs
@@ -253,14 +260,14 @@ def run_recipe(recipe: Any, out: Path, *, model: Path | None = None, opts: RunOp
             if console:
                 console.print(f"[green]✓[/] step {i} {cfg.name}: finished earlier, skipping ({step})")
             reports.append(json.loads((step / REPORT).read_text()))
-            src = step
+            src = ResolvedModel(path=step)
             continue
         if console:
             console.rule(f"step {i}/{len(recipe.passes)}: {cfg.name}")
         step_opts = opts.model_copy(update={"overwrite": True})  # a step dir without report is unfinished
         reports.append(run_pass(cfg, src, step, calibration=recipe.calibration, eval_spec=recipe.eval,
                                 opts=step_opts, console=console, recipe_text=recipe.text or None))
-        src = step
+        src = ResolvedModel(path=step)
     from moecompress.report import write_run_summary
 
     write_run_summary(out, reports)

@@ -123,25 +123,35 @@ def publish(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
-def provenance(source: Path | str | None, pass_entry: dict[str, Any] | None) -> dict[str, Any]:
-    """Chain the source's provenance (if any) with this pass."""
+def provenance(source: Path | str | None, pass_entry: dict[str, Any] | None,
+               hub: dict[str, str] | None = None) -> dict[str, Any]:
+    """Chain the source's provenance (if any) with this pass.
+
+    `hub` (repo_id, revision, commit) names a source downloaded from the Hub: the repo id becomes the base model
+    and the resolved commit is recorded, so the card links the exact weights that were compressed.
+    """
     import transformers
 
     passes: list[dict[str, Any]] = []
-    base = str(source) if source is not None else None
+    base = hub["repo_id"] if hub else (str(source) if source is not None else None)
+    base_revision = hub.get("commit") if hub else None
     if source is not None and (Path(source) / PROVENANCE).is_file():
         prev = json.loads((Path(source) / PROVENANCE).read_text())
         passes = list(prev.get("passes", []))
         base = prev.get("base_model", base)
+        base_revision = prev.get("base_revision", base_revision)
     if pass_entry:
         passes.append(pass_entry)
-    return {
+    out: dict[str, Any] = {
         "moecompress_version": moecompress.__version__,
         "base_model": base,
-        "source": str(source) if source is not None else None,
+        "source": (f"{hub['repo_id']}@{hub.get('commit', '')}" if hub else str(source) if source is not None else None),
         "passes": passes,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
+    if base_revision:
+        out["base_revision"] = base_revision
+    return out
 
 
 def write_count_aliases(folder: Path) -> None:
@@ -227,6 +237,7 @@ def write_checkpoint(
     save_original_format: bool = True,
     save_fn: Any = None,
     verify_atol: float | None = None,
+    hub: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Save `model` (+ tokenizer, provenance, extra files) to `out` atomically and verify the reload.
 
@@ -241,7 +252,7 @@ def write_checkpoint(
         else:
             model.save_pretrained(tmp, save_original_format=save_original_format)
         _save_tokenizer(tokenizer, source, tmp)
-        (tmp / PROVENANCE).write_text(json.dumps(provenance(source, pass_entry), indent=2))
+        (tmp / PROVENANCE).write_text(json.dumps(provenance(source, pass_entry, hub), indent=2))
         for name, content in (extra_files or {}).items():
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)
