@@ -347,11 +347,12 @@ def load_for_eval(model_dir: Path, dtype: str | None = None) -> tuple[Any, Any]:
     """Any causal LM folder (MoE or not) plus its tokenizer, with user-fixable errors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moecompress.io.checkpoint import read_config
+    from moecompress.io.checkpoint import loadable, read_config
 
     read_config(model_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto")
+        with loadable(model_dir) as folder:  # FP8 / MXFP4 sources are dequantized by our reader
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto")
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load the model in {model_dir}: {str(exc).splitlines()[0][:300]}") from None
     try:

@@ -167,13 +167,18 @@ def plan_passes(config: dict[str, Any], passes: list[Any], *, model: str = "", s
                 target: Target | None = None, ep_size: int | None = None, max_memory: int | None = None,
                 console: Any = None) -> Plan:
     """Check every pass against the config it will see, then size each step before → after."""
+    from moecompress.io.source_formats import detect_source_format
+
     adapter: MoEAdapter = adapter_for_config_dict(config)
+    if detect_source_format(config, []).name == "compressed-tensors":
+        detect_source_format(config, []).validate()  # refused as a source, in one line
     state = _State(config)
     steps: list[PlanStep] = []
     for i, cfg in enumerate(passes, start=1):
         where = f"step {i} ({cfg.name})"
+        as_float = {k: v for k, v in state.config.items() if k != "quantization_config"}  # sources read as float
         try:
-            cfg.check(adapter, state.config)
+            cfg.check(adapter, as_float if state.quant is None else state.config)
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None
         after_config = planned_config(cfg, adapter, state.config)

@@ -26,6 +26,7 @@ from moecompress.io.checkpoint import (
     checkpoint_bytes,
     load_model,
     prepare_output,
+    source_format,
     write_checkpoint,
 )
 from moecompress.io.resolve import ResolvedModel, resolve_model
@@ -136,6 +137,8 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
     resolved = src if isinstance(src, ResolvedModel) else resolve_model(src, revision=opts.revision)
     src, out = resolved.path, Path(out)
     hf_config, adapter = check_model_dir(src)
+    source_format(src)  # FP8/MXFP4 scales present and well-shaped, files complete; compressed-tensors refused
+    hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}  # read as float
     cfg.check(adapter, hf_config)
     findings = check_serving(cfg, adapter, hf_config, opts, console)
     prepare_output(out, overwrite=opts.overwrite, source=src)
@@ -242,6 +245,8 @@ def run_recipe(recipe: Any, out: Path, *, model: Path | None = None, opts: RunOp
     resolved = resolve_model(model_arg, revision=opts.revision)
     src: Path | ResolvedModel = resolved
     hf_config, adapter = check_model_dir(resolved.path)
+    source_format(resolved.path)
+    hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}  # FP8/MXFP4 read as float
     for i, cfg in enumerate(recipe.passes, start=1):  # fail before any weight loads
         cfg.check(adapter, hf_config)
         check_serving(cfg, adapter, hf_config, opts, where=f"step {i}")  # warnings print when the step runs
