@@ -264,8 +264,10 @@ def _inspect_headers(path: Path) -> Inspection:
             elif name.endswith("weight_packed"):
                 bits = _packed_bits(qcfg, name)
                 params = params * 32 // bits
-            elif name.endswith("weight_scale"):
-                params = 0
+            elif name.endswith(("weight_scale", "_scale_inv", "_scales")):
+                params = 0  # quantization scales (compressed-tensors, FP8 blocks, MXFP4) are not parameters
+            elif name.endswith("_blocks"):
+                params = params * 2  # MXFP4: two 4-bit values per byte
             groups[group].params += params
             groups[group].bytes += nbytes
             bits = 8.0 * nbytes / params if params else 0.0

@@ -137,10 +137,10 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
     resolved = src if isinstance(src, ResolvedModel) else resolve_model(src, revision=opts.revision)
     src, out = resolved.path, Path(out)
     hf_config, adapter = check_model_dir(src)
-    source_format(src)  # FP8/MXFP4 scales present and well-shaped, files complete; compressed-tensors refused
-    hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}  # read as float
+    hf_config = float_view(hf_config)
     cfg.check(adapter, hf_config)
     findings = check_serving(cfg, adapter, hf_config, opts, console)
+    source_format(src)  # headers: FP8/MXFP4 scales present and well-shaped, files complete
     prepare_output(out, overwrite=opts.overwrite, source=src)
     if eval_spec is not None:  # a typo in --eval must fail before compression, not after
         from moecompress.eval import check_eval_spec
@@ -245,8 +245,7 @@ def run_recipe(recipe: Any, out: Path, *, model: Path | None = None, opts: RunOp
     resolved = resolve_model(model_arg, revision=opts.revision)
     src: Path | ResolvedModel = resolved
     hf_config, adapter = check_model_dir(resolved.path)
-    source_format(resolved.path)
-    hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}  # FP8/MXFP4 read as float
+    hf_config = float_view(hf_config)
     for i, cfg in enumerate(recipe.passes, start=1):  # fail before any weight loads
         cfg.check(adapter, hf_config)
         check_serving(cfg, adapter, hf_config, opts, where=f"step {i}")  # warnings print when the step runs
@@ -277,6 +276,16 @@ def run_recipe(recipe: Any, out: Path, *, model: Path | None = None, opts: RunOp
 
     write_run_summary(out, reports)
     return reports
+
+
+def float_view(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """The config passes see: FP8/MXFP4 sources are read as float; compressed-tensors ones are refused (one line)."""
+    from moecompress.io.source_formats import detect_source_format
+
+    fmt = detect_source_format(hf_config, [])
+    if fmt.name == "compressed-tensors":
+        fmt.validate()
+    return {k: v for k, v in hf_config.items() if k != "quantization_config"} if fmt.quantized else hf_config
 
 
 def check_serving(cfg: PassConfig, adapter: Any, hf_config: dict[str, Any], opts: RunOptions, console: Any = None,

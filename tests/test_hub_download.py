@@ -6,7 +6,6 @@ list of commands (each with its own environment changes) and reports exit code, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -67,97 +66,97 @@ def files_of(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def hub_setup(tmp_path_factory):
+def runs(tmp_path_factory):
+    """One online driver run and one offline run (subprocess start-up dominates), shared by the tests below."""
     tmp = tmp_path_factory.mktemp("hubdl")
     v1 = files_of(tiny_checkpoint(tmp / "v1", "qwen3_moe", seed=0))
     v2 = files_of(tiny_checkpoint(tmp / "v2", "qwen3_moe", seed=1, num_experts=6))
     hub = FakeHub(tokens={TOKEN: "carol"}).start()
     c1 = hub.add_files("alice/tiny-moe", v1, "four experts")
     c2 = hub.add_files("alice/tiny-moe", v2, "six experts")
-    hub.add_files("alice/flaky-moe", v1)
+    flaky = hub.add_files("alice/flaky-moe", {"config.json": v1["config.json"]})
     gated = hub.create_repo("bob/gated-moe")
     gated.gated, gated.access = True, {"carol"}
     hub.add_files("bob/gated-moe", v1)
-    yield hub, tmp, {"c1": c1, "c2": c2, "v1": v1}
+    home, calib = tmp / "hf", str(calib_file(tmp / "c.jsonl"))
+    prune = ["prune", "alice/tiny-moe", "--keep", "2", "--criterion", "random", "--calib", calib,
+             "--calib-samples", "4", "--calib-seqlen", "16"]
+    # config.json of alice/flaky-moe: the connection drops after 200 bytes, then the client's own resume gets a 503
+    hub.faults["config.json"] = [200, 503]
+    online = drive(hub, tmp, [
+        {"argv": ["inspect", "alice/flaky-moe", "--json"]},                                     # 0 interrupted
+        {"argv": ["inspect", "alice/flaky-moe", "--json"]},                                     # 1 rerun resumes
+        {"argv": ["inspect", "alice/tiny-moe", "--json"]},                                      # 2 main, config only
+        {"argv": ["inspect", "alice/tiny-moe", "--revision", c1, "--json"]},                    # 3 pinned
+        {"argv": [*prune, "--out", "out-pinned", "--revision", c1]},                            # 4 pinned pass
+        {"argv": ["inspect", "nobody/nothing-here"]},                                            # 5 404
+        {"argv": ["inspect", "alice/tiny-moe", "--revision", "v9.9"]},                           # 6 bad revision
+        {"argv": [*prune, "--out", "out-bad-rev", "--revision", "deadbeef"]},                   # 7 bad rev, pass
+        {"argv": ["inspect", "bob/gated-moe"]},                                                  # 8 gated, no token
+        {"argv": ["inspect", "bob/gated-moe", "--json"], "env": {"HF_TOKEN": TOKEN}},            # 9 gated, token
+        {"argv": ["plan", "prune", "alice/tiny-moe", "--keep", "2", "--json"], "env": {"HF_TOKEN": None}},  # 10
+    ], home)
+    offline = drive(hub, tmp, [
+        {"argv": ["inspect", "alice/tiny-moe", "--json"]},                                      # 0 cached config
+        {"argv": [*prune, "--out", "offline-out", "--revision", c1]},                           # 1 cached weights
+        {"argv": [*prune, "--out", "partial"]},                                                  # 2 main: config only
+        {"argv": ["inspect", "never/cached"]},                                                   # 3 not cached
+    ], home, offline=True)
+    yield {"hub": hub, "tmp": tmp, "home": home, "online": online, "offline": offline, "c1": c1, "c2": c2,
+           "flaky": flaky, "v1": v1}
     hub.stop()
 
 
-def test_hub_ids_download_pin_and_fail_clearly(hub_setup, tmp_path):
-    hub, _, info = hub_setup
-    home = tmp_path / "hf"
-    calib = str(calib_file(tmp_path / "c.jsonl"))
-    hub.faults["model.safetensors"] = []
-    prune = ["prune", "alice/tiny-moe", "--keep", "2", "--criterion", "random", "--calib", calib,
-             "--calib-samples", "4", "--calib-seqlen", "16"]
-    steps = [
-        {"argv": ["inspect", "alice/tiny-moe", "--json"]},                                      # 0 config only
-        {"argv": ["inspect", "alice/tiny-moe", "--revision", info["c1"], "--json"]},            # 1 pinned
-        {"argv": [*prune, "--out", "out-pinned", "--revision", info["c1"]]},                    # 2 pinned pass
-        {"argv": [*prune, "--out", "out-main"]},                                                # 3 main
-        {"argv": ["inspect", "nobody/nothing-here"]},                                            # 4 404
-        {"argv": ["inspect", "alice/tiny-moe", "--revision", "v9.9"]},                           # 5 bad rev
-        {"argv": [*prune, "--out", "out-bad-rev", "--revision", "deadbeef"]},                   # 6 bad rev, pass
-        {"argv": ["inspect", "bob/gated-moe"]},                                                  # 7 gated, no token
-        {"argv": ["inspect", "bob/gated-moe", "--json"], "env": {"HF_TOKEN": TOKEN}},            # 8 gated, token
-        {"argv": ["plan", "prune", "alice/tiny-moe", "--keep", "2", "--json"], "env": {"HF_TOKEN": None}},  # 9
-    ]
-    r = drive(hub, tmp_path, steps, home)
-    for i in (0, 1, 2, 3, 8, 9):
+def one_line_error(result: dict, needle: str) -> None:
+    assert result["code"] == 2 and needle in result["err"], result["err"]
+    assert len(result["err"].strip().splitlines()) == 1 and "Traceback" not in result["err"]
+
+
+def test_download_only_what_is_needed_and_pin_revisions(runs):
+    r, tmp, home, c1, c2 = runs["online"], runs["tmp"], runs["home"], runs["c1"], runs["c2"]
+    for i in (2, 3, 4, 9, 10):
         assert r[i]["code"] == 0, (i, r[i]["err"][-2000:])
-    main_ins, pinned_ins = json.loads(r[0]["out"]), json.loads(r[1]["out"])
+    main_ins, pinned_ins = json.loads(r[2]["out"]), json.loads(r[3]["out"])
     assert main_ins["experts_per_layer"] == 6 and pinned_ins["experts_per_layer"] == 4
-    assert main_ins["path"] == f"alice/tiny-moe@{info['c2'][:12]}"
-    # inspect fetched config.json alone; the passes fetched weights, only for the commits they used
+    assert main_ins["path"] == f"alice/tiny-moe@{c2[:12]}"
     snaps = home / "hub" / "models--alice--tiny-moe" / "snapshots"
-    assert (snaps / info["c1"] / "model.safetensors").exists() and (snaps / info["c2"] / "model.safetensors").exists()
-    gated_snaps = list((home / "hub" / "models--bob--gated-moe" / "snapshots").iterdir())
-    assert [p.name for p in gated_snaps[0].iterdir()] == ["config.json"]  # inspect fetched nothing else
-    prov = json.loads((tmp_path / "out-pinned" / "moecompress.json").read_text())
-    assert prov["base_model"] == "alice/tiny-moe" and prov["base_revision"] == info["c1"]
-    assert json.loads((tmp_path / "out-main" / "moecompress.json").read_text())["base_revision"] == info["c2"]
-    report = json.loads((tmp_path / "out-pinned" / "report.json").read_text())
-    assert report["source"] == f"alice/tiny-moe@{info['c1'][:12]}"
+    assert sorted(p.name for p in (snaps / c2).iterdir()) == ["config.json"]  # inspect/plan fetch config.json alone
+    assert (snaps / c1 / "model.safetensors").exists() and (snaps / c1 / "tokenizer.json").exists()
+    prov = json.loads((tmp / "out-pinned" / "moecompress.json").read_text())
+    assert prov["base_model"] == "alice/tiny-moe" and prov["base_revision"] == c1
+    assert json.loads((tmp / "out-pinned" / "report.json").read_text())["source"] == f"alice/tiny-moe@{c1[:12]}"
     from moecompress.io.model_card import build_model_card
 
-    card = str(build_model_card(tmp_path / "out-pinned", "carol/tiny-pruned"))
-    assert "base_model: alice/tiny-moe" in card and info["c1"] in card
-    for i, needle in ((4, "not found"), (5, "revision 'v9.9' does not exist"), (6, "revision 'deadbeef' does not exist"),
-                      (7, "hf auth login")):
-        assert r[i]["code"] == 2 and needle in r[i]["err"], (i, r[i]["err"])
-        assert len(r[i]["err"].strip().splitlines()) == 1 and "Traceback" not in r[i]["err"]
-    assert not (tmp_path / "out-bad-rev").exists()
-    assert json.loads(r[8]["out"])["experts_per_layer"] == 4
-    assert json.loads(r[9]["out"])["steps"][0]["after"]["experts_per_layer"] == 2
+    card = str(build_model_card(tmp / "out-pinned", "carol/tiny-pruned"))
+    assert "base_model: alice/tiny-moe" in card and c1 in card
+    assert json.loads(r[9]["out"])["experts_per_layer"] == 4  # gated repo with a granted token
+    assert json.loads(r[10]["out"])["steps"][0]["after"]["experts_per_layer"] == 2
 
 
-def test_offline_warm_cache_and_interrupted_download(hub_setup, tmp_path):
-    hub, _, info = hub_setup
-    home = tmp_path / "hf"
-    calib = str(calib_file(tmp_path / "c.jsonl"))
-    prune = ["prune", "alice/flaky-moe", "--keep", "2", "--criterion", "random", "--calib", calib,
-             "--calib-samples", "4", "--calib-seqlen", "16"]
-    hub.faults["model.safetensors"] = [1000, 503]  # cut after 1 kB, then the client's resume attempt fails
-    r = drive(hub, tmp_path, [
-        {"argv": [*prune, "--out", "first"]},
-        {"argv": [*prune, "--out", "second"]},
-        {"argv": ["inspect", "alice/tiny-moe", "--json"]},
-    ], home)
-    assert r[0]["code"] == 2 and "rerun resumes" in r[0]["err"] and not (tmp_path / "first").exists(), r[0]["err"]
-    assert r[1]["code"] == 0, r[1]["err"][-2000:]
-    ranged = [p for m, p in hub.requests if "alice/flaky-moe/resolve/" in p and p.endswith("/model.safetensors") and m == "GET"]
-    assert len(ranged) >= 3  # first attempt, the failed resume, the rerun's resume
-    snap = next((home / "hub" / "models--alice--flaky-moe" / "snapshots").iterdir())
-    assert hashlib.sha256((snap / "model.safetensors").read_bytes()).digest() == \
-        hashlib.sha256(info["v1"]["model.safetensors"]).digest()
-    # offline: what is cached works, what is not says so in one line
-    r = drive(hub, tmp_path, [
-        {"argv": ["inspect", "alice/tiny-moe", "--json"]},
-        {"argv": [*prune, "--out", "offline-out"]},
-        {"argv": ["prune", "alice/tiny-moe", "--out", "partial", "--keep", "2", "--criterion", "random",
-                  "--calib", calib]},
-        {"argv": ["inspect", "never/cached"]},
-    ], home, offline=True)
+def test_hub_failures_are_one_line(runs):
+    r, tmp = runs["online"], runs["tmp"]
+    one_line_error(r[5], "not found")
+    one_line_error(r[6], "revision 'v9.9' does not exist")
+    one_line_error(r[7], "revision 'deadbeef' does not exist")
+    one_line_error(r[8], "hf auth login")
+    assert not (tmp / "out-bad-rev").exists()
+
+
+def test_interrupted_download_resumes_on_rerun(runs):
+    r, hub, home = runs["online"], runs["hub"], runs["home"]
+    one_line_error(r[0], "rerun resumes")
+    assert r[1]["code"] == 0, r[1]["err"]
+    gets = [p for m, p in hub.requests if m == "GET" and "alice/flaky-moe/resolve/" in p and p.endswith("config.json")]
+    assert len(gets) == 3  # the cut first attempt, the client's failed resume, the rerun's resume
+    snap = home / "hub" / "models--alice--flaky-moe" / "snapshots" / runs["flaky"]
+    assert (snap / "config.json").read_bytes() == runs["v1"]["config.json"]
+
+
+def test_offline_uses_the_warm_cache(runs):
+    r, tmp = runs["offline"], runs["tmp"]
     assert r[0]["code"] == 0 and json.loads(r[0]["out"])["experts_per_layer"] == 6
     assert r[1]["code"] == 0, r[1]["err"][-2000:]
-    assert r[2]["code"] == 2 and "holds only part" in r[2]["err"] and not (tmp_path / "partial").exists()
-    assert r[3]["code"] == 2 and "not in the cache" in r[3]["err"] and len(r[3]["err"].strip().splitlines()) == 1
+    assert json.loads((tmp / "offline-out" / "moecompress.json").read_text())["base_revision"] == runs["c1"]
+    one_line_error(r[2], "holds only part")
+    assert not (tmp / "partial").exists()
+    one_line_error(r[3], "not in the cache")

@@ -147,3 +147,37 @@ def test_detection_from_keys_and_config():
     with pytest.raises(UserError, match="not a source format"):
         detect_source_format({"quantization_config": {"quant_method": "bitsandbytes"}}, [])
     assert detect_source_format({}, {"x": ("BF16", [2])}).name == "float"
+
+
+@pytest.mark.parametrize("kind", ["fp8", "mxfp4"])
+def test_inspect_counts_quantized_sources_like_their_config(kind, tmp_path):
+    """From the headers (scales are not parameters, MXFP4 bytes hold two values) and from config.json alone."""
+    import shutil
+
+    from moecompress.inspect import inspect_checkpoint
+
+    src = tmp_path / "m"
+    fp8_checkpoint(src, "qwen3_moe", block=(32, 32)) if kind == "fp8" else mxfp4_checkpoint(src)
+    headers = inspect_checkpoint(src)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(src / "config.json", alone / "config.json")
+    config_only = inspect_checkpoint(alone)
+    assert headers.bytes_source == "safetensors headers" and config_only.bytes_source.startswith("config.json")
+    assert headers.groups["routed_experts"].params == config_only.groups["routed_experts"].params
+    assert headers.groups["routed_experts"].bytes == pytest.approx(config_only.groups["routed_experts"].bytes,
+                                                                   rel=0.02)
+
+
+def test_fp8_source_to_our_w4_format(tmp_path, cache_dir, capsys):
+    """Output as the user asks: quantize an FP8 source straight into compressed-tensors W4 (read as bf16 first)."""
+    src = tmp_path / "m"
+    fp8_checkpoint(src, "qwen3_moe", block=(32, 32))
+    code, _, err = run_cli(["quantize", src, "--out", tmp_path / "q", "--bits", "4", "--group-size", "32",
+                            "--method", "rtn", "--calib", calib_file(tmp_path / "c.jsonl"), "--calib-samples", "4",
+                            "--calib-seqlen", "16", "--target", "vllm"], capsys)
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert all(v == 0 for v in report["verify"]["loading_info"].values())

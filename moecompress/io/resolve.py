@@ -60,9 +60,12 @@ def resolve_model(model: str | Path, *, revision: str | None = None, needs: Need
 
 def _download(repo_id: str, revision: str | None, needs: Needs) -> ResolvedModel:
     from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.utils import logging as hub_logging
 
     patterns = ["config.json"] if needs == "config" else _WEIGHT_PATTERNS
     offline = constants.is_offline_mode()
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()  # its per-retry warnings would bury our one-line message
     try:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
                                    ignore_patterns=["*/*"] if needs != "config" else None)
@@ -71,6 +74,8 @@ def _download(repo_id: str, revision: str | None, needs: Needs) -> ResolvedModel
         if err is None:
             raise
         raise err from None
+    finally:
+        hub_logging.set_verbosity(level)
     path = Path(folder)
     if not (path / "config.json").is_file():
         raise UserError(f"{repo_id}{_at(revision)} has no config.json; is it a transformers model repository?")

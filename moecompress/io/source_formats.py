@@ -123,18 +123,17 @@ class FP8BlockFormat(SourceFormat):
             shape, sshape = meta[1], smeta[1]
             if meta[0] in _FP4_PACKED:
                 shape = [*shape[:-1], 2 * shape[-1]]  # two FP4 values per byte
-            expected = self._scale_shape(shape, sshape)
+            expected = self._scale_shape(shape, sshape, fp4=meta[0] in _FP4_PACKED)
             if list(sshape) != expected:
                 raise UserError(f"FP8 checkpoint is inconsistent: {scale_key} has shape {list(sshape)} but {key} "
                                 f"{list(meta[1])} with weight_block_size {self.block} needs {expected}")
 
-    def _scale_shape(self, shape: list[int], sshape: list[int]) -> list[int]:
+    def _scale_shape(self, shape: list[int], sshape: list[int], fp4: bool = False) -> list[int]:
         if self.block is None:  # per-tensor scales
             return list(sshape) if math.prod(sshape) == 1 else [1]
         rows, cols = shape[-2], shape[-1]
-        if len(sshape) >= 2 and sshape[-1] * self.block[1] != cols and cols % sshape[-1] == 0 and \
-                sshape[-2] * self.block[0] >= rows:
-            # FP4 experts carry their own [1, 32]-style grid (DeepSeek-V4): the grid must tile the weight exactly
+        if fp4 and len(sshape) >= 2 and rows % sshape[-2] == 0 and cols % sshape[-1] == 0:
+            # packed FP4 experts carry their own grid (e.g. [1, 32] blocks): it must tile the weight exactly
             return [*shape[:-2], sshape[-2], sshape[-1]]
         return [*shape[:-2], -(-rows // self.block[0]), -(-cols // self.block[1])]
 
