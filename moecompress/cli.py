@@ -45,14 +45,21 @@ def quiet_transformers() -> None:
 
 @app.command("inspect")
 def inspect_cmd(
-    model: Path = typer.Argument(..., help="Checkpoint folder (config.json + *.safetensors)."),
+    model: str = typer.Argument(..., help="Checkpoint folder, or a Hub id (only its config.json is downloaded). "
+                                "config.json alone is enough."),
     json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
     tensors: bool = typer.Option(False, "--tensors", help="Also list every tensor with its dtype, bits and bytes."),
+    revision: str | None = typer.Option(None, "--revision", help="With a Hub id: branch, tag or commit."),
 ) -> None:
-    """Show family, routing, experts per layer and where the parameters and bytes are (no weights load)."""
+    """Family, layer pattern, experts, top-k, total and active parameters, bytes by group — from config.json
+    alone (no weight is read; safetensors headers give exact bytes when present)."""
     from moecompress.inspect import inspect_checkpoint, render
+    from moecompress.io.resolve import resolve_model
 
-    ins = inspect_checkpoint(model)
+    resolved = resolve_model(model, revision=revision, needs="config")
+    ins = inspect_checkpoint(resolved.path)
+    if resolved.repo_id:
+        ins.path = resolved.label
     if json_out:
         data = ins.model_dump()
         if not tensors:
@@ -107,6 +114,11 @@ DEVICE = typer.Option("auto", "--device", help="Where each layer is computed: cp
 MAX_MEMORY = typer.Option(None, "--max-memory", help="CPU RAM the run may use, e.g. 24GiB (default: 3/4 of what "
                           "is free). Calibration activations beyond it spill to disk beside --out.")
 MAX_SHARD = typer.Option("5GB", "--max-shard-size", help="Largest output shard (model-0000k-of-0000n.safetensors).")
+REVISION = typer.Option(None, "--revision", help="With a Hub id: branch, tag or commit to download (default main).")
+TARGET = typer.Option(None, "--target", help="vllm: serving checks (expert count vs --ep-size and n_group, "
+                      "widths multiple of 64, 4/8-bit, group size -1/32/64/128) become errors, raised before "
+                      "anything loads. Default: they are warnings.")
+EP_SIZE = typer.Option(None, "--ep-size", min=1, help="Expert-parallel size the output's expert count must divide by.")
 STATS_CACHE = typer.Option(None, "--stats-cache", help="Where calibration statistics are cached "
                            "(default ~/.cache/moecompress/stats or $MOECOMPRESS_CACHE).")
 
@@ -117,6 +129,8 @@ def calib_spec(calib: str | None, samples: int, seqlen: int, seed: int, domain: 
     from moecompress.calib.data import CalibSpec
     from moecompress.io.locations import default_calibration_source
 
+    if _PLAN_MODE:  # plan sizes the activation cache from these even when no --calib is given
+        _PLAN_MODE.update(samples=samples, seqlen=seqlen)
     if calib is None:
         found = default_calibration_source(model) if model is not None and Path(model).is_dir() else None
         if found is None:
@@ -138,19 +152,106 @@ def eval_spec(tasks: str | None, data_dir: Path | None = None):
 
 def run_one(cfg_cls, fields: dict, model: Path, out: Path, *, calib=None, evals=None, eval_data: Path | None = None,
             overwrite: bool = False, dtype: str | None = None, stats_cache: Path | None = None,
-            device: str | None = None, max_memory: str | None = None, max_shard_size: str = "5GB") -> dict:
-    """The pass commands are one-pass recipes: validate the config, then run it through the same runner."""
+            device: str | None = None, max_memory: str | None = None, max_shard_size: str = "5GB",
+            target: str | None = None, ep_size: int | None = None, revision: str | None = None) -> dict | None:
+    """The pass commands are one-pass recipes: validate the config, then run it through the same runner
+    (or, under `moecompress plan`, size it without running)."""
     from moecompress.recipe import validated
     from moecompress.runner import RunOptions, run_pass
 
     quiet_transformers()
     cfg = validated(cfg_cls, {k: v for k, v in fields.items() if v is not None})
+    target = check_target(target)
+    if _PLAN_MODE:
+        show_plan(str(model), [cfg], calib=calib, target=target, ep_size=ep_size, revision=revision, **_PLAN_MODE)
+        return None
     opts = RunOptions(overwrite=overwrite, dtype=dtype, stats_cache=stats_cache, device=device,
-                      max_memory=max_memory, max_shard_size=max_shard_size)
-    report = run_pass(cfg, model, out, calibration=calib, eval_spec=eval_spec(evals, eval_data), opts=opts,
+                      max_memory=max_memory, max_shard_size=max_shard_size, target=target, ep_size=ep_size,
+                      revision=revision)
+    report = run_pass(cfg, str(model), out, calibration=calib, eval_spec=eval_spec(evals, eval_data), opts=opts,
                       console=console)
     print_report(report)
     return report
+
+
+def check_target(target: str | None) -> str | None:
+    if target not in (None, "vllm", "transformers"):
+        raise UserError(f"--target {target!r}: use vllm (serving checks become errors) or transformers")
+    return target
+
+
+_PLAN_MODE: dict = {}  # set by `moecompress plan` while it dispatches to a pass command
+
+
+def show_plan(model: str, passes: list, *, calib=None, target: str | None = None, ep_size: int | None = None,
+              json_out: bool = False, max_memory: str | None = None, samples: int | None = None,
+              seqlen: int | None = None, revision: str | None = None) -> None:
+    """Plan passes on MODEL from its config.json alone and print it (tables, or JSON for scripts)."""
+    from moecompress.io.checkpoint import read_config
+    from moecompress.io.resolve import resolve_model
+    from moecompress.plan import parse_size, plan_passes, render_plan
+
+    resolved = resolve_model(model, revision=revision, needs="config")
+    config = read_config(resolved.path)
+    model = resolved.label
+    samples = calib.samples if calib is not None else (samples or CALIB_SAMPLES.default)
+    seqlen = calib.seqlen if calib is not None else (seqlen or CALIB_SEQLEN.default)
+    plan = plan_passes(config, passes, model=str(model), samples=samples, seqlen=seqlen, target=target,
+                       ep_size=ep_size, max_memory=parse_size(max_memory), console=None if json_out else console)
+    if json_out:
+        typer.echo(plan.model_dump_json(indent=2))
+    else:
+        render_plan(plan, console)
+
+
+@app.command("plan", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def plan_cmd(
+    ctx: typer.Context,
+    what: str = typer.Argument(..., help="A recipe YAML, or a pass command (prune | merge | quantize) followed by "
+                               "its usual arguments, e.g. `plan prune MODEL --ratio 0.5`."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    max_memory: str | None = typer.Option(None, "--max-memory", help="CPU RAM the run may use, e.g. 64GiB: the "
+                                          "plan shows what spills to disk (or that it cannot fit)."),
+    model: str | None = typer.Option(None, "--model", help="With a recipe: override its model."),
+    target: str | None = TARGET, ep_size: int | None = EP_SIZE, revision: str | None = REVISION,
+) -> None:
+    """Before → after of every step (experts, total/active parameters, bytes, peak RAM/GPU) and serving checks,
+    from config.json alone: nothing is loaded, nothing is written.
+
+    Examples: moecompress plan recipes/reap50-w4.yaml --model Qwen/Qwen3-30B-A3B --target vllm
+              moecompress plan prune Qwen/Qwen3-30B-A3B --ratio 0.5 --ep-size 8 --json
+    """
+    quiet_transformers()
+    target = check_target(target)
+    opts = {"json_out": json_out, "max_memory": max_memory}
+    if what.endswith((".yaml", ".yml")) or Path(what).is_file():
+        from moecompress.recipe import load_recipe
+
+        if ctx.args:
+            raise UserError(f"plan {what}: unexpected arguments {' '.join(ctx.args)}")
+        recipe = load_recipe(Path(what))
+        src = model or recipe.model
+        if src is None:
+            raise UserError("no model: set `model:` in the recipe or pass --model")
+        show_plan(src, recipe.passes, calib=recipe.calibration, target=target, ep_size=ep_size, revision=revision,
+                  **opts)
+        return
+    if what not in ("prune", "merge", "quantize"):
+        raise UserError(f"plan {what}: give a recipe .yaml or one of prune | merge | quantize with its arguments")
+    args = list(ctx.args)
+    if not any(a in ("--out", "-o") or a.startswith("--out=") for a in args):
+        args += ["--out", ".moecompress-plan-unused"]  # pass commands require --out; plan never writes
+    if target:
+        args += ["--target", target]
+    if ep_size:
+        args += ["--ep-size", str(ep_size)]
+    if revision:
+        args += ["--revision", revision]
+    _PLAN_MODE.update(opts)
+    try:
+        typer.main.get_command(app).main([what, *args], prog_name="moecompress plan", standalone_mode=False)
+    finally:
+        _PLAN_MODE.clear()
 
 
 def print_report(report: dict) -> None:
@@ -192,7 +293,8 @@ def parse_layers(text: str | None) -> list[int] | None:
 
 @app.command("prune")
 def prune_cmd(
-    model: Path = typer.Argument(..., help="Input checkpoint folder (never modified)."),
+    model: str = typer.Argument(..., help="Input checkpoint folder (never modified) or a Hub id (downloaded to the "
+                                "HF cache; --revision pins a commit)."),
     out: Path = OUT,
     ratio: float | None = typer.Option(None, "--ratio", help="Share of experts to remove in every MoE layer (0-1)."),
     keep: int | None = typer.Option(None, "--keep", help="Experts to keep per layer (instead of --ratio)."),
@@ -215,7 +317,8 @@ def prune_cmd(
     calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
     calib_seed: int = CALIB_SEED, calib_domain: str | None = CALIB_DOMAIN,
     evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA, overwrite: bool = OVERWRITE,
-    dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE,
+    dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE, target: str | None = TARGET,
+    ep_size: int | None = EP_SIZE, revision: str | None = REVISION,
     device: str = DEVICE, max_memory: str | None = MAX_MEMORY, max_shard_size: str = MAX_SHARD,
 ) -> None:
     """Remove whole experts (same count per layer) or expert neurons, ranked on calibration data.
@@ -239,7 +342,8 @@ def prune_cmd(
                                         expert_ratio=ratio, expert_keep=keep, expert_criterion=expert_criterion,
                                         seed=seed),
                 model, out, calib=calibration, evals=evals, eval_data=eval_data, overwrite=overwrite, dtype=dtype,
-                stats_cache=stats_cache, device=device, max_memory=max_memory, max_shard_size=max_shard_size)
+                stats_cache=stats_cache, device=device, max_memory=max_memory, max_shard_size=max_shard_size,
+                target=target, ep_size=ep_size, revision=revision)
         return
     if criterion in ATOMIC_CRITERIA and criterion != "random":
         raise UserError(f"--criterion {criterion} ranks expert neurons; add --neuron-ratio R (e.g. 0.25)")
@@ -250,12 +354,13 @@ def prune_cmd(
                                      seed=seed),
             model, out, calib=calibration, evals=evals,
             eval_data=eval_data, overwrite=overwrite, dtype=dtype, stats_cache=stats_cache, device=device,
-            max_memory=max_memory, max_shard_size=max_shard_size)
+            max_memory=max_memory, max_shard_size=max_shard_size, target=target, ep_size=ep_size, revision=revision)
 
 
 @app.command("merge")
 def merge_cmd(
-    model: Path = typer.Argument(..., help="Input checkpoint folder (never modified)."),
+    model: str = typer.Argument(..., help="Input checkpoint folder (never modified) or a Hub id (downloaded to the "
+                                "HF cache; --revision pins a commit)."),
     out: Path = OUT,
     ratio: float | None = typer.Option(None, "--ratio", help="Share of experts to merge away in every MoE layer (0-1)."),
     keep: int | None = typer.Option(None, "--keep", help="Experts left per layer (instead of --ratio)."),
@@ -275,7 +380,8 @@ def merge_cmd(
     calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
     calib_seed: int = CALIB_SEED, calib_domain: str | None = CALIB_DOMAIN,
     evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA, overwrite: bool = OVERWRITE,
-    dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE,
+    dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE, target: str | None = TARGET,
+    ep_size: int | None = EP_SIZE, revision: str | None = REVISION,
     device: str = DEVICE, max_memory: str | None = MAX_MEMORY, max_shard_size: str = MAX_SHARD,
 ) -> None:
     """Merge groups of experts into one each (same count per layer): the checkpoint shrinks and loads anywhere.
@@ -288,12 +394,12 @@ def merge_cmd(
                                      energy=energy, align=align, group_size=group_size, seed=seed),
             model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, calib_domain, model), evals=evals,
             eval_data=eval_data, overwrite=overwrite, dtype=dtype, stats_cache=stats_cache, device=device,
-            max_memory=max_memory, max_shard_size=max_shard_size)
+            max_memory=max_memory, max_shard_size=max_shard_size, target=target, ep_size=ep_size, revision=revision)
 
 
 @app.command("quantize")
 def quantize_cmd(
-    model: Path = typer.Argument(..., help="Input checkpoint folder (float; never modified)."),
+    model: str = typer.Argument(..., help="Input checkpoint folder (float; never modified) or a Hub id."),
     out: Path = OUT,
     bits: int = typer.Option(4, "--bits", help="Weight bits: 8, 4, 3 or 2 (vLLM serves 4 and 8)."),
     group_size: int = typer.Option(128, "--group-size", help="Columns sharing one scale; -1 = per output row."),
@@ -311,7 +417,8 @@ def quantize_cmd(
     damp: float = typer.Option(0.01, "--damp", help="GPTQ damping, relative to the mean Hessian diagonal."),
     calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
     calib_seed: int = CALIB_SEED, evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA,
-    overwrite: bool = OVERWRITE, dtype: str | None = DTYPE,
+    overwrite: bool = OVERWRITE, dtype: str | None = DTYPE, target: str | None = TARGET,
+    ep_size: int | None = EP_SIZE, revision: str | None = REVISION,
     device: str = DEVICE, max_memory: str | None = MAX_MEMORY, max_shard_size: str = MAX_SHARD,
 ) -> None:
     """Quantize routed experts (GPTQ or RTN) into a compressed-tensors pack-quantized checkpoint.
@@ -326,12 +433,12 @@ def quantize_cmd(
                                  damp=damp),
             model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, model=model), evals=evals,
             eval_data=eval_data, overwrite=overwrite, dtype=dtype, device=device, max_memory=max_memory,
-            max_shard_size=max_shard_size)
+            max_shard_size=max_shard_size, target=target, ep_size=ep_size, revision=revision)
 
 
 @app.command("sweep")
 def sweep_cmd(
-    model: Path = typer.Argument(..., help="Input checkpoint folder."),
+    model: str = typer.Argument(..., help="Input checkpoint folder or a Hub id."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for all variants, sweep.md and pareto.png."),
     methods: str = typer.Option("prune:frequency,prune:reap", "--methods",
                                 help="Comma-separated: prune:<criterion>, merge:<method>[+<rule>], atomic:<criterion>."),
@@ -339,6 +446,7 @@ def sweep_cmd(
     calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
     calib_seed: int = CALIB_SEED, evals: str = typer.Option("ref_ppl", "--eval", help="lm-eval tasks to compare."),
     eval_data: Path | None = EVAL_DATA, overwrite: bool = OVERWRITE, dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE,
+    revision: str | None = REVISION,
 ) -> None:
     """Many variants from one statistics pass: a table (sweep.md) and a quality-vs-bytes Pareto plot."""
     from moecompress.runner import RunOptions
@@ -352,7 +460,8 @@ def sweep_cmd(
     rows = run_sweep(model, out, [m.strip() for m in methods.split(",") if m.strip()], ratio_list,
                      calibration=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, model=model),
                      eval_spec=eval_spec(evals, eval_data),
-                     opts=RunOptions(overwrite=overwrite, dtype=dtype, stats_cache=stats_cache), console=console)
+                     opts=RunOptions(overwrite=overwrite, dtype=dtype, stats_cache=stats_cache, revision=revision),
+                     console=console)
     console.print((out / "sweep.md").read_text())
     console.print(f"{len(rows)} variants; Pareto plot: {out / 'pareto.png'}")
 
@@ -361,9 +470,10 @@ def sweep_cmd(
 def run_cmd(
     recipe: Path = typer.Argument(..., help="Recipe YAML: model, calibration, eval and an ordered list of passes."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: each pass writes OUT/NN-pass/."),
-    model: Path | None = typer.Option(None, "--model", help="Override the recipe's model."),
+    model: str | None = typer.Option(None, "--model", help="Override the recipe's model (folder or Hub id)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo finished steps instead of resuming."),
-    dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE,
+    dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE, target: str | None = TARGET,
+    ep_size: int | None = EP_SIZE, revision: str | None = REVISION,
     device: str = DEVICE, max_memory: str | None = MAX_MEMORY, max_shard_size: str = MAX_SHARD,
 ) -> None:
     """Run a recipe; a rerun resumes (finished steps are skipped, an interrupted one is redone)."""
@@ -375,7 +485,10 @@ def run_cmd(
     reports = run_recipe(parsed, out, model=model, opts=RunOptions(overwrite=overwrite, dtype=dtype,
                                                                    stats_cache=stats_cache, device=device,
                                                                    max_memory=max_memory,
-                                                                   max_shard_size=max_shard_size), console=console)
+                                                                   max_shard_size=max_shard_size,
+                                                                   target=check_target(target), ep_size=ep_size,
+                                                                   revision=revision),
+                         console=console)
     for r in reports:
         print_report(r)
     console.print(f"run summary: {out / 'run.md'}")

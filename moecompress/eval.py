@@ -372,11 +372,12 @@ def load_for_eval(model_dir: Path, dtype: str | None = None) -> tuple[Any, Any]:
     """Any causal LM folder (MoE or not) plus its tokenizer, with user-fixable errors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moecompress.io.checkpoint import read_config
+    from moecompress.io.checkpoint import loadable, read_config
 
     read_config(model_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto")
+        with loadable(model_dir) as folder:  # FP8 / MXFP4 sources are dequantized by our reader
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto")
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load the model in {model_dir}: {str(exc).splitlines()[0][:300]}") from None
     try:
@@ -471,7 +472,7 @@ def render_results(results: Results, console: Any, title: str = "evaluation") ->
 
 
 def eval_command(
-    model: Path = typer.Argument(..., help="Checkpoint folder (config.json, weights, tokenizer)."),
+    model: str = typer.Argument(..., help="Checkpoint folder (config.json, weights, tokenizer) or a Hub id."),
     tasks: str = typer.Option(
         "ref_ppl,ref_mc", "--tasks",
         help="Comma-separated tasks. Bundled offline: ref_ppl, ref_mc, ref_ppl:<domain>, ref_ppl:* (every "
@@ -485,6 +486,7 @@ def eval_command(
     num_fewshot: int | None = typer.Option(None, "--num-fewshot", help="Few-shot examples (standard tasks)."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the results to this JSON file."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse results of an unchanged checkpoint."),
+    revision: str | None = typer.Option(None, "--revision", help="With a Hub id: branch, tag or commit."),
 ) -> None:
     """Evaluate a checkpoint with lm-eval (bundled offline tasks or standard ones) and print a table."""
     from pydantic import ValidationError
@@ -492,7 +494,10 @@ def eval_command(
 
     console = Console()
     from moecompress.io.checkpoint import read_config
+    from moecompress.io.resolve import resolve_model
 
+    resolved = resolve_model(model, revision=revision)
+    model = resolved.path  # type: ignore[assignment]
     read_config(model)
     if data_dir is None:
         from moecompress.io.locations import default_calibration_source
@@ -518,8 +523,8 @@ def eval_command(
         check_eval_spec(spec)
         m, tok = load_for_eval(model)
         results = evaluate_model(m, tok, spec)
-    render_results(results, console, title=f"{model} ({time.perf_counter() - t0:.1f} s)")
+    render_results(results, console, title=f"{resolved.label} ({time.perf_counter() - t0:.1f} s)")
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps({"model": str(model), "spec": spec.model_dump(mode="json"),
+        json_out.write_text(json.dumps({"model": resolved.label, "spec": spec.model_dump(mode="json"),
                                         "results": results}, indent=2))

@@ -1,7 +1,9 @@
-"""What is in a checkpoint: family, routing, expert counts, and where the parameters and bytes are.
+"""What is in a checkpoint: family, layer pattern, expert counts, total and active parameters, bytes by group.
 
-Reads config.json and the safetensors headers only (no weights load), so it is instant on any size and
-shows the real on-disk bytes of quantized tensors.
+Works from config.json alone (users size a run before downloading 60-1,300 GB): transformers builds the model
+on the meta device (``moecompress.arch.skeleton``) and bytes follow the stored dtype / quantization
+(``moecompress.io.storage``). When safetensors files are present and the family has an adapter, parameter and
+byte counts come from their headers instead (the real on-disk bytes); no weight is ever read.
 """
 
 from __future__ import annotations
@@ -14,14 +16,22 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from moecompress.arch.adapter import MoEAdapter
+from moecompress.arch.adapter import ADAPTERS, MoEAdapter
+from moecompress.arch.skeleton import (
+    GROUPS,
+    Skeleton,
+    analyse,
+    attention_like,
+    config_dtype,
+    meta_model,
+    text_config_dict,
+)
 from moecompress.errors import UserError
-from moecompress.io.checkpoint import check_model_dir
+from moecompress.io.checkpoint import check_model_dir, read_config
 from moecompress.report import human_bytes
 
 _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
                "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8}
-GROUPS = ("routed_experts", "shared_experts", "router", "attention", "embeddings", "other")
 
 
 class GroupStats(BaseModel):
@@ -39,23 +49,43 @@ class TensorInfo(BaseModel):
     bits: float
 
 
+class LayerRow(BaseModel):
+    index: int
+    mixer: str
+    ffn: str
+    experts: int = 0
+    top_k: int = 0
+
+
 class Inspection(BaseModel):
     path: str
     family: str
+    text_family: str | None = None  # the language model's model_type when nested (multimodal)
+    adapter: bool = True  # whether moecompress passes support this family yet
     routing: str
     num_layers: int
     moe_layers: list[int]
+    layer_pattern: str = ""
+    layers: list[LayerRow] = []
     experts_per_layer: int
     top_k: int
     expert_width: int
     routing_groups: int
+    topk_groups: int = 1
     shared_experts: bool
     quantization: dict[str, Any] | None
+    stored_format: str = ""
+    bytes_source: str = "safetensors headers"
     groups: dict[str, GroupStats]
+    parts: dict[str, int] = {}  # language_model vs the rest (vision tower, projector, ...)
     total_params: int
+    active_params: int = 0  # per token, every language-model parameter except routed experts it skips
+    active_params_no_embedding: int = 0  # the same without the token-embedding table (OpenAI/DeepSeek cards)
+    active_params_no_embedding_no_head: int = 0
     total_bytes: int
     expert_fraction: float
     tensors: list[TensorInfo]
+    notes: list[str] = []
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -86,15 +116,132 @@ def classify(name: str, adapter: MoEAdapter) -> str:
         return "shared_experts"
     if any(f"{b}{adapter.router_attr}." in name for b in blocks):
         return "router"
-    if "attn" in name or "attention" in name:
+    if attention_like(name):  # not `post_attention_layernorm`: a norm, not attention
         return "attention"
     if "embed" in name or name.startswith("lm_head"):
         return "embeddings"
     return "other"
 
 
+def _find_adapter(config: dict[str, Any]) -> MoEAdapter | None:
+    for model_type in (config.get("model_type"), text_config_dict(config).get("model_type")):
+        if model_type in ADAPTERS:
+            return ADAPTERS[model_type]
+    return None
+
+
+def _has_weights(path: Path) -> bool:
+    return any(p.name.endswith((".safetensors", ".bin")) for p in path.iterdir())
+
+
 def inspect_checkpoint(path: Path) -> Inspection:
+    """Inspect a checkpoint folder: from safetensors headers when present (and the family is supported), else config."""
     path = Path(path)
+    config = read_config(path)
+    if not _has_weights(path) or _find_adapter(config) is None or not list(path.glob("*.safetensors")):
+        return inspect_config(config, str(path))
+    return _inspect_headers(path)
+
+
+def inspect_config(config: dict[str, Any], where: str = "config.json") -> Inspection:
+    """Everything inspect reports, from config.json alone (no weight file needed or read)."""
+    from moecompress.io.storage import stored_bytes
+
+    model = meta_model(config)
+    skel = analyse(model, config)
+    by_group, fmt = stored_bytes(config, model, skel)
+    adapter = _find_adapter(config)
+    text = text_config_dict(config)
+    moe = skel.moe_layers
+    first = moe[0]
+    notes = list(skel.notes)
+    if config_dtype(config) is None:
+        notes.append("config.json names no dtype; bytes assume bfloat16 for unquantized tensors")
+    if adapter is None:
+        notes.append(f"no moecompress adapter for {config.get('model_type')!r} yet: counts come from transformers' "
+                     "model; passes will refuse this family")
+    counts = {(ly.experts, ly.top_k) for ly in moe}
+    if len(counts) > 1:
+        notes.append(f"MoE layers differ in experts/top-k: {sorted(counts)}")
+    mtp = text.get("num_nextn_predict_layers") or text.get("mtp_num_layers") or 0
+    if mtp:
+        notes.append(f"{mtp} multi-token-prediction layer(s) in the checkpoint are not counted (transformers does "
+                     "not build them)")
+    qcfg = config.get("quantization_config") or text.get("quantization_config")
+    groups = {g: GroupStats(params=skel.groups[g], bytes=by_group[g]) for g in GROUPS}
+    routing = _routing_text(adapter, config, text)
+    return Inspection(
+        path=where,
+        family=str(config.get("model_type")),
+        text_family=text.get("model_type") if text is not config else None,
+        adapter=adapter is not None,
+        routing=routing,
+        num_layers=len(skel.layers),
+        moe_layers=[ly.index for ly in moe],
+        layer_pattern=layer_pattern(skel),
+        layers=[LayerRow(index=ly.index, mixer=ly.mixer, ffn=ly.ffn, experts=ly.experts, top_k=ly.top_k)
+                for ly in skel.layers],
+        experts_per_layer=first.experts,
+        top_k=first.top_k,
+        expert_width=first.expert_width,
+        routing_groups=skel.routing_groups,
+        topk_groups=skel.topk_groups,
+        shared_experts=skel.groups["shared_experts"] > 0,
+        quantization=qcfg,
+        stored_format=fmt,
+        bytes_source="config.json (computed; no weight file read)",
+        groups=groups,
+        parts=skel.parts,
+        total_params=skel.total_params,
+        active_params=skel.active_params,
+        active_params_no_embedding=skel.active_conventions["no_embedding"],
+        active_params_no_embedding_no_head=skel.active_conventions["no_embedding_no_head"],
+        total_bytes=sum(by_group.values()),
+        expert_fraction=skel.groups["routed_experts"] / skel.total_params,
+        tensors=[],
+        notes=notes,
+    )
+
+
+def _routing_text(adapter: MoEAdapter | None, config: dict[str, Any], text: dict[str, Any]) -> str:
+    if adapter is None:
+        return "?"
+    return adapter.routing + (" +renorm" if adapter.renormalises(text) else "")
+
+
+def layer_pattern(skel: Skeleton) -> str:
+    """Run-length summary of the decoder stack, e.g. `0-2 attention/dense · 3-60 attention/moe 256×8`."""
+    def label(ly: Any) -> str:
+        ffn = f"{ly.ffn} {ly.experts}x{ly.top_k}" if ly.experts else ly.ffn
+        return f"{ly.mixer}/{ffn}"
+
+    runs: list[tuple[int, int, str]] = []
+    for ly in skel.layers:
+        lab = label(ly)
+        if runs and runs[-1][2] == lab and runs[-1][1] == ly.index - 1:
+            runs[-1] = (runs[-1][0], ly.index, lab)
+        else:
+            runs.append((ly.index, ly.index, lab))
+    if len(runs) > 8:  # interleaved stacks: count each kind instead of listing runs
+        kinds: dict[str, list[int]] = defaultdict(list)
+        for ly in skel.layers:
+            kinds[label(ly)].append(ly.index)
+        return " · ".join(f"{len(v)}× {k} ({_ranges(v)})" for k, v in kinds.items())
+    return " · ".join(f"{a}-{b} {lab}" if a != b else f"{a} {lab}" for a, b, lab in runs)
+
+
+def _skeleton_active_fraction(config: dict[str, Any]) -> tuple[float, Skeleton | None]:
+    """Share of routed-expert parameters a token uses, and the skeleton (None if transformers cannot build it)."""
+    try:
+        skel = analyse(meta_model(config), config)
+    except UserError:
+        return 0.0, None
+    routed = sum(ly.routed_params for ly in skel.layers)
+    used = sum(ly.routed_params * ly.top_k / ly.experts for ly in skel.moe_layers)
+    return (used / routed if routed else 0.0), skel
+
+
+def _inspect_headers(path: Path) -> Inspection:
     config, adapter = check_model_dir(path)
     qcfg = config.get("quantization_config")
     files = sorted(path.glob("*.safetensors"))
@@ -117,8 +264,10 @@ def inspect_checkpoint(path: Path) -> Inspection:
             elif name.endswith("weight_packed"):
                 bits = _packed_bits(qcfg, name)
                 params = params * 32 // bits
-            elif name.endswith("weight_scale"):
-                params = 0
+            elif name.endswith(("weight_scale", "_scale_inv", "_scales")):
+                params = 0  # quantization scales (compressed-tensors, FP8 blocks, MXFP4) are not parameters
+            elif name.endswith("_blocks"):
+                params = params * 2  # MXFP4: two 4-bit values per byte
             groups[group].params += params
             groups[group].bytes += nbytes
             bits = 8.0 * nbytes / params if params else 0.0
@@ -130,9 +279,20 @@ def inspect_checkpoint(path: Path) -> Inspection:
                     moe_layer_ids.add(int(parts[parts.index("layers") + 1]))
     total_p = sum(g.params for g in groups.values())
     total_b = sum(g.bytes for g in groups.values())
+    fraction, skel = _skeleton_active_fraction(config)
+    routed_p = groups["routed_experts"].params
     return Inspection(
         path=str(path),
-        family=adapter.model_type,
+        family=str(config.get("model_type")),
+        layer_pattern=layer_pattern(skel) if skel else "",
+        layers=[LayerRow(index=ly.index, mixer=ly.mixer, ffn=ly.ffn, experts=ly.experts, top_k=ly.top_k)
+                for ly in skel.layers] if skel else [],
+        active_params=(active := int(round(total_p - routed_p + routed_p * fraction))),
+        active_params_no_embedding=active - (skel.input_embedding_params if skel else 0),
+        active_params_no_embedding_no_head=active - (skel.input_embedding_params + skel.output_head_params
+                                                     if skel else 0),
+        parts=skel.parts if skel else {},
+        stored_format=_header_format(qcfg, tensors),
         routing=adapter.routing + (" +renorm" if adapter.renormalises(config) else ""),
         num_layers=int(config.get("num_hidden_layers", 0)),
         moe_layers=sorted(moe_layer_ids),
@@ -148,6 +308,15 @@ def inspect_checkpoint(path: Path) -> Inspection:
         expert_fraction=(groups["routed_experts"].params / total_p) if total_p else 0.0,
         tensors=tensors,
     )
+
+
+def _header_format(qcfg: dict[str, Any] | None, tensors: list[TensorInfo]) -> str:
+    if qcfg:
+        return str(qcfg.get("quant_method", "?"))
+    by_dtype: dict[str, int] = defaultdict(int)
+    for t in tensors:
+        by_dtype[t.dtype] += t.bytes
+    return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else "?"
 
 
 def _numel(shape: list[int]) -> int:
@@ -183,16 +352,24 @@ def render(ins: Inspection, console: Any) -> None:
     from rich.table import Table
 
     head = Table(title=f"{ins.path}", show_header=False)
-    head.add_row("family", ins.family)
+    family = ins.family + (f" (language model: {ins.text_family})" if ins.text_family else "")
+    head.add_row("family", family + ("" if ins.adapter else " — no moecompress adapter yet"))
     head.add_row("routing", ins.routing)
     head.add_row("layers (MoE)", f"{ins.num_layers} ({len(ins.moe_layers)} MoE: {_ranges(ins.moe_layers)})")
+    if ins.layer_pattern:
+        head.add_row("layer pattern", ins.layer_pattern)
     head.add_row("experts per layer / top-k", f"{ins.experts_per_layer} / {ins.top_k}")
     head.add_row("expert width", str(ins.expert_width))
     if ins.routing_groups > 1:
-        head.add_row("routing groups", str(ins.routing_groups))
+        head.add_row("routing groups", f"{ins.routing_groups} (top-{ins.topk_groups} groups per token)")
     head.add_row("shared experts", "yes" if ins.shared_experts else "no")
-    if ins.quantization:
-        head.add_row("quantization", str(ins.quantization.get("quant_method", "?")))
+    head.add_row("stored as", ins.stored_format or "?")
+    head.add_row("parameters (total / active per token)",
+                 f"{ins.total_params / 1e9:.2f}B / {ins.active_params / 1e9:.2f}B "
+                 f"({ins.active_params_no_embedding / 1e9:.2f}B without the embedding table)")
+    if len(ins.parts) > 1:
+        head.add_row("parts", ", ".join(f"{k} {v / 1e9:.3f}B" for k, v in ins.parts.items()))
+    head.add_row("bytes from", ins.bytes_source)
     console.print(head)
     t = Table(title="parameters and bytes")
     for col in ("group", "params", "bytes", "% params", "bits/param"):
@@ -205,6 +382,8 @@ def render(ins: Inspection, console: Any) -> None:
               f"{8 * ins.total_bytes / max(ins.total_params, 1):.2f}", style="bold")
     console.print(t)
     console.print(f"routed experts are {100 * ins.expert_fraction:.1f}% of the parameters")
+    for note in ins.notes:
+        console.print(f"[yellow]note:[/] {note}")
 
 
 def _ranges(ids: list[int]) -> str:

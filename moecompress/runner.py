@@ -28,9 +28,11 @@ from moecompress.io.checkpoint import (
     load_model,
     prepare_output,
     publish,
+    source_format,
     write_checkpoint,
 )
 from moecompress.io.locations import default_cache_root, default_calibration_source  # noqa: F401 (re-exported)
+from moecompress.io.resolve import ResolvedModel, resolve_model
 from moecompress.passes.base import PassConfig, PassContext, get_pass
 
 REPORT = "report.json"
@@ -49,6 +51,9 @@ class RunOptions(BaseModel):
     device: str | None = None  # cpu | cuda | auto (engine)
     max_memory: str | None = None  # CPU RAM budget of the engine, e.g. "24GiB"; default: 3/4 of available
     max_shard_size: str = "5GB"
+    revision: str | None = None  # branch, tag or commit when the model is a Hub id
+    target: str | None = None  # "vllm": serving checks are errors, raised before anything loads
+    ep_size: int | None = None  # expert-parallel size the output must divide by
 
 
 def model_fingerprint(path: Path) -> str:
@@ -122,13 +127,19 @@ def obtain_stats(model: Any, get_calibration: Any, model_dir: Path, calib_spec: 
     return stats
 
 
-def run_pass(cfg: PassConfig, src: Path, out: Path, *, calibration: Any = None, eval_spec: Any = None,
-             opts: RunOptions | None = None, console: Any = None, recipe_text: str | None = None) -> dict[str, Any]:
-    """Apply one pass to checkpoint `src` and write checkpoint + report.json to `out`."""
+def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, calibration: Any = None,
+             eval_spec: Any = None, opts: RunOptions | None = None, console: Any = None,
+             recipe_text: str | None = None) -> dict[str, Any]:
+    """Apply one pass to checkpoint `src` (a folder, a Hub id or a resolved model) and write checkpoint +
+    report.json to `out`."""
     opts = opts or RunOptions()
-    src, out = Path(src), Path(out)
+    resolved = src if isinstance(src, ResolvedModel) else resolve_model(src, revision=opts.revision)
+    src, out = resolved.path, Path(out)
     hf_config, adapter = check_model_dir(src)
+    hf_config = float_view(hf_config)
     cfg.check(adapter, hf_config)
+    findings = check_serving(cfg, adapter, hf_config, opts, console)
+    source_format(src)  # headers: FP8/MXFP4 scales present and well-shaped, files complete
     prepare_output(out, overwrite=opts.overwrite, source=src)
     if eval_spec is not None:  # a typo in --eval must fail before compression, not after
         from moecompress.eval import check_eval_spec
@@ -167,11 +178,11 @@ def run_pass(cfg: PassConfig, src: Path, out: Path, *, calibration: Any = None, 
     extra = {"recipe.yaml": recipe_text} if recipe_text else None
     verify = write_checkpoint(model, tok, out, source=src, pass_entry=entry, overwrite=opts.overwrite,
                               verify=opts.verify, save_fn=ctx.extras.get("save_fn"),
-                              verify_atol=ctx.extras.get("verify_atol"), extra_files=extra)
+                              verify_atol=ctx.extras.get("verify_atol"), extra_files=extra, hub=resolved.hub_ref())
     report: dict[str, Any] = {
         "pass": cfg.name,
         "config": cfg.model_dump(mode="json"),
-        "source": str(src),
+        "source": resolved.label,
         "output": str(out),
         "params_before": params_before,
         "params_after": count_params(model),
@@ -181,6 +192,7 @@ def run_pass(cfg: PassConfig, src: Path, out: Path, *, calibration: Any = None, 
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "statistics": (cache["stats"].meta if "stats" in cache else None),
         "verify": verify,
+        "serving_checks": [f.model_dump() for f in findings],
         "details": details,
     }
     if eval_spec is not None:
@@ -375,12 +387,16 @@ def run_recipe(recipe: Any, out: Path, *, model: Path | None = None, opts: RunOp
     """Run every pass of a parsed recipe into OUT/NN-pass/, resuming finished steps."""
     opts = opts or RunOptions()
     out = Path(out)
-    src = Path(model) if model is not None else (Path(recipe.model) if recipe.model else None)
-    if src is None:
+    model_arg = model if model is not None else recipe.model
+    if model_arg is None:
         raise UserError("no model: set `model:` in the recipe or pass MODEL on the command line")
-    hf_config, adapter = check_model_dir(src)
-    for cfg in recipe.passes:  # fail before any weight loads
+    resolved = resolve_model(model_arg, revision=opts.revision)
+    src: Path | ResolvedModel = resolved
+    hf_config, adapter = check_model_dir(resolved.path)
+    hf_config = float_view(hf_config)
+    for i, cfg in enumerate(recipe.passes, start=1):  # fail before any weight loads
         cfg.check(adapter, hf_config)
+        check_serving(cfg, adapter, hf_config, opts, where=f"step {i}")  # warnings print when the step runs
         hf_config = planned_config(cfg, adapter, hf_config)
     if out.exists() and any(out.iterdir()) and not (out / "recipe.yaml").exists() and not opts.overwrite:
         raise UserError(f"output {out} exists and does not hold a recipe run; choose another --out or --overwrite")
@@ -396,21 +412,50 @@ def run_recipe(recipe: Any, out: Path, *, model: Path | None = None, opts: RunOp
             if console:
                 console.print(f"[green]✓[/] step {i} {cfg.name}: finished earlier, skipping ({step})")
             reports.append(json.loads((step / REPORT).read_text()))
-            src = step
+            src = ResolvedModel(path=step)
             continue
         if console:
             console.rule(f"step {i}/{len(recipe.passes)}: {cfg.name}")
         step_opts = opts.model_copy(update={"overwrite": True})  # a step dir without report is unfinished
         reports.append(run_pass(cfg, src, step, calibration=recipe.calibration, eval_spec=recipe.eval,
                                 opts=step_opts, console=console, recipe_text=recipe.text or None))
-        src = step
+        src = ResolvedModel(path=step)
     from moecompress.report import write_run_summary
 
     write_run_summary(out, reports)
     return reports
 
 
+def float_view(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """The config passes see: FP8/MXFP4 sources are read as float; compressed-tensors ones are refused (one line)."""
+    from moecompress.io.source_formats import detect_source_format
+
+    fmt = detect_source_format(hf_config, [])
+    if fmt.name == "compressed-tensors":
+        fmt.validate()
+    return {k: v for k, v in hf_config.items() if k != "quantization_config"} if fmt.quantized else hf_config
+
+
+def check_serving(cfg: PassConfig, adapter: Any, hf_config: dict[str, Any], opts: RunOptions, console: Any = None,
+                  where: str = "") -> list[Any]:
+    """The serving checks `plan` prints, run before every pass: warnings, or errors with --target vllm."""
+    from moecompress.serving import enforce, serving_findings
+
+    findings = serving_findings(cfg, adapter, hf_config, planned_config(cfg, adapter, hf_config), opts.ep_size)
+    enforce(findings, opts.target, where=where or cfg.name, console=console)  # type: ignore[arg-type]
+    return findings
+
+
 def planned_config(cfg: PassConfig, adapter: Any, hf_config: dict[str, Any]) -> dict[str, Any]:
-    """The config a pass will leave behind, so later passes are checked against what they will see."""
+    """The config a pass will leave behind, so later passes are checked against what they will see.
+
+    Passes other than `quantize` write float weights: a quantized source (FP8, MXFP4) is dequantized as it is
+    read, so its `quantization_config` does not carry over and the output is bfloat16.
+    """
     planner = getattr(cfg, "planned_config", None)
-    return planner(adapter, dict(hf_config)) if planner else hf_config
+    after = planner(adapter, dict(hf_config)) if planner else dict(hf_config)
+    if cfg.name != "quantize" and after.get("quantization_config"):
+        after = {k: v for k, v in after.items() if k != "quantization_config"}
+        after["dtype"] = "bfloat16"
+        after.pop("torch_dtype", None)
+    return after

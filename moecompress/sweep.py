@@ -38,11 +38,13 @@ def method_config(method: str, ratio: float) -> PassConfig:
 def run_sweep(model: Path, out: Path, methods: list[str], ratios: list[float], *, calibration: Any, eval_spec: Any,
               opts: Any, console: Any = None) -> list[dict[str, Any]]:
     from moecompress.io.checkpoint import check_model_dir
+    from moecompress.io.resolve import resolve_model
     from moecompress.runner import RunOptions, run_pass
 
     if eval_spec is None:
         raise UserError("a sweep compares variants by quality: pass --eval (e.g. ref_ppl) ")
-    hf_config, adapter = check_model_dir(model)
+    resolved = resolve_model(model, revision=getattr(opts, "revision", None))
+    hf_config, adapter = check_model_dir(resolved.path)
     plan = [(m, r, method_config(m, r)) for m in methods for r in ratios]
     for _, _, cfg in plan:  # all validated before any weights load
         cfg.check(adapter, hf_config)
@@ -57,7 +59,7 @@ def run_sweep(model: Path, out: Path, methods: list[str], ratios: list[float], *
             step_opts = RunOptions(**{**opts.model_dump(), "overwrite": True, "plots": False})
             if console:
                 console.rule(f"{m} @ {r:g}")
-            report = run_pass(cfg, model, step, calibration=calibration, eval_spec=eval_spec, opts=step_opts,
+            report = run_pass(cfg, resolved, step, calibration=calibration, eval_spec=eval_spec, opts=step_opts,
                               console=console)
         rows.append({"method": m, "ratio": r, "report": report})
     write_sweep(out, rows)

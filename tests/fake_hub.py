@@ -17,6 +17,12 @@ Implemented (model repos only, branch ``main`` only):
   deletedFolder lines; LFS objects must have been uploaded with matching size
 - ``HEAD``/``GET /{repo}/resolve/{rev}/{path}`` with X-Repo-Commit, ETag / X-Linked-Etag / X-Linked-Size
 
+Downloads (for ``snapshot_download``): every commit keeps its file snapshot, so ``/revision/{sha}`` and
+``/resolve/{sha}/…`` serve old commits (unknown revisions: 404 RevisionNotFound); ``Range: bytes=N-`` answers
+206 (resumed downloads); ``gated`` repos answer 401 GatedRepo without a token and 403 to users not in
+``access``; ``faults[path]`` is a list consumed one GET at a time: an int n sends only n bytes of that file and
+drops the connection (an interrupted download), a status code (e.g. 503) answers that error. ``add_files`` commits files directly, without the upload protocol.
+
 Not implemented: the Xet storage protocol (the client must run with ``HF_HUB_DISABLE_XET=1`` when
 files go to LFS, or use ``lfs=False`` so every file is committed as a regular base64 blob), branches,
 pull requests, pagination. Unknown routes answer 404 and are recorded in ``FakeHub.unhandled``.
@@ -30,7 +36,9 @@ import base64
 import fnmatch
 import hashlib
 import json
+import re
 import secrets
+import socket
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -82,6 +90,8 @@ class Blob:
 class FakeRepo:
     repo_id: str
     private: bool
+    gated: bool = False
+    access: set[str] = field(default_factory=set)  # users allowed into a gated repo
     files: dict[str, Blob] = field(default_factory=dict)
     commits: list[dict[str, Any]] = field(default_factory=list)
     created_at: str = field(default_factory=_now)
@@ -117,6 +127,7 @@ class FakeHub:
         self.repos: dict[str, FakeRepo] = {}
         self.lfs_store: dict[str, bytes] = {}
         self.requests: list[tuple[str, str]] = []
+        self.faults: dict[str, list[int]] = {}  # path -> per GET: bytes sent before dropping, or an HTTP status
         self.unhandled: list[tuple[str, str]] = []
         self.stats = {"lfs_basic": 0, "lfs_multipart": 0, "lfs_verify": 0, "regular": 0}
         self._tickets: dict[str, str] = {}  # ticket -> oid
@@ -180,8 +191,18 @@ class FakeHub:
         for path in sorted(repo.files):
             h.update(f"{path}\0{repo.files[path].oid}\0".encode())
         oid = h.hexdigest()
-        repo.commits.append({"oid": oid, "summary": summary, "files": sorted(repo.files)})
+        repo.commits.append({"oid": oid, "summary": summary, "files": sorted(repo.files), "snapshot": dict(repo.files)})
         return oid
+
+    def add_files(self, repo_id: str, files: dict[str, bytes], summary: str = "add files") -> str:
+        """Commit `files` to `repo_id` (created if missing) without the upload protocol; returns the commit sha."""
+        with self._lock:
+            repo = self.repos.get(repo_id) or self.create_repo(repo_id)
+            for path, data in files.items():
+                name = path.rsplit("/", 1)[-1]
+                lfs = any(fnmatch.fnmatch(name, p) for p in LFS_PATTERNS) or len(data) > LFS_SIZE_LIMIT
+                repo.files[path] = Blob(data, lfs=lfs)
+            return self._add_commit(repo, summary)
 
     def count(self, key: str) -> None:
         with self._lock:
@@ -290,6 +311,13 @@ class _Handler(BaseHTTPRequestHandler):
         member = user is not None and (user == ns or ns in self.hub.orgs.get(user, []))
         if repo is None or (repo.private and not member):
             raise _HttpError(404, "Repository not found", code="RepoNotFound")
+        if repo.gated and not write:
+            if user is None:
+                raise _HttpError(401, f"Access to model {repo_id} is restricted. You must have access to it and be "
+                                 "authenticated to access it. Please log in.", code="GatedRepo")
+            if user not in repo.access and user != ns:
+                raise _HttpError(403, f"Access to model {repo_id} is restricted and you are not in the authorized "
+                                 "list. Visit the repo page to ask for access.", code="GatedRepo")
         if write:
             assert user is not None
             self._can_write(user, repo_id)
@@ -299,6 +327,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _check_rev(repo: FakeRepo, rev: str) -> None:
         if rev not in ("main", repo.sha):
             raise _HttpError(404, f"Invalid rev id: {rev}", code="RevisionNotFound")
+
+    @staticmethod
+    def _snapshot(repo: FakeRepo, rev: str) -> tuple[str, dict[str, Blob]]:
+        """(commit sha, files) of a revision: main or any commit of the history."""
+        if rev == "main":
+            return repo.sha, repo.files
+        for c in repo.commits:
+            if c["oid"] == rev:
+                return c["oid"], c["snapshot"]
+        raise _HttpError(404, f"Invalid rev id: {rev}", code="RevisionNotFound")
 
     # ---------------------------------------------------------------- routes
 
@@ -380,29 +418,29 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _model_info(self, repo_id: str, rev: str) -> None:
         repo = self._repo(repo_id, write=False)
-        self._check_rev(repo, rev)
+        sha, files = self._snapshot(repo, rev)
         card: Any = None
-        readme = repo.files.get("README.md")
+        readme = files.get("README.md")
         if readme is not None:
             text = readme.data.decode("utf-8", "replace")
             end = text.find("\n---", 3)
             if text.startswith("---") and end > 0:
                 card = yaml.safe_load(text[3:end])
-        siblings = [{"rfilename": p} for p in sorted(repo.files)]
+        siblings = [{"rfilename": p, "size": len(files[p].data)} for p in sorted(files)]
         self._send(200, {
             "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24], "id": repo_id, "author": repo_id.split("/")[0],
-            "sha": repo.sha, "private": repo.private, "gated": False, "disabled": False, "downloads": 0,
+            "sha": sha, "private": repo.private, "gated": "auto" if repo.gated else False, "disabled": False, "downloads": 0,
             "likes": 0, "tags": [], "lastModified": _now(),
             "createdAt": repo.created_at, "siblings": siblings, "cardData": card,
         })
 
     def _tree(self, repo_id: str, rev: str, prefix: str, query: dict[str, str]) -> None:
         repo = self._repo(repo_id, write=False)
-        self._check_rev(repo, rev)
+        _, files = self._snapshot(repo, rev)
         recursive = query.get("recursive", "false").lower() in ("1", "true")
         base = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
         entries: dict[str, dict[str, Any]] = {}
-        for path, blob in sorted(repo.files.items()):
+        for path, blob in sorted(files.items()):
             if not path.startswith(base):
                 continue
             rel = path[len(base):].split("/")
@@ -559,14 +597,37 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _resolve(self, repo_id: str, rev: str, path: str, *, head: bool) -> None:
         repo = self._repo(repo_id, write=False)
-        self._check_rev(repo, rev)
-        blob = repo.files.get(path)
+        sha, files = self._snapshot(repo, rev)
+        blob = files.get(path)
         if blob is None:
             err = _HttpError(404, "Entry not found", code="EntryNotFound")
-            headers = {"X-Error-Code": "EntryNotFound", "X-Error-Message": err.message, "X-Repo-Commit": repo.sha}
+            headers = {"X-Error-Code": "EntryNotFound", "X-Error-Message": err.message, "X-Repo-Commit": sha}
             return self._send(404, {"error": err.message}, headers, head=head)
-        headers = {"X-Repo-Commit": repo.sha, "ETag": f'"{git_sha1(blob.data)}"'}
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{git_sha1(blob.data)}"'}
         if blob.lfs:
             headers["ETag"] = headers["X-Linked-Etag"] = f'"{blob.sha256}"'
             headers["X-Linked-Size"] = str(len(blob.data))
-        self._send(200, blob.data, headers, head=head)
+        data, status = blob.data, 200
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "")) if not head else None
+        if m:
+            start = int(m.group(1))
+            end = int(m.group(2)) + 1 if m.group(2) else len(data)
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+            data, status = data[start:end], 206
+        queue = [] if head else self.hub.faults.get(path, [])
+        cut = queue.pop(0) if queue else None
+        if cut is not None and cut >= 400:
+            raise _HttpError(cut, "fake hub: injected failure")
+        if cut is not None:  # promise the whole body, send part of it, drop the connection
+            self.send_response(status)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(data)))
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data[:cut])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return None
+        self._send(status, data, headers, head=head)

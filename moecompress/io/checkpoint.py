@@ -64,6 +64,90 @@ def check_model_dir(path: Path) -> tuple[dict[str, Any], MoEAdapter]:
     return config, adapter
 
 
+def source_format(path: Path, dtype: torch.dtype = torch.bfloat16) -> Any:
+    """The checkpoint's source format (float, FP8 block, MXFP4, compressed-tensors) from config + safetensors
+    headers, validated (scales present, right shapes, files not truncated) — no weight is read."""
+    from moecompress.inspect import read_safetensors_header
+    from moecompress.io.source_formats import detect_source_format
+
+    path = Path(path)
+    config = read_config(path)
+    tensors: dict[str, Any] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        header = read_safetensors_header(f)
+        tensors.update({k: v for k, v in header.items() if k != "__metadata__"})
+    fmt = detect_source_format(config, tensors, dtype=dtype)
+    fmt.validate()
+    return fmt
+
+
+def dequantized_copy(path: Path, fmt: Any, dst: Path) -> Path:
+    """A float (bf16) copy of a quantized checkpoint, written shard by shard through the format's reader.
+
+    transformers' CPU dequantization of FP8 derives the block size from the scale grid, which misreads edge
+    blocks (e.g. 576 rows in 128-row blocks); our reader uses the declared `weight_block_size`.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path, dst = Path(path), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    index: dict[str, str] = {}
+    owner: dict[str, Path] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            owner.update({k: f for k in h.keys()})
+    by_shard: dict[Path, list[str]] = {}
+    for key in fmt.logical_keys():
+        stored = fmt.stored_keys(key)
+        by_shard.setdefault(owner[stored[0]], []).append(key)
+    handles: dict[Path, Any] = {}
+
+    def get_tensor(name: str) -> torch.Tensor:
+        f = owner[name]
+        if f not in handles:
+            handles[f] = safe_open(str(f), "pt")
+        return handles[f].get_tensor(name)
+
+    try:
+        for n, (_, keys) in enumerate(sorted(by_shard.items()), start=1):
+            name = f"model-{n:05d}-of-{len(by_shard):05d}.safetensors"
+            save_file({k: fmt.read(k, get_tensor).contiguous() for k in keys}, str(dst / name),
+                      metadata={"format": "pt"})
+            index.update({k: name for k in keys})
+            handles.clear()
+    finally:
+        handles.clear()
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    config = read_config(path)
+    config.pop("quantization_config", None)
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"].pop("quantization_config", None)
+    config["dtype"] = str(fmt.dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    for other in path.iterdir():
+        if other.is_file() and not other.name.endswith((".safetensors", ".bin")) and other.name not in (
+                "config.json", "model.safetensors.index.json"):
+            shutil.copy2(other, dst / other.name)
+    return dst
+
+
+@contextlib.contextmanager
+def loadable(path: Path, dtype: torch.dtype = torch.bfloat16) -> Iterator[Path]:
+    """A folder `from_pretrained` reads correctly: the checkpoint itself, or for FP8/MXFP4 sources a temporary
+    dequantized copy made by our reader (removed on exit). Validates the source format first."""
+    fmt = source_format(path, dtype=dtype) if any(Path(path).glob("*.safetensors")) else None
+    if fmt is None or not fmt.quantized or fmt.name == "compressed-tensors":
+        yield Path(path)
+        return
+    staged = Path(tempfile.mkdtemp(prefix="moecompress-dequant-"))
+    try:
+        yield dequantized_copy(path, fmt, staged)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
 def load_model(path: Path, *, dtype: torch.dtype | str | None = None, tokenizer: bool = True,
                max_memory: int | None = None, offload_folder: Path | None = None) -> LoadedModel:
     """Load a supported MoE checkpoint for compression (eval mode, no grad).
@@ -71,6 +155,9 @@ def load_model(path: Path, *, dtype: torch.dtype | str | None = None, tokenizer:
     With `max_memory` (bytes of CPU RAM) a checkpoint larger than that is placed by accelerate
     (``device_map="auto"``: GPUs first when present, then CPU up to the budget, the rest offloaded to disk in
     `offload_folder`), e.g. to evaluate a model that the engine compressed without ever holding it whole.
+
+    FP8 block-scaled and MXFP4 checkpoints are dequantized as they are read (bf16 unless `dtype` says otherwise),
+    through ``moecompress.io.source_formats`` — the same reader the layer-streaming engine uses.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -80,8 +167,10 @@ def load_model(path: Path, *, dtype: torch.dtype | str | None = None, tokenizer:
     if max_memory is not None and checkpoint_bytes(path) > max_memory // 2:
         placement = {"device_map": "auto", "max_memory": {"cpu": int(max_memory)},
                      "offload_folder": str(offload_folder or temp_dir_beside(path.parent / f".{path.name}-offload"))}
+    float_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", **placement)
+        with loadable(path, float_dtype if isinstance(float_dtype, torch.dtype) else torch.bfloat16) as folder:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto", **placement)
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"could not load weights from {path}: {_short(exc)}. Is a weight file corrupt or truncated?") from exc
     except Exception as exc:  # safetensors raises its own error types on corrupt headers
@@ -133,25 +222,35 @@ def publish(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
-def provenance(source: Path | str | None, pass_entry: dict[str, Any] | None) -> dict[str, Any]:
-    """Chain the source's provenance (if any) with this pass."""
+def provenance(source: Path | str | None, pass_entry: dict[str, Any] | None,
+               hub: dict[str, str] | None = None) -> dict[str, Any]:
+    """Chain the source's provenance (if any) with this pass.
+
+    `hub` (repo_id, revision, commit) names a source downloaded from the Hub: the repo id becomes the base model
+    and the resolved commit is recorded, so the card links the exact weights that were compressed.
+    """
     import transformers
 
     passes: list[dict[str, Any]] = []
-    base = str(source) if source is not None else None
+    base = hub["repo_id"] if hub else (str(source) if source is not None else None)
+    base_revision = hub.get("commit") if hub else None
     if source is not None and (Path(source) / PROVENANCE).is_file():
         prev = json.loads((Path(source) / PROVENANCE).read_text())
         passes = list(prev.get("passes", []))
         base = prev.get("base_model", base)
+        base_revision = prev.get("base_revision", base_revision)
     if pass_entry:
         passes.append(pass_entry)
-    return {
+    out: dict[str, Any] = {
         "moecompress_version": moecompress.__version__,
         "base_model": base,
-        "source": str(source) if source is not None else None,
+        "source": (f"{hub['repo_id']}@{hub.get('commit', '')}" if hub else str(source) if source is not None else None),
         "passes": passes,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
+    if base_revision:
+        out["base_revision"] = base_revision
+    return out
 
 
 def write_count_aliases(folder: Path) -> None:
@@ -237,6 +336,7 @@ def write_checkpoint(
     save_original_format: bool = True,
     save_fn: Any = None,
     verify_atol: float | None = None,
+    hub: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Save `model` (+ tokenizer, provenance, extra files) to `out` atomically and verify the reload.
 
@@ -251,7 +351,7 @@ def write_checkpoint(
         else:
             model.save_pretrained(tmp, save_original_format=save_original_format)
         _save_tokenizer(tokenizer, source, tmp)
-        (tmp / PROVENANCE).write_text(json.dumps(provenance(source, pass_entry), indent=2))
+        (tmp / PROVENANCE).write_text(json.dumps(provenance(source, pass_entry, hub), indent=2))
         for name, content in (extra_files or {}).items():
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -316,6 +316,8 @@ def build_model_card(checkpoint_dir: Path, repo_id: str, *, base_model: str | No
     lines = [f"# {name}", ""]
     origin = f"a compressed version of {_display_source(base, on_hub=base == hub_base)}" if base else "a compressed Mixture-of-Experts model"
     lines += [f"This model is {origin}, produced with moecompress {version}.", ""]
+    if prov.get("base_revision"):
+        lines += [f"Base weights: commit `{prov['base_revision']}` of the base model.", ""]
     lines += [f"Architecture: {_architecture_line(cfg)}.", ""]
 
     lines += ["## What was done", ""]
