@@ -99,6 +99,9 @@ def keep_experts(layer: MoELayer, keep: Sequence[int]) -> None:
         t = getattr(owner, leaf, None)
         if t is not None:
             _set_tensor(owner, leaf, t.detach().index_select(vec.axis, idx))
+    for vec in layer.adapter.block_vectors:
+        owner, leaf = _resolve(layer.block, vec.path)
+        _set_tensor(owner, leaf, getattr(owner, leaf).detach().index_select(vec.axis, idx))
     view = ExpertView(layer)
     view.set_all(view.get_all().select(idx))
     _set_ints(list(layer.block.modules()), _COUNT_ATTRS, n_old, len(idx))

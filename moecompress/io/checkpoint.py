@@ -66,12 +66,12 @@ def check_model_dir(path: Path) -> tuple[dict[str, Any], MoEAdapter]:
 
 def load_model(path: Path, *, dtype: torch.dtype | str | None = None, tokenizer: bool = True) -> LoadedModel:
     """Load a supported MoE checkpoint for compression (eval mode, no grad)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = Path(path)
-    _, adapter = check_model_dir(path)
+    config, adapter = check_model_dir(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+        model = auto_class(config).from_pretrained(path, dtype=dtype or "auto")
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"could not load weights from {path}: {_short(exc)}. Is a weight file corrupt or truncated?") from exc
     except Exception as exc:  # safetensors raises its own error types on corrupt headers
@@ -86,6 +86,18 @@ def load_model(path: Path, *, dtype: torch.dtype | str | None = None, tokenizer:
         except Exception:  # a checkpoint without tokenizer is still compressible; eval will say so
             tok = None
     return LoadedModel(model=model, tokenizer=tok, adapter=adapter, path=path)
+
+
+def auto_class(config: dict[str, Any]):
+    """The class that loads a checkpoint whole: `architectures[0]` (multimodal checkpoints keep their towers),
+    else the family's causal-LM class."""
+    import transformers
+
+    for name in config.get("architectures") or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None and hasattr(cls, "from_pretrained"):
+            return cls
+    return transformers.AutoModelForCausalLM
 
 
 def _short(exc: BaseException) -> str:
@@ -154,15 +166,16 @@ def write_count_aliases(folder: Path) -> None:
     config = json.loads(cfg_file.read_text())
     adapter = adapter_for_config_dict(config)
     n = adapter.num_experts(config)
-    if all(config.get(k) == n for k in adapter.count_keys):
+    text = adapter.text_config(config)
+    if all(text.get(k) == n for k in adapter.count_keys):
         return
-    config.update({k: n for k in adapter.count_keys})
+    config = adapter.with_counts(config, n)
     cfg_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def verify_model_reload(model: torch.nn.Module, path: Path, *, atol: float | None = None) -> dict[str, Any]:
     """`verify_reload` against the logits `model` gives now on a fixed probe input."""
-    ids = probe_input(model.config.vocab_size)
+    ids = probe_input(min(model.get_input_embeddings().num_embeddings, 320))
     return verify_reload(path, logits_of(model, ids), ids, atol=atol)
 
 
@@ -196,10 +209,8 @@ def quiet_loading() -> Iterator[None]:
 
 def verify_reload(path: Path, reference_logits: torch.Tensor, ids: torch.Tensor, *, atol: float | None = None) -> dict[str, Any]:
     """Reload with vanilla transformers; fail loudly on any loading-info entry or logit mismatch."""
-    from transformers import AutoModelForCausalLM
-
     with quiet_loading():
-        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+        model, info = auto_class(read_config(path)).from_pretrained(path, output_loading_info=True)
     problems = {k: v for k, v in info.items() if v}
     if problems:
         raise RuntimeError(f"reload of {path} is not clean: {problems}")
@@ -264,7 +275,17 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 
 
+# Files of multimodal checkpoints that no pass changes: carried over byte-identical.
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                    "chat_template.json", "chat_template.jinja", "generation_config.json")
+
+
 def _save_tokenizer(tokenizer: Any | None, source: Path | None, dst: Path) -> None:
+    if source is not None:
+        for name in _PROCESSOR_FILES:
+            src = Path(source) / name
+            if src.is_file() and not (dst / name).exists():
+                shutil.copy2(src, dst / name)
     if tokenizer is not None:
         tokenizer.save_pretrained(dst)
         return

@@ -1,0 +1,251 @@
+"""Which model types have routed experts, and adapters derived from transformers' own modeling code.
+
+``routed_expert_model_types`` finds families by what their modeling code is (a fused experts class
+decorated with ``@use_experts_implementation`` or a class named ``…Experts``), so a new transformers
+release that adds a family shows up here without anyone listing it. ``derived_adapter`` builds a
+miniature of the family's default config, finds the experts / router / shared experts in it
+(``arch.discover``) and reads the config keys whose values match what it found. Only what cannot be
+derived is data: ``UNSUPPORTED`` (with the reason) and ``CONFIG_HINTS``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from typing import Any
+
+import torch
+
+from moecompress.errors import UserError
+
+# Model types transformers ships with routed experts that moecompress does not compress, each with the reason.
+# Text-generating decoders belong here only while a real gap remains; the enumeration test keeps this honest.
+UNSUPPORTED: dict[str, str] = {
+    "switch_transformers": "encoder-decoder (T5-style) with per-expert ModuleDict experts; not a causal decoder",
+    "nllb_moe": "encoder-decoder translation model with per-expert ModuleDict experts; not a causal decoder",
+    "openai_privacy_filter": "token-classification encoder (no text-generating head)",
+}
+
+# Families whose experts module is not transformers' fused layout (each needs its own view before support).
+_NON_FUSED_REASON = {
+    "dbrx": "experts stored as DbrxExperts (w1/v1/w2 [E*I, H] flattened), not the fused layout ExpertView reads",
+    "jetmoe": "JetMoE's ParallelExperts (input/output linears of mixture-of-attention + MoA) are not fused "
+              "gate_up/down experts",
+    "longcat_flash": "zero-computation experts share the router with the routed ones (router rows > experts); "
+                     "pruning would need to keep the identity experts' rows apart",
+}
+
+
+def modeling_root() -> str:
+    import transformers
+
+    return os.path.join(os.path.dirname(transformers.__file__), "models")
+
+
+_EXPERTS_CLASS = re.compile(r"^class \w*Experts\w*\((?:nn\.Module|nn\.ModuleDict)", re.M)
+
+
+@functools.lru_cache(maxsize=1)
+def routed_expert_model_types() -> tuple[str, ...]:
+    """Every `transformers/models/<dir>` whose modeling code defines routed experts (by reading the code)."""
+    root = modeling_root()
+    found = []
+    for d in sorted(os.listdir(root)):
+        path = os.path.join(root, d)
+        if not os.path.isdir(path):
+            continue
+        for f in os.listdir(path):
+            if f.startswith("modeling_") and f.endswith(".py"):
+                with open(os.path.join(path, f), encoding="utf-8") as fh:
+                    src = fh.read()
+                if "@use_experts_implementation" in src or _EXPERTS_CLASS.search(src):
+                    found.append(d)
+                    break
+    return tuple(found)
+
+
+def model_types_of_dir(dirname: str) -> list[str]:
+    """The config model_types a modeling folder defines that build a text-generating model on their own."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return [mt for mt in CONFIG_MAPPING_NAMES if mt == dirname]
+
+
+def unsupported_reason(model_type: str | None) -> str | None:
+    if model_type in UNSUPPORTED:
+        return UNSUPPORTED[model_type]
+    if model_type in _NON_FUSED_REASON:
+        return _NON_FUSED_REASON[model_type]
+    return None
+
+
+# ---- deriving an adapter ---------------------------------------------------------------------------
+# Config keys by role, tried in order; the derivation keeps those whose value matches the built model.
+WIDTH_KEYS = ("moe_intermediate_size", "expert_intermediate_size", "moe_hidden_size", "expert_ffn_hidden_size",
+              "moe_ffn_hidden_size", "expert_dim", "intermediate_size", "ffn_hidden_size")
+
+
+@functools.lru_cache(maxsize=None)
+def derived_adapter(model_type: str):
+    """An MoEAdapter for `model_type` learned from a miniature built from transformers' defaults, or None."""
+    if unsupported_reason(model_type):
+        return None
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.for_model(model_type).to_dict()
+    except (ValueError, KeyError):
+        return None
+    cfg["model_type"] = model_type
+    return adapter_from_config(cfg)
+
+
+def adapter_from_config(config: dict[str, Any]):
+    """Build a miniature of `config` and describe its MoE blocks as an MoEAdapter (None: no routed experts)."""
+    from moecompress.zoo.miniature import build_miniature
+
+    try:
+        model = build_miniature(config)
+    except UserError:
+        return None
+    return adapter_from_model(model, config.get("model_type"))
+
+
+def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
+    """Describe a live model's MoE blocks as an MoEAdapter (None if it has no recognisable routed experts)."""
+    from moecompress.arch.adapter import ADAPTERS, MoEAdapter, RouterVector
+    from moecompress.arch.discover import experts_layout, find_moe_blocks, router_vectors, shared_children
+
+    blocks = [b for b in find_moe_blocks(model) if b.router is not None]
+    if not blocks:
+        return None
+    b = blocks[0]
+    model_type = model_type or model.config.model_type
+    text_key = "text_config" if getattr(model.config, "text_config", None) is not None else None
+    text = getattr(model.config, text_key) if text_key else model.config
+    base = ADAPTERS.get(getattr(text, "model_type", None))
+    experts = b.experts
+    n = b.num_experts
+    width = _width(experts)
+    cfg = text.to_dict()
+    from moecompress.zoo.miniature import COUNT_KEYS, GROUP_KEYS, TOPK_GROUP_KEYS, TOPK_KEYS
+
+    count_keys = tuple(k for k in COUNT_KEYS if cfg.get(k) == n)
+    topk_key = next((k for k in TOPK_KEYS if isinstance(cfg.get(k), int)), None)
+    width_key = next((k for k in WIDTH_KEYS if cfg.get(k) == width), None)
+    if not count_keys or topk_key is None or width_key is None:
+        return None
+    group_key = next((k for k in GROUP_KEYS if k in cfg), None)
+    topk_group_key = next((k for k in TOPK_GROUP_KEYS if k in cfg), None)
+    root_router = b.router_attr.split(".")[0]
+    shared = shared_children(b.block, {root_router, b.experts_attr})
+    vectors = tuple(RouterVector(path=p, axis=a) for p, a in router_vectors(b.router, n))
+    owned = {id(t) for m in (b.router, experts, *(getattr(b.block, s) for s in shared)) for t in
+             (*m.parameters(), *m.buffers())}
+    block_vectors = tuple(RouterVector(path=p, axis=a) for p, a in router_vectors(b.block, n)
+                          if id(b.block.get_parameter(p) if p in dict(b.block.named_parameters()) else
+                                b.block.get_buffer(p)) not in owned)
+    layout = experts_layout(experts)
+    if layout == "interleaved":
+        return None
+    routing = _probe_routing(b.router, _hidden(experts), n)
+    fields: dict[str, Any] = dict(
+        model_type=model_type, block_attr=b.block_attr, router_attr=b.router_attr, experts_attr=b.experts_attr,
+        shared_attrs=shared, layout=layout, has_expert_bias=bool(getattr(experts, "has_bias", False)),
+        router_vectors=vectors, block_vectors=block_vectors, routing=routing, renorm_key="norm_topk_prob" if "norm_topk_prob" in cfg else None,
+        count_keys=count_keys, topk_key=topk_key, width_key=width_key,
+        shared_width_coupled=_shared_coupled(b.block, shared, width, cfg),
+        group_key=group_key, topk_group_key=topk_group_key,
+        checkpoint_block=None, checkpoint_expert_linears=_checkpoint_linears(model_type, getattr(text, "model_type", None)),
+        layers_path=b.layers_path, text_config_key=text_key, has_gate=bool(getattr(experts, "has_gate", True)),
+        derived=True,
+    )
+    if base is not None:  # the language model is a declared family: keep its routing knowledge
+        fields.update(routing=base.routing, renorm_key=base.renorm_key, always_renorm=base.always_renorm,
+                      checkpoint_block=base.checkpoint_block, checkpoint_expert_linears=base.checkpoint_expert_linears)
+    return MoEAdapter(**fields)
+
+
+def _width(experts: torch.nn.Module) -> int:
+    down = experts.down_proj
+    return int(down.shape[1] if getattr(experts, "is_transposed", False) else down.shape[2])
+
+
+def _hidden(experts: torch.nn.Module) -> int:
+    down = experts.down_proj
+    return int(down.shape[2] if getattr(experts, "is_transposed", False) else down.shape[1])
+
+
+def _shared_coupled(block: torch.nn.Module, shared: tuple[str, ...], width: int, cfg: dict[str, Any]) -> bool:
+    """Shared-expert width derived from the routed width (no config key of its own holds it): trap (a)."""
+    for name in shared:
+        mlp = getattr(block, name)
+        gate = getattr(mlp, "gate_proj", None) or getattr(mlp, "up_proj", None)
+        if not isinstance(gate, torch.nn.Linear):
+            continue
+        sw = gate.out_features
+        own_key = any("shared" in k and v == sw for k, v in cfg.items() if isinstance(v, int))
+        if not own_key and sw % width == 0:
+            return True
+    return False
+
+
+@torch.no_grad()
+def _probe_routing(router: torch.nn.Module, hidden: int, n: int) -> str:
+    """Whether the weights the router hands to the experts are sigmoid- or softmax-shaped (ratios tell)."""
+    x = torch.randn(64, hidden, generator=torch.Generator().manual_seed(0)).to(router.weight.dtype)
+    try:
+        out = router(x)
+    except Exception:  # routers needing extra inputs: assume softmax, the common case
+        return "softmax_topk"
+    if not isinstance(out, tuple):
+        return "softmax_topk"
+    logits = next((t for t in out if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[-1] == n), None)
+    index = next((t for t in out if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2), None)
+    weights = next((t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point() and index is not None
+                    and t.shape == index.shape), None)
+    if logits is None or index is None or weights is None or index.shape[-1] < 2:
+        return "softmax_topk"
+    logits = logits.reshape(-1, n).double()
+    w = weights.reshape(index.shape).double()
+    ratio = w / w.sum(-1, keepdim=True).clamp_min(1e-30)
+
+    def close(p: torch.Tensor) -> bool:
+        q = p.gather(1, index.long())
+        return bool(torch.allclose(ratio, q / q.sum(-1, keepdim=True), atol=1e-4))
+
+    has_bias = any("correction" in k for k, _ in router.named_buffers()) or any(
+        "correction" in k for k, _ in router.named_parameters())
+    if close(logits.sigmoid()):
+        return "sigmoid_group_bias" if has_bias else "sigmoid_topk"
+    return "softmax_topk"
+
+
+def _checkpoint_linears(model_type: str, text_type: str | None) -> tuple[str, str, str] | None:
+    """Per-expert linear names on disk, from transformers' checkpoint conversion mapping (None: stored fused)."""
+    from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN, get_checkpoint_conversion_mapping
+
+    for mt in (model_type, text_type):
+        if not mt:
+            continue
+        key = _MODEL_TO_CONVERSION_PATTERN.get(mt, mt)
+        mapping = get_checkpoint_conversion_mapping(key) or []
+        names: dict[str, str] = {}
+        for conv in mapping:
+            targets = getattr(conv, "target_patterns", None) or []
+            sources = getattr(conv, "source_patterns", None) or []
+            targets = [targets] if isinstance(targets, str) else list(targets)
+            sources = [sources] if isinstance(sources, str) else list(sources)
+            if any(t.endswith("experts.gate_up_proj") for t in targets) and len(sources) == 2:
+                names["gate"], names["up"] = (_linear_of(s) for s in sources)
+            elif any(t.endswith("experts.down_proj") for t in targets) and len(sources) == 1:
+                names["down"] = _linear_of(sources[0])
+        if len(names) == 3 and all(names.values()):
+            return (names["gate"], names["up"], names["down"])
+    return None
+
+
+def _linear_of(pattern: str) -> str:
+    m = re.search(r"experts\.\*\.([\w]+)\.weight", pattern)
+    return m.group(1) if m else ""
