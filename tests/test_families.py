@@ -9,7 +9,7 @@ import torch
 from moecompress import surgery
 from moecompress.arch import adapter_for, moe_layers
 from moecompress.arch.adapter import ADAPTERS
-from moecompress.arch.families import derived_adapter, routed_expert_model_types, unsupported_reason
+from moecompress.arch.families import derived_adapter, reference_config, routed_expert_model_types, unsupported_reason
 from moecompress.io.checkpoint import auto_class, write_checkpoint
 from moecompress.zoo.miniature import build_miniature, config_object
 
@@ -37,12 +37,7 @@ def test_every_routed_expert_type_is_supported_or_explained(model_type):
 
 
 def _default_config(model_type: str) -> dict:
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.for_model(model_type).to_dict()
-    cfg["model_type"] = model_type
-    cfg["architectures"] = None
-    return cfg
+    return reference_config(model_type)
 
 
 def half_keep(adapter, config, n: int) -> list[int]:

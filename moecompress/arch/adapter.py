@@ -23,6 +23,7 @@ Routing = Literal[
     "softmax_topk_scaled",  # DeepSeek-V2: softmax -> top-k -> x routed_scaling_factor
     "topk_softmax",  # top-k on logits, softmax over the k chosen (gpt-oss, Granite)
     "sigmoid_group_bias",  # DeepSeek-V3 family: sigmoid + correction bias chooses, group-limited
+    "sigmoid_topk",  # sigmoid scores -> top-k, no correction bias (derived families)
     "sparsemixer",  # PhiMoE
     "sigmoid_input_scale",  # Llama4: sigmoid of the chosen logit scales the expert input, experts run densely
 ]
@@ -72,6 +73,11 @@ class MoEAdapter(BaseModel):
     derived: bool = False  # True when introspection of the modeling code produced this adapter
 
     @property
+    def sigmoid_scores(self) -> bool:
+        """Whether router probabilities are per-expert sigmoids (not a softmax over experts)."""
+        return self.routing in ("sigmoid_group_bias", "sigmoid_topk", "sigmoid_input_scale")
+
+    @property
     def family(self) -> str:
         return self.model_type
 
@@ -81,7 +87,7 @@ class MoEAdapter(BaseModel):
             raise UserError(f"{self.model_type} checkpoints store routed experts fused; they have no per-expert linears")
         linear = dict(zip(("gate", "up", "down"), self.checkpoint_expert_linears, strict=True))[proj]
         block = self.checkpoint_block or self.block_attr
-        return f"{self.layers_path}.{layer}.{block}.{self.experts_attr}.{expert}.{linear}"
+        return _join(self.layers_path, str(layer), block, self.experts_attr, str(expert), linear)
 
     # ---- nested (multimodal) configs ------------------------------------------------------------
     def text_config(self, config: Any) -> Any:
@@ -147,6 +153,11 @@ def _get(config: Any, key: str) -> Any:
         if sub is not None:
             value = _raw_get(sub, key)
     return value
+
+
+def _join(*parts: str) -> str:
+    """A dotted module path from parts, skipping empty ones (a block that is the decoder layer itself)."""
+    return ".".join(p for p in parts if p)
 
 
 def _raw_get(config: Any, key: str) -> Any:
@@ -261,7 +272,7 @@ class MoELayer:
 
     @property
     def prefix(self) -> str:
-        return f"{self.adapter.layers_path}.{self.index}.{self.adapter.block_attr}"
+        return _join(self.adapter.layers_path, str(self.index), self.adapter.block_attr)
 
     def shared(self) -> list[tuple[str, torch.nn.Module]]:
         return [(a, getattr(self.block, a)) for a in self.adapter.shared_attrs if getattr(self.block, a, None) is not None]

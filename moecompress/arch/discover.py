@@ -92,11 +92,9 @@ def find_moe_blocks(model: torch.nn.Module) -> list[FoundBlock]:
         if m is None:
             continue
         rest = m["rest"]
-        if "." in rest:
-            block_attr, experts_attr = rest.rsplit(".", 1)
-        else:  # experts directly on the layer: not a block we can describe
-            continue
-        block = modules[f"{m['layers']}.{m['index']}.{block_attr}"]
+        # experts directly on the decoder layer (gemma-4): the layer is the block
+        block_attr, experts_attr = rest.rsplit(".", 1) if "." in rest else ("", rest)
+        block = modules[".".join(p for p in (m["layers"], m["index"], block_attr) if p)]
         router_attr, router = find_router(block, mod)
         found.append(FoundBlock(layers_path=m["layers"], index=int(m["index"]), block_attr=block_attr,
                                 experts_attr=experts_attr, router_attr=router_attr, block=block, experts=mod,

@@ -29,7 +29,7 @@ Method = Literal["msmoe", "hc", "kmeans", "ream"]
 MergeRule = Literal["freq", "saliency", "subspace"]
 RouterRule = Literal["dominant", "average", "refit"]
 
-_SIGMOID_ROUTING = ("sigmoid_group_bias", "sigmoid_input_scale")
+_SIGMOID_ROUTING = ("sigmoid_group_bias", "sigmoid_topk", "sigmoid_input_scale")
 _LOGIT_BIAS = "bias"  # a router vector named `bias` is added to the logits (gpt-oss); others only steer choice
 
 

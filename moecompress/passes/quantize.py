@@ -166,7 +166,7 @@ def quantize(ctx: PassContext) -> dict[str, Any]:
     masks = [m.reshape(-1).bool() for _, m in batches]
     ignore = [re.compile(p) for p in cfg.ignore]
     moe_by_index = {ly.index: ly for ly in moe_layers(model, adapter)}
-    sigmoid = adapter.routing in ("sigmoid_group_bias", "sigmoid_input_scale")
+    sigmoid = adapter.sigmoid_scores
     hidden_states, layer_kwargs = _capture_layer_inputs(model, batches)
     module_names = {id(m): n for n, m in model.named_modules()}
     quantized: dict[str, QuantResult] = {}

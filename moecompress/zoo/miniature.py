@@ -32,7 +32,7 @@ MAX_TOPK = 2
 # Keys holding a routed-expert count / top-k / routing groups (read by name across families).
 COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts",
               "n_experts", "moe_num_routed_experts", "num_moe_experts", "ffn_num_experts")
-TOPK_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk", "moe_top_k", "top_k",
+TOPK_KEYS = ("num_experts_per_tok", "top_k_experts", "num_experts_per_token", "moe_k", "moe_topk", "moe_top_k", "top_k",
              "n_activated_experts", "num_selected_experts", "experts_per_token")
 GROUP_KEYS = ("n_group", "num_expert_group", "moe_n_group", "n_expert_groups")
 TOPK_GROUP_KEYS = ("topk_group", "moe_topk_group", "topk_groups")
@@ -157,6 +157,9 @@ def _shrink_layers(cfg: dict[str, Any]) -> None:
     for k in ("max_window_layers", "loop_layer_index_end"):
         if _int(cfg.get(k)) and cfg[k] > new:
             cfg[k] = new
+    for k, v in list(cfg.items()):  # per-layer override tables keyed by layer index (gemma-4 per_layer_config)
+        if isinstance(v, dict) and v and all(str(x).isdigit() for x in v):
+            cfg[k] = {x: y for x, y in v.items() if int(x) < new}
     cfg["num_hidden_layers"] = new
 
 
@@ -212,6 +215,15 @@ def _shrink_sizes(cfg: dict[str, Any]) -> None:
         v = cfg.get(k)
         if _int(v) and v > 2:
             cfg[k] = 2
+    if "head_dim" in cfg and cfg["head_dim"] is None and _int(cfg.get("hidden_size")) and _int(
+            cfg.get("num_attention_heads")):
+        cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+    if cfg.pop("_head_is_rope", False):
+        cfg["head_dim"] = cfg["qk_rope_head_dim"]  # MLA configs whose head_dim names the rotated part
+    types = cfg.get("layer_types")
+    if cfg.get("sliding_window", 0) is None and isinstance(types, list) and any("sliding" in str(t) for t in types):
+        cfg["sliding_window"] = 32
+    _shrink_rope(cfg)
     # MLA: the query/key head split must add up.
     if _int(cfg.get("qk_head_dim")) and _int(cfg.get("qk_nope_head_dim")) and _int(cfg.get("qk_rope_head_dim")):
         cfg["qk_head_dim"] = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
@@ -219,6 +231,26 @@ def _shrink_sizes(cfg: dict[str, Any]) -> None:
         cfg["fullatt_block_indexes"] = [i for i in cfg["fullatt_block_indexes"] if i < cfg.get("depth", 2)] or [0]
     if isinstance(cfg.get("deepstack_visual_indexes"), list):
         cfg["deepstack_visual_indexes"] = [i for i in cfg["deepstack_visual_indexes"] if i < cfg.get("depth", 2)]
+
+
+def _shrink_rope(cfg: dict[str, Any]) -> None:
+    """Multimodal rotary sections (time/height/width) must add up to half the rotated head dimension."""
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = cfg.get(key)
+        if not isinstance(rope, dict):
+            continue
+        inner = [rope] + [v for v in rope.values() if isinstance(v, dict)]
+        for r in inner:
+            sec = r.get("mrope_section")
+            if not (isinstance(sec, list) and sec and all(_int(x) for x in sec)):
+                continue
+            head = cfg.get("qk_rope_head_dim") if _int(cfg.get("qk_rope_head_dim")) else cfg.get("head_dim", HEAD_DIM)
+            factor = r.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) or 1.0
+            target = int(int(head or HEAD_DIM) * factor) // 2
+            total = sum(sec)
+            new = [max(1, x * target // total) for x in sec]
+            new[0] += target - sum(new)
+            r["mrope_section"] = new
 
 
 def _remap_token_ids(cfg: dict[str, Any], mapping: dict[int, int]) -> None:
@@ -242,6 +274,9 @@ def _remap_token_ids(cfg: dict[str, Any], mapping: dict[int, int]) -> None:
 def _walk(cfg: dict[str, Any], mapping: dict[int, int], top: bool) -> None:
     if _int(cfg.get("num_attention_heads")):
         cfg["_orig_heads"] = cfg["num_attention_heads"]
+    if _int(cfg.get("kv_lora_rank")) and _int(cfg.get("qk_rope_head_dim")) and (
+            cfg.get("head_dim") in (None, cfg["qk_rope_head_dim"])):
+        cfg["_head_is_rope"] = True
     _shrink_layers(cfg)
     _shrink_experts(cfg)
     _shrink_heads(cfg)
@@ -252,6 +287,12 @@ def _walk(cfg: dict[str, Any], mapping: dict[int, int], top: bool) -> None:
     for k, v in cfg.items():
         if isinstance(k, str) and isinstance(v, dict) and v and k not in ("id2label", "label2id", "rope_parameters",
                                                                            "rope_scaling"):
+            if all(str(x).isdigit() for x in v):  # per-layer overrides: shrink each entry's sizes
+                for entry in v.values():
+                    if isinstance(entry, dict):
+                        _shrink_heads(entry)
+                        _shrink_sizes(entry)
+                continue
             _walk(v, mapping, top=False)
     # Towers feed the language model: their output width must match the (shrunk) text hidden size.
     if top:
@@ -301,8 +342,11 @@ def model_class(config: Any):
         if cls is not None:
             return cls
     mt = config.model_type
-    for mapping in (ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
-                    getattr(ma, "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES", {})):
+    mappings = [ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+                getattr(ma, "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES", {})]
+    if getattr(config, "text_config", None) is not None:  # a multimodal checkpoint: build it whole
+        mappings = mappings[1:] + mappings[:1]
+    for mapping in mappings:
         name = mapping.get(mt)
         if name and getattr(transformers, name, None) is not None:
             return getattr(transformers, name)
