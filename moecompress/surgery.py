@@ -206,9 +206,8 @@ def sync_config(model: torch.nn.Module, adapter: MoEAdapter | None = None) -> di
     n, width = counts.pop(), widths.pop()
     cfg = model.config
     old_n = adapter.num_experts(cfg)
-    for key in adapter.count_keys:
-        setattr(cfg, key, n)
-    setattr(cfg, adapter.width_key, width)
+    adapter.set_counts(cfg, n)
+    adapter.set_config_value(cfg, adapter.width_key, width)
     _set_ints([model], _COUNT_ATTRS, old_n, n)
     return {"num_experts": n, "expert_width": width}
 

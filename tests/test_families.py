@@ -60,3 +60,49 @@ def test_roundtrip_prune_reload(model_type, tmp_path):
     assert adapter.num_experts(saved) == len(keep)
     again = auto_class(saved).from_pretrained(tmp_path / "out")
     assert all(ly.num_experts == len(keep) for ly in moe_layers(again))
+
+
+def test_calibration_statistics_of_declared_families_unchanged():
+    """The observer at the experts call gives the statistics the 14 declared families had before adapters were
+    derived (golden file made by tests/data/make_calib_golden.py from the previous code)."""
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent / "data"
+    sys.path.insert(0, str(here))
+    try:
+        from make_calib_golden import golden
+    finally:
+        sys.path.remove(str(here))
+    want = json.loads((here / "calib_golden.json").read_text())
+    got = golden()
+    assert set(got) == set(want) and len(want) == 14
+    for family, layers in want.items():
+        assert set(got[family]) == set(layers), family
+        for idx, sums in layers.items():
+            for key, value in sums.items():
+                if value is None:
+                    assert got[family][idx][key] is None
+                    continue
+                torch.testing.assert_close(torch.tensor(got[family][idx][key], dtype=torch.float64),
+                                           torch.tensor(value, dtype=torch.float64), rtol=1e-6, atol=1e-9,
+                                           msg=lambda m, f=family, i=idx, k=key: f"{f} layer {i} {k}: {m}")
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_calibration_runs_through_the_whole_stack(model_type):
+    """Statistics come from the experts call, so every supported family (hybrid stacks included) calibrates on
+    CPU with no per-family routing code: each real token is routed to top-k experts in every MoE layer."""
+    from moecompress.calib.collect import collect_stats
+
+    model = build_miniature(_default_config(model_type))
+    adapter = adapter_for(model)
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    stats = collect_stats(model, [(ids, mask)], total_tokens=int(mask.sum()), sample_tokens=4)
+    k = adapter.top_k(model.config)
+    assert set(stats.layers) == {ly.index for ly in moe_layers(model)}
+    for ls in stats.layers.values():
+        assert ls.n_tokens == int(mask.sum())
+        assert float(ls.sums["freq"].sum()) == int(mask.sum()) * k

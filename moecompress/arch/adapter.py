@@ -29,6 +29,13 @@ Routing = Literal[
 ]
 
 
+# Every config key families use for the routed-expert count; a checkpoint may carry several (older readers look
+# for one, transformers for another), and all of them must agree after pruning.
+EXPERT_COUNT_ALIASES = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts",
+                        "num_routed_experts", "n_experts", "moe_num_routed_experts", "num_moe_experts",
+                        "ffn_num_experts")
+
+
 class RouterVector(BaseModel):
     """A router tensor indexed by expert that must be sliced in lockstep with the router rows."""
 
@@ -104,9 +111,23 @@ class MoEAdapter(BaseModel):
 
         out = copy.deepcopy(config)
         text = self.text_config(out)
+        old = self.num_experts(config)
+        for key in EXPERT_COUNT_ALIASES:  # aliases this checkpoint carries besides the family's own keys
+            if key not in self.count_keys and text.get(key) == old and old != n:
+                text[key] = n
         for key in self.count_keys:
             text[key] = n
         return out
+
+    def set_counts(self, config: Any, n: int) -> None:
+        """Set the expert count on a config object under the family's keys and any alias it carries."""
+        text = self.text_config(config)
+        old = self.num_experts(config)
+        for key in EXPERT_COUNT_ALIASES:
+            if key not in self.count_keys and getattr(text, key, None) == old and old != n:
+                setattr(text, key, n)
+        for key in self.count_keys:
+            setattr(text, key, n)
 
     def set_config_value(self, config: Any, key: str, value: Any) -> None:
         """Set `key` on the config object that holds the MoE keys."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from moecompress.arch.adapter import EXPERT_COUNT_ALIASES
 from moecompress.errors import UserError
 
 VOCAB = 512  # model vocabulary; the tokenizer uses the first TOKENIZER_VOCAB ids
@@ -30,8 +31,7 @@ MAX_EXPERTS = 16
 MAX_TOPK = 2
 
 # Keys holding a routed-expert count / top-k / routing groups (read by name across families).
-COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts",
-              "n_experts", "moe_num_routed_experts", "num_moe_experts", "ffn_num_experts")
+COUNT_KEYS = EXPERT_COUNT_ALIASES
 TOPK_KEYS = ("num_experts_per_tok", "top_k_experts", "num_experts_per_token", "moe_k", "moe_topk", "moe_top_k", "top_k",
              "n_activated_experts", "num_selected_experts", "experts_per_token")
 GROUP_KEYS = ("n_group", "num_expert_group", "moe_n_group", "n_expert_groups")
@@ -182,7 +182,7 @@ def _shrink_experts(cfg: dict[str, Any]) -> None:
             cfg[k] = new
     for k in TOPK_KEYS:
         if _int(cfg.get(k)) and cfg[k] > 1:
-            cfg[k] = min(int(cfg[k]), MAX_TOPK, max(1, new // 4))
+            cfg[k] = min(int(cfg[k]), MAX_TOPK, max(1, new // 2))
     for k in SHARED_COUNT_KEYS:
         if _int(cfg.get(k)) and cfg[k] > 1:
             cfg[k] = 1
