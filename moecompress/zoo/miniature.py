@@ -47,7 +47,8 @@ _INDEX_LISTS = ("mlp_only_layers", "moe_layers", "full_attn_idxs", "linear_attn_
 _PATTERN_STRINGS = ("hybrid_override_pattern", "layer_pattern", "block_pattern")
 _PERIOD_KEYS = ("decoder_sparse_step", "interleave_moe_layer_step", "attn_layer_period", "full_attention_interval",
                 "global_attn_every_n_layers", "sliding_window_pattern", "expert_layer_period", "moe_every_n_layers",
-                "linear_attn_every", "full_attn_every", "layer_group_size", "n_layers_per_attn_res_block")
+                "linear_attn_every", "full_attn_every", "layer_group_size", "n_layers_per_attn_res_block",
+                "no_rope_layer_interval")
 _OFFSET_KEYS = ("attn_layer_offset", "expert_layer_offset")
 _DENSE_PREFIX_KEYS = ("first_k_dense_replace", "first_k_dense", "moe_layer_start_index", "num_dense_layers",
                       "n_dense_layers", "first_dense_layers")
@@ -97,6 +98,8 @@ def _per_layer(cfg: dict[str, Any], n_layers: int) -> dict[str, Any]:
     """Keys of `cfg` that describe the stack layer by layer (lists/strings of length n_layers)."""
     out = {}
     for k, v in cfg.items():
+        if k in _INDEX_LISTS and isinstance(v, list) and all(_int(x) for x in v):
+            continue
         if isinstance(k, str) and isinstance(v, (list, str)) and len(v) == n_layers and n_layers > 1 and (
                 k in _PER_LAYER_LISTS or k in _PATTERN_STRINGS or "layer" in k or "pattern" in k):
             if isinstance(v, str) and " " in v:
@@ -215,6 +218,18 @@ def _shrink_sizes(cfg: dict[str, Any]) -> None:
         v = cfg.get(k)
         if _int(v) and v > 2:
             cfg[k] = 2
+    # Sizes under family-specific prefixes (vt_hidden_size, mm_hidden_size, vt_num_hidden_layers …): by suffix.
+    for k, v in list(cfg.items()):
+        if not isinstance(k, str) or not _int(v) or k in _SIZES:
+            continue
+        if k.endswith("hidden_size") and v > HIDDEN:
+            cfg[k] = HIDDEN
+        elif k.endswith("intermediate_size") and v > DENSE_WIDTH:
+            cfg[k] = EXPERT_WIDTH if ("expert" in k or "moe" in k) else DENSE_WIDTH
+        elif k.endswith("num_attention_heads") and v > HEADS:
+            cfg[k] = HEADS
+        elif k.endswith("num_hidden_layers") and k != "num_hidden_layers" and v > 2:
+            cfg[k] = 2
     if "head_dim" in cfg and cfg["head_dim"] is None and _int(cfg.get("hidden_size")) and _int(
             cfg.get("num_attention_heads")):
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
@@ -305,11 +320,40 @@ def _walk(cfg: dict[str, Any], mapping: dict[int, int], top: bool) -> None:
                         cfg[sub][k] = hidden
 
 
+def _fill_sub_configs(cfg: dict[str, Any]) -> None:
+    """Sub-configs a (trimmed) config.json leaves out take the class defaults, which are full size: write them
+    out so they shrink too."""
+    from transformers import AutoConfig
+
+    try:
+        cls = type(AutoConfig.for_model(cfg["model_type"]))
+    except (ValueError, KeyError):
+        return
+    for name, sub_cls in (getattr(cls, "sub_configs", None) or {}).items():
+        if not hasattr(sub_cls, "to_dict") or (cfg.get(name) is not None and not isinstance(cfg.get(name), dict)):
+            continue
+        try:
+            defaults = sub_cls().to_dict()
+        except Exception:  # a sub-config that cannot be built alone stays as the class decides
+            continue
+        given = cfg.get(name) or {}
+        if given.get("model_type") not in (None, defaults.get("model_type")):
+            continue  # another family's config nested here: its own class fills its defaults
+        # keys the class reads but the file does not set (remote-code files name them differently)
+        if cfg.get(name) is None:
+            cfg[name] = defaults
+            continue
+        sizes = {k: v for k, v in defaults.items() if _int(v) and k not in given
+                 and k.endswith(("size", "_dim", "heads", "num_hidden_layers"))}
+        cfg[name] = {**sizes, **given}
+
+
 def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
     """A miniature of a config.json dict (a new dict; the input is not modified)."""
     if not isinstance(config, dict) or "model_type" not in config:
         raise UserError("a miniature needs a config.json with a model_type")
     cfg = copy.deepcopy(config)
+    _fill_sub_configs(cfg)
     cfg.pop("quantization_config", None)  # miniatures are float; quantized sources are dequantized on load
     cfg.pop("_name_or_path", None)
     cfg.pop("auto_map", None)
