@@ -131,3 +131,23 @@ def decoder_layer_list(model: torch.nn.Module) -> torch.nn.ModuleList | None:
     if not blocks:
         return None
     return model.get_submodule(blocks[0].layers_path)
+
+
+def router_choice(out: object, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top_k_index, top_k_weights) from whatever tuple a family's router returns."""
+    parts = list(out) if isinstance(out, tuple) else [out]
+    index = next((t for t in parts if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2),
+                 None)
+    if index is None:
+        raise ValueError("router output holds no expert indices")
+    weights = next((t for t in parts if isinstance(t, torch.Tensor) and t.is_floating_point()
+                    and t.shape == index.shape), None)
+    if weights is None:
+        raise ValueError("router output holds no top-k weights")
+    return index, weights
+
+
+def routed_output(router: torch.nn.Module, experts: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The routed experts' weighted output on tokens x [N, H], routed by the family's own router."""
+    index, weights = router_choice(router(x), int(experts.down_proj.shape[0]))
+    return experts(x, index, weights)

@@ -222,7 +222,7 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
         shared_attrs=shared, layout=layout, has_expert_bias=bool(getattr(experts, "has_bias", False)),
         router_vectors=vectors, block_vectors=block_vectors, routing=routing, renorm_key="norm_topk_prob" if "norm_topk_prob" in cfg else None,
         count_keys=count_keys, topk_key=topk_key, width_key=width_key,
-        shared_width_coupled=_shared_coupled(b.block, shared, width, cfg),
+        shared_width_coupled=_shared_coupled(b.block, shared, width, cfg, width_key),
         group_key=group_key, topk_group_key=topk_group_key,
         checkpoint_block=None, checkpoint_expert_linears=_checkpoint_linears(model_type, getattr(text, "model_type", None)),
         layers_path=b.layers_path, text_config_key=text_key, has_gate=bool(getattr(experts, "has_gate", True)),
@@ -244,7 +244,8 @@ def _hidden(experts: torch.nn.Module) -> int:
     return int(down.shape[2] if getattr(experts, "is_transposed", False) else down.shape[1])
 
 
-def _shared_coupled(block: torch.nn.Module, shared: tuple[str, ...], width: int, cfg: dict[str, Any]) -> bool:
+def _shared_coupled(block: torch.nn.Module, shared: tuple[str, ...], width: int, cfg: dict[str, Any],
+                    width_key: str) -> bool:
     """Shared-expert width derived from the routed width (no config key of its own holds it): trap (a)."""
     for name in shared:
         mlp = getattr(block, name)
@@ -252,7 +253,7 @@ def _shared_coupled(block: torch.nn.Module, shared: tuple[str, ...], width: int,
         if not isinstance(gate, torch.nn.Linear):
             continue
         sw = gate.out_features
-        own_key = any("shared" in k and v == sw for k, v in cfg.items() if isinstance(v, int))
+        own_key = any(k != width_key and v == sw for k, v in cfg.items() if isinstance(v, int))
         if not own_key and sw % width == 0:
             return True
     return False

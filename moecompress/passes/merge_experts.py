@@ -183,7 +183,12 @@ def _target_error(fitted: torch.Tensor, targets: torch.Tensor, kind: str) -> flo
 @torch.no_grad()
 def block_output(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
     """The MoE block's output on tokens x [N, H] (shared experts included)."""
-    dtype = layer.router.weight.dtype
+    dtype = layer.experts.down_proj.dtype  # the block's dtype (DeepSeek-V3 keeps its router in float32)
+    if not layer.adapter.block_attr:  # the decoder layer is the block (gemma-4): routed output alone
+        from moecompress.arch.discover import routed_output
+
+        router = layer.block.get_submodule(layer.adapter.router_attr.split(".")[0])
+        return routed_output(router, layer.experts, x.to(dtype)).reshape(x.shape[0], -1).double()
     out = layer.block(x.to(dtype)[None])
     if isinstance(out, tuple):
         out = out[0]
