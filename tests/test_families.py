@@ -8,10 +8,14 @@ import torch
 
 from moecompress import surgery
 from moecompress.arch import adapter_for, moe_layers
-from moecompress.arch.adapter import ADAPTERS
-from moecompress.arch.families import derived_adapter, reference_config, routed_expert_model_types, unsupported_reason
+from moecompress.arch.families import (
+    derived_adapter,
+    reference_config,
+    routed_expert_model_types,
+    unsupported_reason,
+)
 from moecompress.io.checkpoint import auto_class, write_checkpoint
-from moecompress.zoo.miniature import build_miniature, config_object
+from moecompress.zoo.miniature import build_miniature
 
 ALL_TYPES = routed_expert_model_types()
 SUPPORTED = [t for t in ALL_TYPES if unsupported_reason(t) is None]

@@ -75,6 +75,7 @@ class MoEAdapter(BaseModel):
     # Where the decoder layers holding the MoE blocks live, and where their config is (multimodal
     # checkpoints nest the language model: "model.language_model.layers", "text_config").
     layers_path: str = "model.layers"
+    checkpoint_layers_path: str | None = None  # on-disk prefix of the decoder layers, when it differs
     text_config_key: str | None = None
     has_gate: bool = True  # False: experts are up/down only (act(up x)), e.g. Nemotron-H's relu²
     derived: bool = False  # True when introspection of the modeling code produced this adapter
@@ -94,7 +95,8 @@ class MoEAdapter(BaseModel):
             raise UserError(f"{self.model_type} checkpoints store routed experts fused; they have no per-expert linears")
         linear = dict(zip(("gate", "up", "down"), self.checkpoint_expert_linears, strict=True))[proj]
         block = self.checkpoint_block or self.block_attr
-        return _join(self.layers_path, str(layer), block, self.experts_attr, str(expert), linear)
+        return _join(self.checkpoint_layers_path or self.layers_path, str(layer), block, self.experts_attr, str(expert),
+                     linear)
 
     # ---- nested (multimodal) configs ------------------------------------------------------------
     def text_config(self, config: Any) -> Any:

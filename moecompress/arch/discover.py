@@ -120,7 +120,7 @@ def shared_children(block: torch.nn.Module, skip: set[str]) -> tuple[str, ...]:
     for k, m in block.named_children():
         if k in skip:
             continue
-        if "shared" in k or hasattr(m, "down_proj") and isinstance(getattr(m, "down_proj"), torch.nn.Linear):
+        if "shared" in k or hasattr(m, "down_proj") and isinstance(m.down_proj, torch.nn.Linear):
             names.append(k)
     return tuple(names)
 

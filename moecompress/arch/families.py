@@ -116,12 +116,11 @@ WIDTH_KEYS = ("moe_intermediate_size", "expert_intermediate_size", "moe_hidden_s
               "moe_ffn_hidden_size", "expert_dim", "intermediate_size", "ffn_hidden_size")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def derived_adapter(model_type: str):
     """An MoEAdapter for `model_type` learned from a miniature built from transformers' defaults, or None."""
     if unsupported_reason(model_type):
         return None
-    from transformers import AutoConfig
 
     cfg = reference_config(model_type)
     return adapter_from_config(cfg) if cfg is not None else None
@@ -217,6 +216,7 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
     if layout == "interleaved":
         return None
     routing = _probe_routing(b.router, _hidden(experts), n)
+    disk = _on_disk_experts(model, b.experts_attr)
     fields: dict[str, Any] = dict(
         model_type=model_type, block_attr=b.block_attr, router_attr=b.router_attr, experts_attr=b.experts_attr,
         shared_attrs=shared, layout=layout, has_expert_bias=bool(getattr(experts, "has_bias", False)),
@@ -224,13 +224,13 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
         count_keys=count_keys, topk_key=topk_key, width_key=width_key,
         shared_width_coupled=_shared_coupled(b.block, shared, width, cfg, width_key),
         group_key=group_key, topk_group_key=topk_group_key,
-        checkpoint_block=None, checkpoint_expert_linears=_checkpoint_linears(model_type, getattr(text, "model_type", None)),
+        checkpoint_block=disk[1] if disk else None, checkpoint_expert_linears=disk[2] if disk else None,
+        checkpoint_layers_path=disk[0] if disk else None,
         layers_path=b.layers_path, text_config_key=text_key, has_gate=bool(getattr(experts, "has_gate", True)),
         derived=True,
     )
     if base is not None:  # the language model is a declared family: keep its routing knowledge
-        fields.update(routing=base.routing, renorm_key=base.renorm_key, always_renorm=base.always_renorm,
-                      checkpoint_block=base.checkpoint_block, checkpoint_expert_linears=base.checkpoint_expert_linears)
+        fields.update(routing=base.routing, renorm_key=base.renorm_key, always_renorm=base.always_renorm)
     return MoEAdapter(**fields)
 
 
@@ -290,30 +290,35 @@ def _probe_routing(router: torch.nn.Module, hidden: int, n: int) -> str:
     return "softmax_topk"
 
 
-def _checkpoint_linears(model_type: str, text_type: str | None) -> tuple[str, str, str] | None:
-    """Per-expert linear names on disk, from transformers' checkpoint conversion mapping (None: stored fused)."""
-    from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN, get_checkpoint_conversion_mapping
+def _on_disk_experts(model: torch.nn.Module, experts_attr: str) -> tuple[str, str, tuple[str, str, str]] | None:
+    """How `save_pretrained` names one routed expert's linears: (layers path, block, (gate, up, down) names), or
+    None when experts are saved fused. Found by saving the miniature, so renamings on save are included."""
+    import json
+    import struct
+    import tempfile
+    from pathlib import Path
 
-    for mt in (model_type, text_type):
-        if not mt:
-            continue
-        key = _MODEL_TO_CONVERSION_PATTERN.get(mt, mt)
-        mapping = get_checkpoint_conversion_mapping(key) or []
-        names: dict[str, str] = {}
-        for conv in mapping:
-            targets = getattr(conv, "target_patterns", None) or []
-            sources = getattr(conv, "source_patterns", None) or []
-            targets = [targets] if isinstance(targets, str) else list(targets)
-            sources = [sources] if isinstance(sources, str) else list(sources)
-            if any(t.endswith("experts.gate_up_proj") for t in targets) and len(sources) == 2:
-                names["gate"], names["up"] = (_linear_of(s) for s in sources)
-            elif any(t.endswith("experts.down_proj") for t in targets) and len(sources) == 1:
-                names["down"] = _linear_of(sources[0])
-        if len(names) == 3 and all(names.values()):
-            return (names["gate"], names["up"], names["down"])
-    return None
-
-
-def _linear_of(pattern: str) -> str:
-    m = re.search(r"experts\.\*\.([\w]+)\.weight", pattern)
-    return m.group(1) if m else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        names: list[str] = []
+        for f in Path(tmp).glob("*.safetensors"):
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                names += list(json.loads(fh.read(n)))
+    pattern = re.compile(rf"^(?P<layers>.+)\.(?P<i>\d+)\.(?P<block>(?:[\w.]+\.)?){re.escape(experts_attr)}"
+                         rf"\.0\.(?P<lin>\w+)\.weight$")
+    hits = [m for m in map(pattern.match, names) if m]
+    if not hits:
+        return None
+    linears = sorted({m["lin"] for m in hits})
+    if len(linears) != 3:
+        return None
+    roles: dict[str, str] = {}
+    for lin in linears:
+        role = ("gate" if lin in ("w1", "gate_proj") or "gate" in lin else
+                "up" if lin in ("w3", "up_proj") or "up" in lin else
+                "down" if lin in ("w2", "down_proj") or "down" in lin else None)
+        if role is None or role in roles:
+            return None
+        roles[role] = lin
+    return hits[0]["layers"], hits[0]["block"].rstrip("."), (roles["gate"], roles["up"], roles["down"])

@@ -24,7 +24,13 @@ from pydantic import Field, field_validator
 
 from moecompress.arch.adapter import MoEAdapter, decoder_layers, moe_layers
 from moecompress.arch.experts import ExpertView
-from moecompress.calib.collect import _ACTIVE, TAP_IMPLEMENTATION, stored_expert_forward
+from moecompress.calib.collect import (
+    _ACTIVE,
+    TAP_IMPLEMENTATION,
+    experts_implementation,
+    set_experts_implementation,
+    stored_expert_forward,
+)
 from moecompress.errors import UserError
 from moecompress.passes.base import PassConfig, PassContext, register_pass
 from moecompress.quant.gptq import HessianAccumulator, gptq_quantize_batch, output_error
@@ -65,7 +71,8 @@ class QuantizeConfig(PassConfig):
             raise UserError(f"quantize: {adapter.model_type} checkpoints store routed experts fused, which the "
                             "compressed-tensors per-linear format cannot describe; supported families store per-expert "
                             "linears (qwen*_moe, mixtral, deepseek_v2/v3, olmoe, phimoe, glm4_moe, dots1, ernie4_5_moe)")
-        hidden, width = int(hf_config["hidden_size"]), adapter.expert_width(hf_config)
+        hidden = int(adapter.text_config(hf_config)["hidden_size"])
+        width = adapter.expert_width(hf_config)
         for what, n in (("hidden size", hidden), ("expert width", width)):
             try:
                 check_scheme(self.bits, self.group_size, n)
@@ -175,8 +182,8 @@ def quantize(ctx: PassContext) -> dict[str, Any]:
     errors: dict[str, float] = {}
     per_channel: list[str] = []
     current_mask = [masks[0]]  # real-token mask of the batch in flight, read by the dense-linear hooks
-    previous = getattr(model.config, "_experts_implementation", None)
-    model.set_experts_implementation(TAP_IMPLEMENTATION)
+    previous = experts_implementation(model)
+    set_experts_implementation(model, TAP_IMPLEMENTATION)
     from rich.progress import Progress
 
     try:
@@ -232,7 +239,7 @@ def quantize(ctx: PassContext) -> dict[str, Any]:
                 prog.advance(task)
     finally:
         if previous is not None:
-            model.set_experts_implementation(previous)
+            set_experts_implementation(model, previous)
 
     from moecompress.quant.format import save_quantized
 

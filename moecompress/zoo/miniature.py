@@ -348,13 +348,20 @@ def _fill_sub_configs(cfg: dict[str, Any]) -> None:
         cfg[name] = {**sizes, **given}
 
 
+def _drop_quantization(cfg: dict[str, Any]) -> None:
+    cfg.pop("quantization_config", None)
+    for v in cfg.values():
+        if isinstance(v, dict):
+            _drop_quantization(v)
+
+
 def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
     """A miniature of a config.json dict (a new dict; the input is not modified)."""
     if not isinstance(config, dict) or "model_type" not in config:
         raise UserError("a miniature needs a config.json with a model_type")
     cfg = copy.deepcopy(config)
     _fill_sub_configs(cfg)
-    cfg.pop("quantization_config", None)  # miniatures are float; quantized sources are dequantized on load
+    _drop_quantization(cfg)  # miniatures are float; quantized sources are dequantized on load
     cfg.pop("_name_or_path", None)
     cfg.pop("auto_map", None)
     _walk(cfg, {}, top=True)
@@ -407,25 +414,13 @@ def build_miniature(config: dict[str, Any], *, seed: int = 0, dtype: torch.dtype
                     shrink: bool = True):
     """A random-weight model with the structure of `config` (a config.json dict), shrunk unless told not to."""
     cfg_dict = shrink_config(config) if shrink else copy.deepcopy(config)
-    cfg = config_object(cfg_dict)
-    cfg._attn_implementation = "eager"
-    for sub in _sub_configs(cfg):
-        sub._attn_implementation = "eager"
+    cfg = config_object(cfg_dict)  # attention: the library default, as a reload picks it
     cls = model_class(cfg)
     torch.manual_seed(seed)
     model = cls._from_config(cfg, dtype=dtype or torch.float32)
     _give_signal(model)
     model.eval()
     return model
-
-
-def _sub_configs(cfg: Any) -> list[Any]:
-    out = []
-    for k in getattr(cfg, "sub_configs", {}) or {}:
-        sub = getattr(cfg, k, None)
-        if sub is not None and hasattr(sub, "to_dict"):
-            out.append(sub)
-    return out
 
 
 @torch.no_grad()
@@ -445,8 +440,9 @@ def _give_signal(model: torch.nn.Module) -> None:
 def write_miniature(config_file: Path, out: Path, *, seed: int = 0, overwrite: bool = False) -> dict[str, Any]:
     """`moecompress zoo miniature`: write a random-weight miniature of `config_file` plus a tokenizer to `out`."""
     import shutil
+    import tempfile
 
-    from moecompress.io.checkpoint import prepare_output, publish, temp_dir_beside
+    from moecompress.io.checkpoint import write_checkpoint
     from moecompress.zoo.tiny import tiny_tokenizer
     from moecompress.zoo.tokenizer import save_tokenizer
 
@@ -461,15 +457,14 @@ def write_miniature(config_file: Path, out: Path, *, seed: int = 0, overwrite: b
         raise UserError(f"{config_file} is not valid JSON: {exc}") from exc
     dtype = _dtype_of(config)
     model = build_miniature(config, dtype=dtype)
-    prepare_output(out, overwrite=overwrite)
-    tmp = temp_dir_beside(out)
-    try:
-        model.save_pretrained(tmp)
-        save_tokenizer(tiny_tokenizer(), tmp)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tok = tiny_tokenizer()
+    # written like every checkpoint: atomically, then reloaded by the class in `architectures` and compared
+    write_checkpoint(model, tok, out, source=None, overwrite=overwrite,
+                     pass_entry={"pass": "zoo.miniature", "config": {"source": str(config_file), "seed": seed}})
+    with tempfile.TemporaryDirectory() as tmp:  # the tokenizer class name every reader knows
+        save_tokenizer(tok, Path(tmp))
+        for name in ("tokenizer_config.json",):
+            shutil.copy2(Path(tmp) / name, Path(out) / name)
     n_params = sum(p.numel() for p in model.parameters())
     return {"model_type": config.get("model_type"), "class": type(model).__name__, "params": n_params,
             "dtype": str(dtype).removeprefix("torch."), "out": str(out)}
