@@ -56,6 +56,7 @@ class Inspection(BaseModel):
     total_bytes: int
     expert_fraction: float
     tensors: list[TensorInfo]
+    layer_pattern: str | None = None  # per-layer kinds from the modeling code ("3×attention/dense, 58×attention/moe")
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -79,7 +80,7 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
 
 
 def classify(name: str, adapter: MoEAdapter) -> str:
-    blocks = {f".{adapter.block_attr}.", f".{adapter.checkpoint_block or adapter.block_attr}."}  # memory vs disk
+    blocks = {f".{b}." if b else "." for b in (adapter.block_attr, adapter.checkpoint_block or adapter.block_attr)}
     if any(f"{b}{adapter.experts_attr}." in name for b in blocks):
         return "routed_experts"
     if any(f"{b}{s}." in name or f"{b}{s}_" in name for b in blocks for s in adapter.shared_attrs):
@@ -134,7 +135,7 @@ def inspect_checkpoint(path: Path) -> Inspection:
         path=str(path),
         family=adapter.model_type,
         routing=adapter.routing + (" +renorm" if adapter.renormalises(config) else ""),
-        num_layers=int(config.get("num_hidden_layers", 0)),
+        num_layers=int(adapter.text_config(config).get("num_hidden_layers", 0)),
         moe_layers=sorted(moe_layer_ids),
         experts_per_layer=adapter.num_experts(config),
         top_k=adapter.top_k(config),
@@ -147,7 +148,17 @@ def inspect_checkpoint(path: Path) -> Inspection:
         total_bytes=total_b,
         expert_fraction=(groups["routed_experts"].params / total_p) if total_p else 0.0,
         tensors=tensors,
+        layer_pattern=_pattern(config),
     )
+
+
+def _pattern(config: dict[str, Any]) -> str | None:
+    from moecompress.arch.layers import layer_pattern
+
+    try:
+        return layer_pattern(config).summary()
+    except UserError:
+        return None
 
 
 def _numel(shape: list[int]) -> int:
@@ -186,6 +197,8 @@ def render(ins: Inspection, console: Any) -> None:
     head.add_row("family", ins.family)
     head.add_row("routing", ins.routing)
     head.add_row("layers (MoE)", f"{ins.num_layers} ({len(ins.moe_layers)} MoE: {_ranges(ins.moe_layers)})")
+    if ins.layer_pattern:
+        head.add_row("layer pattern", ins.layer_pattern)
     head.add_row("experts per layer / top-k", f"{ins.experts_per_layer} / {ins.top_k}")
     head.add_row("expert width", str(ins.expert_width))
     if ins.routing_groups > 1:

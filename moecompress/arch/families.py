@@ -290,21 +290,35 @@ def _probe_routing(router: torch.nn.Module, hidden: int, n: int) -> str:
     return "softmax_topk"
 
 
+def _tensor_names(folder: Any) -> list[str]:
+    import json
+    import struct
+
+    names: list[str] = []
+    for f in folder.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            names += [k for k in json.loads(fh.read(n)) if k != "__metadata__"]
+    return names
+
+
 def _on_disk_experts(model: torch.nn.Module, experts_attr: str) -> tuple[str, str, tuple[str, str, str]] | None:
     """How `save_pretrained` names one routed expert's linears: (layers path, block, (gate, up, down) names), or
     None when experts are saved fused. Found by saving the miniature, so renamings on save are included."""
-    import json
-    import struct
     import tempfile
     from pathlib import Path
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        names: list[str] = []
-        for f in Path(tmp).glob("*.safetensors"):
-            with open(f, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                names += list(json.loads(fh.read(n)))
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            names = _tensor_names(Path(tmp))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     pattern = re.compile(rf"^(?P<layers>.+)\.(?P<i>\d+)\.(?P<block>(?:[\w.]+\.)?){re.escape(experts_attr)}"
                          rf"\.0\.(?P<lin>\w+)\.weight$")
     hits = [m for m in map(pattern.match, names) if m]
