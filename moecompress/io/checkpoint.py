@@ -164,7 +164,10 @@ def write_count_aliases(folder: Path) -> None:
     """
     cfg_file = Path(folder) / "config.json"
     config = json.loads(cfg_file.read_text())
-    adapter = adapter_for_config_dict(config)
+    try:
+        adapter = adapter_for_config_dict(config)
+    except UserError:  # a family we do not compress (e.g. a miniature of it): nothing to align
+        return
     n = adapter.num_experts(config)
     text = adapter.text_config(config)
     if all(text.get(k) == n for k in adapter.count_keys):
