@@ -181,6 +181,8 @@ def run_pass(cfg: PassConfig, src: Path, out: Path, *, calibration: Any = None, 
         "verify": verify,
         "details": details,
     }
+    if entry.get("mtp"):
+        report["mtp"] = entry["mtp"]
     if eval_spec is not None:
         report["eval"] = evaluate_pair(src, model, tok, eval_spec, console)
     write_report(out, report)

@@ -89,3 +89,25 @@ def test_full_pass_matrix(path, tmp_path, monkeypatch):
         return
     bad = {k: v for k, v in row.items() if not k.endswith("_s") and v != "ok"}
     assert not bad, bad
+
+
+def test_mtp_layers_are_dropped_explicitly(tmp_path, capsys, monkeypatch):
+    """DeepSeek-V3 announces 1 MTP layer that transformers never loads: the pruned checkpoint says 0 and the report,
+    provenance and model card say why (never a config announcing weights that are not there)."""
+    monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path / "cache"))
+    path = REAL / "DeepSeek-V3.json"
+    mini = tmp_path / "mini"
+    assert run_cli(["zoo", "miniature", path, "--out", mini], capsys)[0] == 0
+    assert read_config(mini)["num_nextn_predict_layers"] == 1  # the miniature keeps the structure
+    calib = calib_file(tmp_path / "c.jsonl", n=20)
+    code, _, err = run_cli(["prune", mini, "--out", tmp_path / "p", "--ratio", "0.5", "--calib", calib,
+                            "--calib-samples", "4", "--calib-seqlen", "32"], capsys)
+    assert code == 0, err
+    assert read_config(tmp_path / "p")["num_nextn_predict_layers"] == 0
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert "dropped 1 multi-token-prediction layer" in report["mtp"]
+    prov = json.loads((tmp_path / "p" / "moecompress.json").read_text())
+    assert "multi-token-prediction" in prov["passes"][-1]["mtp"]
+    from moecompress.io.model_card import build_model_card
+
+    assert "Multi-token prediction: dropped 1" in str(build_model_card(tmp_path / "p", "me/x"))

@@ -255,7 +255,12 @@ def write_checkpoint(
         else:
             model.save_pretrained(tmp, save_original_format=save_original_format)
         _save_tokenizer(tokenizer, source, tmp)
-        (tmp / PROVENANCE).write_text(json.dumps(provenance(source, pass_entry), indent=2))
+        if not str((pass_entry or {}).get("pass", "")).startswith("zoo."):  # miniatures keep the structure
+            from moecompress.io.mtp import drop_mtp
+
+            dropped = drop_mtp(tmp)  # explicit, recorded: never a config announcing weights that are not here
+            if dropped and pass_entry is not None:
+                pass_entry["mtp"] = dropped
         for name, content in (extra_files or {}).items():
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -263,6 +268,7 @@ def write_checkpoint(
                 target.write_bytes(content)
             else:
                 target.write_text(content)
+        (tmp / PROVENANCE).write_text(json.dumps(provenance(source, pass_entry), indent=2))
         write_count_aliases(tmp)
         summary: dict[str, Any] = {}
         if verify:
