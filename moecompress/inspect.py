@@ -109,7 +109,7 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
 
 
 def classify(name: str, adapter: MoEAdapter) -> str:
-    blocks = {f".{adapter.block_attr}.", f".{adapter.checkpoint_block or adapter.block_attr}."}  # memory vs disk
+    blocks = {f".{b}." if b else "." for b in (adapter.block_attr, adapter.checkpoint_block or adapter.block_attr)}
     if any(f"{b}{adapter.experts_attr}." in name for b in blocks):
         return "routed_experts"
     if any(f"{b}{s}." in name or f"{b}{s}_" in name for b in blocks for s in adapter.shared_attrs):
@@ -294,7 +294,7 @@ def _inspect_headers(path: Path) -> Inspection:
         parts=skel.parts if skel else {},
         stored_format=_header_format(qcfg, tensors),
         routing=adapter.routing + (" +renorm" if adapter.renormalises(config) else ""),
-        num_layers=int(config.get("num_hidden_layers", 0)),
+        num_layers=int(adapter.text_config(config).get("num_hidden_layers", 0)),
         moe_layers=sorted(moe_layer_ids),
         experts_per_layer=adapter.num_experts(config),
         top_k=adapter.top_k(config),
@@ -307,6 +307,7 @@ def _inspect_headers(path: Path) -> Inspection:
         total_bytes=total_b,
         expert_fraction=(groups["routed_experts"].params / total_p) if total_p else 0.0,
         tensors=tensors,
+        layer_pattern=_pattern(config) or "",
     )
 
 
@@ -317,6 +318,15 @@ def _header_format(qcfg: dict[str, Any] | None, tensors: list[TensorInfo]) -> st
     for t in tensors:
         by_dtype[t.dtype] += t.bytes
     return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else "?"
+
+
+def _pattern(config: dict[str, Any]) -> str | None:
+    from moecompress.arch.layers import layer_pattern
+
+    try:
+        return layer_pattern(config).summary()
+    except UserError:
+        return None
 
 
 def _numel(shape: list[int]) -> int:

@@ -195,6 +195,8 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
         "serving_checks": [f.model_dump() for f in findings],
         "details": details,
     }
+    if entry.get("mtp"):
+        report["mtp"] = entry["mtp"]
     if eval_spec is not None:
         report["eval"] = evaluate_pair(src, model, tok, eval_spec, console, out=out if verify else None)
     write_report(out, report)

@@ -99,6 +99,9 @@ def keep_experts(layer: MoELayer, keep: Sequence[int]) -> None:
         t = getattr(owner, leaf, None)
         if t is not None:
             _set_tensor(owner, leaf, t.detach().index_select(vec.axis, idx))
+    for vec in layer.adapter.block_vectors:
+        owner, leaf = _resolve(layer.block, vec.path)
+        _set_tensor(owner, leaf, getattr(owner, leaf).detach().index_select(vec.axis, idx))
     view = ExpertView(layer)
     view.set_all(view.get_all().select(idx))
     _set_ints(list(layer.block.modules()), _COUNT_ATTRS, n_old, len(idx))
@@ -203,9 +206,8 @@ def sync_config(model: torch.nn.Module, adapter: MoEAdapter | None = None) -> di
     n, width = counts.pop(), widths.pop()
     cfg = model.config
     old_n = adapter.num_experts(cfg)
-    for key in adapter.count_keys:
-        setattr(cfg, key, n)
-    setattr(cfg, adapter.width_key, width)
+    adapter.set_counts(cfg, n)
+    adapter.set_config_value(cfg, adapter.width_key, width)
     _set_ints([model], _COUNT_ATTRS, old_n, n)
     return {"num_experts": n, "expert_width": width}
 

@@ -17,15 +17,23 @@ from pydantic import BaseModel, ConfigDict
 
 from moecompress.errors import UserError
 
-Layout = Literal["concat", "interleaved_transposed", "concat_transposed"]
+Layout = Literal["concat", "interleaved_transposed", "concat_transposed", "interleaved"]
 Routing = Literal[
     "softmax_topk",  # softmax over all experts -> top-k (renormalised when `renorm_key` is true / `always_renorm`)
     "softmax_topk_scaled",  # DeepSeek-V2: softmax -> top-k -> x routed_scaling_factor
     "topk_softmax",  # top-k on logits, softmax over the k chosen (gpt-oss, Granite)
     "sigmoid_group_bias",  # DeepSeek-V3 family: sigmoid + correction bias chooses, group-limited
+    "sigmoid_topk",  # sigmoid scores -> top-k, no correction bias (derived families)
     "sparsemixer",  # PhiMoE
     "sigmoid_input_scale",  # Llama4: sigmoid of the chosen logit scales the expert input, experts run densely
 ]
+
+
+# Every config key families use for the routed-expert count; a checkpoint may carry several (older readers look
+# for one, transformers for another), and all of them must agree after pruning.
+EXPERT_COUNT_ALIASES = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts",
+                        "num_routed_experts", "n_experts", "moe_num_routed_experts", "num_moe_experts",
+                        "ffn_num_experts")
 
 
 class RouterVector(BaseModel):
@@ -49,6 +57,7 @@ class MoEAdapter(BaseModel):
     layout: Layout = "concat"
     has_expert_bias: bool = False
     router_vectors: tuple[RouterVector, ...] = ()
+    block_vectors: tuple[RouterVector, ...] = ()  # per-expert tensors kept on the block itself (AFMoE expert_bias)
     routing: Routing = "softmax_topk"
     renorm_key: str | None = None  # config key saying whether top-k weights are renormalised
     always_renorm: bool = False
@@ -63,6 +72,18 @@ class MoEAdapter(BaseModel):
     checkpoint_block: str | None = None  # defaults to block_attr
     checkpoint_expert_linears: tuple[str, str, str] | None = ("gate_proj", "up_proj", "down_proj")
     notes: str = ""
+    # Where the decoder layers holding the MoE blocks live, and where their config is (multimodal
+    # checkpoints nest the language model: "model.language_model.layers", "text_config").
+    layers_path: str = "model.layers"
+    checkpoint_layers_path: str | None = None  # on-disk prefix of the decoder layers, when it differs
+    text_config_key: str | None = None
+    has_gate: bool = True  # False: experts are up/down only (act(up x)), e.g. Nemotron-H's relu²
+    derived: bool = False  # True when introspection of the modeling code produced this adapter
+
+    @property
+    def sigmoid_scores(self) -> bool:
+        """Whether router probabilities are per-expert sigmoids (not a softmax over experts)."""
+        return self.routing in ("sigmoid_group_bias", "sigmoid_topk", "sigmoid_input_scale")
 
     @property
     def family(self) -> str:
@@ -74,7 +95,45 @@ class MoEAdapter(BaseModel):
             raise UserError(f"{self.model_type} checkpoints store routed experts fused; they have no per-expert linears")
         linear = dict(zip(("gate", "up", "down"), self.checkpoint_expert_linears, strict=True))[proj]
         block = self.checkpoint_block or self.block_attr
-        return f"model.layers.{layer}.{block}.{self.experts_attr}.{expert}.{linear}"
+        return _join(self.checkpoint_layers_path or self.layers_path, str(layer), block, self.experts_attr, str(expert),
+                     linear)
+
+    # ---- nested (multimodal) configs ------------------------------------------------------------
+    def text_config(self, config: Any) -> Any:
+        """The (sub-)config that holds the language model's MoE keys."""
+        if self.text_config_key:
+            sub = _raw_get(config, self.text_config_key)
+            if sub is not None:
+                return sub
+        return config
+
+    def with_counts(self, config: dict[str, Any], n: int) -> dict[str, Any]:
+        """A copy of a config.json dict with every expert-count alias set to `n` (nested configs included)."""
+        import copy
+
+        out = copy.deepcopy(config)
+        text = self.text_config(out)
+        old = self.num_experts(config)
+        for key in EXPERT_COUNT_ALIASES:  # aliases this checkpoint carries besides the family's own keys
+            if key not in self.count_keys and text.get(key) == old and old != n:
+                text[key] = n
+        for key in self.count_keys:
+            text[key] = n
+        return out
+
+    def set_counts(self, config: Any, n: int) -> None:
+        """Set the expert count on a config object under the family's keys and any alias it carries."""
+        text = self.text_config(config)
+        old = self.num_experts(config)
+        for key in EXPERT_COUNT_ALIASES:
+            if key not in self.count_keys and getattr(text, key, None) == old and old != n:
+                setattr(text, key, n)
+        for key in self.count_keys:
+            setattr(text, key, n)
+
+    def set_config_value(self, config: Any, key: str, value: Any) -> None:
+        """Set `key` on the config object that holds the MoE keys."""
+        setattr(self.text_config(config), key, value)
 
     # ---- reading the config -------------------------------------------------------------------
     def num_experts(self, config: Any) -> int:
@@ -110,6 +169,21 @@ class MoEAdapter(BaseModel):
 
 
 def _get(config: Any, key: str) -> Any:
+    """Read `key` from a config (object or dict), looking into the nested text config when the top level lacks it."""
+    value = _raw_get(config, key)
+    if value is None:
+        sub = _raw_get(config, "text_config")
+        if sub is not None:
+            value = _raw_get(sub, key)
+    return value
+
+
+def _join(*parts: str) -> str:
+    """A dotted module path from parts, skipping empty ones (a block that is the decoder layer itself)."""
+    return ".".join(p for p in parts if p)
+
+
+def _raw_get(config: Any, key: str) -> Any:
     if isinstance(config, dict):
         return config.get(key)
     return getattr(config, key, None)
@@ -168,20 +242,33 @@ ADAPTERS: dict[str, MoEAdapter] = {
 
 
 def _unsupported(model_type: str | None) -> UserError:
-    known = ", ".join(sorted(ADAPTERS))
+    from moecompress.arch.families import unsupported_reason
+
+    reason = unsupported_reason(model_type) if model_type else None
     what = f"model_type {model_type!r}" if model_type else "a config without model_type"
-    return UserError(f"{what} is not a supported Mixture-of-Experts family. Supported: {known}.")
+    if reason:
+        return UserError(f"{what} is not supported: {reason}")
+    return UserError(f"{what} is not a Mixture-of-Experts family that moecompress recognises "
+                     f"(transformers has no routed experts for it)")
+
+
+def adapter_for_model_type(model_type: str | None) -> MoEAdapter:
+    """The adapter of a model_type: declared (the 14 long-standing families) or derived from transformers."""
+    if model_type in ADAPTERS:
+        return ADAPTERS[model_type]
+    from moecompress.arch.families import derived_adapter
+
+    adapter = derived_adapter(model_type) if model_type else None
+    if adapter is None:
+        raise _unsupported(model_type)
+    return adapter
 
 
 def adapter_for_config_dict(config: dict[str, Any]) -> MoEAdapter:
     """Pick the adapter from a raw config.json dict, before any weight loads."""
     model_type = config.get("model_type")
-    if model_type == "llama4" and isinstance(config.get("text_config"), dict):
-        raise UserError("llama4 multimodal checkpoints are not supported; extract the text model (llama4_text)")
-    if model_type not in ADAPTERS:
-        raise _unsupported(model_type)
-    adapter = ADAPTERS[model_type]
-    if not any(config.get(k) for k in adapter.count_keys):
+    adapter = adapter_for_model_type(model_type)
+    if not any(_get(adapter.text_config(config), k) for k in adapter.count_keys):
         raise UserError(f"{model_type} config has no routed experts ({'/'.join(adapter.count_keys)} unset)")
     return adapter
 
@@ -189,10 +276,7 @@ def adapter_for_config_dict(config: dict[str, Any]) -> MoEAdapter:
 def adapter_for(model_or_config: Any) -> MoEAdapter:
     """Pick the adapter for an in-memory model or config object."""
     config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ADAPTERS:
-        raise _unsupported(model_type)
-    return ADAPTERS[model_type]
+    return adapter_for_model_type(getattr(config, "model_type", None))
 
 
 @dataclass
@@ -211,29 +295,52 @@ class MoELayer:
 
     @property
     def prefix(self) -> str:
-        return f"model.layers.{self.index}.{self.adapter.block_attr}"
+        return _join(self.adapter.layers_path, str(self.index), self.adapter.block_attr)
 
     def shared(self) -> list[tuple[str, torch.nn.Module]]:
         return [(a, getattr(self.block, a)) for a in self.adapter.shared_attrs if getattr(self.block, a, None) is not None]
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
+def decoder_layers(model: torch.nn.Module, adapter: MoEAdapter | None = None) -> torch.nn.ModuleList:
+    """The decoder-layer list holding the MoE blocks (the language model's, in multimodal models)."""
+    paths = [adapter.layers_path] if adapter is not None else []
+    try:
+        paths.append(adapter_for(model).layers_path)
+    except UserError:
+        pass
+    for path in [*paths, "model.layers", "model.language_model.layers", "layers"]:
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    from moecompress.arch.discover import decoder_layer_list
+
+    layers = decoder_layer_list(model)
     if layers is None:
-        raise UserError(f"{type(model).__name__} has no decoder layers at model.layers")
+        raise UserError(f"{type(model).__name__} has no decoder layers that hold routed experts")
     return layers
+
+
+def _sub(module: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def moe_layers(model: torch.nn.Module, adapter: MoEAdapter | None = None) -> list[MoELayer]:
     """Every decoder layer whose block holds routed experts (dense layers are skipped)."""
     adapter = adapter or adapter_for(model)
     found: list[MoELayer] = []
-    for i, layer in enumerate(decoder_layers(model)):
-        block = getattr(layer, adapter.block_attr, None)
-        experts = getattr(block, adapter.experts_attr, None) if block is not None else None
-        router = getattr(block, adapter.router_attr, None) if block is not None else None
-        if experts is None or router is None or not hasattr(experts, "gate_up_proj"):
+    from moecompress.arch.discover import is_fused_experts
+
+    for i, layer in enumerate(decoder_layers(model, adapter)):
+        block = _sub(layer, adapter.block_attr)
+        experts = _sub(block, adapter.experts_attr) if block is not None else None
+        router = _sub(block, adapter.router_attr) if block is not None else None
+        if experts is None or router is None or not is_fused_experts(experts):
             continue
         found.append(MoELayer(index=i, block=block, router=router, experts=experts, adapter=adapter))
     if not found:

@@ -226,6 +226,29 @@ def _llama4_expert(module: torch.nn.Module, e: int, x: torch.Tensor) -> tuple[to
     return act @ module.down_proj[e], act
 
 
+def experts_implementation(model: torch.nn.Module) -> str | None:
+    """The experts implementation the model's routed experts run with now (multimodal models keep it on the
+    language model's config, not the top-level one), so a collection can put it back."""
+    for layer in moe_layers(model):
+        impl = getattr(getattr(layer.experts, "config", None), "_experts_implementation", None)
+        if impl is not None:
+            return impl
+    return getattr(model.config, "_experts_implementation", None)
+
+
+def set_experts_implementation(model: torch.nn.Module, impl: str) -> None:
+    """Route every MoE layer's experts through `impl`. The experts dispatch on their own config, so setting it
+    there works for every family, including multimodal wrappers that refuse ``model.set_experts_implementation``."""
+    try:
+        model.set_experts_implementation(impl)
+    except (ValueError, AttributeError):
+        pass
+    for layer in moe_layers(model):
+        cfg = getattr(layer.experts, "config", None)
+        if cfg is not None:
+            cfg._experts_implementation = impl
+
+
 @contextlib.contextmanager
 def collecting(model: torch.nn.Module, sample_tokens: int, total_tokens: int) -> Iterator[dict[int, LayerTap]]:
     """Install taps on every MoE layer (and the tap experts implementation); restore everything on exit."""
@@ -234,9 +257,9 @@ def collecting(model: torch.nn.Module, sample_tokens: int, total_tokens: int) ->
     llama4 = layers[0].adapter.routing == "sigmoid_input_scale"
     taps: dict[int, LayerTap] = {}
     handles: list[Any] = []
-    previous = getattr(model.config, "_experts_implementation", None)
+    previous = experts_implementation(model)
     if not llama4:
-        model.set_experts_implementation(TAP_IMPLEMENTATION)
+        set_experts_implementation(model, TAP_IMPLEMENTATION)
     logits_pos = 1 if llama4 else 0
     for layer in layers:
         tap = (Llama4Tap if llama4 else LayerTap)(layer, every, sample_tokens)
@@ -263,7 +286,7 @@ def release_taps(model: torch.nn.Module, layers: list[MoELayer], handles: list[A
     for layer in layers:
         active.pop(id(layer.experts), None)
     if previous is not None:
-        model.set_experts_implementation(previous)
+        set_experts_implementation(model, previous)
 
 
 def _pre_block(tap: LayerTap, args: tuple, kwargs: dict) -> None:

@@ -32,7 +32,12 @@ import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moecompress.arch.adapter import MoELayer, decoder_layers, moe_layers
-from moecompress.calib.collect import release_taps, stored_expert_forward
+from moecompress.calib.collect import (
+    experts_implementation,
+    release_taps,
+    set_experts_implementation,
+    stored_expert_forward,
+)
 from moecompress.calib.stats import bundle_exists, load_bundle, save_bundle
 from moecompress.errors import UserError
 
@@ -281,7 +286,7 @@ def gradient_taps(model: torch.nn.Module, explicit_layers: Iterable[int] = (),
         raise UserError("heapr needs the gradient at each routed expert's output; llama4_text runs experts densely "
                         "on gate-scaled inputs — use --criterion camera or magnitude for this family")
     explicit = set(explicit_layers)
-    previous = getattr(model.config, "_experts_implementation", None)
+    previous = experts_implementation(model)
     taps: dict[int, _LayerGradTap] = {}
     handles: list[Any] = []
     for layer in layers:
@@ -294,7 +299,7 @@ def gradient_taps(model: torch.nn.Module, explicit_layers: Iterable[int] = (),
                     st = _SharedGradTap(tap, name, mlp)
                     tap.grad.shared[name] = st.sums
                     handles.append(mlp.down_proj.register_forward_hook(st.hook))
-    model.set_experts_implementation(GRAD_IMPLEMENTATION)
+    set_experts_implementation(model, GRAD_IMPLEMENTATION)
     try:
         with _frozen_with_input_grad(model), _layer_checkpointing(model, checkpoint_layers):
             yield taps

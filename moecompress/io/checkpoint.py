@@ -159,10 +159,10 @@ def load_model(path: Path, *, dtype: torch.dtype | str | None = None, tokenizer:
     FP8 block-scaled and MXFP4 checkpoints are dequantized as they are read (bf16 unless `dtype` says otherwise),
     through ``moecompress.io.source_formats`` — the same reader the layer-streaming engine uses.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = Path(path)
-    _, adapter = check_model_dir(path)
+    config, adapter = check_model_dir(path)
     placement: dict[str, Any] = {}
     if max_memory is not None and checkpoint_bytes(path) > max_memory // 2:
         placement = {"device_map": "auto", "max_memory": {"cpu": int(max_memory)},
@@ -170,7 +170,7 @@ def load_model(path: Path, *, dtype: torch.dtype | str | None = None, tokenizer:
     float_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     try:
         with loadable(path, float_dtype if isinstance(float_dtype, torch.dtype) else torch.bfloat16) as folder:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto", **placement)
+            model = auto_class(config).from_pretrained(folder, dtype=dtype or "auto", **placement)
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"could not load weights from {path}: {_short(exc)}. Is a weight file corrupt or truncated?") from exc
     except Exception as exc:  # safetensors raises its own error types on corrupt headers
@@ -185,6 +185,18 @@ def load_model(path: Path, *, dtype: torch.dtype | str | None = None, tokenizer:
         except Exception:  # a checkpoint without tokenizer is still compressible; eval will say so
             tok = None
     return LoadedModel(model=model, tokenizer=tok, adapter=adapter, path=path)
+
+
+def auto_class(config: dict[str, Any]):
+    """The class that loads a checkpoint whole: `architectures[0]` (multimodal checkpoints keep their towers),
+    else the family's causal-LM class."""
+    import transformers
+
+    for name in config.get("architectures") or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None and hasattr(cls, "from_pretrained"):
+            return cls
+    return transformers.AutoModelForCausalLM
 
 
 def _short(exc: BaseException) -> str:
@@ -261,17 +273,21 @@ def write_count_aliases(folder: Path) -> None:
     """
     cfg_file = Path(folder) / "config.json"
     config = json.loads(cfg_file.read_text())
-    adapter = adapter_for_config_dict(config)
-    n = adapter.num_experts(config)
-    if all(config.get(k) == n for k in adapter.count_keys):
+    try:
+        adapter = adapter_for_config_dict(config)
+    except UserError:  # a family we do not compress (e.g. a miniature of it): nothing to align
         return
-    config.update({k: n for k in adapter.count_keys})
+    n = adapter.num_experts(config)
+    text = adapter.text_config(config)
+    if all(text.get(k) == n for k in adapter.count_keys):
+        return
+    config = adapter.with_counts(config, n)
     cfg_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def verify_model_reload(model: torch.nn.Module, path: Path, *, atol: float | None = None) -> dict[str, Any]:
     """`verify_reload` against the logits `model` gives now on a fixed probe input."""
-    ids = probe_input(model.config.vocab_size)
+    ids = probe_input(min(model.get_input_embeddings().num_embeddings, 320))
     return verify_reload(path, logits_of(model, ids), ids, atol=atol)
 
 
@@ -305,10 +321,8 @@ def quiet_loading() -> Iterator[None]:
 
 def verify_reload(path: Path, reference_logits: torch.Tensor, ids: torch.Tensor, *, atol: float | None = None) -> dict[str, Any]:
     """Reload with vanilla transformers; fail loudly on any loading-info entry or logit mismatch."""
-    from transformers import AutoModelForCausalLM
-
     with quiet_loading():
-        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+        model, info = auto_class(read_config(path)).from_pretrained(path, output_loading_info=True)
     problems = {k: v for k, v in info.items() if v}
     if problems:
         raise RuntimeError(f"reload of {path} is not clean: {problems}")
@@ -351,7 +365,12 @@ def write_checkpoint(
         else:
             model.save_pretrained(tmp, save_original_format=save_original_format)
         _save_tokenizer(tokenizer, source, tmp)
-        (tmp / PROVENANCE).write_text(json.dumps(provenance(source, pass_entry, hub), indent=2))
+        if not str((pass_entry or {}).get("pass", "")).startswith("zoo."):  # miniatures keep the structure
+            from moecompress.io.mtp import drop_mtp
+
+            dropped = drop_mtp(tmp)  # explicit, recorded: never a config announcing weights that are not here
+            if dropped and pass_entry is not None:
+                pass_entry["mtp"] = dropped
         for name, content in (extra_files or {}).items():
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -359,6 +378,7 @@ def write_checkpoint(
                 target.write_bytes(content)
             else:
                 target.write_text(content)
+        (tmp / PROVENANCE).write_text(json.dumps(provenance(source, pass_entry, hub), indent=2))
         write_count_aliases(tmp)
         summary: dict[str, Any] = {}
         if verify:
@@ -374,7 +394,17 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 
 
+# Files of multimodal checkpoints that no pass changes: carried over byte-identical.
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                    "chat_template.json", "chat_template.jinja", "generation_config.json")
+
+
 def _save_tokenizer(tokenizer: Any | None, source: Path | None, dst: Path) -> None:
+    if source is not None:
+        for name in _PROCESSOR_FILES:
+            src = Path(source) / name
+            if src.is_file() and not (dst / name).exists():
+                shutil.copy2(src, dst / name)
     if tokenizer is not None:
         tokenizer.save_pretrained(dst)
         return

@@ -49,7 +49,7 @@ class ExpertCountConfig(PassConfig):
 
     def planned_config(self, adapter: MoEAdapter, hf_config: dict[str, Any]) -> dict[str, Any]:
         n = self.n_keep(adapter.num_experts(hf_config))
-        return {**hf_config, **{k: n for k in adapter.count_keys}}
+        return adapter.with_counts(hf_config, n)
 
     def check(self, adapter: MoEAdapter, hf_config: dict[str, Any]) -> None:
         from moecompress.surgery import check_expert_count

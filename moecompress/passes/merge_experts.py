@@ -35,7 +35,7 @@ Method = Literal["msmoe", "hc", "kmeans", "ream"]
 MergeRule = Literal["freq", "saliency", "subspace"]
 RouterRule = Literal["dominant", "average", "refit"]
 
-_SIGMOID_ROUTING = ("sigmoid_group_bias", "sigmoid_input_scale")
+_SIGMOID_ROUTING = ("sigmoid_group_bias", "sigmoid_topk", "sigmoid_input_scale")
 _LOGIT_BIAS = "bias"  # a router vector named `bias` is added to the logits (gpt-oss); others only steer choice
 
 
@@ -189,7 +189,12 @@ def _target_error(fitted: torch.Tensor, targets: torch.Tensor, kind: str) -> flo
 @torch.no_grad()
 def block_output(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
     """The MoE block's output on tokens x [N, H] (shared experts included)."""
-    dtype = layer.router.weight.dtype
+    dtype = layer.experts.down_proj.dtype  # the block's dtype (DeepSeek-V3 keeps its router in float32)
+    if not layer.adapter.block_attr:  # the decoder layer is the block (gemma-4): routed output alone
+        from moecompress.arch.discover import routed_output
+
+        router = layer.block.get_submodule(layer.adapter.router_attr.split(".")[0])
+        return routed_output(router, layer.experts, x.to(dtype)).reshape(x.shape[0], -1).double()
     out = layer.block(x.to(dtype)[None])
     if isinstance(out, tuple):
         out = out[0]

@@ -27,7 +27,13 @@ from pydantic import Field, field_validator
 
 from moecompress.arch.adapter import MoEAdapter
 from moecompress.arch.experts import ExpertView
-from moecompress.calib.collect import _ACTIVE, TAP_IMPLEMENTATION, stored_expert_forward
+from moecompress.calib.collect import (
+    _ACTIVE,
+    TAP_IMPLEMENTATION,
+    experts_implementation,
+    set_experts_implementation,
+    stored_expert_forward,
+)
 from moecompress.errors import UserError
 from moecompress.passes.base import LayerwisePass, PassConfig, PassContext, moe_layer_at, register_layerwise
 from moecompress.quant.gptq import HessianAccumulator, gptq_quantize_batch, output_error
@@ -68,7 +74,8 @@ class QuantizeConfig(PassConfig):
             raise UserError(f"quantize: {adapter.model_type} checkpoints store routed experts fused, which the "
                             "compressed-tensors per-linear format cannot describe; supported families store per-expert "
                             "linears (qwen*_moe, mixtral, deepseek_v2/v3, olmoe, phimoe, glm4_moe, dots1, ernie4_5_moe)")
-        hidden, width = int(hf_config["hidden_size"]), adapter.expert_width(hf_config)
+        hidden = int(adapter.text_config(hf_config)["hidden_size"])
+        width = adapter.expert_width(hf_config)
         for what, n in (("hidden size", hidden), ("expert width", width)):
             try:
                 check_scheme(self.bits, self.group_size, n)
@@ -148,13 +155,13 @@ def _plan(ctx: PassContext) -> dict[str, Any]:
     cfg: QuantizeConfig = ctx.config  # type: ignore[assignment]
     model, adapter = ctx.model, ctx.adapter
     batches = list(ctx.get_calibration().batches(8))
-    previous = getattr(model.config, "_experts_implementation", None)
-    model.set_experts_implementation(TAP_IMPLEMENTATION)
+    previous = experts_implementation(model)
+    set_experts_implementation(model, TAP_IMPLEMENTATION)
     return {
         "batches": batches,
         "masks": [m.reshape(-1).bool() for _, m in batches],
         "ignore": [re.compile(p) for p in cfg.ignore],
-        "sigmoid": adapter.routing in ("sigmoid_group_bias", "sigmoid_input_scale"),
+        "sigmoid": adapter.sigmoid_scores,
         "previous_impl": previous,
         "results": {},  # checkpoint module name → QuantResult (QuantRecord once written by the engine)
         "errors": {},
@@ -264,7 +271,7 @@ def _finish(ctx: PassContext, plan: dict[str, Any], per_layer: dict[int, dict[st
     cfg: QuantizeConfig = ctx.config  # type: ignore[assignment]
     model = ctx.model
     if plan["previous_impl"] is not None:
-        model.set_experts_implementation(plan["previous_impl"])
+        set_experts_implementation(model, plan["previous_impl"])
     from moecompress.quant.format import save_quantized
 
     mixed = cfg.bits_budget is not None

@@ -77,6 +77,24 @@ def build_reference_folder(out: Path, *, seed: int = 0, minutes: float = 9.0, ma
     result_file.write_text(json.dumps(result, indent=2) + "\n")
 
 
+@zoo_app.command("miniature")
+def miniature_cmd(
+    config: Path = typer.Argument(..., help="A config.json of a real checkpoint (or the folder holding it)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the miniature checkpoint and its tokenizer."),
+    seed: int = typer.Option(0, help="Seed for the random weights."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
+) -> None:
+    """Write a random-weight miniature of a real checkpoint's CONFIG: same model_type, nesting, layer pattern,
+    dense-first layers, shared experts, routing groups, MTP count, tied embeddings, on-disk layout and dtype —
+    at toy sizes (hidden 64, ≤16 experts, a few layers), so every pass can be tried on the structure in seconds."""
+    from moecompress.zoo.miniature import write_miniature
+
+    _quiet_transformers()
+    info = write_miniature(config, out, seed=seed, overwrite=overwrite)
+    typer.echo(f"wrote {info['class']} miniature ({info['params']:,} params, {info['dtype']}) of "
+               f"{info['model_type']} to {out}")
+
+
 def _quiet_transformers() -> None:
     """Per-file progress bars and advisory warnings would drown the training log."""
     import transformers

@@ -1,0 +1,153 @@
+"""Find routed experts in a live transformers model by what the modules are, not by family.
+
+transformers 5 marks every fused experts class with ``@use_experts_implementation``, which gives its
+instances ``has_gate`` / ``has_bias`` / ``is_transposed`` / ``is_concatenated`` and 3-D ``gate_up_proj`` (or
+``up_proj``) / ``down_proj`` parameters. The block holding them owns the router: the sibling whose weight is
+``[num_experts, hidden]``. Per-expert router tensors are whatever else in the router has an expert axis.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+_LAYER_RE = re.compile(r"^(?P<layers>(?:.+\.)?layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
+
+
+def is_fused_experts(module: torch.nn.Module) -> bool:
+    """A fused routed-experts module (one 3-D tensor per projection, expert axis first)."""
+    gu = getattr(module, "gate_up_proj", None)
+    if gu is None and getattr(module, "has_gate", True) is False:
+        gu = getattr(module, "up_proj", None)
+    down = getattr(module, "down_proj", None)
+    return (isinstance(gu, torch.nn.Parameter) and gu.dim() == 3 and isinstance(down, torch.nn.Parameter)
+            and down.dim() == 3 and gu.shape[0] == down.shape[0])
+
+
+def experts_layout(module: torch.nn.Module) -> str:
+    """The adapter layout name of a fused experts module, from the flags transformers sets on it."""
+    transposed = bool(getattr(module, "is_transposed", False))
+    concatenated = bool(getattr(module, "is_concatenated", True))
+    if not transposed and concatenated:
+        return "concat"
+    if transposed and concatenated:
+        return "concat_transposed"
+    if transposed and not concatenated:
+        return "interleaved_transposed"
+    return "interleaved"
+
+
+@dataclass
+class FoundBlock:
+    """One MoE block found in a model."""
+
+    layers_path: str  # module path of the decoder-layer list ("model.layers", "model.language_model.layers")
+    index: int  # decoder layer index
+    block_attr: str  # path from the decoder layer to the block ("mlp", "feed_forward", "block_sparse_moe")
+    experts_attr: str
+    router_attr: str | None
+    block: torch.nn.Module
+    experts: torch.nn.Module
+    router: torch.nn.Module | None
+
+    @property
+    def num_experts(self) -> int:
+        gu = getattr(self.experts, "gate_up_proj", None)
+        if gu is None:
+            gu = self.experts.up_proj
+        return int(gu.shape[0])
+
+
+def _hidden_of(experts: torch.nn.Module) -> int:
+    down = experts.down_proj
+    # down maps width -> hidden: [E, H, I] (not transposed) or [E, I, H] (transposed)
+    return int(down.shape[2] if getattr(experts, "is_transposed", False) else down.shape[1])
+
+
+def find_router(block: torch.nn.Module, experts: torch.nn.Module) -> tuple[str | None, torch.nn.Module | None]:
+    """The block's submodule whose weight is [num_experts, hidden] (searched breadth-first, experts excluded)."""
+    n = int(experts.down_proj.shape[0])
+    hidden = _hidden_of(experts)
+    queue: list[tuple[str, torch.nn.Module]] = [(k, m) for k, m in block.named_children() if m is not experts]
+    while queue:
+        name, mod = queue.pop(0)
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and tuple(w.shape) == (n, hidden):
+            return name, mod
+        if name.count(".") < 1:
+            queue.extend((f"{name}.{k}", m) for k, m in mod.named_children() if m is not experts)
+    return None, None
+
+
+def find_moe_blocks(model: torch.nn.Module) -> list[FoundBlock]:
+    """Every fused-experts module under a ``…layers.<i>`` decoder layer, with its block and router."""
+    found: list[FoundBlock] = []
+    modules = dict(model.named_modules())
+    for name, mod in modules.items():
+        if not is_fused_experts(mod):
+            continue
+        m = _LAYER_RE.match(name)
+        if m is None:
+            continue
+        rest = m["rest"]
+        # experts directly on the decoder layer (gemma-4): the layer is the block
+        block_attr, experts_attr = rest.rsplit(".", 1) if "." in rest else ("", rest)
+        block = modules[".".join(p for p in (m["layers"], m["index"], block_attr) if p)]
+        router_attr, router = find_router(block, mod)
+        found.append(FoundBlock(layers_path=m["layers"], index=int(m["index"]), block_attr=block_attr,
+                                experts_attr=experts_attr, router_attr=router_attr, block=block, experts=mod,
+                                router=router))
+    return found
+
+
+def router_vectors(router: torch.nn.Module, num_experts: int) -> list[tuple[str, int]]:
+    """(path, axis) of every router tensor besides `weight` that has an expert axis (sliced in lockstep)."""
+    out = []
+    for name, t in list(router.named_parameters()) + list(router.named_buffers()):
+        if name == "weight" or t.dim() == 0:
+            continue
+        axes = [i for i, s in enumerate(t.shape) if s == num_experts]
+        if len(axes) == 1 and t.numel() == num_experts * max(1, t.numel() // num_experts) and t.dim() <= 2:
+            out.append((name, axes[0]))
+    return out
+
+
+def shared_children(block: torch.nn.Module, skip: set[str]) -> tuple[str, ...]:
+    """Block children that are shared (always-on) experts: dense MLPs and their gates."""
+    names = []
+    for k, m in block.named_children():
+        if k in skip:
+            continue
+        if "shared" in k or hasattr(m, "down_proj") and isinstance(m.down_proj, torch.nn.Linear):
+            names.append(k)
+    return tuple(names)
+
+
+def decoder_layer_list(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The decoder-layer list that holds the routed experts (text stack of multimodal models included)."""
+    blocks = find_moe_blocks(model)
+    if not blocks:
+        return None
+    return model.get_submodule(blocks[0].layers_path)
+
+
+def router_choice(out: object, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top_k_index, top_k_weights) from whatever tuple a family's router returns."""
+    parts = list(out) if isinstance(out, tuple) else [out]
+    index = next((t for t in parts if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2),
+                 None)
+    if index is None:
+        raise ValueError("router output holds no expert indices")
+    weights = next((t for t in parts if isinstance(t, torch.Tensor) and t.is_floating_point()
+                    and t.shape == index.shape), None)
+    if weights is None:
+        raise ValueError("router output holds no top-k weights")
+    return index, weights
+
+
+def routed_output(router: torch.nn.Module, experts: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The routed experts' weighted output on tokens x [N, H], routed by the family's own router."""
+    index, weights = router_choice(router(x), int(experts.down_proj.shape[0]))
+    return experts(x, index, weights)

@@ -1,0 +1,338 @@
+"""Which model types have routed experts, and adapters derived from transformers' own modeling code.
+
+``routed_expert_model_types`` finds families by what their modeling code is (a fused experts class
+decorated with ``@use_experts_implementation`` or a class named ``…Experts``), so a new transformers
+release that adds a family shows up here without anyone listing it. ``derived_adapter`` builds a
+miniature of the family's default config, finds the experts / router / shared experts in it
+(``arch.discover``) and reads the config keys whose values match what it found. Only what cannot be
+derived is data: ``UNSUPPORTED`` (with the reason) and ``CONFIG_HINTS``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from typing import Any
+
+import torch
+
+from moecompress.errors import UserError
+
+# Model types transformers ships with routed experts that moecompress does not compress, each with the reason.
+# Text-generating decoders belong here only while a real gap remains; the enumeration test keeps this honest.
+UNSUPPORTED: dict[str, str] = {
+    "switch_transformers": "encoder-decoder (T5-style) with per-expert ModuleDict experts; not a causal decoder",
+    "nllb_moe": "encoder-decoder translation model with per-expert ModuleDict experts; not a causal decoder",
+    "openai_privacy_filter": "token-classification encoder (no text-generating head)",
+}
+
+# Families with routed experts that do not (yet) pass the miniature round trip; the reason is what breaks.
+_NON_FUSED_REASON = {
+    "diffusion_gemma": "diffusion (non-autoregressive) text model: no causal next-token head to verify against",
+    "deepseek_v4": "hash-routed layers map token ids to expert ids (tid2eid table); pruning needs remapping that "
+                   "table, which is not implemented",
+    "nemotron_h": "non-gated experts (up/down only, relu²): ExpertView's canonical form assumes gate/up/down",
+    "llama4": "Llama4ForConditionalGeneration.forward in transformers 5.24 fails on text-only input (reads "
+              "image_outputs from the language model output); the text model (llama4_text) is supported",
+    "deepseek_ocr2": "OCR model: text-only forward of DeepseekOcr2ForConditionalGeneration fails in transformers "
+                     "5.24 (needs image inputs), so a reload cannot be verified",
+    "qwen3_omni_moe": "the Omni checkpoint also holds a talker with its own MoE and config keys; miniature of the "
+                      "talker config not built yet",
+    "qwen4_exp": "miniature not buildable yet: its attention reads sizes the shrunk default config leaves unset",
+    "step3p7": "miniature not buildable yet: default config declares sliding layers without a sliding_window",
+    "dots3_note": "miniature not buildable yet: the config validator rejects the shrunk per-layer table",
+    "inkling2_loop": "miniature not buildable yet: loop_layer_index_end must stay a multiple of the attention "
+                     "residual block size",
+    "muse_spark": "miniature not buildable yet: per-layer patch_sizes/hidden_sizes/depths lists are not shrunk",
+    "inkling2": "miniature reload fails (negative vocabulary dimension from a shrunk vocab offset)",
+    "inkling": "router not found: the router is not a [experts, hidden] linear beside the experts",
+    "ernie4_5_vl_moe": "two expert sets per layer (text_moe and vision_moe) under one expert-count key, with a "
+                       "per-modality width list; the adapter model holds one MoE block per layer",
+    "zaya": "router not found: the router is not a [experts, hidden] linear beside the experts",
+    "dbrx": "experts stored as DbrxExperts (w1/v1/w2 [E*I, H] flattened), not the fused layout ExpertView reads",
+    "jetmoe": "JetMoE's ParallelExperts (input/output linears of mixture-of-attention + MoA) are not fused "
+              "gate_up/down experts",
+    "longcat_flash": "zero-computation experts share the router with the routed ones (router rows > experts); "
+                     "pruning would need to keep the identity experts' rows apart",
+}
+
+
+def modeling_root() -> str:
+    import transformers
+
+    return os.path.join(os.path.dirname(transformers.__file__), "models")
+
+
+_EXPERTS_CLASS = re.compile(r"^class \w*Experts\w*\((?:nn\.Module|nn\.ModuleDict)", re.M)
+
+
+@functools.lru_cache(maxsize=1)
+def routed_expert_model_types() -> tuple[str, ...]:
+    """Every `transformers/models/<dir>` whose modeling code defines routed experts (by reading the code)."""
+    root = modeling_root()
+    found = []
+    for d in sorted(os.listdir(root)):
+        path = os.path.join(root, d)
+        if not os.path.isdir(path):
+            continue
+        for f in os.listdir(path):
+            if f.startswith("modeling_") and f.endswith(".py"):
+                with open(os.path.join(path, f), encoding="utf-8") as fh:
+                    src = fh.read()
+                if "@use_experts_implementation" in src or _EXPERTS_CLASS.search(src):
+                    found.append(d)
+                    break
+    return tuple(found)
+
+
+def top_model_type(dirname: str) -> str | None:
+    """The model_type a modeling folder's checkpoints carry at the top of config.json (the folder name, or the
+    one of its model types that builds a text-generating model)."""
+    from transformers.models.auto import modeling_auto as ma
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+
+    if dirname in CONFIG_MAPPING_NAMES:
+        return dirname
+    own = [mt for mt in CONFIG_MAPPING_NAMES if model_type_to_module_name(mt) == dirname]
+    for mapping in (ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        for mt in own:
+            if mt in mapping:
+                return mt
+    return own[0] if own else None
+
+
+def unsupported_reason(model_type: str | None) -> str | None:
+    if model_type in UNSUPPORTED:
+        return UNSUPPORTED[model_type]
+    if model_type in _NON_FUSED_REASON:
+        return _NON_FUSED_REASON[model_type]
+    return None
+
+
+# ---- deriving an adapter ---------------------------------------------------------------------------
+# Config keys by role, tried in order; the derivation keeps those whose value matches the built model.
+WIDTH_KEYS = ("moe_intermediate_size", "expert_intermediate_size", "moe_hidden_size", "expert_ffn_hidden_size",
+              "moe_ffn_hidden_size", "expert_dim", "intermediate_size", "ffn_hidden_size")
+
+
+@functools.cache
+def derived_adapter(model_type: str):
+    """An MoEAdapter for `model_type` learned from a miniature built from transformers' defaults, or None."""
+    if unsupported_reason(model_type):
+        return None
+
+    cfg = reference_config(model_type)
+    return adapter_from_config(cfg) if cfg is not None else None
+
+
+# transformers' default configs that do not describe a runnable model (a layer pattern left unset, a routing
+# mode that needs a key the default lacks): the fix, as config data. Used only to build reference miniatures.
+DEFAULT_FIXES: dict[str, dict[str, Any]] = {
+    # the modeling code falls back to its own mrope_section when the config has none; state it so it shrinks
+    "glm4v_moe": {"text_config": {"rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                                      "rope_type": "default", "mrope_section": [8, 12, 12]}}},
+    "ernie4_5_vl_moe": {"text_config": {"rope_parameters": {"rope_theta": 500000.0, "rope_type": "default",
+                                                            "mrope_section": [22, 22, 20]}}},
+    "gemma4": {"text_config": {"enable_moe_block": True, "num_experts": 8, "top_k_experts": 2,
+                               "moe_intermediate_size": 32}},
+    "granitemoehybrid": {"layer_types": ["mamba", "attention", "mamba", "attention"], "num_hidden_layers": 4},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"], "num_hidden_layers": 4,
+                 "num_dense_layers": 1},
+}
+
+
+def reference_config(dirname: str) -> dict[str, Any] | None:
+    """The config a family's adapter is derived from and its round trip is tested on: the tiny config for the
+    declared families, else transformers' default for the folder's top model type (plus `DEFAULT_FIXES`)."""
+    from transformers import AutoConfig
+
+    from moecompress.zoo.tiny import TINY_OVERRIDES, tiny_config
+
+    model_type = top_model_type(dirname) or dirname
+    if model_type in TINY_OVERRIDES:
+        cfg = tiny_config(model_type).to_dict()
+    else:
+        try:
+            cfg = AutoConfig.for_model(model_type).to_dict()
+        except (ValueError, KeyError):
+            return None
+        for k, v in DEFAULT_FIXES.get(model_type, {}).items():
+            if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+                cfg[k].update(v)
+            else:
+                cfg[k] = v
+    cfg["model_type"] = model_type
+    cfg["architectures"] = None
+    return cfg
+
+
+def adapter_from_config(config: dict[str, Any]):
+    """Build a miniature of `config` and describe its MoE blocks as an MoEAdapter (None: no routed experts)."""
+    from moecompress.zoo.miniature import build_miniature
+
+    try:
+        model = build_miniature(config)
+    except UserError:
+        return None
+    return adapter_from_model(model, config.get("model_type"))
+
+
+def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
+    """Describe a live model's MoE blocks as an MoEAdapter (None if it has no recognisable routed experts)."""
+    from moecompress.arch.adapter import ADAPTERS, MoEAdapter, RouterVector
+    from moecompress.arch.discover import experts_layout, find_moe_blocks, router_vectors, shared_children
+
+    blocks = [b for b in find_moe_blocks(model) if b.router is not None]
+    if not blocks:
+        return None
+    b = blocks[0]
+    model_type = model_type or model.config.model_type
+    text_key = "text_config" if getattr(model.config, "text_config", None) is not None else None
+    text = getattr(model.config, text_key) if text_key else model.config
+    base = ADAPTERS.get(getattr(text, "model_type", None))
+    experts = b.experts
+    n = b.num_experts
+    width = _width(experts)
+    cfg = text.to_dict()
+    from moecompress.zoo.miniature import COUNT_KEYS, GROUP_KEYS, TOPK_GROUP_KEYS, TOPK_KEYS
+
+    count_keys = tuple(k for k in COUNT_KEYS if cfg.get(k) == n)
+    topk_key = next((k for k in TOPK_KEYS if isinstance(cfg.get(k), int)), None)
+    width_key = next((k for k in WIDTH_KEYS if cfg.get(k) == width), None)
+    if not count_keys or topk_key is None or width_key is None:
+        return None
+    group_key = next((k for k in GROUP_KEYS if k in cfg), None)
+    topk_group_key = next((k for k in TOPK_GROUP_KEYS if k in cfg), None)
+    root_router = b.router_attr.split(".")[0]
+    shared = shared_children(b.block, {root_router, b.experts_attr})
+    vectors = tuple(RouterVector(path=p, axis=a) for p, a in router_vectors(b.router, n))
+    owned = {id(t) for m in (b.router, experts, *(getattr(b.block, s) for s in shared)) for t in
+             (*m.parameters(), *m.buffers())}
+    block_vectors = tuple(RouterVector(path=p, axis=a) for p, a in router_vectors(b.block, n)
+                          if id(b.block.get_parameter(p) if p in dict(b.block.named_parameters()) else
+                                b.block.get_buffer(p)) not in owned)
+    layout = experts_layout(experts)
+    if layout == "interleaved":
+        return None
+    routing = _probe_routing(b.router, _hidden(experts), n)
+    disk = _on_disk_experts(model, b.experts_attr)
+    fields: dict[str, Any] = dict(
+        model_type=model_type, block_attr=b.block_attr, router_attr=b.router_attr, experts_attr=b.experts_attr,
+        shared_attrs=shared, layout=layout, has_expert_bias=bool(getattr(experts, "has_bias", False)),
+        router_vectors=vectors, block_vectors=block_vectors, routing=routing, renorm_key="norm_topk_prob" if "norm_topk_prob" in cfg else None,
+        count_keys=count_keys, topk_key=topk_key, width_key=width_key,
+        shared_width_coupled=_shared_coupled(b.block, shared, width, cfg, width_key),
+        group_key=group_key, topk_group_key=topk_group_key,
+        checkpoint_block=disk[1] if disk else None, checkpoint_expert_linears=disk[2] if disk else None,
+        checkpoint_layers_path=disk[0] if disk else None,
+        layers_path=b.layers_path, text_config_key=text_key, has_gate=bool(getattr(experts, "has_gate", True)),
+        derived=True,
+    )
+    if base is not None:  # the language model is a declared family: keep its routing knowledge
+        fields.update(routing=base.routing, renorm_key=base.renorm_key, always_renorm=base.always_renorm)
+    return MoEAdapter(**fields)
+
+
+def _width(experts: torch.nn.Module) -> int:
+    down = experts.down_proj
+    return int(down.shape[1] if getattr(experts, "is_transposed", False) else down.shape[2])
+
+
+def _hidden(experts: torch.nn.Module) -> int:
+    down = experts.down_proj
+    return int(down.shape[2] if getattr(experts, "is_transposed", False) else down.shape[1])
+
+
+def _shared_coupled(block: torch.nn.Module, shared: tuple[str, ...], width: int, cfg: dict[str, Any],
+                    width_key: str) -> bool:
+    """Shared-expert width derived from the routed width (no config key of its own holds it): trap (a)."""
+    for name in shared:
+        mlp = getattr(block, name)
+        gate = getattr(mlp, "gate_proj", None) or getattr(mlp, "up_proj", None)
+        if not isinstance(gate, torch.nn.Linear):
+            continue
+        sw = gate.out_features
+        own_key = any(k != width_key and v == sw for k, v in cfg.items() if isinstance(v, int))
+        if not own_key and sw % width == 0:
+            return True
+    return False
+
+
+@torch.no_grad()
+def _probe_routing(router: torch.nn.Module, hidden: int, n: int) -> str:
+    """Whether the weights the router hands to the experts are sigmoid- or softmax-shaped (ratios tell)."""
+    x = torch.randn(64, hidden, generator=torch.Generator().manual_seed(0)).to(router.weight.dtype)
+    try:
+        out = router(x)
+    except Exception:  # routers needing extra inputs: assume softmax, the common case
+        return "softmax_topk"
+    if not isinstance(out, tuple):
+        return "softmax_topk"
+    logits = next((t for t in out if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[-1] == n), None)
+    index = next((t for t in out if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2), None)
+    weights = next((t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point() and index is not None
+                    and t.shape == index.shape), None)
+    if logits is None or index is None or weights is None or index.shape[-1] < 2:
+        return "softmax_topk"
+    logits = logits.reshape(-1, n).double()
+    w = weights.reshape(index.shape).double()
+    ratio = w / w.sum(-1, keepdim=True).clamp_min(1e-30)
+
+    def close(p: torch.Tensor) -> bool:
+        q = p.gather(1, index.long())
+        return bool(torch.allclose(ratio, q / q.sum(-1, keepdim=True), atol=1e-4))
+
+    has_bias = any("correction" in k for k, _ in router.named_buffers()) or any(
+        "correction" in k for k, _ in router.named_parameters())
+    if close(logits.sigmoid()):
+        return "sigmoid_group_bias" if has_bias else "sigmoid_topk"
+    return "softmax_topk"
+
+
+def _tensor_names(folder: Any) -> list[str]:
+    import json
+    import struct
+
+    names: list[str] = []
+    for f in folder.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            names += [k for k in json.loads(fh.read(n)) if k != "__metadata__"]
+    return names
+
+
+def _on_disk_experts(model: torch.nn.Module, experts_attr: str) -> tuple[str, str, tuple[str, str, str]] | None:
+    """How `save_pretrained` names one routed expert's linears: (layers path, block, (gate, up, down) names), or
+    None when experts are saved fused. Found by saving the miniature, so renamings on save are included."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            names = _tensor_names(Path(tmp))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    pattern = re.compile(rf"^(?P<layers>.+)\.(?P<i>\d+)\.(?P<block>(?:[\w.]+\.)?){re.escape(experts_attr)}"
+                         rf"\.0\.(?P<lin>\w+)\.weight$")
+    hits = [m for m in map(pattern.match, names) if m]
+    if not hits:
+        return None
+    linears = sorted({m["lin"] for m in hits})
+    if len(linears) != 3:
+        return None
+    roles: dict[str, str] = {}
+    for lin in linears:
+        role = ("gate" if lin in ("w1", "gate_proj") or "gate" in lin else
+                "up" if lin in ("w3", "up_proj") or "up" in lin else
+                "down" if lin in ("w2", "down_proj") or "down" in lin else None)
+        if role is None or role in roles:
+            return None
+        roles[role] = lin
+    return hits[0]["layers"], hits[0]["block"].rstrip("."), (roles["gate"], roles["up"], roles["down"])

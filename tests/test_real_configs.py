@@ -1,0 +1,113 @@
+"""Every published config in shared/real-configs: the layer pattern is named from config.json alone, and its
+miniature goes through the CLI (zoo miniature → prune --ratio 0.5 → vanilla reload). The full matrix (merge,
+HEAPr, quantize too) is the slow test below and bench/families_bench.py."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moecompress.arch.families import unsupported_reason
+from moecompress.arch.layers import layer_pattern
+from moecompress.io.checkpoint import auto_class, read_config
+from tests.helpers import calib_file, run_cli
+
+REAL = Path("/work/shared/real-configs")
+CONFIGS = sorted(REAL.glob("*.json")) if REAL.is_dir() else []
+pytestmark = pytest.mark.skipif(not CONFIGS, reason="shared/real-configs not present")
+# What the real checkpoints are, as their model cards describe them (dense-first layers, hybrid periods, MTP).
+EXPECTED_PATTERN = {
+    "DeepSeek-V3": "3×attention/dense, 58×attention/moe (+1 MTP)",
+    "Qwen3.5-35B-A3B": "10×[3×linear-attention/moe, 1×attention/moe] (+1 MTP)",
+    "Qwen3-Next-80B-A3B-Thinking.RESERIALIZED": "12×[3×linear-attention/moe, 1×attention/moe]",
+    "Mixtral-8x7B-v0.1": "32×attention/moe",
+    "Llama-4-Maverick-17B-128E-Instruct": "24×[1×attention/dense, 1×attention/moe]",
+}
+EXPECTED_PARAMS_B = {"Qwen3-30B-A3B": 30.53, "Mixtral-8x7B-v0.1": 46.70, "gpt-oss-120b": 116.83, "DeepSeek-V3": 671.03,
+                     "OLMoE-1B-7B-0924": 6.92, "Qwen3-235B-A22B": 235.09}  # SOURCES.md
+
+
+def _supported(config: dict) -> bool:
+    return unsupported_reason(config["model_type"]) is None
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_layer_pattern_from_config_alone(path):
+    config = json.loads(path.read_text())
+    pattern = layer_pattern(config)
+    assert pattern.layers and pattern.moe_layers
+    if _supported(config):
+        assert pattern.family is not None
+    else:
+        assert pattern.unsupported and "not supported" in pattern.unsupported
+    if path.stem in EXPECTED_PATTERN:
+        assert pattern.summary() == EXPECTED_PATTERN[path.stem]
+    if path.stem in EXPECTED_PARAMS_B:
+        assert abs(pattern.total_params / 1e9 - EXPECTED_PARAMS_B[path.stem]) < 0.01
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_miniature_prune_reload(path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path / "cache"))
+    config = json.loads(path.read_text())
+    mini = tmp_path / "mini"
+    code, _, err = run_cli(["zoo", "miniature", path, "--out", mini], capsys)
+    assert code == 0, err
+    saved = read_config(mini)
+    assert saved["model_type"] == config["model_type"]
+    import transformers
+
+    if all(hasattr(transformers, a) for a in config.get("architectures") or []):  # else: remote-code class names
+        assert saved.get("architectures") == config.get("architectures")
+    assert isinstance(saved.get("text_config"), dict) == isinstance(config.get("text_config"), dict)
+    calib = calib_file(tmp_path / "c.jsonl", n=20)
+    args = ["prune", mini, "--out", tmp_path / "p", "--ratio", "0.5", "--calib", calib, "--calib-samples", "4",
+            "--calib-seqlen", "32"]
+    code, _, err = run_cli(args, capsys)
+    if not _supported(config):  # named in one line, exit 2, no traceback
+        assert code == 2 and "not supported" in err and "Traceback" not in err
+        return
+    assert code == 0, err
+    out_cfg = read_config(tmp_path / "p")
+    model, info = auto_class(out_cfg).from_pretrained(tmp_path / "p", output_loading_info=True)
+    assert not any(info.values()), info
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_full_pass_matrix(path, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path / "cache"))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from families_bench import run_config
+
+    config = json.loads(path.read_text())
+    row = run_config(path.stem, config, tmp_path, calib_file(tmp_path / "c.jsonl", n=40))
+    if not _supported(config):
+        assert all(v.startswith("exit 2") for k, v in row.items() if k in ("prune", "merge", "heapr", "quantize"))
+        return
+    bad = {k: v for k, v in row.items() if not k.endswith("_s") and v != "ok"}
+    assert not bad, bad
+
+
+def test_mtp_layers_are_dropped_explicitly(tmp_path, capsys, monkeypatch):
+    """DeepSeek-V3 announces 1 MTP layer that transformers never loads: the pruned checkpoint says 0 and the report,
+    provenance and model card say why (never a config announcing weights that are not there)."""
+    monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path / "cache"))
+    path = REAL / "DeepSeek-V3.json"
+    mini = tmp_path / "mini"
+    assert run_cli(["zoo", "miniature", path, "--out", mini], capsys)[0] == 0
+    assert read_config(mini)["num_nextn_predict_layers"] == 1  # the miniature keeps the structure
+    calib = calib_file(tmp_path / "c.jsonl", n=20)
+    code, _, err = run_cli(["prune", mini, "--out", tmp_path / "p", "--ratio", "0.5", "--calib", calib,
+                            "--calib-samples", "4", "--calib-seqlen", "32"], capsys)
+    assert code == 0, err
+    assert read_config(tmp_path / "p")["num_nextn_predict_layers"] == 0
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert "dropped 1 multi-token-prediction layer" in report["mtp"]
+    prov = json.loads((tmp_path / "p" / "moecompress.json").read_text())
+    assert "multi-token-prediction" in prov["passes"][-1]["mtp"]
+    from moecompress.io.model_card import build_model_card
+
+    assert "Multi-token prediction: dropped 1" in str(build_model_card(tmp_path / "p", "me/x"))
