@@ -307,7 +307,6 @@ def _inspect_headers(path: Path) -> Inspection:
         total_bytes=total_b,
         expert_fraction=(groups["routed_experts"].params / total_p) if total_p else 0.0,
         tensors=tensors,
-        layer_pattern=_pattern(config) or "",
     )
 
 
