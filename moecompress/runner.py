@@ -162,6 +162,8 @@ def run_pass(cfg: PassConfig, src: Path, out: Path, *, calibration: Any = None, 
     ctx = PassContext(model=model, tokenizer=tok, adapter=adapter, config=cfg, get_stats=get_stats,
                       get_calibration=get_calibration, console=console)
     details = registered.fn(ctx)
+    if "heal" in type(cfg).model_fields:  # prune / merge / neuron pruning: what removal cost, and heal
+        details.update(structural_pass_quality(cfg, details, model, src, opts, get_calibration, get_stats, console))
     pass_seconds = time.perf_counter() - t0
     entry = {"pass": cfg.name, "config": cfg.model_dump(mode="json"), "summary": details.get("summary", "")}
     extra = {"recipe.yaml": recipe_text} if recipe_text else None
@@ -191,6 +193,23 @@ def run_pass(cfg: PassConfig, src: Path, out: Path, *, calibration: Any = None, 
 
         plot_pass(out, report, cache.get("stats"))
     return report
+
+
+def structural_pass_quality(cfg: PassConfig, details: dict[str, Any], model: Any, src: Path, opts: RunOptions,
+                            get_calibration: Callable[[], Any], get_stats: Callable[[], Any],
+                            console: Any = None) -> dict[str, Any]:
+    """Routed mass removed, calibration KL to the input, and heal when the pass config asks for it."""
+    from moecompress.heal.run import after_pass
+
+    spec = getattr(cfg, "heal", None)
+    try:
+        calib = get_calibration()
+    except UserError:
+        if spec is not None:
+            raise
+        return {"calibration_kl": {"note": "no calibration data: removed routed mass and calibration KL not measured"}}
+    return after_pass(model, lambda: load_model(src, dtype=opts.dtype, tokenizer=False).model, calib, get_stats,
+                      cfg.name, details, spec, console)
 
 
 def eval_data_dir(eval_spec: Any, model_dir: Path) -> Path | None:
@@ -255,7 +274,8 @@ def run_recipe(recipe: Any, out: Path, *, model: Path | None = None, opts: RunOp
     if src is None:
         raise UserError("no model: set `model:` in the recipe or pass MODEL on the command line")
     hf_config, adapter = check_model_dir(src)
-    for cfg in recipe.passes:  # fail before any weight loads
+    passes = [with_reference(cfg, src) for cfg in recipe.passes]
+    for cfg in passes:  # fail before any weight loads
         cfg.check(adapter, hf_config)
         hf_config = planned_config(cfg, adapter, hf_config)
     if out.exists() and any(out.iterdir()) and not (out / "recipe.yaml").exists() and not opts.overwrite:
@@ -264,7 +284,7 @@ def run_recipe(recipe: Any, out: Path, *, model: Path | None = None, opts: RunOp
     if recipe.text:
         (out / "recipe.yaml").write_text(recipe.text)
     reports: list[dict[str, Any]] = []
-    for i, cfg in enumerate(recipe.passes, start=1):
+    for i, cfg in enumerate(passes, start=1):
         step = out / f"{i:02d}-{cfg.name}"
         for stale in out.glob(f".{step.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -275,7 +295,7 @@ def run_recipe(recipe: Any, out: Path, *, model: Path | None = None, opts: RunOp
             src = step
             continue
         if console:
-            console.rule(f"step {i}/{len(recipe.passes)}: {cfg.name}")
+            console.rule(f"step {i}/{len(passes)}: {cfg.name}")
         step_opts = opts.model_copy(update={"overwrite": True})  # a step dir without report is unfinished
         reports.append(run_pass(cfg, src, step, calibration=recipe.calibration, eval_spec=recipe.eval,
                                 opts=step_opts, console=console, recipe_text=recipe.text or None))
@@ -284,6 +304,13 @@ def run_recipe(recipe: Any, out: Path, *, model: Path | None = None, opts: RunOp
 
     write_run_summary(out, reports)
     return reports
+
+
+def with_reference(cfg: PassConfig, recipe_input: Path) -> PassConfig:
+    """A `heal` step without `reference:` heals against the recipe's input model."""
+    if cfg.name == "heal" and getattr(cfg, "reference", "") is None:
+        return cfg.model_copy(update={"reference": str(recipe_input)})
+    return cfg
 
 
 def planned_config(cfg: PassConfig, adapter: Any, hf_config: dict[str, Any]) -> dict[str, Any]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from moecompress.arch.adapter import moe_layers
 from moecompress.errors import UserError
+from moecompress.heal.spec import HealOption, HealSpec
 from moecompress.passes import criteria
 from moecompress.passes.base import ExpertCountConfig, PassContext, register_pass
 from moecompress.surgery import check_group_balance, keep_experts, sync_config
@@ -24,6 +25,19 @@ class PruneExpertsConfig(ExpertCountConfig):
     super_expert_factor: float = Field(10.0, gt=1)
     layers: list[int] | None = None
     seed: int = 0
+    select: Literal["criterion", "reconstruct"] = Field(
+        "criterion", description="criterion: keep the top-scoring experts; reconstruct: search the kept set per "
+        "layer on the healed block-output error (seeded by the criterion's set; implies heal)")
+    beam: int = Field(1, ge=1, description="select reconstruct: beam width of the backward elimination (1 = greedy)")
+    heal: HealOption = Field(None, description="after pruning, fit the kept experts and router to the original "
+                             "layer outputs (true, or a mapping of heal settings)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reconstruct_heals(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("select") == "reconstruct" and data.get("heal") in (None, True):
+            data = {**data, "heal": HealSpec()}
+        return data
 
     @property
     def needs_stats_for(self) -> bool:
@@ -69,6 +83,17 @@ def prune_experts(ctx: PassContext) -> dict[str, Any]:
         check_group_balance(adapter, model.config, e, keep)
         kept[layer.index] = keep
         details[str(layer.index)] = info
+    if cfg.select == "reconstruct":
+        from moecompress.heal.run import calibration_batches, reconstruct_selection
+
+        seeds = dict(kept)  # the criterion's own set competes with the search
+        protect = {i: d["protected"] for i, d in ((int(k), v) for k, v in details.items()) if d["protected"]}
+        chosen, search = reconstruct_selection(model, calibration_batches(ctx.get_calibration()), n_keep, groups,
+                                               cfg.heal or HealSpec(), cfg.beam, seeds, protect)
+        for idx, keep in chosen.items():
+            check_group_balance(adapter, model.config, e, keep)
+            details[str(idx)]["reconstruct"] = search[str(idx)]
+            kept[idx] = keep
     for layer in layers:
         keep_experts(layer, kept[layer.index])
     sync_config(model, adapter)

@@ -25,6 +25,8 @@ from pydantic import Field, field_validator
 from moecompress.arch.adapter import MoEAdapter, decoder_layers, moe_layers
 from moecompress.arch.experts import ExpertView
 from moecompress.calib.collect import _ACTIVE, TAP_IMPLEMENTATION, stored_expert_forward
+from moecompress.calib.layers import capture_layer_inputs as _capture_layer_inputs
+from moecompress.calib.layers import layer_output as _layer_out
 from moecompress.errors import UserError
 from moecompress.passes.base import PassConfig, PassContext, register_pass
 from moecompress.quant.gptq import HessianAccumulator, gptq_quantize_batch, output_error
@@ -126,35 +128,6 @@ def _quantize_stack(ws: torch.Tensor, hs: list[torch.Tensor | None], bits: int, 
     if cfg.method == "rtn":
         return [quantize_rtn(w, bits, group_size) for w in ws]
     return gptq_quantize_batch(ws, hs, bits, group_size, damp=cfg.damp, act_order=cfg.act_order)
-
-
-def _capture_layer_inputs(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]):
-    """Hidden states entering layer 0 and each layer's keyword arguments (masks, positions), per batch."""
-    layers = decoder_layers(model)
-    first: list[torch.Tensor] = []
-    kwargs: dict[int, list[dict[str, Any]]] = defaultdict(list)
-
-    def grab(i: int):
-        def hook(mod, args, kw):  # noqa: ANN001
-            if i == 0:
-                first.append((args[0] if args else kw["hidden_states"]).detach())
-            kwargs[i].append({k: v for k, v in kw.items() if k != "hidden_states"})
-            return None
-        return hook
-
-    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            for ids, mask in batches:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return first, kwargs
-
-
-def _layer_out(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
 
 
 @register_pass(QuantizeConfig)
