@@ -163,7 +163,14 @@ def run_pass(cfg: PassConfig, src: Path, out: Path, *, calibration: Any = None, 
                       get_calibration=get_calibration, console=console)
     details = registered.fn(ctx)
     if "heal" in type(cfg).model_fields:  # prune / merge / neuron pruning: what removal cost, and heal
-        details.update(structural_pass_quality(cfg, details, model, src, opts, get_calibration, get_stats, console))
+        def stats_of_input(ref_model: Any) -> Stats:  # the pass's own statistics, else the reloaded input's
+            if "stats" not in cache:
+                cache["stats"] = obtain_stats(ref_model, get_calibration, src, resolve_calibration(calibration, src),
+                                              opts, console)
+            return cache["stats"]
+
+        details.update(structural_pass_quality(cfg, details, model, src, opts, get_calibration, stats_of_input,
+                                               console))
     pass_seconds = time.perf_counter() - t0
     entry = {"pass": cfg.name, "config": cfg.model_dump(mode="json"), "summary": details.get("summary", "")}
     extra = {"recipe.yaml": recipe_text} if recipe_text else None
@@ -196,7 +203,7 @@ def run_pass(cfg: PassConfig, src: Path, out: Path, *, calibration: Any = None, 
 
 
 def structural_pass_quality(cfg: PassConfig, details: dict[str, Any], model: Any, src: Path, opts: RunOptions,
-                            get_calibration: Callable[[], Any], get_stats: Callable[[], Any],
+                            get_calibration: Callable[[], Any], get_stats: Callable[[Any], Any],
                             console: Any = None) -> dict[str, Any]:
     """Routed mass removed, calibration KL to the input, and heal when the pass config asks for it."""
     from moecompress.heal.run import after_pass

@@ -129,11 +129,12 @@ def reconstruct_selection(model: torch.nn.Module, batches: Batches, n_keep: int,
 
 
 def after_pass(model: torch.nn.Module, load_reference: Callable[[], torch.nn.Module], calib: Any,
-               get_stats: Callable[[], Any] | None, pass_name: str, details: dict[str, Any], spec: HealSpec | None,
+               get_stats: Callable[[torch.nn.Module], Any] | None, pass_name: str, details: dict[str, Any], spec: HealSpec | None,
                console: Any = None, groups: dict[int, list[Group]] | None = None) -> dict[str, Any]:
     """Report numbers every prune / merge / neuron-pruning run carries, and heal when `spec` is given.
 
-    `groups` (which original experts each kept expert stands for) defaults to what the pass `details` say.
+    `groups` (which original experts each kept expert stands for) defaults to what the pass `details` say;
+    `get_stats(reference_model)` gives routing statistics of the input (the pass's own, or collected on it).
     """
     ref = load_reference()
     layer_ids = [ly.index for ly in moe_layers(model)]
@@ -144,7 +145,7 @@ def after_pass(model: torch.nn.Module, load_reference: Callable[[], torch.nn.Mod
         removed = {i: sorted(set(range(n_ref)) - {g.anchor for g in gs}) for i, gs in groups.items()}
     out: dict[str, Any] = {}
     if get_stats is not None and any(removed.values()):
-        out["removed_routed_mass"] = removed_routed_mass(get_stats(), removed)
+        out["removed_routed_mass"] = removed_routed_mass(get_stats(ref), removed)
     batches = calibration_batches(calib)
     holdout = (spec or HealSpec()).holdout
     held = held_out_batches(batches, holdout)
