@@ -52,10 +52,19 @@ def rel_error(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = N
     return float((pred.double() - y.double()).pow(2).sum() / y.double().pow(2).sum().clamp_min(1e-30))
 
 
-def block_errors(layer: MoELayer, data: BlockData) -> dict[str, float]:
-    """Relative block-output error of the live block on the fitted and on the held-out tokens."""
-    out = block_output(layer, data.x)
-    return {"fit": rel_error(out, data.y, data.fit), "held": rel_error(out, data.y, data.held)}
+def block_errors(layer: MoELayer, data: BlockData, fit: bool = True) -> dict[str, float]:
+    """Relative block-output error of the live block on the held-out (and, if asked, the fitted) tokens."""
+    out = {"held": rel_error(block_output(layer, data.x[data.held]), data.y[data.held])}
+    if fit:
+        out["fit"] = rel_error(block_output(layer, data.x[data.fit]), data.y[data.fit])
+    return out
+
+
+def other_output(layer: MoELayer, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    """What the block adds besides the routed experts (shared experts); exactly zero when it has none."""
+    if not layer.shared():
+        return torch.zeros_like(routed)
+    return block_output(layer, x) - routed
 
 
 def check_healable(layer: MoELayer) -> None:
@@ -113,30 +122,36 @@ def solve_down(parts: list[ExpertTokens], down: list[torch.Tensor], target: torc
     contrib = []
     for p, wd in zip(parts, w, strict=True):
         c = p.act @ wd.T + (p.gbias if p.gbias is not None else 0)
-        pred.index_add_(0, p.tok, c)
+        pred.index_put_((p.tok,), c, accumulate=True)
         contrib.append(c)
 
     def mse() -> float:
         return float((target[fit] - pred[fit]).pow(2).sum())
 
     history = [mse()]
+    factors: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}  # per expert: fitted rows, Cholesky, λ
     for _ in range(sweeps):
         for e, p in enumerate(parts):
             if p.tok.numel() == 0:
                 continue
-            m = fit[p.tok]
-            if not bool(m.any()):
-                continue
+            if e not in factors:
+                m = fit[p.tok]
+                if not bool(m.any()):
+                    continue
+                a = p.act[m]
+                gram = a.T @ a
+                lam = ridge * float(gram.diagonal().mean()) + 1e-12
+                eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+                factors[e] = (m, torch.linalg.cholesky(gram + lam * eye), lam)
+            m, chol, lam = factors[e]
             a = p.act[m]
-            resid = target[p.tok[m]] - (pred[p.tok[m]] - contrib[e][m])
+            rows = p.tok[m]
+            resid = target[rows] - (pred[rows] - contrib[e][m])
             if p.gbias is not None:
                 resid = resid - p.gbias[m]
-            gram = a.T @ a
-            lam = ridge * float(gram.diagonal().mean()) + 1e-12
-            eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-            w[e] = torch.linalg.solve(gram + lam * eye, a.T @ resid + lam * w[e].T).T
+            w[e] = torch.cholesky_solve(a.T @ resid + lam * w[e].T, chol).T
             c = p.act @ w[e].T + (p.gbias if p.gbias is not None else 0)
-            pred.index_add_(0, p.tok, c - contrib[e])
+            pred.index_put_((p.tok,), c - contrib[e], accumulate=True)
             contrib[e] = c
         history.append(mse())
     return w, pred, history
@@ -158,7 +173,7 @@ def expert_tokens(layer: MoELayer, x: torch.Tensor, w: ExpertWeights | None = No
         out, act = apply_expert(layer.experts, layer.adapter.layout, w.select(e), xd[tok])
         gb = g * w.down_bias[e].double() if w.down_bias is not None else None
         parts.append(ExpertTokens(tok=tok, act=g * act.double(), gbias=gb))
-        routed.index_add_(0, tok, g * out.double())
+        routed.index_put_((tok,), g * out.double(), accumulate=True)
     return parts, routed
 
 
@@ -166,8 +181,7 @@ def fit_down(layer: MoELayer, data: BlockData, ridge: float, sweeps: int) -> dic
     """(b): ridge least squares of every kept expert's down projection, the router and gate/up fixed."""
     w = ExpertView(layer).get_all()
     parts, routed = expert_tokens(layer, data.x, w)
-    other = block_output(layer, data.x) - routed  # shared experts and anything else the block adds
-    target = data.y.double() - other
+    target = data.y.double() - other_output(layer, data.x, routed)
     new, _, history = solve_down(parts, list(w.down.unbind(0)), target, data.fit, ridge, sweeps)
     replace_experts(layer, w.with_(down=torch.stack(new).to(w.down.dtype)))
     norm = float(data.y[data.fit].double().pow(2).sum().clamp_min(1e-30))
@@ -258,7 +272,7 @@ def heal_block(ref_layer: MoELayer, layer: MoELayer, data: BlockData, groups: li
     """(a) → (b) → (c) on one block, each measured on fitted and held-out tokens; a step that raises the
     held-out error is undone when `spec.revert_worse`."""
     check_healable(layer)
-    report: dict[str, Any] = {"start": block_errors(layer, data)}
+    report: dict[str, Any] = {"start": block_errors(layer, data, fit=False)}
     current = report["start"]["held"]
     steps = []
     if spec.router:
@@ -271,7 +285,7 @@ def heal_block(ref_layer: MoELayer, layer: MoELayer, data: BlockData, groups: li
     for name, fn in steps:
         before = _snapshot(layer)
         info = fn()
-        errs = block_errors(layer, data)
+        errs = block_errors(layer, data, fit=False)
         entry: dict[str, Any] = {**info, **{k: round(v, 6) for k, v in errs.items()}}
         if spec.revert_worse and errs["held"] > current * (1 + 1e-9):
             overwrite_block_tensors(layer, before)

@@ -17,7 +17,7 @@ class HealSpec(BaseModel):
     router_ridge: float = Field(1e-3, ge=0, description="(a) ridge towards the current rows, relative to the Gram diagonal")
     ridge: float = Field(1e-2, ge=0, description="(b) ridge towards the current down projection, relative")
     sweeps: int = Field(2, ge=1, description="(b) passes over the experts (each can only lower the fitted MSE)")
-    lr: float = Field(1e-4, gt=0, description="(c) Adam learning rate")
+    lr: float = Field(1e-3, gt=0, description="(c) Adam learning rate")
     batch_tokens: int = Field(2048, ge=16, description="(c) tokens per Adam step")
     eval_every: int = Field(10, ge=1, description="(c) steps between held-out checks")
     patience: int = Field(3, ge=1, description="(c) held-out checks without improvement before stopping")

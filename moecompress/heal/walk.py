@@ -75,26 +75,45 @@ def walk_two_streams(ref_model: torch.nn.Module, model: torch.nn.Module, batches
         row += ids.shape[0]
     held = torch.cat(held_parts)
     previous = [getattr(m.config, "_experts_implementation", None) for m in (ref_model, model)]
-    for m in (ref_model, model):  # differentiable, deterministic, the same arithmetic in both streams
+    for m in (ref_model, model):  # on CPU the per-expert loop beats grouped_mm at these sizes, and it is exact
         m.set_experts_implementation("eager")
     try:
-        h_ref, kw_ref = capture_layer_inputs(ref_model, batches)
-        h_cmp, kw_cmp = capture_layer_inputs(model, batches)
-        for i, (lr, lc) in enumerate(zip(decoder_layers(ref_model), decoder_layers(model), strict=True)):
-            if i in cmp_moe:
-                x_ref, y_ref, h_ref = _run_block_layer(lr, ref_moe[i].block, h_ref, kw_ref[i], True)
-                x_cmp, _, _ = _run_block_layer(lc, cmp_moe[i].block, h_cmp, kw_cmp[i], False)
-                data = BlockData(x=_flat(x_cmp, masks), x_ref=_flat(x_ref, masks),
-                                 y=_flat(y_ref, masks).double(), held=held)
-                on_layer(i, ref_moe[i], cmp_moe[i], data)
-            else:
-                with torch.no_grad():
-                    h_ref = [layer_output(lr(h, **kw_ref[i][b])) for b, h in enumerate(h_ref)]
-            with torch.no_grad():
-                h_cmp = [layer_output(lc(h, **kw_cmp[i][b])) for b, h in enumerate(h_cmp)]
-            if progress is not None:
-                progress()
+        _walk(ref_model, model, batches, on_layer, ref_moe, cmp_moe, masks, held, progress)
     finally:
         for m, prev in zip((ref_model, model), previous, strict=True):
             if prev is not None:
                 m.set_experts_implementation(prev)
+
+
+def _walk(ref_model, model, batches, on_layer, ref_moe, cmp_moe, masks, held, progress) -> None:  # noqa: ANN001
+    h_ref, kw_ref = capture_layer_inputs(ref_model, batches)
+    if _same_embeddings(ref_model, model):  # structural passes never touch embeddings: one capture serves both
+        h_cmp, kw_cmp = list(h_ref), kw_ref
+    else:
+        h_cmp, kw_cmp = capture_layer_inputs(model, batches)
+    for i, (lr, lc) in enumerate(zip(decoder_layers(ref_model), decoder_layers(model), strict=True)):
+        if i in cmp_moe:
+            x_ref, y_ref, h_ref = _run_block_layer(lr, ref_moe[i].block, h_ref, kw_ref[i], True)
+            x_cmp, _, _ = _run_block_layer(lc, cmp_moe[i].block, h_cmp, kw_cmp[i], False)
+            data = BlockData(x=_flat(x_cmp, masks), x_ref=_flat(x_ref, masks),
+                             y=_flat(y_ref, masks).double(), held=held)
+            on_layer(i, ref_moe[i], cmp_moe[i], data)
+        else:
+            with torch.no_grad():
+                h_ref = [layer_output(lr(h, **kw_ref[i][b])) for b, h in enumerate(h_ref)]
+        with torch.no_grad():
+            h_cmp = [layer_output(lc(h, **kw_cmp[i][b])) for b, h in enumerate(h_cmp)]
+        if progress is not None:
+            progress()
+
+
+def _same_embeddings(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Same embedding weights and the same config apart from expert count/width: the layer-0 inputs and every
+    layer's keyword arguments (positions, masks) are then identical."""
+    ea, eb = a.get_input_embeddings().weight, b.get_input_embeddings().weight
+    if ea.shape != eb.shape or not bool(torch.equal(ea, eb)):
+        return False
+    adapter = adapter_for(b)
+    skip = {*adapter.count_keys, adapter.width_key, "_name_or_path", "transformers_version"}
+    ca, cb = a.config.to_dict(), b.config.to_dict()
+    return {k: v for k, v in ca.items() if k not in skip} == {k: v for k, v in cb.items() if k not in skip}
