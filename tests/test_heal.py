@@ -197,3 +197,24 @@ def test_heal_recipe_step_uses_the_recipe_input(tmp_path: Path, cache_dir, capsy
     assert "removed_routed_mass" in merged and merged["calibration_kl"]["healed"] is None
     kl = rep["details"]["calibration_kl"]
     assert kl["healed"] <= kl["unhealed"] * (1 + 1e-6)
+
+
+def test_select_reconstruct_from_the_cli_and_masked_layout_says_it_saves_nothing(tmp_path: Path, cache_dir, capsys):
+    ref = tiny_checkpoint(tmp_path / "ref", num_experts=8)
+    calib = calib_file(tmp_path / "c.jsonl")
+    code, out, err = run_cli(["prune", ref, "--out", tmp_path / "s", "--keep", "4", "--select", "reconstruct",
+                              "--calib", calib, *CALIB], capsys)
+    assert code == 0, err
+    d = json.loads((tmp_path / "s" / "report.json").read_text())["details"]
+    assert d["heal"]["spec"]["router"] and d["calibration_kl"]["healed"] is not None  # reconstruct implies heal
+    for layer in ("0", "1"):
+        info = d["layers"][layer]["reconstruct"]
+        assert len(set(d["kept"][layer])) == 4 and set(d["kept"][layer]) <= set(range(8))
+        assert info["healed_error"] <= info["seed_healed_error"] * (1 + 1e-9)
+    code, out, err = run_cli(["prune", ref, "--out", tmp_path / "m", "--neuron-ratio", "0.5", "--criterion",
+                              "magnitude", "--layout", "masked", "--calib", calib, *CALIB], capsys)
+    assert code == 0, err
+    assert "saves NO bytes" in out.replace("\n", " ") and "saves NO bytes" in (tmp_path / "m" / "report.md").read_text()
+    code, _, err = run_cli(["prune", ref, "--out", tmp_path / "x", "--neuron-ratio", "0.5", "--select",
+                            "reconstruct", "--calib", calib, *CALIB], capsys)
+    assert code == 2 and "--select" in err and not (tmp_path / "x").exists()

@@ -74,7 +74,7 @@ def groups_from_details(pass_name: str, details: dict[str, Any], layer_ids: list
         kept = details.get("kept") or (details.get("experts") or {}).get("kept")
         for i in layer_ids:
             keep = kept[str(i)] if kept else list(range(n_ref))
-            groups[i] = [Group([k]) for k in sorted(keep)]
+            groups[i] = [Group([int(k)]) for k in keep]  # keep_experts keeps them in this order
     removed = {i: sorted(set(range(n_ref)) - {g.anchor for g in gs}) for i, gs in groups.items()}
     return groups, removed
 
