@@ -119,6 +119,21 @@ TARGET = typer.Option(None, "--target", help="vllm: serving checks (expert count
                       "widths multiple of 64, 4/8-bit, group size -1/32/64/128) become errors, raised before "
                       "anything loads. Default: they are warnings.")
 EP_SIZE = typer.Option(None, "--ep-size", min=1, help="Expert-parallel size the output's expert count must divide by.")
+HEAL = typer.Option(False, "--heal", help="After removal, fit each layer's kept experts (router rows + down "
+                    "projections, closed form) to the original layer's outputs on the calibration data, bottom up.")
+HEAL_STEPS = typer.Option(0, "--heal-steps", help="Also run N steps of fp32 Adam per layer on experts + router, "
+                          "early-stopped on held-out calibration tokens (implies --heal).")
+
+
+def heal_option(heal: bool, steps: int) -> dict | None:
+    """--heal / --heal-steps as the pass config's `heal` field."""
+    if steps < 0:
+        raise UserError("--heal-steps must be ≥ 0")
+    if not heal and not steps:
+        return None
+    return {"steps": steps}
+
+
 STATS_CACHE = typer.Option(None, "--stats-cache", help="Where calibration statistics are cached "
                            "(default ~/.cache/moecompress/stats or $MOECOMPRESS_CACHE).")
 
@@ -267,6 +282,18 @@ def print_report(report: dict) -> None:
     for task, metric, b, c, r in eval_rows(report):
         t.add_row(f"{task} {metric}", f"{b:.4g}", f"{c:.4g}" + (f" ({r:.1f}%)" if r is not None else ""))
     console.print(t)
+    details = report.get("details") or {}
+    kl = details.get("calibration_kl") or {}
+    if kl.get("unhealed") is not None:
+        healed = kl.get("healed")
+        console.print(f"calibration KL to the input: {kl['unhealed']:.4g} unhealed"
+                      + (f" → {healed:.4g} healed" if healed is not None else " (no --heal)"))
+    mass = details.get("removed_routed_mass")
+    if mass:
+        console.print("routed probability mass of the removed experts per layer: "
+                      + ", ".join(f"L{k} {100 * v:.1f}%" for k, v in mass.items()))
+    if details.get("bytes_note"):
+        console.print(f"[yellow]{details['bytes_note']}[/]")
     console.print(f"time {report['seconds']:.1f}s · peak RSS {report['peak_rss_mb']:.0f} MiB · reload verified "
                   f"(max logit diff {_logit_diff(report['verify']):.2g})")
 
@@ -314,6 +341,11 @@ def prune_cmd(
                                "selection written as zeros in same-shape tensors, to measure it)."),
     expert_criterion: str | None = typer.Option(None, "--expert-criterion", help="Expert criterion when --ratio/"
                                                 "--keep is combined with --neuron-ratio (default reap)."),
+    select: str = typer.Option("criterion", "--select", help="criterion: keep the experts the criterion scores "
+                               "highest | reconstruct: per layer, search the kept set on the block-output error "
+                               "after heal (seeded by --criterion; implies --heal; best at high ratios)."),
+    beam: int = typer.Option(1, "--beam", help="--select reconstruct: beam width (1 = greedy elimination)."),
+    heal: bool = HEAL, heal_steps: int = HEAL_STEPS,
     calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
     calib_seed: int = CALIB_SEED, calib_domain: str | None = CALIB_DOMAIN,
     evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA, overwrite: bool = OVERWRITE,
@@ -326,6 +358,8 @@ def prune_cmd(
     Example: moecompress prune ref --out ref-p25 --ratio 0.25 --criterion reap --eval ref_ppl,ref_mc
 
     Neurons (HEAPr): moecompress prune ref --out ref-n25 --neuron-ratio 0.25 --criterion heapr
+
+    Repair what removal cost: add --heal (closed form) or --heal-steps 200; at 75% also try --select reconstruct.
     """
     from moecompress.passes.prune_atomic import ATOMIC_CRITERIA, PruneAtomicConfig
     from moecompress.passes.prune_experts import PruneExpertsConfig
@@ -335,12 +369,12 @@ def prune_cmd(
         if criterion is not None and criterion not in ATOMIC_CRITERIA:
             raise UserError(f"--criterion {criterion} ranks whole experts; with --neuron-ratio use one of "
                             f"{' | '.join(ATOMIC_CRITERIA)} (and --expert-criterion {criterion} for the experts)")
-        if protect_super_experts or layers:
-            raise UserError("--protect-super-experts and --layers apply to expert pruning alone; drop them when "
-                            "using --neuron-ratio")
+        if protect_super_experts or layers or select != "criterion":
+            raise UserError("--protect-super-experts, --layers and --select apply to expert pruning alone; drop them "
+                            "when using --neuron-ratio")
         run_one(PruneAtomicConfig, dict(neuron_ratio=neuron_ratio, criterion=criterion, layout=layout,
                                         expert_ratio=ratio, expert_keep=keep, expert_criterion=expert_criterion,
-                                        seed=seed),
+                                        seed=seed, heal=heal_option(heal, heal_steps)),
                 model, out, calib=calibration, evals=evals, eval_data=eval_data, overwrite=overwrite, dtype=dtype,
                 stats_cache=stats_cache, device=device, max_memory=max_memory, max_shard_size=max_shard_size,
                 target=target, ep_size=ep_size, revision=revision)
@@ -351,7 +385,7 @@ def prune_cmd(
         raise UserError("--layout and --expert-criterion apply to neuron pruning; add --neuron-ratio R")
     run_one(PruneExpertsConfig, dict(ratio=ratio, keep=keep, criterion=criterion,
                                      protect_super_experts=protect_super_experts, layers=parse_layers(layers),
-                                     seed=seed),
+                                     seed=seed, select=select, beam=beam, heal=heal_option(heal, heal_steps)),
             model, out, calib=calibration, evals=evals,
             eval_data=eval_data, overwrite=overwrite, dtype=dtype, stats_cache=stats_cache, device=device,
             max_memory=max_memory, max_shard_size=max_shard_size, target=target, ep_size=ep_size, revision=revision)
@@ -377,6 +411,7 @@ def merge_cmd(
     align: str = typer.Option("both", "--align", help="Neuron alignment before averaging: activation | weight | both | none."),
     group_size: int | None = typer.Option(None, "--group-size", help="ream: most experts one group may hold."),
     seed: int = typer.Option(0, "--seed", help="Seed for --method kmeans."),
+    heal: bool = HEAL, heal_steps: int = HEAL_STEPS,
     calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
     calib_seed: int = CALIB_SEED, calib_domain: str | None = CALIB_DOMAIN,
     evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA, overwrite: bool = OVERWRITE,
@@ -391,7 +426,8 @@ def merge_cmd(
     from moecompress.passes.merge_experts import MergeExpertsConfig
 
     run_one(MergeExpertsConfig, dict(ratio=ratio, keep=keep, method=method, merge=merge, router=router, rank=rank,
-                                     energy=energy, align=align, group_size=group_size, seed=seed),
+                                     energy=energy, align=align, group_size=group_size, seed=seed,
+                                     heal=heal_option(heal, heal_steps)),
             model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, calib_domain, model), evals=evals,
             eval_data=eval_data, overwrite=overwrite, dtype=dtype, stats_cache=stats_cache, device=device,
             max_memory=max_memory, max_shard_size=max_shard_size, target=target, ep_size=ep_size, revision=revision)
@@ -434,6 +470,30 @@ def quantize_cmd(
             model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, model=model), evals=evals,
             eval_data=eval_data, overwrite=overwrite, dtype=dtype, device=device, max_memory=max_memory,
             max_shard_size=max_shard_size, target=target, ep_size=ep_size, revision=revision)
+
+
+@app.command("heal")
+def heal_cmd(
+    compressed: Path = typer.Argument(..., help="A pruned / merged / neuron-pruned checkpoint (never modified)."),
+    reference: Path = typer.Option(..., "--reference", "-r", help="The checkpoint COMPRESSED was made from."),
+    out: Path = OUT,
+    heal_steps: int = typer.Option(0, "--heal-steps", help="fp32 Adam steps per layer after the closed-form fits "
+                                   "(early-stopped on held-out calibration tokens)."),
+    router: bool = typer.Option(True, "--router/--no-router", help="(a) least-squares router rows."),
+    down: bool = typer.Option(True, "--down/--no-down", help="(b) ridge least-squares down projections."),
+    calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
+    calib_seed: int = CALIB_SEED, evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA,
+    overwrite: bool = OVERWRITE, dtype: str | None = DTYPE,
+) -> None:
+    """Repair a compressed checkpoint layer by layer against the original's outputs; shapes stay the same.
+
+    Example: moecompress heal ref-p50 --reference ref --out ref-p50-healed --eval ref_ppl
+    """
+    from moecompress.passes.heal import HealConfig
+
+    run_one(HealConfig, dict(reference=str(reference), steps=heal_steps, router=router, down=down),
+            compressed, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, model=compressed),
+            evals=evals, eval_data=eval_data, overwrite=overwrite, dtype=dtype)
 
 
 @app.command("sweep")

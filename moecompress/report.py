@@ -39,6 +39,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append(f"| parameters | {pb:,} | {pa:,} | {100 * (pa - pb) / max(pb, 1):+.1f}% |")
     lines.append(f"| bytes on disk | {human_bytes(bb)} | {human_bytes(ba)} | {100 * (ba - bb) / max(bb, 1):+.1f}% |")
     lines += ["", f"time: {report['seconds']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MiB", ""]
+    lines += removal_lines(report.get("details") or {})
     rows = eval_rows(report)
     if rows:
         lines += ["| task | metric | base | compressed | retention |", "|---|---|---:|---:|---:|"]
@@ -46,6 +47,23 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {task} | {metric} | {b:.4g} | {c:.4g} | {'' if r is None else f'{r:.1f}%'} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def removal_lines(details: dict[str, Any]) -> list[str]:
+    """What removal cost on the calibration data (routed mass, KL) and what heal won back; byte caveats."""
+    lines: list[str] = []
+    if details.get("bytes_note"):
+        lines += [f"**{details['bytes_note']}**", ""]
+    mass = details.get("removed_routed_mass")
+    if mass:
+        lines += ["routed probability mass the removed experts carried (calibration data): "
+                  + ", ".join(f"layer {k} {100 * v:.1f}%" for k, v in mass.items()), ""]
+    kl = details.get("calibration_kl") or {}
+    if kl.get("unhealed") is not None:
+        healed = kl.get("healed")
+        lines += [f"calibration KL to the input (held-out calibration sequences): unhealed {kl['unhealed']:.4g}"
+                  + (f", healed {healed:.4g}" if healed is not None else " (heal not run)"), ""]
+    return lines
 
 
 def write_markdown(out: Path, report: dict[str, Any]) -> None:

@@ -173,6 +173,15 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
     ctx = PassContext(model=model, tokenizer=tok, adapter=adapter, config=cfg, get_stats=get_stats,
                       get_calibration=get_calibration, console=console)
     details = registered.fn(ctx)
+    if "heal" in type(cfg).model_fields:  # prune / merge / neuron pruning: what removal cost, and heal
+        def stats_of_input(ref_model: Any) -> Stats:  # the pass's own statistics, else the reloaded input's
+            if "stats" not in cache:
+                cache["stats"] = obtain_stats(ref_model, get_calibration, src, resolve_calibration(calibration, src),
+                                              opts, console)
+            return cache["stats"]
+
+        details.update(structural_pass_quality(cfg, details, model, src, opts, get_calibration, stats_of_input,
+                                               console))
     pass_seconds = time.perf_counter() - t0
     entry = {"pass": cfg.name, "config": cfg.model_dump(mode="json"), "summary": details.get("summary", "")}
     extra = {"recipe.yaml": recipe_text} if recipe_text else None
@@ -315,6 +324,8 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
         "verify": verify,
         "details": details,
     }
+    if "heal" in type(cfg).model_fields and "stats" in cache:  # what the removed experts carried (no KL: streamed)
+        details.update(streamed_removal_cost(cfg.name, details, cache["stats"]))
     if eval_spec is not None:  # a checkpoint larger than the budget is placed by accelerate, offloaded to disk
         offload = engine.spill_dir_beside(out)
         try:
@@ -329,6 +340,41 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
 
         plot_pass(out, report, cache.get("stats"))
     return report
+
+
+def streamed_removal_cost(pass_name: str, details: dict[str, Any], stats: Stats) -> dict[str, Any]:
+    """The routed probability mass the removed experts carried, from the statistics the pass already has.
+
+    Calibration KL needs the input and the output side by side; streamed runs report it with --heal, which
+    runs the pass with both models in memory."""
+    from moecompress.heal.run import groups_from_details, removed_routed_mass
+
+    layer_ids = sorted(int(k) for k in (details.get("layers") or details.get("kept") or {}))
+    n_before = details.get("experts_before") or (details.get("experts") or {}).get("experts_before")
+    if not layer_ids or not n_before:
+        return {}
+    _, removed = groups_from_details(pass_name, details, layer_ids, int(n_before))
+    if not any(removed.values()):
+        return {}
+    return {"removed_routed_mass": removed_routed_mass(stats, removed),
+            "calibration_kl": {"note": "not measured in a streamed run; --heal measures unhealed vs healed KL"}}
+
+
+def structural_pass_quality(cfg: PassConfig, details: dict[str, Any], model: Any, src: Path, opts: RunOptions,
+                            get_calibration: Callable[[], Any], get_stats: Callable[[Any], Any],
+                            console: Any = None) -> dict[str, Any]:
+    """Routed mass removed, calibration KL to the input, and heal when the pass config asks for it."""
+    from moecompress.heal.run import after_pass
+
+    spec = getattr(cfg, "heal", None)
+    try:
+        calib = get_calibration()
+    except UserError:
+        if spec is not None:
+            raise
+        return {"calibration_kl": {"note": "no calibration data: removed routed mass and calibration KL not measured"}}
+    return after_pass(model, lambda: load_model(src, dtype=opts.dtype, tokenizer=False).model, calib, get_stats,
+                      cfg.name, details, spec, console)
 
 
 def eval_data_dir(eval_spec: Any, model_dir: Path) -> Path | None:
@@ -396,7 +442,8 @@ def run_recipe(recipe: Any, out: Path, *, model: Path | None = None, opts: RunOp
     src: Path | ResolvedModel = resolved
     hf_config, adapter = check_model_dir(resolved.path)
     hf_config = float_view(hf_config)
-    for i, cfg in enumerate(recipe.passes, start=1):  # fail before any weight loads
+    passes = [with_reference(cfg, resolved.path) for cfg in recipe.passes]
+    for i, cfg in enumerate(passes, start=1):  # fail before any weight loads
         cfg.check(adapter, hf_config)
         check_serving(cfg, adapter, hf_config, opts, where=f"step {i}")  # warnings print when the step runs
         hf_config = planned_config(cfg, adapter, hf_config)
@@ -406,7 +453,7 @@ def run_recipe(recipe: Any, out: Path, *, model: Path | None = None, opts: RunOp
     if recipe.text:
         (out / "recipe.yaml").write_text(recipe.text)
     reports: list[dict[str, Any]] = []
-    for i, cfg in enumerate(recipe.passes, start=1):
+    for i, cfg in enumerate(passes, start=1):
         step = out / f"{i:02d}-{cfg.name}"
         for stale in out.glob(f".{step.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -417,7 +464,7 @@ def run_recipe(recipe: Any, out: Path, *, model: Path | None = None, opts: RunOp
             src = ResolvedModel(path=step)
             continue
         if console:
-            console.rule(f"step {i}/{len(recipe.passes)}: {cfg.name}")
+            console.rule(f"step {i}/{len(passes)}: {cfg.name}")
         step_opts = opts.model_copy(update={"overwrite": True})  # a step dir without report is unfinished
         reports.append(run_pass(cfg, src, step, calibration=recipe.calibration, eval_spec=recipe.eval,
                                 opts=step_opts, console=console, recipe_text=recipe.text or None))
@@ -446,6 +493,13 @@ def check_serving(cfg: PassConfig, adapter: Any, hf_config: dict[str, Any], opts
     findings = serving_findings(cfg, adapter, hf_config, planned_config(cfg, adapter, hf_config), opts.ep_size)
     enforce(findings, opts.target, where=where or cfg.name, console=console)  # type: ignore[arg-type]
     return findings
+
+
+def with_reference(cfg: PassConfig, recipe_input: Path) -> PassConfig:
+    """A `heal` step without `reference:` heals against the recipe's input model."""
+    if cfg.name == "heal" and getattr(cfg, "reference", "") is None:
+        return cfg.model_copy(update={"reference": str(recipe_input)})
+    return cfg
 
 
 def planned_config(cfg: PassConfig, adapter: Any, hf_config: dict[str, Any]) -> dict[str, Any]:

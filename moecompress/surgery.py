@@ -317,3 +317,31 @@ def mask_neurons(layer: MoELayer, keep_mask: torch.Tensor, shared_keep: dict[str
                 if lin.bias is not None:
                     lin.bias.mul_(sm)
             mlp.down_proj.weight.mul_(sm[None, :])
+
+
+def overwrite_block_tensors(layer: MoELayer, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy new values into existing tensors of one MoE block (names relative to the block), same shapes only.
+
+    Heal changes values, never structure: a shape change here is a bug, refused before anything is written.
+    """
+    params = dict(layer.block.named_parameters())
+    for name, value in tensors.items():
+        if name not in params:
+            raise UserError(f"layer {layer.index}: the MoE block has no parameter {name!r}")
+        if tuple(value.shape) != tuple(params[name].shape):
+            raise UserError(f"layer {layer.index}: {name} would change shape {tuple(params[name].shape)} → "
+                            f"{tuple(value.shape)}; heal must keep shapes")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].dtype))
+
+
+def replace_experts(layer: MoELayer, weights: ExpertWeights) -> None:
+    """Overwrite every routed expert of a layer with canonical weights of the same count and width."""
+    view = ExpertView(layer)
+    old = view.get_all()
+    for name, value in weights.__dict__.items():
+        ref = getattr(old, name)
+        if (ref is None) != (value is None) or (ref is not None and tuple(ref.shape) != tuple(value.shape)):
+            raise UserError(f"layer {layer.index}: replacement experts must keep shapes ({name})")
+    view.set_all(weights)

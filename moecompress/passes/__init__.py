@@ -2,7 +2,7 @@
 
 from moecompress.passes.base import PASSES, PassConfig, PassContext, get_pass, register_pass
 
-_BUILTIN = ("prune_experts", "merge_experts", "prune_atomic", "quantize")
+_BUILTIN = ("prune_experts", "merge_experts", "prune_atomic", "quantize", "heal")
 
 
 def load_builtin_passes() -> None:

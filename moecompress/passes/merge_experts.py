@@ -21,6 +21,7 @@ from moecompress.arch.adapter import MoEAdapter, MoELayer, moe_layers
 from moecompress.arch.experts import ExpertView, ExpertWeights
 from moecompress.calib.stats import LayerStats
 from moecompress.errors import UserError
+from moecompress.heal.spec import HealOption
 from moecompress.passes import merging as M
 from moecompress.passes.base import (
     ExpertCountConfig,
@@ -56,6 +57,8 @@ class MergeExpertsConfig(ExpertCountConfig):
     group_size: int | None = Field(None, ge=2, description="ream: most experts one dominant may absorb (incl. itself)")
     refit_ridge: float = Field(1e-3, ge=0, description="refit: ridge strength towards the averaged rows")
     seed: int = 0
+    heal: HealOption = Field(None, description="after merging, fit the merged experts and router to the original "
+                             "layer outputs (true, or a mapping of heal settings)")
 
     @model_validator(mode="after")
     def _consistent(self) -> MergeExpertsConfig:
@@ -165,9 +168,9 @@ def router_for(cfg: MergeExpertsConfig, layer: MoELayer, groups: list[M.Group], 
                         "or use --router average")
     kind = prob_kind(layer.adapter)
     x = sample.double()
-    targets = M.group_targets(router_logits(layer, x), groups, kind)
     avg_bias = vectors.get(_LOGIT_BIAS)
-    new_rows, new_bias = M.refit_router(x, targets, rows, kind, cfg.refit_ridge, init_bias=avg_bias)
+    new_rows, new_bias, targets = M.refit_to_groups(x, router_logits(layer, x), groups, rows, kind, cfg.refit_ridge,
+                                                    init_bias=avg_bias)
     if new_bias is not None:
         vectors[_LOGIT_BIAS] = new_bias
 
@@ -263,5 +266,6 @@ def _finish(ctx: PassContext, plan: dict[str, Any], per_layer: dict[int, dict[st
     }
 
 
-MERGE_EXPERTS = LayerwisePass(plan=_plan, apply_layer=_apply_layer, finish=_finish)
+MERGE_EXPERTS = LayerwisePass(plan=_plan, apply_layer=_apply_layer, finish=_finish,
+                              streams=lambda cfg: cfg.heal is None)  # heal walks the whole model in memory
 merge_experts = register_layerwise(MergeExpertsConfig, MERGE_EXPERTS)

@@ -363,6 +363,21 @@ def group_targets(logits: torch.Tensor, groups: Sequence[Group], kind: ProbKind,
     return torch.logit(summed)
 
 
+def refit_to_groups(x_fit: torch.Tensor, ref_logits: torch.Tensor, groups: Sequence[Group], init: torch.Tensor,
+                    kind: ProbKind, ridge: float = 1e-3, init_bias: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Router rows (and logit bias) under which each group gets its members' summed original probability.
+
+    `ref_logits [N, E_orig]` are the original router's logits; `x_fit [N, H]` the inputs the new rows will see,
+    token-aligned with them. Merging fits on the same inputs; heal fits on the compressed model's inputs
+    (which drift from the original's below the layer), with singleton groups after pruning. Returns the
+    rows, the bias (None without `init_bias`) and the targets.
+    """
+    targets = group_targets(ref_logits, groups, kind)
+    rows, bias = refit_router(x_fit, targets, init, kind, ridge, init_bias=init_bias)
+    return rows, bias, targets
+
+
 def refit_router(x: torch.Tensor, targets: torch.Tensor, init: torch.Tensor, kind: ProbKind, ridge: float = 1e-3,
                  init_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Least-squares router rows R [n, H] (and a bias if `init_bias` is given) with x R^T ≈ targets.

@@ -27,6 +27,7 @@ from moecompress.arch.experts import ExpertView
 from moecompress.calib.gradients import GradStats, LayerGrad, batch_key, collect_gradient_stats
 from moecompress.calib.stats import LayerStats, Stats
 from moecompress.errors import UserError
+from moecompress.heal.spec import HealOption
 from moecompress.passes.base import LayerwisePass, PassConfig, PassContext, moe_layer_at, register_layerwise
 from moecompress.passes.prune_experts import Criterion as ExpertCriterion
 from moecompress.passes.prune_experts import PruneExpertsConfig, prune_experts
@@ -58,6 +59,8 @@ class PruneAtomicConfig(PassConfig):
     width_multiple: int = Field(8, ge=1, description="round the kept width to a multiple of this: transformers' "
                                 "default grouped_mm experts kernel needs rows of 16 bytes (8 bf16 / 4 fp32 values)")
     seed: int = 0
+    heal: HealOption = Field(None, description="after pruning, fit the kept experts and router to the original "
+                             "layer outputs (true, or a mapping of heal settings)")
 
     @model_validator(mode="after")
     def _consistent(self) -> PruneAtomicConfig:
@@ -349,9 +352,13 @@ def _finish(ctx: PassContext, plan: dict[str, Any], per_layer: dict[int, dict[st
         },
         **plan["info"],
     })
+    if cfg.layout == "masked":
+        details["bytes_note"] = ("masked layout: removed neurons are written as zeros into full-size tensors, so this "
+                                 "checkpoint saves NO bytes on disk or in serving memory; use layout uniform to shrink")
+        details["summary"] += " · masked: saves no bytes"
     return details
 
 
 PRUNE_ATOMIC = LayerwisePass(plan=_plan, apply_layer=_apply_layer, finish=_finish,
-                             streams=lambda cfg: cfg.expert_config() is None)
+                             streams=lambda cfg: cfg.expert_config() is None and cfg.heal is None)
 prune_atomic = register_layerwise(PruneAtomicConfig, PRUNE_ATOMIC)

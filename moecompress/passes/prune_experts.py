@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from moecompress.arch.adapter import moe_layers
 from moecompress.errors import UserError
+from moecompress.heal.spec import HealOption, HealSpec
 from moecompress.passes import criteria
 from moecompress.passes.base import (
     ExpertCountConfig,
@@ -30,6 +31,19 @@ class PruneExpertsConfig(ExpertCountConfig):
     super_expert_factor: float = Field(10.0, gt=1)
     layers: list[int] | None = None
     seed: int = 0
+    select: Literal["criterion", "reconstruct"] = Field(
+        "criterion", description="criterion: keep the top-scoring experts; reconstruct: search the kept set per "
+        "layer on the healed block-output error (seeded by the criterion's set; implies heal)")
+    beam: int = Field(1, ge=1, description="select reconstruct: beam width of the backward elimination (1 = greedy)")
+    heal: HealOption = Field(None, description="after pruning, fit the kept experts and router to the original "
+                             "layer outputs (true, or a mapping of heal settings)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reconstruct_heals(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("select") == "reconstruct" and data.get("heal") in (None, True):
+            data = {**data, "heal": HealSpec()}
+        return data
 
     @property
     def needs_stats_for(self) -> bool:
@@ -52,16 +66,13 @@ def _plan(ctx: PassContext) -> dict[str, Any]:
             )
     e = layers[0].num_experts
     stats = ctx.get_stats() if cfg.criterion != "random" or cfg.protect_super_experts else None
-    return {"experts": e, "n_keep": cfg.n_keep(e), "groups": ctx.adapter.num_groups(ctx.model.config), "stats": stats}
+    return {"experts": e, "n_keep": cfg.n_keep(e), "groups": ctx.adapter.num_groups(ctx.model.config), "stats": stats,
+            "chosen": _reconstructed(ctx, cfg, layers, e, stats) if cfg.select == "reconstruct" else None}
 
 
-def _apply_layer(ctx: PassContext, plan: dict[str, Any], index: int, _decoder_layer: Any) -> dict[str, Any] | None:
-    """Rank this layer's experts by the criterion and keep the best `n_keep` (same count in every layer)."""
-    cfg: PruneExpertsConfig = ctx.config  # type: ignore[assignment]
-    layer = moe_layer_at(ctx, index)
-    if layer is None:
-        return None
-    e, n_keep, groups, stats = plan["experts"], plan["n_keep"], plan["groups"], plan["stats"]
+def _criterion_keep(cfg: PruneExpertsConfig, layer: Any, e: int, n_keep: int, groups: int,
+                    stats: Any) -> tuple[list[int], dict[str, Any]]:
+    """The criterion's kept set for one layer, and what the report says about it."""
     protect = (criteria.super_experts(stats.layers[layer.index], cfg.super_expert_factor)
                if cfg.protect_super_experts and stats is not None else [])
     if len(protect) > n_keep:
@@ -76,6 +87,36 @@ def _apply_layer(ctx: PassContext, plan: dict[str, Any], index: int, _decoder_la
         scores = criteria.expert_scores(stats.layers[layer.index], cfg.criterion)
         keep = criteria.select_by_score(scores, n_keep, groups, protect)
         info["scores"] = [round(float(s), 6) for s in scores]
+    return keep, info
+
+
+def _reconstructed(ctx: PassContext, cfg: PruneExpertsConfig, layers: list[Any], e: int,
+                   stats: Any) -> dict[int, tuple[list[int], dict[str, Any]]]:
+    """`select: reconstruct`: every layer's kept set searched on the healed block-output error, seeded by the
+    criterion's set (which competes with the search). Needs the whole model in memory (see `streams`)."""
+    from moecompress.heal.run import calibration_batches, reconstruct_selection
+
+    n_keep, groups = cfg.n_keep(e), ctx.adapter.num_groups(ctx.model.config)
+    seeds, infos = {}, {}
+    for layer in layers:
+        seeds[layer.index], infos[layer.index] = _criterion_keep(cfg, layer, e, n_keep, groups, stats)
+    protect = {i: info["protected"] for i, info in infos.items() if info["protected"]}
+    chosen, search = reconstruct_selection(ctx.model, calibration_batches(ctx.get_calibration()), n_keep, groups,
+                                           cfg.heal or HealSpec(), cfg.beam, seeds, protect)
+    return {i: (chosen[i], {**infos[i], "reconstruct": search[str(i)]}) for i in chosen}
+
+
+def _apply_layer(ctx: PassContext, plan: dict[str, Any], index: int, _decoder_layer: Any) -> dict[str, Any] | None:
+    """Rank this layer's experts by the criterion (or take the searched set) and keep `n_keep` of them."""
+    cfg: PruneExpertsConfig = ctx.config  # type: ignore[assignment]
+    layer = moe_layer_at(ctx, index)
+    if layer is None:
+        return None
+    e, n_keep, groups, stats = plan["experts"], plan["n_keep"], plan["groups"], plan["stats"]
+    if plan["chosen"] is not None:
+        keep, info = plan["chosen"][layer.index]
+    else:
+        keep, info = _criterion_keep(cfg, layer, e, n_keep, groups, stats)
     check_group_balance(ctx.adapter, ctx.model.config, e, keep)
     keep_experts(layer, keep)
     info["kept"] = keep
@@ -95,5 +136,7 @@ def _finish(ctx: PassContext, plan: dict[str, Any], per_layer: dict[int, dict[st
     }
 
 
-PRUNE_EXPERTS = LayerwisePass(plan=_plan, apply_layer=_apply_layer, finish=_finish)
+# heal and the reconstruction search walk the original and the pruned model side by side, in memory
+PRUNE_EXPERTS = LayerwisePass(plan=_plan, apply_layer=_apply_layer, finish=_finish,
+                              streams=lambda cfg: cfg.heal is None and cfg.select == "criterion")
 prune_experts = register_layerwise(PruneExpertsConfig, PRUNE_EXPERTS)

@@ -1,0 +1,190 @@
+"""Heal on the trained reference MoEs: perplexity before/after heal, each step alone and combined.
+
+For every reference given (default: artifacts/reference and artifacts/reference-s1, two training seeds):
+(1) REAP and frequency pruning at 50% and 75%, a merge (REAM, saliency, refit router) at 50%, HEAPr
+uniform at 50%, each unhealed and healed with (a) router least squares, (b) ridge down projections, (c) Adam
+alone, (a+b) and (a+b+c); word-order MC accuracy for unhealed / (a+b) / (a+b+c); the check that heal removes
+≥ 30% of the perplexity excess at REAP 50% and 75%; (2) heal wall time vs one statistics pass over the same
+calibration tokens; (3) at 75% removed, `--select reconstruct` vs three random seeds and every per-expert
+criterion, all healed (a+b); the reconstruct pick and the best rival also (a+b+c). Every variant runs in
+memory on a fresh copy (the disk round trip is in tests/test_heal.py).
+
+Run from the repo root: `python bench/heal_bench.py [--refs A B] [--steps 100] [--lr 3e-3] [--json out.json]`
+(about 10–15 minutes per reference on 2 shared cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from common import REFERENCE, Bench, table, torch
+
+from moecompress.arch import moe_layers
+from moecompress.calib.collect import collect_stats
+from moecompress.calib.data import load_calibration
+from moecompress.heal.run import calibration_batches, groups_from_details, heal_model
+from moecompress.heal.spec import HealSpec
+from moecompress.passes.base import PassConfig
+from moecompress.passes.merge_experts import MergeExpertsConfig
+from moecompress.passes.prune_atomic import PruneAtomicConfig
+from moecompress.passes.prune_experts import PruneExpertsConfig
+
+
+def heal_variants(steps: int, lr: float) -> list[tuple[str, HealSpec]]:
+    return [
+        ("(a) router", HealSpec(router=True, down=False)),
+        ("(b) down", HealSpec(router=False, down=True)),
+        ("(c) adam", HealSpec(router=False, down=False, steps=steps, lr=lr)),
+        ("(a+b)", HealSpec()),
+        ("(a+b+c)", HealSpec(steps=steps, lr=lr)),
+    ]
+
+
+def compressions() -> list[tuple[str, PassConfig]]:
+    return [
+        ("REAP 50%", PruneExpertsConfig(ratio=0.5, criterion="reap")),
+        ("REAP 75%", PruneExpertsConfig(ratio=0.75, criterion="reap")),
+        ("frequency 50%", PruneExpertsConfig(ratio=0.5, criterion="frequency")),
+        ("frequency 75%", PruneExpertsConfig(ratio=0.75, criterion="frequency")),
+        ("merge REAM 50%", MergeExpertsConfig(ratio=0.5)),
+        ("HEAPr uniform 50%", PruneAtomicConfig(neuron_ratio=0.5, criterion="heapr")),
+    ]
+
+
+class HealBench:
+    def __init__(self, path: Path, steps: int, lr: float) -> None:
+        self.b = Bench(path, val_docs=400, mc_rows=300, calib_samples=64, calib_seqlen=256)
+        self.batches = calibration_batches(load_calibration(self.b.calib_spec, self.b.tok))
+        self.layer_ids = [ly.index for ly in moe_layers(self.b.model)]
+        self.n_exp = moe_layers(self.b.model)[0].num_experts
+        self.heals = heal_variants(steps, lr)
+        self.base_ppl = self.b.ppl(self.b.model)
+        self.base_mc = self.b.mc_acc(self.b.model)
+
+    def healed(self, model: Any, cfg: PassConfig, details: dict[str, Any], spec: HealSpec) -> tuple[Any, float]:
+        groups, _ = groups_from_details(cfg.name, details, self.layer_ids, self.n_exp)
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        heal_model(self.b.model, m, self.batches, groups, spec)
+        return m, time.perf_counter() - t0
+
+    def excess_cut(self, before: float, after: float) -> float:
+        return 1 - (after - self.base_ppl) / (before - self.base_ppl)
+
+
+def run_reference(path: Path, steps: int, lr: float, out: dict[str, Any]) -> None:
+    hb = HealBench(path, steps, lr)
+    b = hb.b
+    res: dict[str, Any] = {"base_ppl": hb.base_ppl, "base_mc": hb.base_mc, "rows": {}, "selection": {}}
+    out[str(path)] = res
+    print(f"\n# {path}: base val ppl {hb.base_ppl:.3f}, mc acc {hb.base_mc:.3f}, calibration "
+          f"{sum(int(m.sum()) for _, m in hb.batches):,} tokens ({len(hb.batches)} batches), heal steps {steps}")
+
+    # (1) heal steps alone and combined
+    rows = []
+    cost_row = None
+    for label, cfg in compressions():
+        model, det = b.variant(cfg)
+        p0 = b.ppl(model)
+        mc0 = b.mc_acc(model)
+        entry: dict[str, Any] = {"unhealed": p0, "mc_unhealed": mc0, "heals": {}}
+        row: list[Any] = [label, p0]
+        for hlabel, spec in hb.heals:
+            m, secs = hb.healed(model, cfg, det, spec)
+            p = b.ppl(m)
+            entry["heals"][hlabel] = {"ppl": p, "seconds": secs}
+            if hlabel in ("(a+b)", "(a+b+c)"):
+                entry["heals"][hlabel]["mc"] = b.mc_acc(m)
+            row.append(p)
+            if label == "REAP 50%" and hlabel == "(a+b)":
+                cost_row = secs
+        best = min(v["ppl"] for v in entry["heals"].values())
+        row += [hb.excess_cut(p0, entry["heals"]["(a+b)"]["ppl"]), hb.excess_cut(p0, best),
+                f"{mc0:.3f}→{entry['heals']['(a+b)']['mc']:.3f}/{entry['heals']['(a+b+c)']['mc']:.3f}"]
+        res["rows"][label] = entry
+        rows.append(row)
+        print(f"  {label}: unhealed {p0:.3f} → " + ", ".join(f"{k} {v['ppl']:.3f}" for k, v in entry["heals"].items()),
+              flush=True)
+    print("\n## Perplexity before / after heal (base " + f"{hb.base_ppl:.3f})")
+    print(table(rows, ["variant", "unhealed", *[h for h, _ in hb.heals], "excess cut (a+b)", "excess cut best",
+                       "mc unhealed→(a+b)/(a+b+c)"]))
+    for label in ("REAP 50%", "REAP 75%"):
+        e = res["rows"][label]
+        for h in ("(a+b)", "(a+b+c)"):
+            cut = hb.excess_cut(e["unhealed"], e["heals"][h]["ppl"])
+            print(f"check {label} {h}: (ppl − base) shrinks by {100 * cut:.1f}% → "
+                  f"{'PASS' if cut >= 0.30 else 'FAIL'} (goal ≥ 30%)")
+
+    # (2) cost: heal (a+b) vs one statistics pass over the same tokens
+    total = sum(int(m.sum()) for _, m in hb.batches)
+    t_stats = min(collect_stats(b.model, hb.batches, total_tokens=total).meta["collect_seconds"] for _ in range(2))
+    res["cost"] = {"stats_seconds": t_stats, "heal_ab_seconds": cost_row}
+    print(f"\n## Cost: heal (a+b) at REAP 50% {cost_row:.1f}s vs statistics pass {t_stats:.1f}s "
+          f"→ ratio {cost_row / t_stats:.2f} (goal ≤ 2)")
+
+    # (3) selection at 75%: every candidate healed (a+b); the reconstruct pick and the best rival also (a+b+c)
+    srows = []
+    cands: list[tuple[str, PruneExpertsConfig]] = [
+        ("select reconstruct (seed reap)", PruneExpertsConfig(ratio=0.75, criterion="reap", select="reconstruct")),
+    ]
+    cands += [(c, PruneExpertsConfig(ratio=0.75, criterion=c))
+              for c in ("frequency", "soft_frequency", "reap", "ean", "easy_ep", "naee")]
+    cands += [(f"random seed {s}", PruneExpertsConfig(ratio=0.75, criterion="random", seed=s)) for s in range(3)]
+    ab, abc = hb.heals[3][1], hb.heals[4][1]
+    sel = res["selection"]
+    made: dict[str, tuple[Any, PassConfig, dict[str, Any]]] = {}
+    for label, cfg in cands:
+        t0 = time.perf_counter()
+        model, det = b.variant(cfg)
+        t_sel = time.perf_counter() - t0
+        p0 = b.ppl(model)
+        m_ab, _ = hb.healed(model, cfg, det, ab)
+        sel[label] = {"unhealed": p0, "(a+b)": b.ppl(m_ab), "select_seconds": t_sel}
+        made[label] = (model, cfg, det)
+        print(f"  75% {label}: {p0:.3f} → (a+b) {sel[label]['(a+b)']:.3f}", flush=True)
+    ours = "select reconstruct (seed reap)"
+    rival = min((k for k in sel if k != ours), key=lambda k: sel[k]["(a+b)"])
+    for label in (ours, rival):
+        model, cfg, det = made[label]
+        m_abc, _ = hb.healed(model, cfg, det, abc)
+        sel[label]["(a+b+c)"] = b.ppl(m_abc)
+    for label, v in sel.items():
+        srows.append([label, v["unhealed"], v["(a+b)"], v.get("(a+b+c)", "-"), f"{v['select_seconds']:.1f}s"])
+    print("\n## Selection at 75% removed, all healed")
+    print(table(srows, ["selection", "unhealed", "healed (a+b)", "healed (a+b+c)", "decide time"]))
+    rand = [v["(a+b)"] for k, v in sel.items() if k.startswith("random")]
+    print(f"check 75% (a+b): reconstruct {sel[ours]['(a+b)']:.3f} vs best other ({rival}) {sel[rival]['(a+b)']:.3f}, "
+          f"best random {min(rand):.3f} (median {statistics.median(rand):.3f}) → "
+          f"{'PASS' if sel[ours]['(a+b)'] < sel[rival]['(a+b)'] else 'FAIL'}")
+    print(f"check 75% (a+b+c): reconstruct {sel[ours]['(a+b+c)']:.3f} vs {rival} {sel[rival]['(a+b+c)']:.3f} → "
+          f"{'PASS' if sel[ours]['(a+b+c)'] < sel[rival]['(a+b+c)'] else 'FAIL'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--refs", nargs="*", type=Path, default=[REFERENCE, REFERENCE.parent / "reference-s1"])
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    for ref in args.refs:
+        run_reference(ref, args.steps, args.lr, out)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2))
+    print(f"\ntotal {time.perf_counter() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""Heal one MoE block: fit the compressed block to the original block's outputs. Pure per-layer functions.
+
+Inputs are a `BlockData`: the compressed model's block inputs `x` at this layer (tokens × hidden, real
+tokens only), the original block's outputs `y` on the original model's inputs (the target), the original
+inputs `x_ref` (router targets) and a held-out token mask. Nothing here walks layers or knows about files:
+the walk (``moecompress.heal.walk``) or the layer-streaming engine feeds these functions one layer at a time.
+
+Steps, each optional and measured: (a) ``fit_router`` — least-squares router rows on the kept experts;
+(b) ``fit_down`` — closed-form ridge least squares of each kept expert's down projection on the tokens
+routed to it; (c) ``fit_adam`` — a short fp32 Adam run on experts + router against block-output MSE,
+early-stopped on the held-out tokens. `heal_block` runs them in order and reverts any step that makes the
+held-out block error worse, so a layer is never left worse than it came in (on that measure).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moecompress.arch.adapter import MoELayer
+from moecompress.arch.experts import ExpertView, ExpertWeights, apply_expert
+from moecompress.errors import UserError
+from moecompress.heal.spec import HealSpec
+from moecompress.passes import merging as M
+from moecompress.passes.merge_experts import block_output, prob_kind, router_logits
+from moecompress.surgery import overwrite_block_tensors, replace_experts, set_router_rows
+
+_LOGIT_BIAS = "bias"
+
+
+@dataclass
+class BlockData:
+    """One layer's tokens: compressed inputs, original inputs, original outputs (target), held-out mask."""
+
+    x: torch.Tensor  # [N, H]
+    x_ref: torch.Tensor  # [N, H]
+    y: torch.Tensor  # [N, H] float64
+    held: torch.Tensor  # [N] bool
+
+    @property
+    def fit(self) -> torch.Tensor:
+        return ~self.held
+
+
+def rel_error(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """‖pred − y‖² / ‖y‖² over the masked tokens."""
+    if mask is not None:
+        pred, y = pred[mask], y[mask]
+    return float((pred.double() - y.double()).pow(2).sum() / y.double().pow(2).sum().clamp_min(1e-30))
+
+
+def block_errors(layer: MoELayer, data: BlockData, fit: bool = True) -> dict[str, float]:
+    """Relative block-output error of the live block on the held-out (and, if asked, the fitted) tokens."""
+    out = {"held": rel_error(block_output(layer, data.x[data.held]), data.y[data.held])}
+    if fit:
+        out["fit"] = rel_error(block_output(layer, data.x[data.fit]), data.y[data.fit])
+    return out
+
+
+def other_output(layer: MoELayer, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    """What the block adds besides the routed experts (shared experts); exactly zero when it has none."""
+    if not layer.shared():
+        return torch.zeros_like(routed)
+    return block_output(layer, x) - routed
+
+
+def check_healable(layer: MoELayer) -> None:
+    if layer.adapter.routing == "sigmoid_input_scale":
+        raise UserError(f"heal: {layer.adapter.model_type} scales expert inputs by the gate and runs experts densely; "
+                        "routed-expert reconstruction does not apply to it")
+
+
+@torch.no_grad()
+def routing(router: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-k weights [N, k], top-k expert ids [N, k]) as the family's own router computes them."""
+    out = router(x)
+    return out[1], out[2]
+
+
+# ---- (a) router -------------------------------------------------------------------------------------
+def fit_router(ref_layer: MoELayer, layer: MoELayer, data: BlockData, groups: list[M.Group], ridge: float) -> dict[str, Any]:
+    """Least-squares router rows: on the compressed inputs, each kept expert gets the probability its group
+    (itself after pruning; its members after merging) had under the original router on the original inputs."""
+    if len(groups) != layer.num_experts:
+        raise UserError(f"layer {layer.index}: {len(groups)} expert groups for {layer.num_experts} experts")
+    fit = data.fit
+    kind = prob_kind(layer.adapter)
+    ref_logits = router_logits(ref_layer, data.x_ref[fit])
+    bias = getattr(layer.router, _LOGIT_BIAS, None)
+    has_bias = any(v.path == _LOGIT_BIAS for v in layer.adapter.router_vectors) and bias is not None
+    rows, new_bias, targets = M.refit_to_groups(data.x[fit].double(), ref_logits, groups, layer.router.weight.detach(),
+                                                kind, ridge, init_bias=bias.detach() if has_bias else None)
+    set_router_rows(layer, rows, {_LOGIT_BIAS: new_bias} if new_bias is not None else None)
+    return {}
+
+
+# ---- (b) down projections ---------------------------------------------------------------------------
+@dataclass
+class ExpertTokens:
+    """The tokens routed to one expert: their ids, gated activations g·a [T, I], gated down bias g·b [T, H]."""
+
+    tok: torch.Tensor
+    act: torch.Tensor
+    gbias: torch.Tensor | None
+
+
+def solve_down(parts: list[ExpertTokens], down: list[torch.Tensor], target: torch.Tensor, fit: torch.Tensor,
+               ridge: float, sweeps: int) -> tuple[list[torch.Tensor], torch.Tensor, list[float]]:
+    """Block coordinate descent on Σ_tokens ‖target − Σ_e (g·a_e) W_eᵀ − g·b_e‖² over the down projections.
+
+    Each expert in turn gets the exact minimiser of that MSE plus λ‖W − W_current‖² (λ relative to its
+    Gram diagonal), the others held fixed: so no update can raise the fitted MSE (it drops by at least
+    λ‖ΔW‖²). Fitted on tokens where `fit` is true; the prediction is kept for all tokens.
+    Returns the new down matrices [H, I], the prediction [N, H] and the fitted MSE after each sweep
+    (first entry: before).
+    """
+    w = [d.double().clone() for d in down]
+    pred = torch.zeros_like(target)
+    contrib = []
+    for p, wd in zip(parts, w, strict=True):
+        c = p.act @ wd.T + (p.gbias if p.gbias is not None else 0)
+        pred.index_put_((p.tok,), c, accumulate=True)
+        contrib.append(c)
+
+    def mse() -> float:
+        return float((target[fit] - pred[fit]).pow(2).sum())
+
+    history = [mse()]
+    factors: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}  # per expert: fitted rows, Cholesky, λ
+    for _ in range(sweeps):
+        for e, p in enumerate(parts):
+            if p.tok.numel() == 0:
+                continue
+            if e not in factors:
+                m = fit[p.tok]
+                if not bool(m.any()):
+                    continue
+                a = p.act[m]
+                gram = a.T @ a
+                lam = ridge * float(gram.diagonal().mean()) + 1e-12
+                eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+                factors[e] = (m, torch.linalg.cholesky(gram + lam * eye), lam)
+            m, chol, lam = factors[e]
+            a = p.act[m]
+            rows = p.tok[m]
+            resid = target[rows] - (pred[rows] - contrib[e][m])
+            if p.gbias is not None:
+                resid = resid - p.gbias[m]
+            w[e] = torch.cholesky_solve(a.T @ resid + lam * w[e].T, chol).T
+            c = p.act @ w[e].T + (p.gbias if p.gbias is not None else 0)
+            pred.index_put_((p.tok,), c - contrib[e], accumulate=True)
+            contrib[e] = c
+        history.append(mse())
+    return w, pred, history
+
+
+@torch.no_grad()
+def expert_tokens(layer: MoELayer, x: torch.Tensor, w: ExpertWeights | None = None
+                  ) -> tuple[list[ExpertTokens], torch.Tensor]:
+    """Per kept expert, its routed tokens under the live router; also the routed output as the block has it."""
+    view = ExpertView(layer)
+    w = w or view.get_all()
+    xd = x.to(w.down.dtype)
+    weights, index = routing(layer.router, xd)
+    parts = []
+    routed = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
+    for e in range(w.gate.shape[0]):
+        tok, slot = torch.nonzero(index == e, as_tuple=True)
+        g = weights[tok, slot].double()[:, None]
+        out, act = apply_expert(layer.experts, layer.adapter.layout, w.select(e), xd[tok])
+        gb = g * w.down_bias[e].double() if w.down_bias is not None else None
+        parts.append(ExpertTokens(tok=tok, act=g * act.double(), gbias=gb))
+        routed.index_put_((tok,), g * out.double(), accumulate=True)
+    return parts, routed
+
+
+def fit_down(layer: MoELayer, data: BlockData, ridge: float, sweeps: int) -> dict[str, Any]:
+    """(b): ridge least squares of every kept expert's down projection, the router and gate/up fixed."""
+    w = ExpertView(layer).get_all()
+    parts, routed = expert_tokens(layer, data.x, w)
+    target = data.y.double() - other_output(layer, data.x, routed)
+    new, _, history = solve_down(parts, list(w.down.unbind(0)), target, data.fit, ridge, sweeps)
+    replace_experts(layer, w.with_(down=torch.stack(new).to(w.down.dtype)))
+    norm = float(data.y[data.fit].double().pow(2).sum().clamp_min(1e-30))
+    return {"fitted_rel_mse": [round(h / norm, 6) for h in history]}
+
+
+# ---- (c) Adam ---------------------------------------------------------------------------------------
+def trainable_names(layer: MoELayer) -> list[str]:
+    """Block-relative names of the kept experts' tensors and the router rows (and logit bias)."""
+    a = layer.adapter
+    names = [f"{a.router_attr}.weight", f"{a.experts_attr}.gate_up_proj", f"{a.experts_attr}.down_proj"]
+    if a.has_expert_bias:
+        names += [f"{a.experts_attr}.gate_up_proj_bias", f"{a.experts_attr}.down_proj_bias"]
+    if any(v.path == _LOGIT_BIAS for v in a.router_vectors):
+        names.append(f"{a.router_attr}.bias")
+    params = dict(layer.block.named_parameters())
+    return [n for n in names if n in params]
+
+
+def fit_adam(layer: MoELayer, data: BlockData, steps: int, lr: float, batch_tokens: int, eval_every: int,
+             patience: int, seed: int = 0) -> dict[str, Any]:
+    """(c): fp32 Adam on experts + router against block-output MSE, early-stopped on the held-out tokens.
+
+    The best held-out state is kept (the starting one if nothing improved).
+    """
+    from torch.func import functional_call
+
+    block = layer.block
+    dtype = layer.router.weight.dtype
+    if dtype != torch.float32:
+        block.float()
+    names = trainable_names(layer)
+    params = {n: p.detach().float().clone().requires_grad_(True) for n, p in block.named_parameters() if n in names}
+    x_fit, y_fit = data.x[data.fit].float(), data.y[data.fit].float()
+    x_held, y_held = data.x[data.held].float(), data.y[data.held].float()
+    norm_fit = y_fit.pow(2).sum(1).mean().clamp_min(1e-30)
+    norm_held = y_held.pow(2).sum().clamp_min(1e-30)
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    gen = torch.Generator().manual_seed(seed * 7919 + layer.index)
+
+    def run(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        out = functional_call(block, p, (x[None],))
+        return (out[0] if isinstance(out, tuple) else out).reshape(x.shape[0], -1)
+
+    def held_error() -> float:
+        with torch.no_grad():
+            return float((run(params, x_held) - y_held).pow(2).sum() / norm_held)
+
+    best = held_error()
+    start = best
+    best_state = {n: t.detach().clone() for n, t in params.items()}
+    bad = 0
+    done = 0
+    t0 = time.perf_counter()
+    try:
+        for step in range(1, steps + 1):
+            idx = torch.randint(0, x_fit.shape[0], (min(batch_tokens, x_fit.shape[0]),), generator=gen)
+            loss = (run(params, x_fit[idx]) - y_fit[idx]).pow(2).sum(1).mean() / norm_fit
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            done = step
+            if step % eval_every == 0 or step == steps:
+                err = held_error()
+                if err < best:
+                    best, bad = err, 0
+                    best_state = {n: t.detach().clone() for n, t in params.items()}
+                else:
+                    bad += 1
+                    if bad >= patience:
+                        break
+    finally:
+        if dtype != torch.float32:
+            block.to(dtype)
+    overwrite_block_tensors(layer, best_state)
+    return {"steps_run": done, "held_rel_mse_start": round(start, 6), "held_rel_mse_best": round(best, 6),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+# ---- all steps --------------------------------------------------------------------------------------
+def _snapshot(layer: MoELayer) -> dict[str, torch.Tensor]:
+    keep = set(trainable_names(layer))
+    return {n: p.detach().clone() for n, p in layer.block.named_parameters() if n in keep}
+
+
+def heal_block(ref_layer: MoELayer, layer: MoELayer, data: BlockData, groups: list[M.Group], spec: HealSpec
+               ) -> dict[str, Any]:
+    """(a) → (b) → (c) on one block, each measured on fitted and held-out tokens; a step that raises the
+    held-out error is undone when `spec.revert_worse`."""
+    check_healable(layer)
+    report: dict[str, Any] = {"start": block_errors(layer, data, fit=False)}
+    current = report["start"]["held"]
+    steps = []
+    if spec.router:
+        steps.append(("router", lambda: fit_router(ref_layer, layer, data, groups, spec.router_ridge)))
+    if spec.down:
+        steps.append(("down", lambda: fit_down(layer, data, spec.ridge, spec.sweeps)))
+    if spec.steps:
+        steps.append(("adam", lambda: fit_adam(layer, data, spec.steps, spec.lr, spec.batch_tokens, spec.eval_every,
+                                               spec.patience, spec.seed)))
+    for name, fn in steps:
+        before = _snapshot(layer)
+        info = fn()
+        errs = block_errors(layer, data, fit=False)
+        entry: dict[str, Any] = {**info, **{k: round(v, 6) for k, v in errs.items()}}
+        if spec.revert_worse and errs["held"] > current * (1 + 1e-9):
+            overwrite_block_tensors(layer, before)
+            entry["reverted"] = True
+        else:
+            current = errs["held"]
+        report[name] = entry
+    report["start"] = {k: round(v, 6) for k, v in report["start"].items()}
+    report["end_held"] = round(current, 6)
+    return report

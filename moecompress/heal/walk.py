@@ -1,0 +1,119 @@
+"""The smallest layer walk heal needs: two activation streams (original and compressed), one layer at a time.
+
+THIS FUNCTION IS THE SEAM. The layer-streaming engine (``moecompress.engine``) owns the real layer loop
+(one layer resident, boundary activation caches on disk, devices, data-parallel reduction); when it lands,
+`walk_two_streams` is replaced by that loop calling the same `on_layer(index, ref_layer, layer, data)`
+callback. Everything heal computes lives in ``moecompress.heal.fit`` / ``select`` and never sees the walk.
+
+Like GPTQ in ``passes.quantize`` (same capture mechanism, ``moecompress.calib.layers``), the compressed
+stream is propagated through the *already healed* layers below, so each layer is fitted on the inputs it
+will really see; the original stream provides the targets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from moecompress.arch.adapter import MoELayer, adapter_for, decoder_layers, moe_layers
+from moecompress.calib.layers import capture_layer_inputs, layer_output
+from moecompress.heal.fit import BlockData
+
+OnLayer = Callable[[int, MoELayer, MoELayer, BlockData], None]
+
+
+def holdout_rows(n_rows: int, holdout: float) -> int:
+    """Calibration sequences held out (the last ones): at least one, never all."""
+    return min(max(1, math.ceil(n_rows * holdout)), max(n_rows - 1, 1))
+
+
+def _run_block_layer(layer: torch.nn.Module, block: torch.nn.Module, hidden: list[torch.Tensor],
+                     kwargs: list[dict[str, Any]], want_output: bool):
+    """Run one decoder layer over every batch; returns (block inputs, block outputs or None, layer outputs)."""
+    ins: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+
+    def pre(mod, args, kw):  # noqa: ANN001
+        ins.append((args[0] if args else kw["hidden_states"]).detach())
+
+    def post(mod, args, out):  # noqa: ANN001
+        outs.append((out[0] if isinstance(out, tuple) else out).detach())
+
+    handles = [block.register_forward_pre_hook(pre, with_kwargs=True)]
+    if want_output:
+        handles.append(block.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            nxt = [layer_output(layer(h, **kwargs[b])) for b, h in enumerate(hidden)]
+    finally:
+        for h in handles:
+            h.remove()
+    return ins, (outs if want_output else None), nxt
+
+
+def _flat(parts: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([p.reshape(-1, p.shape[-1])[m] for p, m in zip(parts, masks, strict=True)])
+
+
+def walk_two_streams(ref_model: torch.nn.Module, model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                     on_layer: OnLayer, *, holdout: float, progress: Callable[[], None] | None = None) -> None:
+    """Feed `on_layer` every MoE layer's BlockData, bottom up; `on_layer` may change that layer of `model`
+    in place (heal, or select + prune) before its outputs are propagated to the next layer."""
+    adapter = adapter_for(model)
+    ref_moe = {ly.index: ly for ly in moe_layers(ref_model, adapter)}
+    cmp_moe = {ly.index: ly for ly in moe_layers(model, adapter)}
+    masks = [m.reshape(-1).bool() for _, m in batches]
+    n_rows = sum(int(ids.shape[0]) for ids, _ in batches)
+    first_held = n_rows - holdout_rows(n_rows, holdout)
+    held_parts, row = [], 0
+    for ids, mask in batches:
+        rows = torch.arange(row, row + ids.shape[0])[:, None].expand_as(mask)
+        held_parts.append((rows >= first_held).reshape(-1)[mask.reshape(-1).bool()])
+        row += ids.shape[0]
+    held = torch.cat(held_parts)
+    previous = [getattr(m.config, "_experts_implementation", None) for m in (ref_model, model)]
+    for m in (ref_model, model):  # on CPU the per-expert loop beats grouped_mm at these sizes, and it is exact
+        m.set_experts_implementation("eager")
+    try:
+        _walk(ref_model, model, batches, on_layer, ref_moe, cmp_moe, masks, held, progress)
+    finally:
+        for m, prev in zip((ref_model, model), previous, strict=True):
+            if prev is not None:
+                m.set_experts_implementation(prev)
+
+
+def _walk(ref_model, model, batches, on_layer, ref_moe, cmp_moe, masks, held, progress) -> None:  # noqa: ANN001
+    h_ref, kw_ref = capture_layer_inputs(ref_model, batches)
+    if _same_embeddings(ref_model, model):  # structural passes never touch embeddings: one capture serves both
+        h_cmp, kw_cmp = list(h_ref), kw_ref
+    else:
+        h_cmp, kw_cmp = capture_layer_inputs(model, batches)
+    for i, (lr, lc) in enumerate(zip(decoder_layers(ref_model), decoder_layers(model), strict=True)):
+        if i in cmp_moe:
+            x_ref, y_ref, h_ref = _run_block_layer(lr, ref_moe[i].block, h_ref, kw_ref[i], True)
+            x_cmp, _, _ = _run_block_layer(lc, cmp_moe[i].block, h_cmp, kw_cmp[i], False)
+            data = BlockData(x=_flat(x_cmp, masks), x_ref=_flat(x_ref, masks),
+                             y=_flat(y_ref, masks).double(), held=held)
+            on_layer(i, ref_moe[i], cmp_moe[i], data)
+        else:
+            with torch.no_grad():
+                h_ref = [layer_output(lr(h, **kw_ref[i][b])) for b, h in enumerate(h_ref)]
+        with torch.no_grad():
+            h_cmp = [layer_output(lc(h, **kw_cmp[i][b])) for b, h in enumerate(h_cmp)]
+        if progress is not None:
+            progress()
+
+
+def _same_embeddings(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Same embedding weights and the same config apart from expert count/width: the layer-0 inputs and every
+    layer's keyword arguments (positions, masks) are then identical."""
+    ea, eb = a.get_input_embeddings().weight, b.get_input_embeddings().weight
+    if ea.shape != eb.shape or not bool(torch.equal(ea, eb)):
+        return False
+    adapter = adapter_for(b)
+    skip = {*adapter.count_keys, adapter.width_key, "_name_or_path", "transformers_version"}
+    ca, cb = a.config.to_dict(), b.config.to_dict()
+    return {k: v for k, v in ca.items() if k not in skip} == {k: v for k, v in cb.items() if k not in skip}
