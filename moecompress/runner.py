@@ -148,7 +148,8 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
     registered = get_pass(cfg.name)
     if registered.layerwise is not None and registered.layerwise.streams(cfg):
         return run_streamed(cfg, registered.layerwise, src, out, calibration=calibration, eval_spec=eval_spec,
-                            opts=opts, console=console, recipe_text=recipe_text)
+                            opts=opts, console=console, recipe_text=recipe_text, resolved=resolved,
+                            findings=findings)
     t0 = time.perf_counter()
     loaded = load_model(src, dtype=opts.dtype)
     model, tok = loaded.model, loaded.tokenizer
@@ -231,7 +232,8 @@ def run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, **kw: Any) -> d
 
 
 def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration: Any, eval_spec: Any,
-                  opts: RunOptions, console: Any = None, recipe_text: str | None = None) -> dict[str, Any]:
+                  opts: RunOptions, console: Any = None, recipe_text: str | None = None,
+                  resolved: ResolvedModel | None = None, findings: list[Any] | None = None) -> dict[str, Any]:
     from moecompress.engine import run as engine
     from moecompress.engine.sink import parse_size
 
@@ -295,6 +297,7 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
         entry["summary"] = details.get("summary", "")
         engine.write_metadata(source, tok, tmp, src=src, pass_entry=entry,
                               extra_files={"recipe.yaml": recipe_text} if recipe_text else None,
+                              hub=resolved.hub_ref() if resolved is not None else None,
                               config_update=config_update)
         verify: dict[str, Any] = {}
         if opts.verify:
@@ -310,7 +313,7 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
     report: dict[str, Any] = {
         "pass": cfg.name,
         "config": cfg.model_dump(mode="json"),
-        "source": str(src),
+        "source": resolved.label if resolved is not None else str(src),
         "output": str(out),
         "params_before": params_before,
         "params_after": engine.count_params(source.model),
@@ -322,6 +325,7 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
                    "max_shard_bytes": max_shard},
         "statistics": (cache["stats"].meta if "stats" in cache else None),
         "verify": verify,
+        "serving_checks": [f.model_dump() for f in findings or []],
         "details": details,
     }
     if "heal" in type(cfg).model_fields and "stats" in cache:  # what the removed experts carried (no KL: streamed)

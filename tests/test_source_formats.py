@@ -78,6 +78,7 @@ def test_round_trip_prune_write_vanilla_reload(kind, tmp_path, cache_dir, capsys
     assert "quantization_config" not in cfg and cfg["dtype"] == "bfloat16"
     report = json.loads((out / "report.json").read_text())
     assert all(v == 0 for v in report["verify"]["loading_info"].values())  # vanilla reload: no missing keys
+    assert report["engine"]["mode"] == "streamed"  # dequantized tensor by tensor by the engine's reader
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)

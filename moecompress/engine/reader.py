@@ -170,3 +170,46 @@ class _Materialised:
 
     def get_dtype(self) -> str:
         return {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}.get(self.t.dtype, "F32")
+
+
+class DequantizingReader(TensorReader):
+    """FP8-block and MXFP4 sources read as float: each logical key is dequantized as it is read, by the format
+    reader of ``moecompress.io.source_formats`` (transformers' own kernels), so the engine sees a float
+    checkpoint and never holds more than the tensor in flight."""
+
+    def __init__(self, folder: Path, fmt: Any) -> None:
+        super().__init__(folder)
+        self.fmt = fmt
+        self._logical = fmt.logical_keys()
+
+    def keys(self) -> list[str]:
+        return list(self._logical)
+
+    def _raw(self, key: str) -> bool:
+        return self.fmt.stored_keys(key) == [key]
+
+    def shard_of(self, key: str) -> str:
+        return super().shard_of(self.fmt.stored_keys(key)[0])
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.fmt.read(key, super().get)
+
+    def get_slice(self, key: str) -> Any:
+        if self._raw(key) and not super().get_slice(key).get_dtype().startswith("F8"):
+            return super().get_slice(key)
+        return _Materialised(self.get(key))
+
+
+def reader_for(folder: Path, dtype: torch.dtype | None = None) -> TensorReader:
+    """The reader a source folder needs: plain, or dequantizing for FP8-block / MXFP4 checkpoints."""
+    from moecompress.io.checkpoint import read_config
+    from moecompress.io.source_formats import detect_source_format
+
+    plain = TensorReader(folder)
+    metas = {k: (plain.get_slice(k).get_dtype(), plain.shape(k)) for k in plain.keys()}
+    fmt = detect_source_format(read_config(Path(folder)), metas, dtype=dtype or torch.bfloat16)
+    fmt.validate()  # compressed-tensors sources are refused here, in one line
+    if not fmt.quantized:
+        return plain
+    plain.close()
+    return DequantizingReader(folder, fmt)

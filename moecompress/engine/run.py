@@ -23,19 +23,16 @@ import torch
 
 from moecompress.calib.stats import Stats
 from moecompress.engine.loop import head_logits, run_layer, start_flow, stream_forward
-from moecompress.engine.reader import TensorReader
+from moecompress.engine.reader import reader_for
 from moecompress.engine.sink import ShardWriter, on_disk_state, parse_size
 from moecompress.engine.source import REST, ModelSource
 from moecompress.errors import UserError
 from moecompress.io.checkpoint import (
-    PROVENANCE,
-    _save_tokenizer,
     checkpoint_bytes,
     probe_input,
-    provenance,
     temp_dir_beside,
     verify_reload,
-    write_count_aliases,
+    write_beside_weights,
 )
 from moecompress.passes.base import LayerwisePass, PassContext, observe_and_apply
 
@@ -179,7 +176,8 @@ def compress_streamed(lp: LayerwisePass, ctx: PassContext, source: ModelSource, 
 
 
 def write_metadata(source: ModelSource, tokenizer: Any, tmp: Path, *, src: Path, pass_entry: dict[str, Any],
-                   extra_files: dict[str, str | bytes] | None, config_update: dict[str, Any] | None = None) -> None:
+                   extra_files: dict[str, str | bytes] | None, config_update: dict[str, Any] | None = None,
+                   hub: dict[str, str] | None = None) -> None:
     """config (as the pass left it, plus `config_update`), generation config, tokenizer, provenance, extras."""
     config = source.model.config
     config.dtype = source.dtype
@@ -193,16 +191,8 @@ def write_metadata(source: ModelSource, tokenizer: Any, tmp: Path, *, src: Path,
     gen = Path(src) / "generation_config.json"
     if gen.is_file():
         shutil.copy2(gen, tmp / gen.name)
-    _save_tokenizer(tokenizer, src, tmp)
-    (tmp / PROVENANCE).write_text(json.dumps(provenance(src, pass_entry), indent=2))
-    for name, content in (extra_files or {}).items():
-        target = tmp / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            target.write_bytes(content)
-        else:
-            target.write_text(content)
-    write_count_aliases(tmp)
+    write_beside_weights(tmp, tokenizer=tokenizer, source=src, pass_entry=pass_entry, hub=hub,
+                         extra_files=extra_files)
 
 
 def verify_streamed(folder: Path, ids: torch.Tensor, reference: torch.Tensor, *, budget: int, device: str,
@@ -245,7 +235,7 @@ def open_source(src: Path, *, dtype: str | None, device: str | None) -> ModelSou
         dt = getattr(torch, dtype, None)
         if not isinstance(dt, torch.dtype):
             raise UserError(f"--dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
-    return ModelSource(Path(src), dtype=dt, device=pick_device(device), reader=TensorReader(Path(src)))
+    return ModelSource(Path(src), dtype=dt, device=pick_device(device), reader=reader_for(Path(src), dt))
 
 
 def spill_dir_beside(out: Path) -> Path:

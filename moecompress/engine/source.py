@@ -95,6 +95,10 @@ class ModelSource:
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(f"cannot read the config of {self.folder}: {exc}") from exc
         self.reader = reader or TensorReader(self.folder)
+        if getattr(self.reader, "fmt", None) is not None:  # FP8/MXFP4 read as float: the skeleton and output are float
+            self.config_dict.pop("quantization_config", None)
+            if hasattr(self.config, "quantization_config"):
+                del self.config.quantization_config
         if isinstance(dtype, str):
             dtype = None if dtype == "auto" else getattr(torch, dtype)
         self.dtype = dtype or checkpoint_dtype(self.config, self.reader)

@@ -337,6 +337,29 @@ def verify_reload(path: Path, reference_logits: torch.Tensor, ids: torch.Tensor,
     return {"max_abs_logit_diff": diff, "loading_info": {k: len(v) for k, v in info.items()}}
 
 
+def write_beside_weights(tmp: Path, *, tokenizer: Any | None, source: Path | None,
+                         pass_entry: dict[str, Any] | None, hub: dict[str, str] | None = None,
+                         extra_files: dict[str, str | bytes] | None = None) -> None:
+    """Everything a written checkpoint holds besides weights and config, for the in-memory writer and the
+    streaming engine alike: tokenizer, the explicit MTP drop, extra files, provenance and count aliases."""
+    _save_tokenizer(tokenizer, source, tmp)
+    if not str((pass_entry or {}).get("pass", "")).startswith("zoo."):  # miniatures keep the structure
+        from moecompress.io.mtp import drop_mtp
+
+        dropped = drop_mtp(tmp)  # explicit, recorded: never a config announcing weights that are not here
+        if dropped and pass_entry is not None:
+            pass_entry["mtp"] = dropped
+    for name, content in (extra_files or {}).items():
+        target = tmp / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            target.write_text(content)
+    (tmp / PROVENANCE).write_text(json.dumps(provenance(source, pass_entry, hub), indent=2))
+    write_count_aliases(tmp)
+
+
 def write_checkpoint(
     model: torch.nn.Module,
     tokenizer: Any | None,
@@ -364,22 +387,8 @@ def write_checkpoint(
             save_fn(tmp)
         else:
             model.save_pretrained(tmp, save_original_format=save_original_format)
-        _save_tokenizer(tokenizer, source, tmp)
-        if not str((pass_entry or {}).get("pass", "")).startswith("zoo."):  # miniatures keep the structure
-            from moecompress.io.mtp import drop_mtp
-
-            dropped = drop_mtp(tmp)  # explicit, recorded: never a config announcing weights that are not here
-            if dropped and pass_entry is not None:
-                pass_entry["mtp"] = dropped
-        for name, content in (extra_files or {}).items():
-            target = tmp / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, bytes):
-                target.write_bytes(content)
-            else:
-                target.write_text(content)
-        (tmp / PROVENANCE).write_text(json.dumps(provenance(source, pass_entry, hub), indent=2))
-        write_count_aliases(tmp)
+        write_beside_weights(tmp, tokenizer=tokenizer, source=source, pass_entry=pass_entry, hub=hub,
+                             extra_files=extra_files)
         summary: dict[str, Any] = {}
         if verify:
             summary = verify_model_reload(model, tmp, atol=verify_atol)
