@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from moecompress.arch.adapter import ADAPTERS, MoEAdapter
+from moecompress.arch.adapter import MoEAdapter
 from moecompress.arch.skeleton import (
     GROUPS,
     Skeleton,
@@ -124,10 +124,13 @@ def classify(name: str, adapter: MoEAdapter) -> str:
 
 
 def _find_adapter(config: dict[str, Any]) -> MoEAdapter | None:
-    for model_type in (config.get("model_type"), text_config_dict(config).get("model_type")):
-        if model_type in ADAPTERS:
-            return ADAPTERS[model_type]
-    return None
+    """The family's adapter if moecompress has one (whatever lookup the adapter registry offers), else None."""
+    from moecompress.arch.adapter import adapter_for_config_dict
+
+    try:
+        return adapter_for_config_dict(config)
+    except UserError:  # unsupported family (or layout, e.g. a multimodal wrapper): passes would refuse it
+        return None
 
 
 def _has_weights(path: Path) -> bool:

@@ -141,7 +141,9 @@ def loadable(path: Path, dtype: torch.dtype = torch.bfloat16) -> Iterator[Path]:
     if fmt is None or not fmt.quantized or fmt.name == "compressed-tensors":
         yield Path(path)
         return
-    staged = Path(tempfile.mkdtemp(prefix="moecompress-dequant-"))
+    cache = Path(os.environ.get("MOECOMPRESS_CACHE", Path.home() / ".cache" / "moecompress"))
+    cache.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix="dequant-", dir=cache))  # as large as the model in bf16
     try:
         yield dequantized_copy(path, fmt, staged)
     finally:

@@ -1,0 +1,71 @@
+"""Check `plan`'s memory estimate against a measured run of today's in-memory path.
+
+Builds a random Qwen3-MoE of ~0.5B parameters (bf16, ~1 GB) on disk, asks `moecompress plan prune` for its
+estimate, then runs `moecompress prune` under `/usr/bin/time -v` and reads the peak RSS of the whole process.
+(The layer-streaming engine is another branch; only the in-memory path can be measured here.)
+Run: `python bench/plan_memory.py [--layers 8] [--experts 32]` (keeps the process under ~6 GiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from moecompress.io.checkpoint import write_checkpoint  # noqa: E402
+from moecompress.zoo.tiny import tiny  # noqa: E402
+from tests.helpers import calib_file  # noqa: E402
+
+GiB = 1024**3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--width", type=int, default=512)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as d:
+        d = Path(d)
+        model, tok = tiny("qwen3_moe", num_hidden_layers=args.layers, num_experts=args.experts,
+                          num_experts_per_tok=4, hidden_size=args.hidden, moe_intermediate_size=args.width,
+                          num_attention_heads=16, num_key_value_heads=4, head_dim=64, vocab_size=32000)
+        model = model.to(torch.bfloat16)
+        write_checkpoint(model, tok, d / "m", source=None, verify=False)
+        n_params = sum(p.numel() for p in model.parameters())
+        del model
+        calib = calib_file(d / "c.jsonl", n=400)
+        common = ["--keep", str(args.experts // 2), "--calib", str(calib), "--calib-samples", "32", "--calib-seqlen",
+                  "128"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
+        plan = subprocess.run([sys.executable, "-m", "moecompress.cli", "plan", "prune", str(d / "m"), *common,
+                               "--criterion", "frequency", "--json"], env=env, capture_output=True, text=True,
+                              check=True)
+        mem = json.loads(plan.stdout)["steps"][0]["memory"]
+        run = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "moecompress.cli", "prune", str(d / "m"),
+                              "--out", str(d / "o"), *common, "--criterion", "frequency"], env=env,
+                             capture_output=True, text=True)
+        if run.returncode:
+            sys.exit(run.stderr[-3000:])
+        peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1)) * 1024
+        print("| model | params | bf16 bytes | plan: in-memory | measured peak RSS | plan: layer-streaming CPU |")
+        print("|---|---:|---:|---:|---:|---:|")
+        print(f"| qwen3_moe {args.layers}L × {args.experts}E, hidden {args.hidden}, width {args.width} | "
+              f"{n_params / 1e9:.2f}B | {2 * n_params / GiB:.2f} GiB | {mem['in_memory_bytes'] / GiB:.2f} GiB | "
+              f"{peak / GiB:.2f} GiB | {mem['cpu_peak_bytes'] / GiB:.2f} GiB |")
+
+
+if __name__ == "__main__":
+    main()
