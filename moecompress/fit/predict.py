@@ -1,0 +1,135 @@
+"""Predict: each plan's damage from per-layer quantities measured on the one statistics pass.
+
+The statistics hold, per MoE layer, a sample of the block's input tokens; the original block's outputs on
+them are the target. On those tokens, per layer:
+
+- structural error: the relative block-output error of keeping the criterion's experts (REAP ranking from
+  the statistics) at the plan's width (each kept expert keeps its neurons with the most gated output energy,
+  `act_sq_gated · ‖down column‖²` from the same statistics — the forward stand-in for HEAPr's score), unhealed
+  and healed in closed form. The heal module's `HealedReconstruction` computes both: it refits router rows
+  and down projections on the fitted tokens and scores on its held-out ones.
+- quantization error: the relative block-output error of round-to-nearest weights at the plan's bits and
+  group size (GPTQ, which the plan runs, does better; the measurement step sees that).
+
+A plan's predicted damage is the sum over layers of structural + quantization error (relative squared
+error of the blocks' outputs); the routed probability mass the removed experts carried is reported beside it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moecompress.arch.adapter import MoELayer, moe_layers
+from moecompress.arch.experts import ExpertView
+from moecompress.calib.stats import Stats
+from moecompress.fit.space import Candidate, group_size_for
+from moecompress.heal.fit import BlockData, rel_error
+from moecompress.heal.select import HealedReconstruction
+from moecompress.heal.spec import HealSpec
+from moecompress.passes import criteria
+from moecompress.passes.merge_experts import block_output
+from moecompress.quant.rtn import quantize_rtn
+
+UNHEALED = HealSpec(router=False, down=False)
+MAX_TOKENS = 2048
+
+
+class LayerProbe:
+    """One MoE layer's sampled tokens, its original outputs, and the measured errors asked of it (memoised)."""
+
+    def __init__(self, layer: MoELayer, stats: Stats, groups: int, criterion: str, heal: HealSpec) -> None:
+        ls = stats.layers[layer.index]
+        if ls.sample is None or ls.sample.shape[0] < 20:
+            raise ValueError(f"layer {layer.index}: the statistics hold too few sampled tokens")
+        x = ls.sample[:MAX_TOKENS].to(layer.experts.down_proj.dtype)
+        with torch.no_grad():
+            y = block_output(layer, x)
+        held = torch.arange(x.shape[0]) % 10 == 9
+        self.layer, self.groups, self.heal = layer, groups, heal
+        self.data = BlockData(x=x, x_ref=x, y=y, held=held)
+        self.rec = HealedReconstruction(layer, self.data, heal, max_tokens=MAX_TOKENS)
+        self.scores = (criteria.expert_scores(ls, criterion) if criterion != "random"
+                       else torch.arange(layer.num_experts, 0, -1).double())
+        self.soft = ls.sums["soft_freq"].double()
+        w = ExpertView(layer).get_all()
+        self.neuron_scores = ls.sums["act_sq_gated"].double() * w.down.double().pow(2).sum(1)  # [E, I]
+        self._memo: dict[tuple[Any, ...], float] = {}
+
+    def keep(self, k: int) -> list[int]:
+        if k >= self.layer.num_experts:
+            return list(range(self.layer.num_experts))
+        return sorted(criteria.select_by_score(self.scores, k, self.groups))
+
+    def removed_mass(self, k: int) -> float:
+        gone = sorted(set(range(self.layer.num_experts)) - set(self.keep(k)))
+        return float(self.soft[gone].sum() / self.soft.sum().clamp_min(1e-30)) if gone else 0.0
+
+    def structural(self, k: int, width: int, heal: bool) -> float:
+        """Held-out relative block error of keeping k experts at `width` neurons, healed or not."""
+        key = ("s", k, width, heal)
+        if key in self._memo:
+            return self._memo[key]
+        keep = self.keep(k)
+        full = self.rec.acts.shape[-1]
+        if k >= self.layer.num_experts and width >= full:
+            return 0.0
+        acts = self.rec.acts
+        if width < full:  # zero the removed neurons' activations: the fit then works with the narrower experts
+            order = torch.sort(self.neuron_scores, dim=1, descending=True, stable=True).indices[:, width:]
+            mask = torch.ones_like(self.neuron_scores, dtype=torch.bool).scatter_(1, order, False)
+            self.rec.acts = acts * mask[:, None, :].to(acts.dtype)
+        self.rec.spec = self.heal if heal else UNHEALED
+        try:
+            err = self.rec.error(keep)
+        finally:
+            self.rec.acts, self.rec.spec = acts, self.heal
+        self._memo[key] = err
+        return err
+
+    def quantization(self, bits: int, group_size: int) -> float:
+        """Held-out relative block error with every expert's weights rounded to `bits` (RTN)."""
+        key = ("q", bits, group_size)
+        if key in self._memo:
+            return self._memo[key]
+        view = ExpertView(self.layer)
+        original = view.get_all()
+        rounded = original.clone()
+        for name in ("gate", "up", "down"):
+            stack = getattr(rounded, name)
+            for e in range(stack.shape[0]):
+                gs = group_size if group_size == -1 or stack.shape[-1] % group_size == 0 else -1
+                stack[e] = quantize_rtn(stack[e], bits, gs).dequant.to(stack.dtype)
+        held = self.data.held
+        try:
+            view.set_all(rounded)
+            with torch.no_grad():
+                err = rel_error(block_output(self.layer, self.data.x[held]), self.data.y[held])
+        finally:
+            view.set_all(original)
+        self._memo[key] = err
+        return err
+
+
+def probes(model: torch.nn.Module, stats: Stats, criterion: str, heal: HealSpec | None = None) -> list[LayerProbe]:
+    from moecompress.arch.adapter import adapter_for
+
+    adapter = adapter_for(model)
+    groups = adapter.num_groups(model.config)
+    return [LayerProbe(ly, stats, groups, criterion, heal or HealSpec()) for ly in moe_layers(model, adapter)]
+
+
+def predict(candidate: Candidate, layers: list[LayerProbe], hidden: int) -> float:
+    """Predicted damage of a plan (sum over layers of relative block-output error); fills `candidate.parts`."""
+    c = candidate.choice
+    structural = sum(p.structural(c.keep, c.width, c.heal) for p in layers)
+    quant = 0.0
+    if c.bits:
+        gs = group_size_for(hidden, c.width)
+        quant = sum(p.quantization(c.bits, gs) for p in layers)
+    mass = [p.removed_mass(c.keep) for p in layers]
+    candidate.parts = {"structural": round(structural, 6), "quantization": round(quant, 6),
+                       "removed_routed_mass": round(sum(mass) / max(len(mass), 1), 5)}
+    candidate.predicted = structural + quant
+    return candidate.predicted
