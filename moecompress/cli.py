@@ -199,7 +199,7 @@ _PLAN_MODE: dict = {}  # set by `moecompress plan` while it dispatches to a pass
 
 
 def show_plan(model: str, passes: list, *, calib=None, target: str | None = None, ep_size: int | None = None,
-              json_out: bool = False, max_memory: str | None = None, samples: int | None = None,
+              tp_size: int | None = None, json_out: bool = False, max_memory: str | None = None, samples: int | None = None,
               seqlen: int | None = None, revision: str | None = None) -> None:
     """Plan passes on MODEL from its config.json alone and print it (tables, or JSON for scripts)."""
     from moecompress.io.checkpoint import read_config
@@ -212,7 +212,8 @@ def show_plan(model: str, passes: list, *, calib=None, target: str | None = None
     samples = calib.samples if calib is not None else (samples or CALIB_SAMPLES.default)
     seqlen = calib.seqlen if calib is not None else (seqlen or CALIB_SEQLEN.default)
     plan = plan_passes(config, passes, model=str(model), samples=samples, seqlen=seqlen, target=target,
-                       ep_size=ep_size, max_memory=parse_size(max_memory), console=None if json_out else console)
+                       ep_size=ep_size, max_memory=parse_size(max_memory), console=None if json_out else console,
+                       tp_size=tp_size)
     if json_out:
         typer.echo(plan.model_dump_json(indent=2))
     else:
@@ -229,6 +230,8 @@ def plan_cmd(
                                           "plan shows what spills to disk (or that it cannot fit)."),
     model: str | None = typer.Option(None, "--model", help="With a recipe: override its model."),
     target: str | None = TARGET, ep_size: int | None = EP_SIZE, revision: str | None = REVISION,
+    tp_size: int | None = typer.Option(None, "--tp-size", min=1, help="Tensor-parallel size: expert widths must "
+                                       "split into this many shards (each a multiple of the quantization group)."),
 ) -> None:
     """Before → after of every step (experts, total/active parameters, bytes, peak RAM/GPU) and serving checks,
     from config.json alone: nothing is loaded, nothing is written.
@@ -238,7 +241,7 @@ def plan_cmd(
     """
     quiet_transformers()
     target = check_target(target)
-    opts = {"json_out": json_out, "max_memory": max_memory}
+    opts = {"json_out": json_out, "max_memory": max_memory, "tp_size": tp_size}
     if what.endswith((".yaml", ".yml")) or Path(what).is_file():
         from moecompress.recipe import load_recipe
 
