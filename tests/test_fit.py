@@ -135,7 +135,7 @@ def test_tp_size_serving_finding_and_plan_option(tmp_path: Path, capsys):
 
 def test_predictions_from_one_statistics_pass(tmp_path: Path):
     from moecompress.calib.collect import collect_stats
-    from moecompress.fit.predict import predict, probes
+    from moecompress.fit.predict import predict_all, probes
     from moecompress.zoo.tiny import tiny
 
     model, _ = tiny("qwen3_moe", num_experts=8)
@@ -143,7 +143,7 @@ def test_predictions_from_one_statistics_pass(tmp_path: Path):
     ids = torch.randint(0, 300, (16, 32), generator=gen)
     stats = collect_stats(model, [(ids[:8], torch.ones_like(ids[:8])), (ids[8:], torch.ones_like(ids[8:]))],
                           total_tokens=ids.numel(), sample_tokens=512)
-    layers = probes(model, stats, "reap")
+    layers = list(probes(model, stats, "reap"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in layers:
         assert p.structural(8, 32, False) == 0.0
@@ -154,9 +154,13 @@ def test_predictions_from_one_statistics_pass(tmp_path: Path):
     for n, p in model.named_parameters():  # probing never changes the model
         assert torch.equal(p, before[n]), n
     c = Candidate(Choice(4, 24, 4, True), [], 1, 8, 32)
-    d = predict(c, layers, 64)
-    assert d == pytest.approx(c.parts["structural"] + c.parts["quantization"], rel=1e-4)
+    predict_all([c], model, stats, "reap", 64)
+    assert c.predicted == pytest.approx(c.parts["structural"] + c.parts["quantization"], rel=1e-4)
+    assert c.parts["structural"] == pytest.approx(sum(p.structural(4, 24, True) for p in layers), rel=1e-5)
+    assert c.parts["quantization"] == pytest.approx(sum(p.quantization(4, -1) for p in layers), rel=1e-5)  # no
+    # preferred group size divides width 24: one scale per row
     assert 0 < c.parts["removed_routed_mass"] < 1
+    assert all(p.structural(4, 24, True) <= p.structural(4, 24, False) for p in layers)  # heal reverts a worse fit
 
 
 def test_the_measured_set_covers_each_kind_of_plan():

@@ -84,12 +84,9 @@ def fit_model(model: str, out: Path, *, target_size: str | None, target_ratio: f
         console.print(f"fit: {len(candidates)} plans meet {_h(target)} ({target / header.input_bytes:.1%} of "
                       f"{_h(header.input_bytes)}); predicting from one statistics pass")
     model_obj, tok, calib, held, stats = _load_inputs(src, calibration, held_out, opts, console)
-    from moecompress.fit.predict import predict, probes
+    from moecompress.fit.predict import predict_all
 
-    layers = probes(model_obj, stats, space.criterion)
-    hidden = int(adapter.text_config(hf_config)["hidden_size"])
-    for c in candidates:
-        predict(c, layers, hidden)
+    predict_all(candidates, model_obj, stats, space.criterion, int(adapter.text_config(hf_config)["hidden_size"]))
     to_measure = choose_to_measure(candidates, n_measure)
     for c in to_measure:
         if console:
@@ -98,7 +95,7 @@ def fit_model(model: str, out: Path, *, target_size: str | None, target_ratio: f
         if console:
             console.print(f"    KL {c.measured_kl:.5g}")
     winner = choose(to_measure)
-    del model_obj, layers
+    del model_obj
     search_seconds = time.perf_counter() - t0
     text = recipe_text(resolved.label if resolved.repo_id else str(Path(src).resolve()), calibration, winner,
                        f"written by `moecompress fit` for a target of {_h(target)}: {winner.label}, "

@@ -7,7 +7,8 @@ them are the target. On those tokens, per layer:
   the statistics) at the plan's width (each kept expert keeps its neurons with the most gated output energy,
   `act_sq_gated · ‖down column‖²` from the same statistics — the forward stand-in for HEAPr's score), unhealed
   and healed in closed form. The heal module's `HealedReconstruction` computes both: it refits router rows
-  and down projections on the fitted tokens and scores on its held-out ones.
+  and down projections on the fitted tokens and scores on its held-out ones (healed = the lower of the two,
+  as heal reverts a fit that raises the held-out error).
 - quantization error: the relative block-output error of round-to-nearest weights at the plan's bits and
   group size (GPTQ, which the plan runs, does better; the measurement step sees that).
 
@@ -17,6 +18,7 @@ error of the blocks' outputs); the routed probability mass the removed experts c
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -80,9 +82,12 @@ class LayerProbe:
             order = torch.sort(self.neuron_scores, dim=1, descending=True, stable=True).indices[:, width:]
             mask = torch.ones_like(self.neuron_scores, dtype=torch.bool).scatter_(1, order, False)
             self.rec.acts = acts * mask[:, None, :].to(acts.dtype)
-        self.rec.spec = self.heal if heal else UNHEALED
         try:
+            self.rec.spec = UNHEALED
             err = self.rec.error(keep)
+            if heal:  # heal reverts a fit that raises the held-out error, so it never ends above unhealed
+                self.rec.spec = self.heal
+                err = min(err, self.rec.error(keep))
         finally:
             self.rec.acts, self.rec.spec = acts, self.heal
         self._memo[key] = err
@@ -112,24 +117,37 @@ class LayerProbe:
         return err
 
 
-def probes(model: torch.nn.Module, stats: Stats, criterion: str, heal: HealSpec | None = None) -> list[LayerProbe]:
+def probes(model: torch.nn.Module, stats: Stats, criterion: str, heal: HealSpec | None = None) -> Iterator[LayerProbe]:
+    """One probe per MoE layer, built as it is asked for (each holds its layer's expert activations on the
+    sampled tokens, so only one lives at a time when consumed in a loop)."""
     from moecompress.arch.adapter import adapter_for
 
     adapter = adapter_for(model)
     groups = adapter.num_groups(model.config)
-    return [LayerProbe(ly, stats, groups, criterion, heal or HealSpec()) for ly in moe_layers(model, adapter)]
+    for ly in moe_layers(model, adapter):
+        yield LayerProbe(ly, stats, groups, criterion, heal or HealSpec())
 
 
-def predict(candidate: Candidate, layers: list[LayerProbe], hidden: int) -> float:
-    """Predicted damage of a plan (sum over layers of relative block-output error); fills `candidate.parts`."""
+def layer_damage(candidate: Candidate, probe: LayerProbe, hidden: int) -> tuple[float, float, float]:
+    """(structural error, quantization error, removed routed mass) of one plan in one layer."""
     c = candidate.choice
-    structural = sum(p.structural(c.keep, c.width, c.heal) for p in layers)
-    quant = 0.0
-    if c.bits:
-        gs = group_size_for(hidden, c.width)
-        quant = sum(p.quantization(c.bits, gs) for p in layers)
-    mass = [p.removed_mass(c.keep) for p in layers]
-    candidate.parts = {"structural": round(structural, 6), "quantization": round(quant, 6),
-                       "removed_routed_mass": round(sum(mass) / max(len(mass), 1), 5)}
-    candidate.predicted = structural + quant
-    return candidate.predicted
+    quant = probe.quantization(c.bits, group_size_for(hidden, c.width)) if c.bits else 0.0
+    return probe.structural(c.keep, c.width, c.heal), quant, probe.removed_mass(c.keep)
+
+
+def predict_all(candidates: list[Candidate], model: torch.nn.Module, stats: Stats, criterion: str,
+                hidden: int) -> None:
+    """Predicted damage of every plan (sum over layers of relative block-output error), one layer at a time;
+    fills `predicted` and `parts` of each candidate."""
+    sums = [[0.0, 0.0, 0.0] for _ in candidates]
+    n_layers = 0
+    for probe in probes(model, stats, criterion):
+        n_layers += 1
+        for acc, c in zip(sums, candidates, strict=True):
+            for j, v in enumerate(layer_damage(c, probe, hidden)):
+                acc[j] += v
+        del probe
+    for (structural, quant, mass), c in zip(sums, candidates, strict=True):
+        c.parts = {"structural": round(structural, 6), "quantization": round(quant, 6),
+                   "removed_routed_mass": round(mass / max(n_layers, 1), 5)}
+        c.predicted = structural + quant
