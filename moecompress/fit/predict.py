@@ -35,7 +35,8 @@ from moecompress.passes.merge_experts import block_output
 from moecompress.quant.rtn import quantize_rtn
 
 UNHEALED = HealSpec(router=False, down=False)
-MAX_TOKENS = 2048
+PREDICT_HEAL = HealSpec(sweeps=1)  # one pass over the experts: the ranking, not the last digit, is what matters
+MAX_TOKENS = 1024  # sampled tokens per layer the predictor fits and scores on (every 10th held out)
 
 
 class LayerProbe:
@@ -45,7 +46,8 @@ class LayerProbe:
         ls = stats.layers[layer.index]
         if ls.sample is None or ls.sample.shape[0] < 20:
             raise ValueError(f"layer {layer.index}: the statistics hold too few sampled tokens")
-        x = ls.sample[:MAX_TOKENS].to(layer.experts.down_proj.dtype)
+        pick = torch.linspace(0, ls.sample.shape[0] - 1, min(MAX_TOKENS, ls.sample.shape[0])).long()  # spread
+        x = ls.sample[pick].to(layer.experts.down_proj.dtype)
         with torch.no_grad():
             y = block_output(layer, x)
         held = torch.arange(x.shape[0]) % 10 == 9
@@ -58,6 +60,7 @@ class LayerProbe:
         w = ExpertView(layer).get_all()
         self.neuron_scores = ls.sums["act_sq_gated"].double() * w.down.double().pow(2).sum(1)  # [E, I]
         self._memo: dict[tuple[Any, ...], float] = {}
+        self._masked: tuple[int, torch.Tensor] | None = None
 
     def keep(self, k: int) -> list[int]:
         if k >= self.layer.num_experts:
@@ -79,9 +82,7 @@ class LayerProbe:
             return 0.0
         acts = self.rec.acts
         if width < full:  # zero the removed neurons' activations: the fit then works with the narrower experts
-            order = torch.sort(self.neuron_scores, dim=1, descending=True, stable=True).indices[:, width:]
-            mask = torch.ones_like(self.neuron_scores, dtype=torch.bool).scatter_(1, order, False)
-            self.rec.acts = acts * mask[:, None, :].to(acts.dtype)
+            self.rec.acts = self._narrowed(width)
         try:
             self.rec.spec = UNHEALED
             err = self.rec.error(keep)
@@ -92,6 +93,15 @@ class LayerProbe:
             self.rec.acts, self.rec.spec = acts, self.heal
         self._memo[key] = err
         return err
+
+    def _narrowed(self, width: int) -> torch.Tensor:
+        """The activations with each expert's lowest-scoring neurons zeroed (the last width asked is kept)."""
+        if self._masked is None or self._masked[0] != width:
+            self._masked = None  # free the previous copy first
+            order = torch.sort(self.neuron_scores, dim=1, descending=True, stable=True).indices[:, width:]
+            mask = torch.ones_like(self.neuron_scores, dtype=torch.bool).scatter_(1, order, False)
+            self._masked = (width, self.rec.acts * mask[:, None, :].to(self.rec.acts.dtype))
+        return self._masked[1]
 
     def quantization(self, bits: int, group_size: int) -> float:
         """Held-out relative block error with every expert's weights rounded to `bits` (RTN)."""
@@ -125,7 +135,7 @@ def probes(model: torch.nn.Module, stats: Stats, criterion: str, heal: HealSpec 
     adapter = adapter_for(model)
     groups = adapter.num_groups(model.config)
     for ly in moe_layers(model, adapter):
-        yield LayerProbe(ly, stats, groups, criterion, heal or HealSpec())
+        yield LayerProbe(ly, stats, groups, criterion, heal or PREDICT_HEAL)
 
 
 def layer_damage(candidate: Candidate, probe: LayerProbe, hidden: int) -> tuple[float, float, float]:
@@ -143,9 +153,9 @@ def predict_all(candidates: list[Candidate], model: torch.nn.Module, stats: Stat
     n_layers = 0
     for probe in probes(model, stats, criterion):
         n_layers += 1
-        for acc, c in zip(sums, candidates, strict=True):
-            for j, v in enumerate(layer_damage(c, probe, hidden)):
-                acc[j] += v
+        for i in sorted(range(len(candidates)), key=lambda i: candidates[i].choice.width):  # one narrowing per width
+            for j, v in enumerate(layer_damage(candidates[i], probe, hidden)):
+                sums[i][j] += v
         del probe
     for (structural, quant, mass), c in zip(sums, candidates, strict=True):
         c.parts = {"structural": round(structural, 6), "quantization": round(quant, 6),

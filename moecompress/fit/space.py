@@ -7,8 +7,9 @@ its widest width today, so it saves no bytes either) and heal on or off. Each pl
 (`PruneExpertsConfig` / `PruneAtomicConfig`, then `QuantizeConfig`); `moecompress.plan.plan_passes` checks it
 against the config, runs the serving checks and counts its bytes exactly as `plan` and `inspect` do.
 
-Only plans on the size frontier are kept: for every (width, bits) the most experts that still fit, because
-removing more experts than the size needs only adds damage.
+Only plans on the size frontier are kept: for every (width, bits) the most experts that still fit, and of
+those only the ones no other plan beats on every axis at once (more or as many experts, as wide, as many
+bits), because removing more than the size needs only adds damage.
 """
 
 from __future__ import annotations
@@ -228,7 +229,18 @@ def enumerate_candidates(sizer: Sizer, target_bytes: int) -> list[Candidate]:
                 choice = Choice(keep, w, bits, heal)
                 out.append(Candidate(choice=choice, passes=sizer.passes(choice), bytes=nbytes,
                                      experts=sizer.experts, width=sizer.width, findings=findings))
-    return out
+    return [c for c in out if not any(dominates(o.choice, c.choice, sizer.experts, sizer.width) for o in out)]
+
+
+def dominates(a: Choice, b: Choice, experts: int, width: int) -> bool:
+    """`a` keeps at least as much as `b` on every axis (experts, width, bits; float beats any bits), is another
+    plan, and heals alike or removes nothing heal could repair: `b` only removes more than the size needs."""
+    def bits(c: Choice) -> int:
+        return c.bits or 1 << 10
+
+    intact = a.keep == experts and a.width == width
+    return (a != b and (a.heal == b.heal or intact) and a.keep >= b.keep and a.width >= b.width
+            and bits(a) >= bits(b))
 
 
 def _largest_fitting(ks: list[int], size: Any, target: int) -> tuple[int, tuple[int, list[Finding]]] | None:
