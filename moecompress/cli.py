@@ -528,21 +528,26 @@ def fit_cmd(
     stats_cache: Path | None = STATS_CACHE, revision: str | None = REVISION, device: str = DEVICE,
     max_memory: str | None = MAX_MEMORY, max_shard_size: str = MAX_SHARD,
 ) -> None:
-    """Compress to the size you name with the least damage: fit searches experts kept per layer, HEAPr expert
-    width, 8/4-bit experts and heal, and writes the winner as a recipe.
+    """Compress to the size you name with the least damage, written as a rerunnable recipe.
 
     \b
-    1. enumerate every plan that meets the size (bytes as written, counted as `plan` and `inspect` count them;
-       for each width and bits the most experts that fit, divisible by --ep-size; --target vllm adds widths
-       that are multiples of 64 and vLLM's group sizes);
-    2. predict each plan's damage from one statistics pass (per-layer block-output error of the kept experts,
-       healed and unhealed, plus round-to-nearest quantization error);
-    3. build the --measure best in memory and measure KL to the original on held-out calibration tokens;
-    4. run the winner as a recipe into OUT (OUT/recipe.yaml reruns it: `moecompress run OUT/recipe.yaml`),
-       with fit.md/fit.json/fit.png comparing predicted vs measured damage and bytes of every candidate.
+    1. enumerate: every plan that meets the size - experts kept per layer
+       (divisible by --ep-size), HEAPr expert width, experts at 8/4 bits or
+       float, heal on/off - with bytes counted as written (as plan/inspect
+       count them, headers included); --target vllm keeps widths multiples
+       of 64 and vLLM's group sizes, --tp-size splits widths evenly.
+    2. predict: each plan's damage from one statistics pass (per-layer
+       block-output error of the kept experts, healed and unhealed, plus
+       round-to-nearest quantization error).
+    3. measure: build the --measure best in memory; KL to the original on
+       --held-out calibration sequences no pass has seen.
+    4. write: run the winner as a recipe into OUT (OUT/recipe.yaml reruns it
+       with `moecompress run`), plus fit.md / fit.json / fit.png comparing
+       predicted vs measured damage and bytes of every candidate.
 
-    A size no plan meets is refused before anything loads (exit 2, nothing written).
-    Example: moecompress fit ref --out runs/fit30 --target-ratio 0.3 --ep-size 4
+    A size no plan meets is refused before anything loads (exit 2, nothing
+    written). Example:
+    moecompress fit ref --out runs/fit30 --target-ratio 0.3 --ep-size 4
     """
     from moecompress.fit import SearchSpace, fit_model
     from moecompress.runner import RunOptions

@@ -110,9 +110,24 @@ def test_enumeration_is_the_size_frontier_under_serving_constraints(tmp_path: Pa
     # tensor parallelism: widths split into --tp-size shards (lcm with the width multiple 8)
     tp = enumerate_candidates(_sizer(ref, tp_size=3), target)
     assert tp and all(c.choice.width % 3 == 0 for c in tp)
+    # --target vllm: widths stay multiples of 64 (the tiny experts are 32 wide: no neuron pruning), 4/8 bits only
+    vllm = enumerate_candidates(_sizer(ref, target="vllm"), target)
+    assert vllm and all(c.choice.width == 32 and c.choice.bits in (None, 4, 8) for c in vllm)
+    assert all(f.ok for c in vllm for f in c.findings)
     # bytes grow with what is kept
     assert sizer.size(8, 32, 4)[0] < sizer.size(8, 32, 8)[0] < sizer.size(8, 24, 8)[0] + sizer.size(8, 32, 8)[0]
     assert sizer.size(4, 32, None)[0] < sizer.size(6, 32, None)[0]
+
+
+def test_a_masked_layout_counts_as_full_size(tmp_path: Path):
+    from moecompress.passes.prune_atomic import PruneAtomicConfig
+    from moecompress.plan import plan_passes
+
+    ref = tiny_checkpoint(tmp_path / "ref", num_experts=8)
+    config, _ = check_model_dir(ref)
+    masked = plan_passes(config, [PruneAtomicConfig(neuron_ratio=0.5, layout="masked")]).steps[0]
+    uniform = plan_passes(config, [PruneAtomicConfig(neuron_ratio=0.5)]).steps[0]
+    assert masked.after.bytes == masked.before.bytes > uniform.after.bytes
 
 
 def test_tp_size_serving_finding_and_plan_option(tmp_path: Path, capsys):

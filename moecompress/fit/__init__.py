@@ -109,11 +109,21 @@ def fit_model(model: str, out: Path, *, target_size: str | None, target_ratio: f
                "measured_kl": winner.measured_kl, "held_out_tokens": int(sum(int(m.sum()) for _, m in held)),
                "calibration_tokens": calib.n_tokens, "search_seconds": round(search_seconds, 2),
                "total_seconds": round(time.perf_counter() - t0, 2), "steps": [r.get("output") for r in report]}
+    summary["rank_agreement"] = rank_agreement(to_measure)
     rows = candidate_rows(candidates, header.input_bytes, winner)
     write_table(out, rows, summary)
     if opts.plots:
         plot_candidates(out, rows, target)
     return {"summary": summary, "candidates": rows}
+
+
+def rank_agreement(measured: list[Candidate]) -> float | None:
+    """Share of measured pairs the prediction orders as the measurement does (1 = same order; None: < 2)."""
+    pairs = [(a, b) for i, a in enumerate(measured) for b in measured[i + 1:]]
+    if not pairs:
+        return None
+    same = sum((a.predicted - b.predicted) * (a.measured_kl - b.measured_kl) >= 0 for a, b in pairs)
+    return round(same / len(pairs), 3)
 
 
 def _load_inputs(src: Path, calibration: Any, held_out: int, opts: Any, console: Any) -> tuple[Any, ...]:

@@ -68,6 +68,8 @@ def write_table(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) 
         lines.append(f"| {'✓' if r['chosen'] else ''} | {r['plan']} | {human_bytes(r['bytes'])} | "
                      f"{r['share_of_input']:.1%} | {r['predicted']:.4g} | {r.get('pred_structural', 0):.4g} | "
                      f"{r.get('pred_quantization', 0):.4g} | {r.get('pred_removed_routed_mass', 0):.3f} | {kl} |")
+    if summary.get("rank_agreement") is not None:
+        lines += ["", f"prediction vs measurement: {summary['rank_agreement']:.0%} of measured pairs in the same order"]
     if summary.get("written_bytes") is not None:
         lines += ["", f"written: {summary['checkpoint']} — {human_bytes(summary['written_bytes'])} on disk "
                   f"(target {human_bytes(summary['target_bytes'])}, predicted {human_bytes(summary['predicted_bytes'])})"]
