@@ -58,12 +58,24 @@ def test_fit_meets_the_size_and_its_recipe_reruns_to_the_same_checkpoint(tmp_pat
     assert (out / "recipe.yaml").is_file() and (out / "fit.md").is_file() and (out / "fit.png").is_file()
     _, info = AutoModelForCausalLM.from_pretrained(checkpoint, output_loading_info=True)
     assert all(not v for v in info.values()), info
-    # the recipe alone, with an empty cache (statistics recollected), rebuilds the same tensors
+    recipe_text = (out / "recipe.yaml").read_text()
+    first = _weights(checkpoint)
+    # --overwrite with another target: the previous winner's steps do not linger beside the new ones
+    code, _, err = run_cli(["fit", ref, "--out", out, "--target-ratio", "0.53", "--bits", "4", "--no-heal",
+                            "--measure", "1", "--overwrite", "--calib", calib, *CALIB], capsys)
+    assert code == 0, err
+    s2 = json.loads((out / "fit.json").read_text())["summary"]
+    assert [Path(p).name for p in s2["steps"]] != [Path(p).name for p in s["steps"]]  # another winner
+    assert {p.name for p in out.glob("[0-9][0-9]-*")} == {Path(p).name for p in s2["steps"]}
+    assert s2["written_bytes"] <= int(0.53 * checkpoint_bytes(ref))
+    # the first recipe alone, with an empty cache (statistics recollected), rebuilds the same tensors
+    first_recipe = tmp_path / "first.yaml"
+    first_recipe.write_text(recipe_text)
     monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path / "fresh-cache"))
-    code, _, err = run_cli(["run", out / "recipe.yaml", "--out", tmp_path / "again"], capsys)
+    code, _, err = run_cli(["run", first_recipe, "--out", tmp_path / "again"], capsys)
     assert code == 0, err
     again = tmp_path / "again" / checkpoint.name
-    a, b = _weights(checkpoint), _weights(again)
+    a, b = first, _weights(again)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

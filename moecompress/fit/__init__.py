@@ -161,6 +161,13 @@ def _write(out: Path, text: str, opts: Any, console: Any) -> list[dict[str, Any]
     from moecompress.runner import run_recipe
 
     parsed = parse_recipe(yaml.safe_load(text), text)
+    steps = {f"{i:02d}-{cfg.name}" for i, cfg in enumerate(parsed.passes, start=1)}
+    if out.is_dir() and opts.overwrite:  # a previous fit's steps that this winner does not have would mislead
+        import shutil
+
+        for stale in out.glob("[0-9][0-9]-*"):
+            if stale.is_dir() and stale.name not in steps and (stale / "report.json").is_file():
+                shutil.rmtree(stale)
     return run_recipe(parsed, out, opts=opts, console=console)
 
 
