@@ -206,3 +206,20 @@ def test_the_measured_set_covers_each_kind_of_plan():
         c.measured_kl = kl
     experts.bytes = 5
     assert choose(picked) is experts  # least KL; ties to the smaller plan
+
+
+def test_families_heal_cannot_reconstruct_fall_back_to_routed_mass_and_energy():
+    """llama4_text runs experts densely on gate-scaled inputs: no reconstruction, so the structural prediction is
+    the removed routed mass plus the dropped neuron energy of the rest (heal or not)."""
+    from moecompress.calib.collect import collect_stats
+    from moecompress.fit.predict import probes
+    from moecompress.zoo.tiny import tiny
+
+    model, _ = tiny("llama4_text")
+    ids = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(1))
+    stats = collect_stats(model, [(ids, torch.ones_like(ids))], total_tokens=ids.numel(), sample_tokens=256)
+    for p in probes(model, stats, "reap"):
+        assert p.rec is None
+        assert p.structural(4, 32, False) == 0.0
+        assert p.structural(2, 32, False) == pytest.approx(p.removed_mass(2), abs=1e-12)
+        assert p.removed_mass(2) < p.structural(2, 16, False) == p.structural(2, 16, True) < 1

@@ -7,6 +7,7 @@ pass's); nothing is written to --out until a winner exists, so a size no plan me
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,10 @@ def fit_model(model: str, out: Path, *, target_size: str | None, target_ratio: f
     if header.input_bytes <= target:
         raise UserError(f"{resolved.label} is already {_h(header.input_bytes)}, within the target {_h(target)}; "
                         "nothing to compress")
+    if space.heal and adapter.routing == "sigmoid_input_scale":  # heal refuses these families (dense experts)
+        space = dataclasses.replace(space, heal=False)
+        if console:
+            console.print(f"[yellow]fit:[/] {adapter.model_type} cannot be healed; plans are searched without heal")
     sizer = Sizer(hf_config, adapter, space, header)
     candidates = enumerate_candidates(sizer, target)
     if not candidates:

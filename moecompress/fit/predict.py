@@ -26,6 +26,7 @@ import torch
 from moecompress.arch.adapter import MoELayer, moe_layers
 from moecompress.arch.experts import ExpertView
 from moecompress.calib.stats import Stats
+from moecompress.errors import UserError
 from moecompress.fit.space import Candidate, group_size_for
 from moecompress.heal.fit import BlockData, rel_error
 from moecompress.heal.select import HealedReconstruction
@@ -45,7 +46,9 @@ class LayerProbe:
     def __init__(self, layer: MoELayer, stats: Stats, groups: int, criterion: str, heal: HealSpec) -> None:
         ls = stats.layers[layer.index]
         if ls.sample is None or ls.sample.shape[0] < 20:
-            raise ValueError(f"layer {layer.index}: the statistics hold too few sampled tokens")
+            raise UserError(f"fit: the statistics hold {0 if ls.sample is None else ls.sample.shape[0]} sampled "
+                            f"tokens for layer {layer.index}; predictions need at least 20: raise --calib-samples "
+                            "or --calib-seqlen")
         pick = torch.linspace(0, ls.sample.shape[0] - 1, min(MAX_TOKENS, ls.sample.shape[0])).long()  # spread
         x = ls.sample[pick].to(layer.experts.down_proj.dtype)
         with torch.no_grad():
@@ -53,7 +56,10 @@ class LayerProbe:
         held = torch.arange(x.shape[0]) % 10 == 9
         self.layer, self.groups, self.heal = layer, groups, heal
         self.data = BlockData(x=x, x_ref=x, y=y, held=held)
-        self.rec = HealedReconstruction(layer, self.data, heal, max_tokens=MAX_TOKENS)
+        # families whose experts run densely on gate-scaled inputs cannot be reconstructed per routed expert:
+        # their structural error falls back to routed mass and neuron energy removed (see `_energy_error`)
+        self.rec = (HealedReconstruction(layer, self.data, heal, max_tokens=MAX_TOKENS)
+                    if layer.adapter.routing != "sigmoid_input_scale" else None)
         self.scores = (criteria.expert_scores(ls, criterion) if criterion != "random"
                        else torch.arange(layer.num_experts, 0, -1).double())
         self.soft = ls.sums["soft_freq"].double()
@@ -77,9 +83,12 @@ class LayerProbe:
         if key in self._memo:
             return self._memo[key]
         keep = self.keep(k)
-        full = self.rec.acts.shape[-1]
+        full = self.neuron_scores.shape[-1]
         if k >= self.layer.num_experts and width >= full:
             return 0.0
+        if self.rec is None:
+            self._memo[key] = self._energy_error(keep, width)
+            return self._memo[key]
         acts = self.rec.acts
         if width < full:  # zero the removed neurons' activations: the fit then works with the narrower experts
             self.rec.acts = self._narrowed(width)
@@ -93,6 +102,14 @@ class LayerProbe:
             self.rec.acts, self.rec.spec = acts, self.heal
         self._memo[key] = err
         return err
+
+    def _energy_error(self, keep: list[int], width: int) -> float:
+        """Without a reconstruction: the routed mass of the removed experts plus, of the rest, the share of gated
+        neuron energy the narrower experts drop (no heal estimate: such families cannot be healed)."""
+        mass = self.removed_mass(len(keep))
+        scores = self.neuron_scores[keep]
+        kept = torch.sort(scores, dim=1, descending=True).values[:, :width].sum()
+        return mass + (1 - mass) * float(1 - kept / scores.sum().clamp_min(1e-30))
 
     def _narrowed(self, width: int) -> torch.Tensor:
         """The activations with each expert's lowest-scoring neurons zeroed (the last width asked is kept)."""
