@@ -12,6 +12,9 @@ them are the target. On those tokens, per layer:
 - quantization error: the relative block-output error of round-to-nearest weights at the plan's bits and
   group size (GPTQ, which the plan runs, does better; the measurement step sees that).
 
+Families heal cannot reconstruct (experts run densely on gate-scaled inputs: llama4_text) fall back to the
+removed experts' routed mass plus the share of gated neuron energy the narrower experts drop.
+
 A plan's predicted damage is the sum over layers of structural + quantization error (relative squared
 error of the blocks' outputs); the routed probability mass the removed experts carried is reported beside it.
 """
