@@ -199,7 +199,7 @@ _PLAN_MODE: dict = {}  # set by `moecompress plan` while it dispatches to a pass
 
 
 def show_plan(model: str, passes: list, *, calib=None, target: str | None = None, ep_size: int | None = None,
-              json_out: bool = False, max_memory: str | None = None, samples: int | None = None,
+              tp_size: int | None = None, json_out: bool = False, max_memory: str | None = None, samples: int | None = None,
               seqlen: int | None = None, revision: str | None = None) -> None:
     """Plan passes on MODEL from its config.json alone and print it (tables, or JSON for scripts)."""
     from moecompress.io.checkpoint import read_config
@@ -212,7 +212,8 @@ def show_plan(model: str, passes: list, *, calib=None, target: str | None = None
     samples = calib.samples if calib is not None else (samples or CALIB_SAMPLES.default)
     seqlen = calib.seqlen if calib is not None else (seqlen or CALIB_SEQLEN.default)
     plan = plan_passes(config, passes, model=str(model), samples=samples, seqlen=seqlen, target=target,
-                       ep_size=ep_size, max_memory=parse_size(max_memory), console=None if json_out else console)
+                       ep_size=ep_size, max_memory=parse_size(max_memory), console=None if json_out else console,
+                       tp_size=tp_size)
     if json_out:
         typer.echo(plan.model_dump_json(indent=2))
     else:
@@ -229,6 +230,8 @@ def plan_cmd(
                                           "plan shows what spills to disk (or that it cannot fit)."),
     model: str | None = typer.Option(None, "--model", help="With a recipe: override its model."),
     target: str | None = TARGET, ep_size: int | None = EP_SIZE, revision: str | None = REVISION,
+    tp_size: int | None = typer.Option(None, "--tp-size", min=1, help="Tensor-parallel size: expert widths must "
+                                       "split into this many shards (each a multiple of the quantization group)."),
 ) -> None:
     """Before → after of every step (experts, total/active parameters, bytes, peak RAM/GPU) and serving checks,
     from config.json alone: nothing is loaded, nothing is written.
@@ -238,7 +241,7 @@ def plan_cmd(
     """
     quiet_transformers()
     target = check_target(target)
-    opts = {"json_out": json_out, "max_memory": max_memory}
+    opts = {"json_out": json_out, "max_memory": max_memory, "tp_size": tp_size}
     if what.endswith((".yaml", ".yml")) or Path(what).is_file():
         from moecompress.recipe import load_recipe
 
@@ -494,6 +497,86 @@ def heal_cmd(
     run_one(HealConfig, dict(reference=str(reference), steps=heal_steps, router=router, down=down),
             compressed, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, model=compressed),
             evals=evals, eval_data=eval_data, overwrite=overwrite, dtype=dtype)
+
+
+@app.command("fit")
+def fit_cmd(
+    model: str = typer.Argument(..., help="Input checkpoint folder (never modified) or a Hub id."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: the winner's recipe.yaml, its step folders "
+                             "(the last one is the checkpoint), fit.md / fit.json / fit.png with every candidate."),
+    target_size: str | None = typer.Option(None, "--target-size", help="Largest checkpoint on disk, e.g. 24GB, "
+                                           "500MiB or a byte count (safetensors files, headers included)."),
+    target_ratio: float | None = typer.Option(None, "--target-ratio", help="Instead of --target-size: the output's "
+                                              "bytes on disk as a share of the input's, e.g. 0.3."),
+    bits: str = typer.Option("8,4", "--bits", help="Weight widths fit may quantize routed experts to (comma-separated, "
+                             "from 8,4; empty = never quantize). Experts may also stay at the stored float dtype."),
+    heal: bool = typer.Option(True, "--heal/--no-heal", help="Also try every structural plan with closed-form heal."),
+    criterion: str = typer.Option("reap", "--criterion", help="Which experts a plan keeps: reap | frequency | "
+                                  "soft_frequency | ean | easy_ep."),
+    neuron_criterion: str = typer.Option("heapr", "--neuron-criterion", help="Which expert neurons a narrower plan "
+                                         "keeps: heapr (one backward pass) | camera | magnitude."),
+    measure: int = typer.Option(3, "--measure", min=1, help="How many of the best predicted plans to build in memory "
+                                "and measure (KL to the original on held-out calibration tokens)."),
+    held_out: int = typer.Option(16, "--held-out", min=1, help="Held-out calibration sequences (taken after "
+                                 "--calib-samples in the same source; no pass sees them)."),
+    ep_size: int | None = EP_SIZE,
+    tp_size: int | None = typer.Option(None, "--tp-size", min=1, help="Tensor-parallel size: the expert width must "
+                                       "split into this many shards (and each shard by the quantization group)."),
+    target: str | None = TARGET,
+    calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
+    calib_seed: int = CALIB_SEED, overwrite: bool = OVERWRITE, dtype: str | None = DTYPE,
+    stats_cache: Path | None = STATS_CACHE, revision: str | None = REVISION, device: str = DEVICE,
+    max_memory: str | None = MAX_MEMORY, max_shard_size: str = MAX_SHARD,
+) -> None:
+    """Compress to the size you name with the least damage, written as a rerunnable recipe.
+
+    \b
+    1. enumerate: every plan that meets the size - experts kept per layer
+       (divisible by --ep-size), HEAPr expert width, experts at 8/4 bits or
+       float, heal on/off - with bytes counted as written (as plan/inspect
+       count them, headers included); --target vllm keeps widths multiples
+       of 64 and vLLM's group sizes, --tp-size splits widths evenly.
+    2. predict: each plan's damage from one statistics pass (per-layer
+       block-output error of the kept experts, healed and unhealed, plus
+       round-to-nearest quantization error).
+    3. measure: build the --measure best in memory; KL to the original on
+       --held-out calibration sequences no pass has seen.
+    4. write: run the winner as a recipe into OUT (OUT/recipe.yaml reruns it
+       with `moecompress run`), plus fit.md / fit.json / fit.png comparing
+       predicted vs measured damage and bytes of every candidate.
+
+    A size no plan meets is refused before anything loads (exit 2, nothing
+    written). Example:
+    moecompress fit ref --out runs/fit30 --target-ratio 0.3 --ep-size 4
+    """
+    from moecompress.fit import SearchSpace, fit_model
+    from moecompress.runner import RunOptions
+
+    quiet_transformers()
+    try:
+        bit_list = tuple(int(b) for b in bits.split(",") if b.strip())
+    except ValueError:
+        raise UserError(f"--bits {bits!r}: use comma-separated widths from 8,4") from None
+    if any(b not in (4, 8) for b in bit_list):
+        raise UserError(f"--bits {bits!r}: fit quantizes to 8 or 4 bits (what vLLM serves)")
+    if criterion not in ("reap", "frequency", "soft_frequency", "ean", "easy_ep"):
+        raise UserError(f"--criterion {criterion!r}: use reap, frequency, soft_frequency, ean or easy_ep")
+    if neuron_criterion not in ("heapr", "camera", "magnitude"):
+        raise UserError(f"--neuron-criterion {neuron_criterion!r}: use heapr, camera or magnitude")
+    target = check_target(target)
+    space = SearchSpace(bits=bit_list, heal=heal, criterion=criterion, neuron_criterion=neuron_criterion,
+                        ep_size=ep_size, tp_size=tp_size, target=target)
+    opts = RunOptions(overwrite=overwrite, dtype=dtype, stats_cache=stats_cache, device=device, max_memory=max_memory,
+                      max_shard_size=max_shard_size, target=target, ep_size=ep_size, revision=revision)
+    result = fit_model(model, out, target_size=target_size, target_ratio=target_ratio, space=space,
+                       calibration=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, model=Path(model)),
+                       held_out=held_out, n_measure=measure, opts=opts, console=console)
+    from moecompress.fit.write import render
+
+    s = result["summary"]
+    render(console, result["candidates"], s)
+    console.print(f"checkpoint: {s['checkpoint']} · recipe: {s['recipe']} · table: {out / 'fit.md'}"
+                  + (f" · plot: {out / 'fit.png'}" if (out / "fit.png").exists() else ""))
 
 
 @app.command("sweep")

@@ -97,6 +97,11 @@ class _State:
                          bytes=sum(by_group.values()), format=fmt)
 
 
+def config_bytes(config: dict[str, Any]) -> int:
+    """Bytes of the weights a checkpoint with this config stores (the `bytes on disk` row of `plan`)."""
+    return _State(config).state().bytes
+
+
 def parse_size(text: str | None) -> int | None:
     """'64GiB', '64GB', '500MiB', '1.5T' → bytes (binary units for bare K/M/G/T)."""
     if text is None:
@@ -168,7 +173,7 @@ def planned_config(cfg: Any, adapter: MoEAdapter, config: dict[str, Any]) -> dic
 
 def plan_passes(config: dict[str, Any], passes: list[Any], *, model: str = "", samples: int = 128, seqlen: int = 512,
                 target: Target | None = None, ep_size: int | None = None, max_memory: int | None = None,
-                console: Any = None) -> Plan:
+                console: Any = None, tp_size: int | None = None) -> Plan:
     """Check every pass against the config it will see, then size each step before → after."""
     from moecompress.io.source_formats import detect_source_format
 
@@ -185,7 +190,7 @@ def plan_passes(config: dict[str, Any], passes: list[Any], *, model: str = "", s
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None
         after_config = planned_config(cfg, adapter, state.config)
-        findings = serving_findings(cfg, adapter, state.config, after_config, ep_size)
+        findings = serving_findings(cfg, adapter, state.config, after_config, ep_size, tp_size)
         enforce(findings, target, where=where, console=console)
         before = state.state()
         if cfg.name == "quantize":

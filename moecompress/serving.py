@@ -32,8 +32,11 @@ class Finding(BaseModel):
 
 
 def serving_findings(cfg: Any, adapter: MoEAdapter, before: dict[str, Any], after: dict[str, Any],
-                     ep_size: int | None = None) -> list[Finding]:
-    """Serving checks for one pass going from config `before` to config `after`."""
+                     ep_size: int | None = None, tp_size: int | None = None) -> list[Finding]:
+    """Serving checks for one pass going from config `before` to config `after`.
+
+    `tp_size`: tensor parallelism splits every expert's width into `tp_size` shards, so the width must divide
+    by it (and, quantized, each shard by the group size)."""
     out: list[Finding] = []
     e_before, e_after = adapter.num_experts(before), adapter.num_experts(after)
     groups = adapter.num_groups(after)
@@ -55,6 +58,17 @@ def serving_findings(cfg: Any, adapter: MoEAdapter, before: dict[str, Any], afte
                            + (f" is a multiple of {VLLM_WIDTH_MULTIPLE}" if ok else
                               f" is not a multiple of {VLLM_WIDTH_MULTIPLE} (vLLM fused MoE kernels); set "
                               f"width_multiple: {VLLM_WIDTH_MULTIPLE} (→ {_round_to(w_after, VLLM_WIDTH_MULTIPLE)})")))
+    if tp_size and tp_size > 1:
+        ok = w_after % tp_size == 0
+        out.append(Finding(check="tp_size", ok=ok, message=f"expert width {w_after} "
+                           + (f"splits into {tp_size} shards of {w_after // tp_size}" if ok else
+                              f"does not split into --tp-size {tp_size} equal shards; keep a width divisible by "
+                              f"{tp_size}")))
+        gs = int(getattr(cfg, "group_size", 0) or 0) if getattr(cfg, "name", "") == "quantize" else 0
+        if ok and gs > 0 and (w_after // tp_size) % gs:
+            out.append(Finding(check="tp_size", ok=False, message=f"each --tp-size {tp_size} shard is "
+                               f"{w_after // tp_size} wide, not a multiple of group size {gs}; choose a group size "
+                               "that divides it"))
     if getattr(cfg, "name", "") == "quantize":
         bits, gs = int(cfg.bits), int(cfg.group_size)
         ok = bits in VLLM_BITS
