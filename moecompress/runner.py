@@ -147,9 +147,15 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
         check_eval_spec(eval_spec, eval_data_dir(eval_spec, src))
     registered = get_pass(cfg.name)
     if registered.layerwise is not None and registered.layerwise.streams(cfg):
-        return run_streamed(cfg, registered.layerwise, src, out, calibration=calibration, eval_spec=eval_spec,
-                            opts=opts, console=console, recipe_text=recipe_text, resolved=resolved,
-                            findings=findings)
+        from moecompress.engine.loop import NotStreamable
+
+        try:
+            return run_streamed(cfg, registered.layerwise, src, out, calibration=calibration, eval_spec=eval_spec,
+                                opts=opts, console=console, recipe_text=recipe_text, resolved=resolved,
+                                findings=findings)
+        except NotStreamable as exc:  # nothing was written yet: the same pass on the model in memory
+            if console:
+                console.print(f"[yellow]{exc}: the layer-streaming engine cannot run it; loading the model whole[/]")
     t0 = time.perf_counter()
     loaded = load_model(src, dtype=opts.dtype)
     model, tok = loaded.model, loaded.tokenizer

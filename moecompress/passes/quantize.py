@@ -156,7 +156,6 @@ def _plan(ctx: PassContext) -> dict[str, Any]:
     model, adapter = ctx.model, ctx.adapter
     batches = list(ctx.get_calibration().batches(8))
     previous = experts_implementation(model)
-    set_experts_implementation(model, TAP_IMPLEMENTATION)
     return {
         "batches": batches,
         "masks": [m.reshape(-1).bool() for _, m in batches],
@@ -188,6 +187,9 @@ def _observe(ctx: PassContext, plan: dict[str, Any], index: int, layer: torch.nn
         hooks.append(lin.register_forward_pre_hook(
             lambda m, a, h=acc[name]: h.add(a[0].reshape(-1, a[0].shape[-1])[current_mask[0].to(a[0].device)])))
     tap = None
+    # the tap implementation only while this layer observes: the probe and the propagated flow then run the
+    # compressed layer with the experts implementation a reload uses (in bf16 the tap's index_add order differs)
+    set_experts_implementation(ctx.model, TAP_IMPLEMENTATION)
     if moe is not None:
         w = ExpertView(moe).get_all()
         tap = ExpertHessians(moe.experts, moe.num_experts, w.gate.shape[2], w.width, balance=cfg.balance,
@@ -210,6 +212,8 @@ def _observe(ctx: PassContext, plan: dict[str, Any], index: int, layer: torch.nn
             hk.remove()
         if moe is not None:
             _ACTIVE.pop(id(moe.experts), None)
+        if plan["previous_impl"] is not None:
+            set_experts_implementation(ctx.model, plan["previous_impl"])
 
 
 def _apply_layer(ctx: PassContext, plan: dict[str, Any], index: int, layer: torch.nn.Module) -> dict[str, Any] | None:
