@@ -137,6 +137,7 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     "gemma4": {"text_config": {"enable_moe_block": True, "num_experts": 8, "top_k_experts": 2,
                                "moe_intermediate_size": 32}},
     "granitemoehybrid": {"layer_types": ["mamba", "attention", "mamba", "attention"], "num_hidden_layers": 4},
+    "hunyuan_v1_moe": {"num_experts": 8, "moe_topk": 2},  # the default is one expert: nothing to route
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"], "num_hidden_layers": 4,
                  "num_dense_layers": 1},
 }
@@ -253,10 +254,16 @@ def _shared_coupled(block: torch.nn.Module, shared: tuple[str, ...], width: int,
         if not isinstance(gate, torch.nn.Linear):
             continue
         sw = gate.out_features
-        own_key = any(k != width_key and v == sw for k, v in cfg.items() if isinstance(v, int))
+        # only width-like keys count: a miniature's sliding_window or head count may equal the width by chance
+        own_key = any(k != width_key and v == sw and _width_like(k) for k, v in cfg.items() if isinstance(v, int))
         if not own_key and sw % width == 0:
             return True
     return False
+
+
+def _width_like(key: str) -> bool:
+    """A config key that can hold an MLP width (intermediate / ffn sizes, a shared expert's own width)."""
+    return any(w in key for w in ("intermediate", "ffn", "shared", "expert_dim", "mlp"))
 
 
 @torch.no_grad()
