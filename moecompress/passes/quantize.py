@@ -74,6 +74,11 @@ class QuantizeConfig(PassConfig):
             raise UserError(f"quantize: {adapter.model_type} checkpoints store routed experts fused, which the "
                             "compressed-tensors per-linear format cannot describe; supported families store per-expert "
                             "linears (qwen*_moe, mixtral, deepseek_v2/v3, olmoe, phimoe, glm4_moe, dots1, ernie4_5_moe)")
+        merged = load_time_merges_outside_experts(hf_config)
+        if merged:
+            raise UserError(f"quantize: {adapter.model_type} checkpoints join {merged[0]} at load; transformers' "
+                            "compressed-tensors loader then finds none of those float tensors (its dequantize step "
+                            "drops them), so a quantized checkpoint would not reload")
         hidden = int(adapter.text_config(hf_config)["hidden_size"])
         width = adapter.expert_width(hf_config)
         for what, n in (("hidden size", hidden), ("expert width", width)):
@@ -87,6 +92,27 @@ class QuantizeConfig(PassConfig):
                 raise UserError(f"quantize: bits_budget {self.bits_budget} must lie within candidate_bits [{lo}, {hi}]")
             for b in self.candidate_bits:
                 check_scheme(b, self.group_size, min(hidden, width))
+
+
+def load_time_merges_outside_experts(hf_config: dict[str, Any]) -> list[str]:
+    """Checkpoint tensors outside the routed experts that transformers merges while loading (kimi_linear and
+    bailing_hybrid join q/k/v conv1d kernels): compressed-tensors' loader routes them through its dequantize step,
+    which yields nothing for tensors stored in float, so the reload fails."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    from moecompress.arch.skeleton import meta_model
+
+    try:
+        model = meta_model(hf_config)
+    except UserError:
+        return []
+    out = []
+    for conv in get_model_conversion_mapping(model):
+        sources = list(getattr(conv, "_original_source_patterns", []) or [])
+        if isinstance(conv, WeightConverter) and len(sources) > 1 and not any("expert" in s for s in sources):
+            out.append(" + ".join(s.replace("\\", "") for s in sources))
+    return out
 
 
 class ExpertHessians:
