@@ -25,13 +25,14 @@ OVERHEAD = int(1.5 * GiB)  # python, torch, transformers, tokenizer, allocator s
 MEMORY_MODEL = (
     "layer-streaming engine: CPU RAM ≈ 1.5 GiB runtime + embeddings and LM head + two decoder layers at the compute "
     "dtype (the one being processed and the next being read; +1 layer as stored when the source is quantized) + "
-    "the calibration activation cache (samples × seqlen × hidden × 2 bytes, layer inputs and outputs) + the pass's "
-    "per-layer statistics (GPTQ: per-expert Hessians; merge: expert-output features; HEAPr: fp32 gradients). "
-    "GPU ≈ one decoder layer + statistics + one batch of activations. --max-memory caps CPU RAM: the activation "
-    "cache beyond the cap spills to disk; below the fixed part the run cannot start. In-memory (today's "
-    "load_model path): runtime + the whole model at the compute dtype + the written output reloaded for "
-    "verification + statistics (bench/plan_memory.py, 0.49B model: 2.96 GiB estimated, 2.38-2.87 GiB measured peak "
-    "RSS over two runs)."
+    "the calibration activation cache (samples × seqlen × hidden × 2 bytes: one layer boundary, each layer's "
+    "outputs overwrite its inputs) + the pass's per-layer statistics (GPTQ: per-expert Hessians; merge: "
+    "expert-output features; HEAPr: fp32 gradients). GPU ≈ one decoder layer + statistics + one batch of "
+    "activations. --max-memory caps CPU RAM: the engine keeps the activation cache in RAM while it fits in half "
+    "the cap, else all of it in a file beside --out; below the fixed part the run cannot start. In-memory "
+    "(load_model path, used only where the engine cannot stream: expert + neuron pruning in one pass, families "
+    "whose layers pass more than hidden states): runtime + the whole model at the compute dtype + the written "
+    "output reloaded for verification + statistics. bench/plan_memory.py compares both with measured peak RSS."
 )
 
 
@@ -131,7 +132,7 @@ def estimate_memory(state: _State, cfg: Any, *, samples: int, seqlen: int, max_m
     layer = _layer_params(skel, model) * compute_bytes
     source_layer = layer // 2 if _is_quantized_source(state.config) else 0  # fp8/int4 read buffer ≤ half of bf16
     embed = (skel.input_embedding_params + skel.output_head_params) * compute_bytes
-    cache = samples * seqlen * hidden * compute_bytes * 2
+    cache = samples * seqlen * hidden * compute_bytes  # one boundary: each layer's outputs overwrite its inputs
     name = getattr(cfg, "name", "")
     width = moe.expert_width
     if name == "quantize":
@@ -149,7 +150,8 @@ def estimate_memory(state: _State, cfg: Any, *, samples: int, seqlen: int, max_m
             raise UserError(f"--max-memory {max_memory / GiB:.1f} GiB is below what the run needs before any "
                             f"activation is cached ({fixed / GiB:.1f} GiB: runtime, embeddings, two decoder "
                             "layers, statistics); raise it")
-        spilled = max(0, fixed + cache - max_memory)
+        # the engine keeps the boundary in RAM while it fits in half the budget, else the whole of it on disk
+        spilled = cache if cache > max_memory // 2 else 0
     cpu = fixed + cache - spilled
     batch_tokens = min(samples, 8) * seqlen
     gpu = layer + stats + batch_tokens * (4 * hidden + 3 * moe.top_k * width) * 4

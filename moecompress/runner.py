@@ -179,7 +179,13 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
     params_before = count_params(model)
     ctx = PassContext(model=model, tokenizer=tok, adapter=adapter, config=cfg, get_stats=get_stats,
                       get_calibration=get_calibration, console=console)
-    details = registered.fn(ctx)
+    from moecompress.engine.loop import NotStreamable
+
+    try:
+        details = registered.fn(ctx)
+    except NotStreamable as exc:  # layer-by-layer calibration (GPTQ) needs each layer's inputs alone
+        raise UserError(f"{cfg.name}: {exc}; this pass runs layer by layer on the cached boundary and cannot "
+                        "run it") from None
     if "heal" in type(cfg).model_fields:  # prune / merge / neuron pruning: what removal cost, and heal
         def stats_of_input(ref_model: Any) -> Stats:  # the pass's own statistics, else the reloaded input's
             if "stats" not in cache:

@@ -199,6 +199,10 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
     from moecompress.zoo.miniature import COUNT_KEYS, GROUP_KEYS, TOPK_GROUP_KEYS, TOPK_KEYS
 
     count_keys = tuple(k for k in COUNT_KEYS if cfg.get(k) == n)
+    # published configs may use the alias the config class maps onto its field (Qwen3-VL-MoE: num_experts →
+    # num_local_experts); both spell the count, so both are read and rewritten
+    aliases = getattr(type(text), "attribute_map", {}) or {}
+    count_keys += tuple(a for a, target in aliases.items() if target in count_keys and a not in count_keys)
     topk_key = next((k for k in TOPK_KEYS if isinstance(cfg.get(k), int)), None)
     width_key = next((k for k in WIDTH_KEYS if cfg.get(k) == width), None)
     if not count_keys or topk_key is None or width_key is None:

@@ -173,6 +173,9 @@ def head_logits(source: ModelSource, batch: tuple[torch.Tensor, torch.Tensor], h
     try:
         ids, mask = batch
         out = model(input_ids=ids.to(source.device), attention_mask=mask.to(source.device), use_cache=False)
+    except (ValueError, TypeError) as exc:  # the model unpacked more than hidden states from a layer
+        raise NotStreamable(f"{type(model).__name__}: its decoder layers return more than hidden states "
+                            f"({str(exc).splitlines()[0][:80]})") from exc
     finally:
         for layer in layers:
             del layer.forward
