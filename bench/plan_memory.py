@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--passes", default="prune,quantize,merge")
+    ap.add_argument("--plan-only", action="store_true", help="print the estimates, skip the measured runs")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as d:
         d = Path(d)
@@ -57,9 +58,9 @@ def main() -> None:
         calib = calib_file(d / "c.jsonl", n=400)
         common = ["--calib", str(calib), "--calib-samples", "32", "--calib-seqlen", "128"]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
-        print("| pass | params | bf16 bytes | plan: layer-streaming CPU | measured peak RSS (streamed) | "
+        print("| pass | params | bf16 bytes | plan: streamed layers | plan: full reload check | measured peak RSS | "
               "plan: in-memory path |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for name in args.passes.split(","):
             pass_args = PASSES[name](args.experts)
             plan = subprocess.run([sys.executable, "-m", "moecompress.cli", "plan", *pass_args[:1], str(d / "m"),
@@ -67,6 +68,11 @@ def main() -> None:
                                   check=True)
             mem = json.loads(plan.stdout)["steps"][0]["memory"]
             out = d / f"o-{name}"
+            if args.plan_only:
+                print(f"| {' '.join(pass_args)} | {n_params / 1e9:.2f}B | {2 * n_params / GiB:.2f} GiB | "
+                      f"{mem['cpu_peak_bytes'] / GiB:.2f} GiB | {mem['reload_check_bytes'] / GiB:.2f} GiB | - | "
+                      f"{mem['in_memory_bytes'] / GiB:.2f} GiB |", flush=True)
+                continue
             run = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "moecompress.cli", *pass_args[:1],
                                   str(d / "m"), "--out", str(out), *pass_args[1:], *common], env=env,
                                  capture_output=True, text=True)
@@ -75,7 +81,8 @@ def main() -> None:
             peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1)) * 1024
             shutil.rmtree(out, ignore_errors=True)
             print(f"| {' '.join(pass_args)} | {n_params / 1e9:.2f}B | {2 * n_params / GiB:.2f} GiB | "
-                  f"{mem['cpu_peak_bytes'] / GiB:.2f} GiB | {peak / GiB:.2f} GiB | {mem['in_memory_bytes'] / GiB:.2f} GiB |",
+                  f"{mem['cpu_peak_bytes'] / GiB:.2f} GiB | {mem['reload_check_bytes'] / GiB:.2f} GiB | "
+                  f"{peak / GiB:.2f} GiB | {mem['in_memory_bytes'] / GiB:.2f} GiB |",
                   flush=True)
 
 

@@ -32,7 +32,9 @@ MEMORY_MODEL = (
     "the cap, else all of it in a file beside --out; below the fixed part the run cannot start. In-memory "
     "(load_model path, used only where the engine cannot stream: expert + neuron pruning in one pass, families "
     "whose layers pass more than hidden states): runtime + the whole model at the compute dtype + the written "
-    "output reloaded for verification + statistics. bench/plan_memory.py compares both with measured peak RSS."
+    "output reloaded for verification + statistics. After the stream, when 3x the output's bytes fit the budget "
+    "(--max-memory, else 3/4 of the RAM available at run time), a vanilla from_pretrained reload checks the output: "
+    "≈ runtime + the output at the compute dtype. bench/plan_memory.py compares these with measured peak RSS."
 )
 
 
@@ -56,6 +58,9 @@ class MemoryEstimate(BaseModel):
     statistics_bytes: int
     spilled_to_disk_bytes: int = 0
     max_memory_bytes: int | None = None
+    # after the stream, a vanilla from_pretrained reload of the output when 3x its bytes fit the budget
+    reload_check_bytes: int = 0
+    reload_check_runs: bool | None = None  # None: depends on the machine's free RAM (no --max-memory given)
 
 
 class PlanStep(BaseModel):
@@ -125,7 +130,8 @@ def _layer_params(skel: Skeleton, model: Any) -> int:
 
 
 def estimate_memory(state: _State, cfg: Any, *, samples: int, seqlen: int, max_memory: int | None,
-                    after_params: int | None = None, compute_bytes: int = 2) -> MemoryEstimate:
+                    after_params: int | None = None, after_bytes: int | None = None,
+                    compute_bytes: int = 2) -> MemoryEstimate:
     skel, model, text = state.skel, state.model, text_config_dict(state.config)
     hidden = int(text.get("hidden_size") or 0)
     moe = skel.moe_layers[0]
@@ -153,13 +159,18 @@ def estimate_memory(state: _State, cfg: Any, *, samples: int, seqlen: int, max_m
         # the engine keeps the boundary in RAM while it fits in half the budget, else the whole of it on disk
         spilled = cache if cache > max_memory // 2 else 0
     cpu = fixed + cache - spilled
+    after = skel.total_params if after_params is None else after_params
+    reload = OVERHEAD + after * compute_bytes  # the output whole at the compute dtype (quantized: dequantized)
+    runs = None if max_memory is None or after_bytes is None else after_bytes * 3 < max_memory
+    if runs:
+        cpu = max(cpu, reload)
     batch_tokens = min(samples, 8) * seqlen
     gpu = layer + stats + batch_tokens * (4 * hidden + 3 * moe.top_k * width) * 4
-    after = skel.total_params if after_params is None else after_params
     in_memory = OVERHEAD + (skel.total_params + after) * compute_bytes + stats + cache // 2
     return MemoryEstimate(cpu_peak_bytes=cpu, gpu_peak_bytes=gpu, in_memory_bytes=in_memory, layer_bytes=layer,
                           embedding_bytes=embed, activation_cache_bytes=cache, statistics_bytes=stats,
-                          spilled_to_disk_bytes=spilled, max_memory_bytes=max_memory)
+                          spilled_to_disk_bytes=spilled, max_memory_bytes=max_memory,
+                          reload_check_bytes=reload, reload_check_runs=runs)
 
 
 def planned_config(cfg: Any, adapter: MoEAdapter, config: dict[str, Any]) -> dict[str, Any]:
@@ -199,7 +210,7 @@ def plan_passes(config: dict[str, Any], passes: list[Any], *, model: str = "", s
             nxt = _State(after_config)
         after = nxt.state()
         memory = estimate_memory(state, cfg, samples=samples, seqlen=seqlen, max_memory=max_memory,
-                                 after_params=after.total_params)
+                                 after_params=after.total_params, after_bytes=after.bytes)
         steps.append(PlanStep(index=i, name=cfg.name, config=cfg.model_dump(mode="json"), before=before,
                               after=after, memory=memory, findings=findings))
         state = nxt
@@ -239,6 +250,9 @@ def render_plan(plan: Plan, console: Any) -> None:
                       f"{_gib(m.gpu_peak_bytes)} (one layer {_gib(m.layer_bytes)}, activation cache "
                       f"{_gib(m.activation_cache_bytes)}, statistics {_gib(m.statistics_bytes)}); in-memory path "
                       f"≈ {_gib(m.in_memory_bytes)}")
+        when = {True: "runs under this cap", False: "skipped under this cap",
+                None: "runs when 3x the output's bytes fit 3/4 of free RAM"}[m.reload_check_runs]
+        console.print(f"  full reload check after the stream ≈ {_gib(m.reload_check_bytes)} ({when})")
         for f in step.findings:
             mark = "[green]ok[/]" if f.ok else ("[red]error[/]" if plan.target == "vllm" else "[yellow]warn[/]")
             console.print(f"  serving {f.check}: {mark} {f.message}")

@@ -76,9 +76,9 @@ class QuantizeConfig(PassConfig):
                             "linears (qwen*_moe, mixtral, deepseek_v2/v3, olmoe, phimoe, glm4_moe, dots1, ernie4_5_moe)")
         merged = load_time_merges_outside_experts(hf_config)
         if merged:
-            raise UserError(f"quantize: {adapter.model_type} checkpoints join {merged[0]} at load; transformers' "
-                            "compressed-tensors loader then finds none of those float tensors (its dequantize step "
-                            "drops them), so a quantized checkpoint would not reload")
+            raise UserError(f"quantize: {adapter.model_type} checkpoints convert {merged[0]} at load (outside the "
+                            "routed experts); transformers' compressed-tensors loader sends those float tensors "
+                            "through its dequantize step, which drops them, so a quantized checkpoint would not reload")
         hidden = int(adapter.text_config(hf_config)["hidden_size"])
         width = adapter.expert_width(hf_config)
         for what, n in (("hidden size", hidden), ("expert width", width)):
@@ -95,9 +95,9 @@ class QuantizeConfig(PassConfig):
 
 
 def load_time_merges_outside_experts(hf_config: dict[str, Any]) -> list[str]:
-    """Checkpoint tensors outside the routed experts that transformers merges while loading (kimi_linear and
-    bailing_hybrid join q/k/v conv1d kernels): compressed-tensors' loader routes them through its dequantize step,
-    which yields nothing for tensors stored in float, so the reload fails."""
+    """Checkpoint tensors outside the routed experts that transformers converts while loading (kimi_linear and
+    bailing_hybrid join q/k/v conv1d kernels, unlimited_ocr splits qkv): compressed-tensors' loader routes them
+    through its dequantize step, which yields nothing for tensors stored in float, so the reload fails."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter
 
@@ -110,7 +110,7 @@ def load_time_merges_outside_experts(hf_config: dict[str, Any]) -> list[str]:
     out = []
     for conv in get_model_conversion_mapping(model):
         sources = list(getattr(conv, "_original_source_patterns", []) or [])
-        if isinstance(conv, WeightConverter) and len(sources) > 1 and not any("expert" in s for s in sources):
+        if isinstance(conv, WeightConverter) and sources and not any("expert" in s for s in sources):
             out.append(" + ".join(s.replace("\\", "") for s in sources))
     return out
 
