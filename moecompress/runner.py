@@ -340,6 +340,8 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
         "serving_checks": [f.model_dump() for f in findings or []],
         "details": details,
     }
+    if entry.get("mtp"):  # the explicit MTP drop, in the report as on the in-memory path
+        report["mtp"] = entry["mtp"]
     if "heal" in type(cfg).model_fields and "stats" in cache:  # what the removed experts carried (no KL: streamed)
         details.update(streamed_removal_cost(cfg.name, details, cache["stats"]))
     if eval_spec is not None:  # a checkpoint larger than the budget is placed by accelerate, offloaded to disk
