@@ -92,14 +92,14 @@ def main() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", type=Path, default=Path("/work/shared/real-configs"))
+    ap.add_argument("--configs", type=Path, default=Path(__file__).resolve().parent.parent / "tests" / "data" / "real-configs")
     ap.add_argument("--families", action="store_true", help="also every supported model type's reference miniature")
     ap.add_argument("--only", nargs="*", default=None)
     a = ap.parse_args()
     from tests.helpers import calib_file
 
     rows: dict[str, dict] = {}
-    todo: list[tuple[str, dict]] = [(p.stem, json.loads(p.read_text())) for p in sorted(a.configs.glob("*.json"))]
+    todo: list[tuple[str, dict]] = [(p.stem, json.loads(p.read_text())) for p in sorted(a.configs.glob("*.json")) if p.name != "published.json"]
     if a.families:
         from moecompress.arch.families import reference_config, routed_expert_model_types, unsupported_reason
 

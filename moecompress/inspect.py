@@ -322,15 +322,6 @@ def _header_format(qcfg: dict[str, Any] | None, tensors: list[TensorInfo]) -> st
     return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else "?"
 
 
-def _pattern(config: dict[str, Any]) -> str | None:
-    from moecompress.arch.layers import layer_pattern
-
-    try:
-        return layer_pattern(config).summary()
-    except UserError:
-        return None
-
-
 def _numel(shape: list[int]) -> int:
     n = 1
     for s in shape:

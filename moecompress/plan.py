@@ -33,8 +33,10 @@ MEMORY_MODEL = (
     "(load_model path, used only where the engine cannot stream: expert + neuron pruning in one pass, families "
     "whose layers pass more than hidden states): runtime + the whole model at the compute dtype + the written "
     "output reloaded for verification + statistics. After the stream, when 3x the output's bytes fit the budget "
-    "(--max-memory, else 3/4 of the RAM available at run time), a vanilla from_pretrained reload checks the output: "
-    "≈ runtime + the output at the compute dtype. bench/plan_memory.py compares these with measured peak RSS."
+    "(--max-memory, else 3/4 of the RAM available at run time), a vanilla from_pretrained reload checks the output "
+    "(≈ runtime + the output at the compute dtype); prune/merge/HEAPr then measure the calibration KL with input and "
+    "output both loaded when 3x both fit (≈ runtime + both). bench/plan_memory.py compares these with measured peak "
+    "RSS."
 )
 
 
@@ -131,7 +133,7 @@ def _layer_params(skel: Skeleton, model: Any) -> int:
 
 def estimate_memory(state: _State, cfg: Any, *, samples: int, seqlen: int, max_memory: int | None,
                     after_params: int | None = None, after_bytes: int | None = None,
-                    compute_bytes: int = 2) -> MemoryEstimate:
+                    before_bytes: int | None = None, compute_bytes: int = 2) -> MemoryEstimate:
     skel, model, text = state.skel, state.model, text_config_dict(state.config)
     hidden = int(text.get("hidden_size") or 0)
     moe = skel.moe_layers[0]
@@ -162,6 +164,11 @@ def estimate_memory(state: _State, cfg: Any, *, samples: int, seqlen: int, max_m
     after = skel.total_params if after_params is None else after_params
     reload = OVERHEAD + after * compute_bytes  # the output whole at the compute dtype (quantized: dequantized)
     runs = None if max_memory is None or after_bytes is None else after_bytes * 3 < max_memory
+    if name in ("prune_experts", "merge_experts", "prune_atomic"):
+        # structural passes then measure the calibration KL with input and output both loaded, when both fit
+        reload = OVERHEAD + (skel.total_params + after) * compute_bytes
+        runs = None if max_memory is None or after_bytes is None else (
+            (after_bytes + (before_bytes or 0)) * 3 < max_memory)
     if runs:
         cpu = max(cpu, reload)
     batch_tokens = min(samples, 8) * seqlen
@@ -210,7 +217,7 @@ def plan_passes(config: dict[str, Any], passes: list[Any], *, model: str = "", s
             nxt = _State(after_config)
         after = nxt.state()
         memory = estimate_memory(state, cfg, samples=samples, seqlen=seqlen, max_memory=max_memory,
-                                 after_params=after.total_params, after_bytes=after.bytes)
+                                 after_params=after.total_params, after_bytes=after.bytes, before_bytes=before.bytes)
         steps.append(PlanStep(index=i, name=cfg.name, config=cfg.model_dump(mode="json"), before=before,
                               after=after, memory=memory, findings=findings))
         state = nxt
@@ -250,9 +257,11 @@ def render_plan(plan: Plan, console: Any) -> None:
                       f"{_gib(m.gpu_peak_bytes)} (one layer {_gib(m.layer_bytes)}, activation cache "
                       f"{_gib(m.activation_cache_bytes)}, statistics {_gib(m.statistics_bytes)}); in-memory path "
                       f"≈ {_gib(m.in_memory_bytes)}")
+        what = ("input + output reloaded for the calibration KL" if step.name in
+                ("prune_experts", "merge_experts", "prune_atomic") else "output reloaded")
         when = {True: "runs under this cap", False: "skipped under this cap",
-                None: "runs when 3x the output's bytes fit 3/4 of free RAM"}[m.reload_check_runs]
-        console.print(f"  full reload check after the stream ≈ {_gib(m.reload_check_bytes)} ({when})")
+                None: "runs when 3x their bytes fit 3/4 of free RAM"}[m.reload_check_runs]
+        console.print(f"  full reload check after the stream ({what}) ≈ {_gib(m.reload_check_bytes)} ({when})")
         for f in step.findings:
             mark = "[green]ok[/]" if f.ok else ("[red]error[/]" if plan.target == "vllm" else "[yellow]warn[/]")
             console.print(f"  serving {f.check}: {mark} {f.message}")

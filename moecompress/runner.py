@@ -340,10 +340,12 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
         "serving_checks": [f.model_dump() for f in findings or []],
         "details": details,
     }
-    if entry.get("mtp"):  # the explicit MTP drop, in the report as on the in-memory path
+    if entry.get("mtp"):
         report["mtp"] = entry["mtp"]
-    if "heal" in type(cfg).model_fields and "stats" in cache:  # what the removed experts carried (no KL: streamed)
+    if "heal" in type(cfg).model_fields and "stats" in cache:  # what the removed experts carried
         details.update(streamed_removal_cost(cfg.name, details, cache["stats"]))
+        if 3 * (report["bytes_before"] + report["bytes_after"]) < budget:  # both fit: measure the calibration KL
+            details.update(streamed_pair_quality(cfg, details, src, out, opts, get_calibration, console))
     if eval_spec is not None:  # a checkpoint larger than the budget is placed by accelerate, offloaded to disk
         offload = engine.spill_dir_beside(out)
         try:
@@ -376,6 +378,15 @@ def streamed_removal_cost(pass_name: str, details: dict[str, Any], stats: Stats)
         return {}
     return {"removed_routed_mass": removed_routed_mass(stats, removed),
             "calibration_kl": {"note": "not measured in a streamed run; --heal measures unhealed vs healed KL"}}
+
+
+def streamed_pair_quality(cfg: PassConfig, details: dict[str, Any], src: Path, out: Path, opts: RunOptions,
+                          get_calibration: Callable[[], Any], console: Any = None) -> dict[str, Any]:
+    """Calibration KL of a streamed run, measured as the in-memory path does, when input and output both fit."""
+    written = load_model(out, dtype=opts.dtype, tokenizer=False).model
+    quality = structural_pass_quality(cfg, details, written, src, opts, get_calibration, None, console)
+    del written
+    return quality  # no statistics given: the routed mass already in `details` stays as computed
 
 
 def structural_pass_quality(cfg: PassConfig, details: dict[str, Any], model: Any, src: Path, opts: RunOptions,

@@ -88,9 +88,18 @@ def test_calibration_statistics_of_declared_families_unchanged():
                 if value is None:
                     assert got[family][idx][key] is None
                     continue
-                torch.testing.assert_close(torch.tensor(got[family][idx][key], dtype=torch.float64),
-                                           torch.tensor(value, dtype=torch.float64), rtol=1e-6, atol=1e-9,
-                                           msg=lambda m, f=family, i=idx, k=key: f"{f} layer {i} {k}: {m}")
+                if key in ("n_tokens", "freq"):  # integer counts: the same routing decisions, exactly
+                    assert got[family][idx][key] == value, f"{family} layer {idx} {key}"
+                    continue
+                # fp32 sums over tokens whose kernels may run in another order since: compare at 1e-5 of the
+                # row's scale (rounding is ~1e-7; a routing or formula change moves these by far more)
+                want_t = torch.tensor(value, dtype=torch.float64)
+                atol = 1e-5 * float(want_t.abs().max().clamp_min(1.0 if key == "sample_sum" else 0.0))
+                if key == "easy_ep":  # g·||y||·(1 − cos) with 1 − cos of nearly parallel fp32 vectors: its error is
+                    # a few fp32 eps per token weighted by g·||y||, i.e. bounded by eps · reap_sum
+                    atol = float(torch.tensor(sums["reap_sum"]).max()) * 8 * torch.finfo(torch.float32).eps
+                err = (torch.tensor(got[family][idx][key], dtype=torch.float64) - want_t).abs()
+                assert bool((err <= atol).all()), f"{family} layer {idx} {key}: {err} > {atol}"
 
 
 @pytest.mark.parametrize("model_type", SUPPORTED)

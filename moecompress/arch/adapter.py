@@ -248,8 +248,11 @@ def _unsupported(model_type: str | None) -> UserError:
     what = f"model_type {model_type!r}" if model_type else "a config without model_type"
     if reason:
         return UserError(f"{what} is not supported: {reason}")
-    return UserError(f"{what} is not a Mixture-of-Experts family that moecompress recognises "
-                     f"(transformers has no routed experts for it)")
+    from moecompress.arch.families import routed_expert_model_types
+
+    known = sorted(set(ADAPTERS) | {t for t in routed_expert_model_types() if unsupported_reason(t) is None})
+    return UserError(f"{what} is not a supported Mixture-of-Experts family (its transformers modeling code has no "
+                     f"routed experts). Supported: {', '.join(known)}.")
 
 
 def adapter_for_model_type(model_type: str | None) -> MoEAdapter:

@@ -64,9 +64,11 @@ def check_model_dir(path: Path) -> tuple[dict[str, Any], MoEAdapter]:
     return config, adapter
 
 
-def source_format(path: Path, dtype: torch.dtype = torch.bfloat16) -> Any:
+def source_format(path: Path, dtype: torch.dtype = torch.bfloat16, *, validate: bool = True) -> Any:
     """The checkpoint's source format (float, FP8 block, MXFP4, compressed-tensors) from config + safetensors
-    headers, validated (scales present, right shapes, files not truncated) — no weight is read."""
+    headers, validated (scales present, right shapes, files not truncated) — no weight is read.
+
+    `validate=False` only detects: loading for evaluation accepts compressed-tensors, which passes refuse."""
     from moecompress.inspect import read_safetensors_header
     from moecompress.io.source_formats import detect_source_format
 
@@ -77,7 +79,8 @@ def source_format(path: Path, dtype: torch.dtype = torch.bfloat16) -> Any:
         header = read_safetensors_header(f)
         tensors.update({k: v for k, v in header.items() if k != "__metadata__"})
     fmt = detect_source_format(config, tensors, dtype=dtype)
-    fmt.validate()
+    if validate:
+        fmt.validate()
     return fmt
 
 
@@ -137,8 +140,10 @@ def dequantized_copy(path: Path, fmt: Any, dst: Path) -> Path:
 def loadable(path: Path, dtype: torch.dtype = torch.bfloat16) -> Iterator[Path]:
     """A folder `from_pretrained` reads correctly: the checkpoint itself, or for FP8/MXFP4 sources a temporary
     dequantized copy made by our reader (removed on exit). Validates the source format first."""
-    fmt = source_format(path, dtype=dtype) if any(Path(path).glob("*.safetensors")) else None
-    if fmt is None or not fmt.quantized or fmt.name == "compressed-tensors":
+    fmt = source_format(path, dtype=dtype, validate=False) if any(Path(path).glob("*.safetensors")) else None
+    if fmt is not None and fmt.name != "compressed-tensors":  # our own quantized output loads for evaluation
+        fmt.validate()
+    if fmt is None or not fmt.quantized or fmt.name == "compressed-tensors":  # transformers reads these itself
         yield Path(path)
         return
     cache = Path(os.environ.get("MOECOMPRESS_CACHE", Path.home() / ".cache" / "moecompress"))
