@@ -35,8 +35,8 @@ MEMORY_MODEL = (
     "output reloaded for verification + statistics. After the stream, when 3x the output's bytes fit the budget "
     "(--max-memory, else 3/4 of the RAM available at run time), a vanilla from_pretrained reload checks the output "
     "(≈ runtime + the output at the compute dtype); prune/merge/HEAPr then measure the calibration KL with input and "
-    "output both loaded when 3x both fit (≈ runtime + both). bench/plan_memory.py compares these with measured peak "
-    "RSS."
+    "output both loaded when 3x both fit (≈ runtime + both + fp64 logits of a batch of 8). bench/plan_memory.py "
+    "compares these with measured peak RSS."
 )
 
 
@@ -166,7 +166,9 @@ def estimate_memory(state: _State, cfg: Any, *, samples: int, seqlen: int, max_m
     runs = None if max_memory is None or after_bytes is None else after_bytes * 3 < max_memory
     if name in ("prune_experts", "merge_experts", "prune_atomic"):
         # structural passes then measure the calibration KL with input and output both loaded, when both fit
-        reload = OVERHEAD + (skel.total_params + after) * compute_bytes
+        vocab = int(text.get("vocab_size") or 0)
+        kl_batch = min(samples, 8) * seqlen * vocab * 8 * 5  # fp64 logits, log-softmax and KL of both, per batch of 8
+        reload = OVERHEAD + (skel.total_params + after) * compute_bytes + kl_batch
         runs = None if max_memory is None or after_bytes is None else (
             (after_bytes + (before_bytes or 0)) * 3 < max_memory)
     if runs:
