@@ -110,7 +110,9 @@ def load_time_merges_outside_experts(hf_config: dict[str, Any]) -> list[str]:
     out = []
     for conv in get_model_conversion_mapping(model):
         sources = list(getattr(conv, "_original_source_patterns", []) or [])
-        if isinstance(conv, WeightConverter) and sources and not any("expert" in s for s in sources):
+        # transformers rewrites (adds its dequantize step to) exactly the converters whose sources all end in .weight
+        if (isinstance(conv, WeightConverter) and sources and all(s.endswith(".weight") for s in sources)
+                and not any("expert" in s for s in sources)):
             out.append(" + ".join(s.replace("\\", "") for s in sources))
     return out
 
