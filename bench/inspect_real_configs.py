@@ -80,5 +80,5 @@ if __name__ == "__main__":
         print(json.dumps(table, indent=2))
     else:
         print(markdown(table))
-        print(f"\n(* = no moecompress adapter yet; inspected from transformers' model alone) "
+        print(f"\n(* = model type in the unsupported table: passes refuse it in one line; inspected from transformers' model) "
               f"{sum(r['seconds'] for r in table):.1f}s for {len(table)} configs")

@@ -1,9 +1,9 @@
-"""Check `plan`'s memory estimate against a measured run of today's in-memory path.
+"""Check `plan`'s memory estimates against measured runs of the layer-streaming engine.
 
-Builds a random Qwen3-MoE of ~0.5B parameters (bf16, ~1 GB) on disk, asks `moecompress plan prune` for its
-estimate, then runs `moecompress prune` under `/usr/bin/time -v` and reads the peak RSS of the whole process.
-(The layer-streaming engine is another branch; only the in-memory path can be measured here.)
-Run: `python bench/plan_memory.py [--layers 8] [--experts 32]` (keeps the process under ~6 GiB).
+Builds a random Qwen3-MoE of ~0.5B parameters (bf16, ~1 GB) on disk; for each pass asks `moecompress plan` for
+its estimate, then runs the pass (which streams the checkpoint a decoder layer at a time through
+moecompress.engine) under `/usr/bin/time -v` and reads the peak RSS of the whole process.
+Run: `python bench/plan_memory.py [--layers 8] [--experts 32] [--passes prune,quantize,merge]`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,12 @@ from moecompress.zoo.tiny import tiny  # noqa: E402
 from tests.helpers import calib_file  # noqa: E402
 
 GiB = 1024**3
+PASSES = {  # pass name → CLI arguments (given the expert count)
+    "prune": lambda e: ["prune", "--keep", str(e // 2), "--criterion", "frequency"],
+    "quantize": lambda e: ["quantize", "--bits", "4", "--group-size", "128", "--method", "gptq"],
+    "merge": lambda e: ["merge", "--keep", str(e // 2)],
+    "heapr": lambda e: ["prune", "--neuron-ratio", "0.5", "--criterion", "heapr"],
+}
 
 
 def main() -> None:
@@ -36,6 +43,8 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--passes", default="prune,quantize,merge")
+    ap.add_argument("--plan-only", action="store_true", help="print the estimates, skip the measured runs")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as d:
         d = Path(d)
@@ -47,24 +56,34 @@ def main() -> None:
         n_params = sum(p.numel() for p in model.parameters())
         del model
         calib = calib_file(d / "c.jsonl", n=400)
-        common = ["--keep", str(args.experts // 2), "--calib", str(calib), "--calib-samples", "32", "--calib-seqlen",
-                  "128"]
+        common = ["--calib", str(calib), "--calib-samples", "32", "--calib-seqlen", "128"]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
-        plan = subprocess.run([sys.executable, "-m", "moecompress.cli", "plan", "prune", str(d / "m"), *common,
-                               "--criterion", "frequency", "--json"], env=env, capture_output=True, text=True,
-                              check=True)
-        mem = json.loads(plan.stdout)["steps"][0]["memory"]
-        run = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "moecompress.cli", "prune", str(d / "m"),
-                              "--out", str(d / "o"), *common, "--criterion", "frequency"], env=env,
-                             capture_output=True, text=True)
-        if run.returncode:
-            sys.exit(run.stderr[-3000:])
-        peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1)) * 1024
-        print("| model | params | bf16 bytes | plan: in-memory | measured peak RSS | plan: layer-streaming CPU |")
-        print("|---|---:|---:|---:|---:|---:|")
-        print(f"| qwen3_moe {args.layers}L × {args.experts}E, hidden {args.hidden}, width {args.width} | "
-              f"{n_params / 1e9:.2f}B | {2 * n_params / GiB:.2f} GiB | {mem['in_memory_bytes'] / GiB:.2f} GiB | "
-              f"{peak / GiB:.2f} GiB | {mem['cpu_peak_bytes'] / GiB:.2f} GiB |")
+        print("| pass | params | bf16 bytes | plan: streamed layers | plan: full reload check | measured peak RSS | "
+              "plan: in-memory path |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for name in args.passes.split(","):
+            pass_args = PASSES[name](args.experts)
+            plan = subprocess.run([sys.executable, "-m", "moecompress.cli", "plan", *pass_args[:1], str(d / "m"),
+                                   *pass_args[1:], *common, "--json"], env=env, capture_output=True, text=True,
+                                  check=True)
+            mem = json.loads(plan.stdout)["steps"][0]["memory"]
+            out = d / f"o-{name}"
+            if args.plan_only:
+                print(f"| {' '.join(pass_args)} | {n_params / 1e9:.2f}B | {2 * n_params / GiB:.2f} GiB | "
+                      f"{mem['cpu_peak_bytes'] / GiB:.2f} GiB | {mem['reload_check_bytes'] / GiB:.2f} GiB | - | "
+                      f"{mem['in_memory_bytes'] / GiB:.2f} GiB |", flush=True)
+                continue
+            run = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "moecompress.cli", *pass_args[:1],
+                                  str(d / "m"), "--out", str(out), *pass_args[1:], *common], env=env,
+                                 capture_output=True, text=True)
+            if run.returncode:
+                sys.exit(run.stderr[-3000:])
+            peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1)) * 1024
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"| {' '.join(pass_args)} | {n_params / 1e9:.2f}B | {2 * n_params / GiB:.2f} GiB | "
+                  f"{mem['cpu_peak_bytes'] / GiB:.2f} GiB | {mem['reload_check_bytes'] / GiB:.2f} GiB | "
+                  f"{peak / GiB:.2f} GiB | {mem['in_memory_bytes'] / GiB:.2f} GiB |",
+                  flush=True)
 
 
 if __name__ == "__main__":

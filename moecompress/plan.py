@@ -25,13 +25,18 @@ OVERHEAD = int(1.5 * GiB)  # python, torch, transformers, tokenizer, allocator s
 MEMORY_MODEL = (
     "layer-streaming engine: CPU RAM ≈ 1.5 GiB runtime + embeddings and LM head + two decoder layers at the compute "
     "dtype (the one being processed and the next being read; +1 layer as stored when the source is quantized) + "
-    "the calibration activation cache (samples × seqlen × hidden × 2 bytes, layer inputs and outputs) + the pass's "
-    "per-layer statistics (GPTQ: per-expert Hessians; merge: expert-output features; HEAPr: fp32 gradients). "
-    "GPU ≈ one decoder layer + statistics + one batch of activations. --max-memory caps CPU RAM: the activation "
-    "cache beyond the cap spills to disk; below the fixed part the run cannot start. In-memory (today's "
-    "load_model path): runtime + the whole model at the compute dtype + the written output reloaded for "
-    "verification + statistics (bench/plan_memory.py, 0.49B model: 2.96 GiB estimated, 2.38-2.87 GiB measured peak "
-    "RSS over two runs)."
+    "the calibration activation cache (samples × seqlen × hidden × 2 bytes: one layer boundary, each layer's "
+    "outputs overwrite its inputs) + the pass's per-layer statistics (GPTQ: per-expert Hessians; merge: "
+    "expert-output features; HEAPr: fp32 gradients). GPU ≈ one decoder layer + statistics + one batch of "
+    "activations. --max-memory caps CPU RAM: the engine keeps the activation cache in RAM while it fits in half "
+    "the cap, else all of it in a file beside --out; below the fixed part the run cannot start. In-memory "
+    "(load_model path, used only where the engine cannot stream: expert + neuron pruning in one pass, families "
+    "whose layers pass more than hidden states): runtime + the whole model at the compute dtype + the written "
+    "output reloaded for verification + statistics. After the stream, when 3x the output's bytes fit the budget "
+    "(--max-memory, else 3/4 of the RAM available at run time), a vanilla from_pretrained reload checks the output "
+    "(≈ runtime + the output at the compute dtype); prune/merge/HEAPr then measure the calibration KL with input and "
+    "output both loaded when 3x both fit (≈ runtime + both + fp64 logits of a batch of 8). bench/plan_memory.py "
+    "compares these with measured peak RSS."
 )
 
 
@@ -55,6 +60,9 @@ class MemoryEstimate(BaseModel):
     statistics_bytes: int
     spilled_to_disk_bytes: int = 0
     max_memory_bytes: int | None = None
+    # after the stream, a vanilla from_pretrained reload of the output when 3x its bytes fit the budget
+    reload_check_bytes: int = 0
+    reload_check_runs: bool | None = None  # None: depends on the machine's free RAM (no --max-memory given)
 
 
 class PlanStep(BaseModel):
@@ -129,14 +137,15 @@ def _layer_params(skel: Skeleton, model: Any) -> int:
 
 
 def estimate_memory(state: _State, cfg: Any, *, samples: int, seqlen: int, max_memory: int | None,
-                    after_params: int | None = None, compute_bytes: int = 2) -> MemoryEstimate:
+                    after_params: int | None = None, after_bytes: int | None = None,
+                    before_bytes: int | None = None, compute_bytes: int = 2) -> MemoryEstimate:
     skel, model, text = state.skel, state.model, text_config_dict(state.config)
     hidden = int(text.get("hidden_size") or 0)
     moe = skel.moe_layers[0]
     layer = _layer_params(skel, model) * compute_bytes
     source_layer = layer // 2 if _is_quantized_source(state.config) else 0  # fp8/int4 read buffer ≤ half of bf16
     embed = (skel.input_embedding_params + skel.output_head_params) * compute_bytes
-    cache = samples * seqlen * hidden * compute_bytes * 2
+    cache = samples * seqlen * hidden * compute_bytes  # one boundary: each layer's outputs overwrite its inputs
     name = getattr(cfg, "name", "")
     width = moe.expert_width
     if name == "quantize":
@@ -154,15 +163,28 @@ def estimate_memory(state: _State, cfg: Any, *, samples: int, seqlen: int, max_m
             raise UserError(f"--max-memory {max_memory / GiB:.1f} GiB is below what the run needs before any "
                             f"activation is cached ({fixed / GiB:.1f} GiB: runtime, embeddings, two decoder "
                             "layers, statistics); raise it")
-        spilled = max(0, fixed + cache - max_memory)
+        # the engine keeps the boundary in RAM while it fits in half the budget, else the whole of it on disk
+        spilled = cache if cache > max_memory // 2 else 0
     cpu = fixed + cache - spilled
+    after = skel.total_params if after_params is None else after_params
+    reload = OVERHEAD + after * compute_bytes  # the output whole at the compute dtype (quantized: dequantized)
+    runs = None if max_memory is None or after_bytes is None else after_bytes * 3 < max_memory
+    if name in ("prune_experts", "merge_experts", "prune_atomic"):
+        # structural passes then measure the calibration KL with input and output both loaded, when both fit
+        vocab = int(text.get("vocab_size") or 0)
+        kl_batch = min(samples, 8) * seqlen * vocab * 8 * 5  # fp64 logits, log-softmax and KL of both, per batch of 8
+        reload = OVERHEAD + (skel.total_params + after) * compute_bytes + kl_batch
+        runs = None if max_memory is None or after_bytes is None else (
+            (after_bytes + (before_bytes or 0)) * 3 < max_memory)
+    if runs:
+        cpu = max(cpu, reload)
     batch_tokens = min(samples, 8) * seqlen
     gpu = layer + stats + batch_tokens * (4 * hidden + 3 * moe.top_k * width) * 4
-    after = skel.total_params if after_params is None else after_params
     in_memory = OVERHEAD + (skel.total_params + after) * compute_bytes + stats + cache // 2
     return MemoryEstimate(cpu_peak_bytes=cpu, gpu_peak_bytes=gpu, in_memory_bytes=in_memory, layer_bytes=layer,
                           embedding_bytes=embed, activation_cache_bytes=cache, statistics_bytes=stats,
-                          spilled_to_disk_bytes=spilled, max_memory_bytes=max_memory)
+                          spilled_to_disk_bytes=spilled, max_memory_bytes=max_memory,
+                          reload_check_bytes=reload, reload_check_runs=runs)
 
 
 def planned_config(cfg: Any, adapter: MoEAdapter, config: dict[str, Any]) -> dict[str, Any]:
@@ -202,7 +224,7 @@ def plan_passes(config: dict[str, Any], passes: list[Any], *, model: str = "", s
             nxt = _State(after_config)
         after = nxt.state()
         memory = estimate_memory(state, cfg, samples=samples, seqlen=seqlen, max_memory=max_memory,
-                                 after_params=after.total_params)
+                                 after_params=after.total_params, after_bytes=after.bytes, before_bytes=before.bytes)
         steps.append(PlanStep(index=i, name=cfg.name, config=cfg.model_dump(mode="json"), before=before,
                               after=after, memory=memory, findings=findings))
         state = nxt
@@ -242,6 +264,11 @@ def render_plan(plan: Plan, console: Any) -> None:
                       f"{_gib(m.gpu_peak_bytes)} (one layer {_gib(m.layer_bytes)}, activation cache "
                       f"{_gib(m.activation_cache_bytes)}, statistics {_gib(m.statistics_bytes)}); in-memory path "
                       f"≈ {_gib(m.in_memory_bytes)}")
+        what = ("input + output reloaded for the calibration KL" if step.name in
+                ("prune_experts", "merge_experts", "prune_atomic") else "output reloaded")
+        when = {True: "runs under this cap", False: "skipped under this cap",
+                None: "runs when 3x their bytes fit 3/4 of free RAM"}[m.reload_check_runs]
+        console.print(f"  full reload check after the stream ({what}) ≈ {_gib(m.reload_check_bytes)} ({when})")
         for f in step.findings:
             mark = "[green]ok[/]" if f.ok else ("[red]error[/]" if plan.target == "vllm" else "[yellow]warn[/]")
             console.print(f"  serving {f.check}: {mark} {f.message}")

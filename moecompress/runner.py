@@ -146,12 +146,16 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
 
         check_eval_spec(eval_spec, eval_data_dir(eval_spec, src))
     registered = get_pass(cfg.name)
-    from moecompress.engine.run import streamable
+    if registered.layerwise is not None and registered.layerwise.streams(cfg):
+        from moecompress.engine.loop import NotStreamable
 
-    if registered.layerwise is not None and registered.layerwise.streams(cfg) and streamable(adapter, hf_config):
-        return run_streamed(cfg, registered.layerwise, src, out, calibration=calibration, eval_spec=eval_spec,
-                            opts=opts, console=console, recipe_text=recipe_text, resolved=resolved,
-                            findings=findings)
+        try:
+            return run_streamed(cfg, registered.layerwise, src, out, calibration=calibration, eval_spec=eval_spec,
+                                opts=opts, console=console, recipe_text=recipe_text, resolved=resolved,
+                                findings=findings)
+        except NotStreamable as exc:  # nothing was written yet: the same pass on the model in memory
+            if console:
+                console.print(f"[yellow]{exc}: the layer-streaming engine cannot run it; loading the model whole[/]")
     t0 = time.perf_counter()
     loaded = load_model(src, dtype=opts.dtype)
     model, tok = loaded.model, loaded.tokenizer
@@ -175,7 +179,13 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
     params_before = count_params(model)
     ctx = PassContext(model=model, tokenizer=tok, adapter=adapter, config=cfg, get_stats=get_stats,
                       get_calibration=get_calibration, console=console)
-    details = registered.fn(ctx)
+    from moecompress.engine.loop import NotStreamable
+
+    try:
+        details = registered.fn(ctx)
+    except NotStreamable as exc:  # layer-by-layer calibration (GPTQ) needs each layer's inputs alone
+        raise UserError(f"{cfg.name}: {exc}; this pass runs layer by layer on the cached boundary and cannot "
+                        "run it") from None
     if "heal" in type(cfg).model_fields:  # prune / merge / neuron pruning: what removal cost, and heal
         def stats_of_input(ref_model: Any) -> Stats:  # the pass's own statistics, else the reloaded input's
             if "stats" not in cache:

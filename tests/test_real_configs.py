@@ -111,3 +111,36 @@ def test_mtp_layers_are_dropped_explicitly(tmp_path, capsys, monkeypatch):
     from moecompress.io.model_card import build_model_card
 
     assert "Multi-token prediction: dropped 1" in str(build_model_card(tmp_path / "p", "me/x"))
+
+
+# Families with adapters but no file in shared/real-configs: a config.json from transformers' own config class
+# (its defaults at full size, as a user's checkpoint would carry) goes through the same one-line CLI path.
+# Hybrid stacks, dense-first layers, multimodal wrappers and a family whose layers pass extra state.
+NOT_IN_REAL = ["minimax_m2", "jamba", "granitemoehybrid", "lfm2_moe", "hunyuan_v1_moe", "glm4v_moe", "glm_moe_dsa",
+               "phimoe"]
+
+
+@pytest.mark.parametrize("model_type", NOT_IN_REAL)
+def test_default_config_miniature_prune_reload(model_type, tmp_path, capsys, monkeypatch):
+    from moecompress.arch.families import reference_config
+
+    monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path / "cache"))
+    assert model_type not in {json.loads(p.read_text())["model_type"] for p in CONFIGS}
+    config = reference_config(model_type)
+    assert config is not None and unsupported_reason(model_type) is None
+    cfg_file = tmp_path / "config.json"
+    cfg_file.write_text(json.dumps(config))
+    mini = tmp_path / "mini"
+    code, _, err = run_cli(["zoo", "miniature", cfg_file, "--out", mini], capsys)
+    assert code == 0, err
+    calib = calib_file(tmp_path / "c.jsonl", n=20)
+    code, _, err = run_cli(["prune", mini, "--out", tmp_path / "p", "--ratio", "0.5", "--calib", calib,
+                            "--calib-samples", "4", "--calib-seqlen", "32"], capsys)
+    assert code == 0, err
+    before, after = read_config(mini), read_config(tmp_path / "p")
+    from moecompress.arch.adapter import adapter_for_config_dict
+
+    adapter = adapter_for_config_dict(before)
+    assert adapter.num_experts(after) == adapter.num_experts(before) // 2
+    model, info = auto_class(after).from_pretrained(tmp_path / "p", output_loading_info=True)
+    assert not any(info.values()), info

@@ -137,6 +137,7 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     "gemma4": {"text_config": {"enable_moe_block": True, "num_experts": 8, "top_k_experts": 2,
                                "moe_intermediate_size": 32}},
     "granitemoehybrid": {"layer_types": ["mamba", "attention", "mamba", "attention"], "num_hidden_layers": 4},
+    "hunyuan_v1_moe": {"num_experts": 8, "moe_topk": 2},  # the default is one expert: nothing to route
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"], "num_hidden_layers": 4,
                  "num_dense_layers": 1},
 }
@@ -198,6 +199,10 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
     from moecompress.zoo.miniature import COUNT_KEYS, GROUP_KEYS, TOPK_GROUP_KEYS, TOPK_KEYS
 
     count_keys = tuple(k for k in COUNT_KEYS if cfg.get(k) == n)
+    # published configs may use the alias the config class maps onto its field (Qwen3-VL-MoE: num_experts →
+    # num_local_experts); both spell the count, so both are read and rewritten
+    aliases = getattr(type(text), "attribute_map", {}) or {}
+    count_keys += tuple(a for a, target in aliases.items() if target in count_keys and a not in count_keys)
     topk_key = next((k for k in TOPK_KEYS if isinstance(cfg.get(k), int)), None)
     width_key = next((k for k in WIDTH_KEYS if cfg.get(k) == width), None)
     if not count_keys or topk_key is None or width_key is None:
@@ -253,10 +258,16 @@ def _shared_coupled(block: torch.nn.Module, shared: tuple[str, ...], width: int,
         if not isinstance(gate, torch.nn.Linear):
             continue
         sw = gate.out_features
-        own_key = any(k != width_key and v == sw for k, v in cfg.items() if isinstance(v, int))
+        # only width-like keys count: a miniature's sliding_window or head count may equal the width by chance
+        own_key = any(k != width_key and v == sw and _width_like(k) for k, v in cfg.items() if isinstance(v, int))
         if not own_key and sw % width == 0:
             return True
     return False
+
+
+def _width_like(key: str) -> bool:
+    """A config key that can hold an MLP width (intermediate / ffn sizes, a shared expert's own width)."""
+    return any(w in key for w in ("intermediate", "ffn", "shared", "expert_dim", "mlp"))
 
 
 @torch.no_grad()

@@ -25,6 +25,11 @@ class _Stop(Exception):
     pass
 
 
+class NotStreamable(Exception):
+    """The family's decoder layers hand the next layer more than hidden states (glm_moe_dsa and hy_v4 pass
+    their sparse-attention indexer's top-k on), so a layer cannot run from a cached boundary alone."""
+
+
 class ActivationCache:
     """Hidden states [B, L, H] per batch; in RAM up to `budget` bytes, the rest in a disk memmap under `spill_dir`."""
 
@@ -101,6 +106,9 @@ def start_flow(source: ModelSource, batches: Sequence[tuple[torch.Tensor, torch.
                 model(input_ids=ids.to(source.device), attention_mask=mask.to(source.device), use_cache=False)
         except _Stop:
             pass
+        except (ValueError, TypeError) as exc:  # the model unpacked more than hidden states from a layer
+            raise NotStreamable(f"{type(model).__name__}: its decoder layers return more than hidden states "
+                                f"({str(exc).splitlines()[0][:80]})") from exc
         finally:
             for layer, orig in zip(layers, originals, strict=True):
                 if orig is None:
@@ -165,6 +173,9 @@ def head_logits(source: ModelSource, batch: tuple[torch.Tensor, torch.Tensor], h
     try:
         ids, mask = batch
         out = model(input_ids=ids.to(source.device), attention_mask=mask.to(source.device), use_cache=False)
+    except (ValueError, TypeError) as exc:  # the model unpacked more than hidden states from a layer
+        raise NotStreamable(f"{type(model).__name__}: its decoder layers return more than hidden states "
+                            f"({str(exc).splitlines()[0][:80]})") from exc
     finally:
         for layer in layers:
             del layer.forward

@@ -228,12 +228,6 @@ def verify_streamed(folder: Path, ids: torch.Tensor, reference: torch.Tensor, *,
     return summary
 
 
-def streamable(adapter: Any, config: Any) -> bool:
-    """Whether the engine reads this checkpoint. Multimodal wrappers (a nested text config: vision/audio towers
-    beside the language model) run in memory for now: the engine's REST part is a causal-LM head only."""
-    return not (adapter.text_config_key and adapter.text_config(config) is not config)
-
-
 def open_source(src: Path, *, dtype: str | None, device: str | None) -> ModelSource:
     """A ModelSource with the CLI's dtype/device options, errors as UserErrors."""
     dt: torch.dtype | None = None

@@ -57,10 +57,14 @@ def _quiet_transformers() -> Iterator[None]:
 def skeleton(config: Any, dtype: torch.dtype) -> torch.nn.Module:
     """The model class of `config` with parameters on meta (no memory), buffers real, in eval mode."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
+    from moecompress.io.checkpoint import auto_class
+
+    # the class in `architectures` (multimodal checkpoints keep their towers in REST), else the causal-LM class
+    cls = auto_class({"architectures": getattr(config, "architectures", None)})
     with init_empty_weights(include_buffers=False), _quiet_transformers():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = cls.from_config(config, dtype=dtype) if hasattr(cls, "register") else cls._from_config(
+            config, dtype=dtype)
     model.eval()
     return model
 

@@ -100,6 +100,13 @@ class PruneAtomicConfig(PassConfig):
             raise UserError(f"prune_atomic: heapr needs gradients at each routed expert's output, which "
                             f"{adapter.model_type} does not expose (experts run densely on gate-scaled inputs); "
                             "use --criterion camera or magnitude")
+        if self.layout == "uniform" and adapter.width_key == "intermediate_size":
+            from moecompress.arch.layers import layer_pattern
+
+            if any(kind.endswith("/dense") for kind in layer_pattern(hf_config).layers):
+                raise UserError(f"prune_atomic: {adapter.model_type} sizes its dense MLP layers and its routed "
+                                "experts with one key (intermediate_size), so narrower experts would not reload; "
+                                "use --layout masked")
         sub = self.expert_config()
         if sub is not None:
             sub.check(adapter, hf_config)

@@ -74,6 +74,11 @@ class QuantizeConfig(PassConfig):
             raise UserError(f"quantize: {adapter.model_type} checkpoints store routed experts fused, which the "
                             "compressed-tensors per-linear format cannot describe; supported families store per-expert "
                             "linears (qwen*_moe, mixtral, deepseek_v2/v3, olmoe, phimoe, glm4_moe, dots1, ernie4_5_moe)")
+        merged = load_time_merges_outside_experts(hf_config)
+        if merged:
+            raise UserError(f"quantize: {adapter.model_type} checkpoints convert {merged[0]} at load (outside the "
+                            "routed experts); transformers' compressed-tensors loader sends those float tensors "
+                            "through its dequantize step, which drops them, so a quantized checkpoint would not reload")
         hidden = int(adapter.text_config(hf_config)["hidden_size"])
         width = adapter.expert_width(hf_config)
         for what, n in (("hidden size", hidden), ("expert width", width)):
@@ -87,6 +92,29 @@ class QuantizeConfig(PassConfig):
                 raise UserError(f"quantize: bits_budget {self.bits_budget} must lie within candidate_bits [{lo}, {hi}]")
             for b in self.candidate_bits:
                 check_scheme(b, self.group_size, min(hidden, width))
+
+
+def load_time_merges_outside_experts(hf_config: dict[str, Any]) -> list[str]:
+    """Checkpoint tensors outside the routed experts that transformers converts while loading (kimi_linear and
+    bailing_hybrid join q/k/v conv1d kernels, unlimited_ocr splits qkv): compressed-tensors' loader routes them
+    through its dequantize step, which yields nothing for tensors stored in float, so the reload fails."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    from moecompress.arch.skeleton import meta_model
+
+    try:
+        model = meta_model(hf_config)
+    except UserError:
+        return []
+    out = []
+    for conv in get_model_conversion_mapping(model):
+        sources = list(getattr(conv, "_original_source_patterns", []) or [])
+        # transformers rewrites (adds its dequantize step to) exactly the converters whose sources all end in .weight
+        if (isinstance(conv, WeightConverter) and sources and all(s.endswith(".weight") for s in sources)
+                and not any("expert" in s for s in sources)):
+            out.append(" + ".join(s.replace("\\", "") for s in sources))
+    return out
 
 
 class ExpertHessians:
@@ -156,7 +184,6 @@ def _plan(ctx: PassContext) -> dict[str, Any]:
     model, adapter = ctx.model, ctx.adapter
     batches = list(ctx.get_calibration().batches(8))
     previous = experts_implementation(model)
-    set_experts_implementation(model, TAP_IMPLEMENTATION)
     return {
         "batches": batches,
         "masks": [m.reshape(-1).bool() for _, m in batches],
@@ -188,6 +215,9 @@ def _observe(ctx: PassContext, plan: dict[str, Any], index: int, layer: torch.nn
         hooks.append(lin.register_forward_pre_hook(
             lambda m, a, h=acc[name]: h.add(a[0].reshape(-1, a[0].shape[-1])[current_mask[0].to(a[0].device)])))
     tap = None
+    # the tap implementation only while this layer observes: the probe and the propagated flow then run the
+    # compressed layer with the experts implementation a reload uses (in bf16 the tap's index_add order differs)
+    set_experts_implementation(ctx.model, TAP_IMPLEMENTATION)
     if moe is not None:
         w = ExpertView(moe).get_all()
         tap = ExpertHessians(moe.experts, moe.num_experts, w.gate.shape[2], w.width, balance=cfg.balance,
@@ -210,6 +240,8 @@ def _observe(ctx: PassContext, plan: dict[str, Any], index: int, layer: torch.nn
             hk.remove()
         if moe is not None:
             _ACTIVE.pop(id(moe.experts), None)
+        if plan["previous_impl"] is not None:
+            set_experts_implementation(ctx.model, plan["previous_impl"])
 
 
 def _apply_layer(ctx: PassContext, plan: dict[str, Any], index: int, layer: torch.nn.Module) -> dict[str, Any] | None:

@@ -379,7 +379,8 @@ def config_object(config: dict[str, Any]):
     except (ValueError, KeyError) as exc:
         raise UserError(f"transformers {_tf_version()} does not know model_type {model_type!r}") from exc
     d = {k: v for k, v in config.items() if k not in ("transformers_version",)}
-    return cls.from_dict(d)
+    decode = getattr(cls, "_decode_special_floats", None)  # config.json spells inf as {"__float__": "Infinity"}
+    return cls.from_dict(decode(d) if decode is not None else d)
 
 
 def model_class(config: Any):
