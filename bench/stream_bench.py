@@ -202,8 +202,9 @@ def main() -> None:
             out = work / f"out-{name}"
             cmd = [sys.executable, "-m", "moecompress.cli", *COMMANDS[name][:1], str(src), "--out", str(out),
                    *COMMANDS[name][1:], "--calib", str(data), "--calib-samples", str(args.calib_samples),
-                   "--calib-seqlen", str(args.calib_seqlen), "--max-shard-size", "1GB", "--device", "cpu",
-                   "--stats-cache", str(work / f"stats-{spec}")]  # each run collects its own statistics
+                   "--calib-seqlen", str(args.calib_seqlen), "--max-shard-size", "1GB", "--device", "cpu"]
+            if name != "gptq":  # each run collects its own statistics (quantize collects none)
+                cmd += ["--stats-cache", str(work / f"stats-{spec}")]
             budget = {"quarter": str(nbytes // 4), "chunked": str(layer_bytes // 2)}.get(variant, args.max_memory)
             if budget:
                 cmd += ["--max-memory", budget]
