@@ -190,7 +190,7 @@ def _chunk_budget(folder, per_chunk):
 
     src = ModelSource(folder)
     i = next(i for i in range(src.num_layers) if src.moe_layer(i) is not None)
-    experts = src._bytes_of(k for k, _ in src.expert_keys(i))
+    experts = src._bytes_of(k for k, _ in src.expert_keys(i))  # on disk: the same bf16/fp32 bytes as in memory
     per_expert = experts // src.moe_layer(i).num_experts
     budget = 2 * LAYER_COPIES * per_chunk * per_expert
     moe = [i for i in range(src.num_layers) if src.moe_layer(i) is not None]

@@ -202,7 +202,11 @@ class ModelSource:
         return list(self._parts.get(part, []))
 
     def part_bytes(self, part: Any) -> int:
-        return self._bytes_of(self.keys_of(part))
+        """Bytes the part takes in memory once read (a decoder layer: from the meta model's shapes and dtypes,
+        so dequantized FP8/MXFP4 sources are counted as read and no tensor is touched)."""
+        if part == REST:
+            return self._bytes_of(self.keys_of(part))
+        return _module_bytes(self.layer(part))
 
     # -- expert chunks ---------------------------------------------------------------------------------
     def moe_layer(self, i: int) -> Any:
@@ -238,15 +242,16 @@ class ModelSource:
             moe = self.moe_layer(i)
             if moe is None:
                 continue
-            keys = self.expert_keys(i)
             e = moe.num_experts
-            n = chunk_plan(budget, self.part_bytes(i), self._bytes_of(k for k, _ in keys), e)
+            n = chunk_plan(budget, self.part_bytes(i), _module_bytes(moe.experts), e)
             if not n:
                 continue
+            keys = self.expert_keys(i)
+            plain = getattr(self.reader, "fmt", None) is None  # a dequantizing reader would convert to tell the shape
             why = None
             if self.adapter.routing == "sigmoid_input_scale":
                 why = "its experts run densely on every token"
-            elif any(idx is None and self.reader.get_slice(k).get_shape()[0] != e for k, idx in keys):
+            elif plain and any(idx is None and self.reader.get_slice(k).get_shape()[0] != e for k, idx in keys):
                 why = "a fused expert tensor does not have the experts first"
             if why:
                 raise UserError(f"decoder layer {i} ({self.part_bytes(i) / 2**30:.2f} GiB) does not fit the memory "
@@ -403,6 +408,16 @@ class ModelSource:
 
     def close(self) -> None:
         self.reader.close()
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and persistent buffers (meta tensors included: shapes and dtypes only)."""
+    total = sum(p.numel() * p.element_size() for p in module.parameters())
+    for sub in module.modules():
+        for name, b in sub._buffers.items():
+            if b is not None and name not in sub._non_persistent_buffers_set:
+                total += b.numel() * b.element_size()
+    return total
 
 
 def _return_freed_memory() -> None:
