@@ -252,7 +252,14 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
     t0 = time.perf_counter()
     budget = engine.memory_budget(opts.max_memory)
     max_shard = parse_size(opts.max_shard_size)
-    source = engine.open_source(src, dtype=opts.dtype, device=opts.device)
+    source = engine.open_source(src, dtype=opts.dtype, device=opts.device, budget=budget)
+    if source.chunked_layers and not lp.chunks(cfg):
+        need = source.min_unchunked_budget()
+        source.close()
+        raise UserError(f"{cfg.name} rewrites expert weights and needs whole decoder layers in memory, but "
+                        f"{len(source.chunked_layers)} layer(s) exceed --max-memory {budget / 2**30:.2f}GiB; "
+                        f"give --max-memory {need / 2**30:.2f}GiB or more (only prune_experts reads experts in chunks)")
+    meters = {"compress": source.meter}
     tok = None
     try:
         from transformers import AutoTokenizer
@@ -273,7 +280,8 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
         return cache["calib"]
 
     def collector(batches: Any, total: int, meta: dict[str, Any]) -> Stats:
-        stats_src = engine.open_source(src, dtype=opts.dtype, device=opts.device)
+        stats_src = engine.open_source(src, dtype=opts.dtype, device=opts.device, budget=budget)
+        meters["statistics"] = stats_src.meter
         try:
             return engine.stream_stats(stats_src, batches, total_tokens=total, sample_tokens=opts.sample_tokens,
                                        budget=budget // 2, spill_dir=spill, console=console, meta=meta)
@@ -289,7 +297,7 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
     def grad_collector(batch_size: int) -> Any:
         from moecompress.engine.grad import stream_gradient_stats
 
-        grad_src = engine.open_source(src, dtype=opts.dtype, device=opts.device)
+        grad_src = engine.open_source(src, dtype=opts.dtype, device=opts.device, budget=budget)
         try:
             return stream_gradient_stats(grad_src, list(get_calibration().batches(batch_size)), budget=budget // 2,
                                          spill_dir=spill, console=console)
@@ -334,7 +342,11 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
         "seconds": round(pass_seconds, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "engine": {"mode": "streamed", "device": str(source.device), "max_memory_bytes": budget,
-                   "max_shard_bytes": max_shard},
+                   "max_shard_bytes": max_shard,
+                   "expert_chunks": ({"layers": source.chunked_layers,
+                                      "experts_per_chunk": max(source.chunked(i) for i in source.chunked_layers),
+                                      **{k: m.summary() for k, m in meters.items()}}
+                                     if source.chunked_layers else None)},
         "statistics": (cache["stats"].meta if "stats" in cache else None),
         "verify": verify,
         "serving_checks": [f.model_dump() for f in findings or []],

@@ -104,6 +104,9 @@ def keep_experts(layer: MoELayer, keep: Sequence[int]) -> None:
         _set_tensor(owner, leaf, getattr(owner, leaf).detach().index_select(vec.axis, idx))
     view = ExpertView(layer)
     view.set_all(view.get_all().select(idx))
+    chunks = layer.experts.__dict__.get("expert_chunks")
+    if chunks is not None:  # experts read in chunks by the engine (weights on meta): keep their source ids
+        chunks.select(idx.tolist())
     _set_ints(list(layer.block.modules()), _COUNT_ATTRS, n_old, len(idx))
 
 

@@ -178,6 +178,69 @@ def test_budget_below_one_layer_spills_and_completes(tmp_path, cache_dir):
     _assert_same_checkpoint(want, out)
 
 
+# ---------------------------------------------------------------- expert chunks
+
+CHUNK_CASES = [("qwen3_moe", "reap"), ("gpt_oss", "ean"), ("qwen3_moe", "naee"),
+               pytest.param("deepseek_v3", "frequency", marks=SLOW)]
+
+
+def _chunk_budget(folder, per_chunk):
+    """A --max-memory under which every MoE layer reads its experts `per_chunk` at a time."""
+    from moecompress.engine.source import LAYER_COPIES
+
+    src = ModelSource(folder)
+    i = next(i for i in range(src.num_layers) if src.moe_layer(i) is not None)
+    experts = src._bytes_of(k for k, _ in src.expert_keys(i))  # on disk: the same bf16/fp32 bytes as in memory
+    per_expert = experts // src.moe_layer(i).num_experts
+    budget = 2 * LAYER_COPIES * per_chunk * per_expert
+    moe = [i for i in range(src.num_layers) if src.moe_layer(i) is not None]
+    return budget, per_expert, experts, src.part_bytes(i), moe
+
+
+@pytest.mark.parametrize(("family", "criterion"), CHUNK_CASES)
+def test_layer_larger_than_budget_runs_its_experts_in_chunks(tmp_path, cache_dir, family, criterion):
+    """--max-memory below one decoder layer: statistics, pruning, writing and verification read the experts
+    three at a time (20 experts: six chunks of 3 and one of 2, the kept ones non-contiguous) and give the
+    unchunked result."""
+    model, tok = tiny(family, **({"n_routed_experts": 20} if family == "deepseek_v3" else
+                                 {"num_local_experts": 20} if family == "gpt_oss" else {"num_experts": 20}))
+    folder = tmp_path / "src"
+    model.save_pretrained(folder, max_shard_size="150KB")
+    tok.save_pretrained(folder)
+    calib = CalibSpec(source=str(calib_file(tmp_path / "c.jsonl")))
+    budget, per_expert, layer_experts, layer_bytes, moe = _chunk_budget(folder, per_chunk=3)
+    assert budget < layer_bytes  # the budget is below one decoder layer's bytes
+    cfg = PruneExpertsConfig(ratio=0.5, criterion=criterion)
+    whole = run_pass(cfg, folder, tmp_path / "whole", calibration=calib,
+                     opts=RunOptions(plots=False, stats_cache=tmp_path / "s1"))
+    assert whole["engine"]["expert_chunks"] is None
+    report = run_pass(cfg, folder, tmp_path / "chunked", calibration=calib,
+                      opts=RunOptions(plots=False, stats_cache=tmp_path / "s2", max_memory=str(budget),
+                                      max_shard_size="60KB"))
+    chunks = report["engine"]["expert_chunks"]
+    assert chunks["layers"] == moe and chunks["experts_per_chunk"] == 3
+    for sweep in ("statistics", "compress"):
+        # instrumented: expert weights held at once never exceed one chunk (never the layer's experts)
+        assert 0 < chunks[sweep]["peak_expert_bytes"] <= 3 * per_expert < layer_experts, sweep
+        assert chunks[sweep]["chunks_read"] >= 2 * len(moe), sweep
+    assert report["verify"]["expert_chunks"]["peak_expert_bytes"] <= 3 * per_expert
+    assert report["verify"]["full_reload"] is False and report["verify"]["streamed_max_abs_logit_diff"] < 1e-4
+    assert report["details"]["kept"] == whole["details"]["kept"]
+    # same statistics (same per-expert arithmetic, same pair order) and same slicing: bitwise
+    _assert_same_checkpoint(tmp_path / "whole", tmp_path / "chunked")
+    assert _on_disk_keys(tmp_path / "whole") == _on_disk_keys(tmp_path / "chunked")
+
+
+def test_pass_that_cannot_chunk_names_the_budget_it_needs(tmp_path, capsys, cache_dir):
+    folder = _save(tmp_path, "qwen3_moe")
+    budget, *_ = _chunk_budget(folder, per_chunk=1)
+    code, _, err = run_cli(["merge", folder, "--out", tmp_path / "out", "--ratio", "0.5", "--calib",
+                            calib_file(tmp_path / "c.jsonl"), "--max-memory", str(budget)], capsys)
+    need = ModelSource(folder).min_unchunked_budget()
+    assert code == 2 and "Traceback" not in err and f"--max-memory {need / 2**30:.2f}GiB" in err
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -44,7 +44,16 @@ def stored_expert_forward(module: torch.nn.Module, e: int, x: torch.Tensor) -> t
     """Expert `e` of a fused experts module on x [S, H] in the module's own storage layout.
 
     Returns (output [S, H], intermediate activation [S, I]). Same arithmetic as the library's eager path.
+    A layer read in expert chunks (``engine.chunks``) loads expert `e` alone for the call.
     """
+    chunks = module.__dict__.get("expert_chunks")
+    if chunks is not None:
+        with chunks.holding(module, e, e + 1):
+            return _stored_expert_forward(module, 0, x)
+    return _stored_expert_forward(module, e, x)
+
+
+def _stored_expert_forward(module: torch.nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     transposed = bool(getattr(module, "is_transposed", False))
     gu_w = module.gate_up_proj[e]
     gu = x @ gu_w if transposed else x @ gu_w.T
@@ -64,7 +73,18 @@ def _grouped_expert_outputs(module: torch.nn.Module, x_sorted: torch.Tensor, eid
 
     Uses the same grouped matmul as transformers' default implementation, so collecting statistics costs
     about what a plain forward costs; falls back to one matmul per expert where grouped matmul is missing.
+    A layer read in expert chunks (``engine.chunks``) computes the same rows one chunk of experts at a time.
     """
+    chunks = module.__dict__.get("expert_chunks")
+    if chunks is not None:
+        from moecompress.engine.chunks import chunked_expert_outputs
+
+        return chunked_expert_outputs(module, chunks, x_sorted, eid_sorted, counts, _grouped_outputs)
+    return _grouped_outputs(module, x_sorted, eid_sorted, counts)
+
+
+def _grouped_outputs(module: torch.nn.Module, x_sorted: torch.Tensor, eid_sorted: torch.Tensor,
+                     counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     transposed = bool(getattr(module, "is_transposed", False))
     has_bias = bool(getattr(module, "has_bias", False))
     if _grouped_linear is not None:
@@ -78,7 +98,7 @@ def _grouped_expert_outputs(module: torch.nn.Module, x_sorted: torch.Tensor, eid
     ys, acts, start = [], [], 0
     for e, n in enumerate(counts.tolist()):
         if n:
-            y, act = stored_expert_forward(module, e, x_sorted[start : start + n])
+            y, act = _stored_expert_forward(module, e, x_sorted[start : start + n])
             ys.append(y)
             acts.append(act)
         start += n

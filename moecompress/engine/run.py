@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from moecompress.calib.stats import Stats
+from moecompress.engine.chunks import write_chunked_experts
 from moecompress.engine.loop import head_logits, run_layer, start_flow, stream_forward
 from moecompress.engine.reader import reader_for
 from moecompress.engine.sink import ShardWriter, on_disk_state, parse_size
@@ -159,8 +160,11 @@ def compress_streamed(lp: LayerwisePass, ctx: PassContext, source: ModelSource, 
                 if info is not None:
                     per_layer[i] = info
                 run_layer(flow, i, layer)
-                state = on_disk_state(source.model, source.state_of(i))
+                state = on_disk_state(source.model, source.state_of(i))  # a chunked layer: all but its experts
                 writer.add(lp.emit(ctx, plan, i, state) if lp.emit is not None else state)
+                if source.chunked(i):
+                    moe = source.moe_layer(i)
+                    write_chunked_experts(writer, source.model, moe.experts, source.experts_prefix(i))
                 source.release(i)
                 advance()
         logits = head_logits(source, probe[0], flow.acts.get(0))
@@ -204,7 +208,7 @@ def verify_streamed(folder: Path, ids: torch.Tensor, reference: torch.Tensor, *,
         from moecompress.engine.reader import PackedDequantReader
 
         reader = PackedDequantReader(Path(folder))
-    vsrc = ModelSource(folder, device=device, reader=reader)
+    vsrc = ModelSource(folder, device=device, reader=reader, budget=budget)
     assigned = {k for part in [REST, *range(vsrc.num_layers)] for k in vsrc.keys_of(part)}
     stray = set(vsrc.reader.keys()) - assigned
     if stray:
@@ -218,6 +222,8 @@ def verify_streamed(folder: Path, ids: torch.Tensor, reference: torch.Tensor, *,
     if not diff <= tol:
         raise RuntimeError(f"streamed reload logits differ from the compressed model by {diff:.3g} (tolerance {tol:.3g})")
     summary: dict[str, Any] = {"streamed_max_abs_logit_diff": diff, "keys_checked": len(assigned)}
+    if vsrc.chunked_layers:
+        summary["expert_chunks"] = {"layers": len(vsrc.chunked_layers), **vsrc.meter.summary()}
     size = checkpoint_bytes(folder)
     if full_reload if full_reload is not None else size * 3 < budget:
         summary.update(verify_reload(folder, reference, ids, atol=atol))
@@ -228,14 +234,16 @@ def verify_streamed(folder: Path, ids: torch.Tensor, reference: torch.Tensor, *,
     return summary
 
 
-def open_source(src: Path, *, dtype: str | None, device: str | None) -> ModelSource:
-    """A ModelSource with the CLI's dtype/device options, errors as UserErrors."""
+def open_source(src: Path, *, dtype: str | None, device: str | None, budget: int | None = None) -> ModelSource:
+    """A ModelSource with the CLI's dtype/device options, errors as UserErrors; layers too large for `budget`
+    are read in expert chunks."""
     dt: torch.dtype | None = None
     if dtype and dtype != "auto":
         dt = getattr(torch, dtype, None)
         if not isinstance(dt, torch.dtype):
             raise UserError(f"--dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
-    return ModelSource(Path(src), dtype=dt, device=pick_device(device), reader=reader_for(Path(src), dt))
+    return ModelSource(Path(src), dtype=dt, device=pick_device(device), reader=reader_for(Path(src), dt),
+                       budget=budget)
 
 
 def spill_dir_beside(out: Path) -> Path:

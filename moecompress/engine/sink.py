@@ -67,28 +67,64 @@ class ShardWriter:
         self._size = 0
         self.total = 0
         self.shapes: dict[str, list[int]] = {}
+        self._pending: dict[str, list[int]] = {}  # reserved tensor → [data offset, bytes per row, rows left]
+
+    def _new_entry(self, key: str, shape: list[int], dtype: torch.dtype, n: int) -> None:
+        if key in self._entries or any(key in keys for _, keys in self._done):
+            raise RuntimeError(f"tensor {key} written twice")
+        if dtype not in _ST_DTYPES:
+            raise RuntimeError(f"cannot write dtype {dtype} of {key}")
+        self._entries[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                              "data_offsets": [self._size, self._size + n]}
+        self._size += n
+        self.total += n
+        self.shapes[key] = list(shape)
+
+    def _room(self, n: int) -> None:
+        """Close the current shard if `n` more bytes would overflow it (never while reserved rows are unfilled)."""
+        if self._entries and self._size + n > self.max and not self._pending:
+            self._close_shard()
+        if self._data is None:
+            self._data = open(self.folder / f".shard-{len(self._done) + 1:05d}.data", "wb")  # noqa: SIM115
+
+    def reserve(self, specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+        """Room in the current shard for tensors that arrive in pieces of rows (``fill``), e.g. a fused expert
+        tensor written one chunk of experts at a time; the shard stays open until every row is filled."""
+        sizes = {k: int(torch.Size(shape).numel()) * torch.empty((), dtype=dt).element_size()
+                 for k, (shape, dt) in specs.items()}
+        self._room(sum(sizes.values()))
+        for key, (shape, dt) in specs.items():
+            start = self._size
+            self._new_entry(key, list(shape), dt, sizes[key])
+            self._pending[key] = [start, sizes[key] // max(1, shape[0]), shape[0]]
+        self._data.flush()
+        self._data.truncate(self._size)
+        self._data.seek(self._size)
+
+    def fill(self, key: str, row: int, t: torch.Tensor) -> None:
+        """Rows row.. of a reserved tensor."""
+        start, row_bytes, left = self._pending[key]
+        t = t.detach().to("cpu").contiguous()
+        if t.numel() * t.element_size() != row_bytes * t.shape[0] or t.shape[0] > left:
+            raise RuntimeError(f"{key}: rows of shape {tuple(t.shape)} do not fit the reserved tensor")
+        self._data.flush()
+        os.pwrite(self._data.fileno(), t.reshape(-1).view(torch.uint8).numpy().data, start + row * row_bytes)
+        self._pending[key][2] -= t.shape[0]
+        if self._pending[key][2] == 0:
+            del self._pending[key]
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         for key, t in tensors.items():
             t = t.detach().to("cpu").contiguous()
             n = t.numel() * t.element_size()
-            if self._entries and self._size + n > self.max:
-                self._close_shard()
-            if self._data is None:
-                self._data = open(self.folder / f".shard-{len(self._done) + 1:05d}.data", "wb")  # noqa: SIM115
-            if key in self._entries or any(key in keys for _, keys in self._done):
-                raise RuntimeError(f"tensor {key} written twice")
-            if t.dtype not in _ST_DTYPES:
-                raise RuntimeError(f"cannot write dtype {t.dtype} of {key}")
-            self._entries[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
-                                  "data_offsets": [self._size, self._size + n]}
+            self._room(n)
+            self._new_entry(key, list(t.shape), t.dtype, n)
             if n:
                 self._data.write(t.reshape(-1).view(torch.uint8).numpy().data)
-            self._size += n
-            self.total += n
-            self.shapes[key] = list(t.shape)
 
     def _close_shard(self) -> None:
+        if self._pending:
+            raise RuntimeError(f"shard closed before its reserved rows were written: {sorted(self._pending)[:3]}")
         data_path = Path(self._data.name)
         self._data.close()
         header = dict(self._entries)

@@ -6,6 +6,10 @@ through the ``TensorReader`` seam and loads them with transformers' own loader, 
 checkpoint conversion rules (``transformers.conversion_mapping``: per-expert keys fused into 3-D tensors, legacy
 renames) exactly as ``from_pretrained`` does — the engine never restates a family's layout. ``release(part)``
 puts the part back on ``meta``, so at most one decoder layer (plus embeddings/head) is in memory at a time.
+
+A decoder layer too large for the budget (``ModelSource(budget=...)``, see ``chunk_plan``) is materialised
+without its routed experts: they stay on ``meta`` and an ``ExpertChunks`` reader attached to the experts module
+loads a few experts at a time, by source expert id, through the same loader (``load_experts``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,23 @@ from moecompress.io.checkpoint import read_config
 REST = "rest"  # the part holding everything outside the decoder layers (embeddings, final norm, head)
 
 
+_EXPERT_NUMBER = re.compile(r"\.experts\.(\d+)\.")  # per-expert on-disk keys: ...experts.<e>.gate_proj...
+LAYER_COPIES = 3  # a layer is in memory up to ~3x while transformers' loader stacks/concatenates and surgery copies
+
+
+def chunk_plan(budget: int, layer_bytes: int, expert_bytes: int, num_experts: int) -> int:
+    """Experts per chunk for a layer (0: read the layer whole).
+
+    The layer gets half the budget (the activation caches the other half) and needs ``LAYER_COPIES`` times its
+    bytes while it loads; a layer that does not fit reads its experts in chunks of at most a sixth of the budget.
+    """
+    share = budget // 2 // LAYER_COPIES
+    if layer_bytes <= share or num_experts <= 1:
+        return 0
+    per_expert = max(1, expert_bytes // num_experts)
+    return int(min(num_experts, max(1, share // per_expert)))
+
+
 class _Lazy:
     """A tensor read through the seam only when the loader indexes it (in its worker, one at a time)."""
 
@@ -34,6 +55,23 @@ class _Lazy:
 
     def __getitem__(self, idx: Any) -> torch.Tensor:
         t = self.reader.get(self.key)
+        return t if idx is Ellipsis else t[idx]
+
+
+class _Rows:
+    """Rows `ids` (expert dim 0) of a fused on-disk tensor, read as contiguous runs of the shard."""
+
+    def __init__(self, reader: TensorReader, key: str, ids: list[int]) -> None:
+        self.reader, self.key, self.ids = reader, key, ids
+
+    def __getitem__(self, idx: Any) -> torch.Tensor:
+        sl = self.reader.get_slice(self.key)
+        runs, start = [], 0
+        for j in range(1, len(self.ids) + 1):
+            if j == len(self.ids) or self.ids[j] != self.ids[j - 1] + 1:
+                runs.append(sl[self.ids[start] : self.ids[j - 1] + 1])
+                start = j
+        t = runs[0] if len(runs) == 1 else torch.cat(runs)
         return t if idx is Ellipsis else t[idx]
 
 
@@ -88,7 +126,7 @@ class ModelSource:
     """One checkpoint folder, read a part at a time. Parts: decoder layer indices and ``REST``."""
 
     def __init__(self, folder: Path, *, dtype: torch.dtype | str | None = None, device: str = "cpu",
-                 reader: TensorReader | None = None) -> None:
+                 reader: TensorReader | None = None, budget: int | None = None) -> None:
         from transformers import AutoConfig
 
         self.folder = Path(folder)
@@ -110,6 +148,10 @@ class ModelSource:
         self.model = skeleton(self.config, self.dtype)
         self._layers_path = self._find_layers_path()
         self._parts = self._assign_keys()
+        from moecompress.engine.chunks import ChunkMeter
+
+        self.meter = ChunkMeter()
+        self._chunks: dict[int, int] = self._plan_chunks(budget) if budget is not None else {}
 
     # -- structure -----------------------------------------------------------------------------------
     def _find_layers_path(self) -> str:
@@ -151,8 +193,10 @@ class ModelSource:
         meta = self.model.state_dict()
         pattern = re.compile(re.escape(self._layers_path) + r"\.(\d+)\.")
         parts: dict[Any, list[str]] = {}
+        self._targets: dict[str, str] = {}
         for key in self.reader.keys():
             target, _ = rename_source_key(key, renamings, converters, self.model.base_model_prefix, meta)
+            self._targets[key] = target
             m = pattern.match(target)
             parts.setdefault(int(m.group(1)) if m else REST, []).append(key)
         self._remember_used_conversions()
@@ -162,14 +206,115 @@ class ModelSource:
         return list(self._parts.get(part, []))
 
     def part_bytes(self, part: Any) -> int:
+        """Bytes the part takes in memory once read (a decoder layer: from the meta model's shapes and dtypes,
+        so dequantized FP8/MXFP4 sources are counted as read and no tensor is touched)."""
+        if part == REST:
+            return self._bytes_of(self.keys_of(part))
+        return _module_bytes(self.layer(part))
+
+    # -- expert chunks ---------------------------------------------------------------------------------
+    def moe_layer(self, i: int) -> Any:
+        """The MoE view of decoder layer `i` (None for a dense layer)."""
+        from moecompress.arch.adapter import moe_layers
+
+        return next((ly for ly in moe_layers(self.model, self.adapter) if ly.index == i), None)
+
+    def experts_prefix(self, i: int) -> str | None:
+        """Full in-memory key prefix of layer `i`'s routed experts module (None for a dense layer)."""
+        moe = self.moe_layer(i)
+        if moe is None:
+            return None
+        rel = next(name for name, m in self.layer(i).named_modules() if m is moe.experts)
+        return f"{self.layer_prefix(i)}{rel}."
+
+    def expert_keys(self, i: int) -> list[tuple[str, int | None]]:
+        """On-disk keys of layer `i`'s routed experts: (key, expert index) per-expert, (key, None) fused."""
+        prefix = self.experts_prefix(i)
+        if prefix is None:
+            return []
+        out: list[tuple[str, int | None]] = []
+        for key in self.keys_of(i):
+            if self._targets[key].startswith(prefix):
+                m = _EXPERT_NUMBER.search(key)
+                out.append((key, int(m.group(1)) if m else None))
+        return out
+
+    def _plan_chunks(self, budget: int) -> dict[int, int]:
+        """Layers whose experts are read in chunks under `budget`, with the experts per chunk."""
+        plan: dict[int, int] = {}
+        for i in range(self.num_layers):
+            moe = self.moe_layer(i)
+            if moe is None:
+                continue
+            e = moe.num_experts
+            n = chunk_plan(budget, self.part_bytes(i), _module_bytes(moe.experts), e)
+            if not n:
+                continue
+            keys = self.expert_keys(i)
+            plain = getattr(self.reader, "fmt", None) is None  # a dequantizing reader would convert to tell the shape
+            why = None
+            if self.adapter.routing == "sigmoid_input_scale":
+                why = "its experts run densely on every token"
+            elif plain and any(idx is None and self.reader.get_slice(k).get_shape()[0] != e for k, idx in keys):
+                why = "a fused expert tensor does not have the experts first"
+            if why:
+                raise UserError(f"decoder layer {i} ({self.part_bytes(i) / 2**30:.2f} GiB) does not fit the memory "
+                                f"budget and its experts cannot be read in chunks ({why}); give --max-memory "
+                                f"{self.min_unchunked_budget() / 2**30:.2f}GiB or more")
+            plan[i] = n
+        if plan:  # chunked experts run through the tap implementation, which reads chunks (calib.collect)
+            from moecompress.calib.collect import TAP_IMPLEMENTATION, set_experts_implementation
+
+            set_experts_implementation(self.model, TAP_IMPLEMENTATION)
+        return plan
+
+    def chunked(self, i: Any) -> int:
+        """Experts per chunk of layer `i` (0: the layer is read whole)."""
+        return self._chunks.get(i, 0) if i != REST else 0
+
+    @property
+    def chunked_layers(self) -> list[int]:
+        return sorted(self._chunks)
+
+    def min_unchunked_budget(self) -> int:
+        """The smallest --max-memory at which every decoder layer is read whole."""
+        return max(self.part_bytes(i) for i in range(self.num_layers)) * 2 * LAYER_COPIES
+
+    def _bytes_of(self, keys: Any) -> int:
         total = 0
-        for key in self.keys_of(part):
+        for key in keys:
             s = self.reader.get_slice(key)
             n = 1
             for d in s.get_shape():
                 n *= d
             total += n * _DTYPE_BYTES.get(s.get_dtype(), 4)
         return total
+
+    def load_experts(self, i: int, ids: list[int]) -> dict[str, torch.Tensor]:
+        """Source experts `ids` of layer `i`, in the experts module's in-memory layout ([len(ids), ...] each,
+        by parameter name), read through the seam and converted by transformers' loader like a whole layer."""
+        prefix = self.experts_prefix(i)
+        assert prefix is not None
+        module = self.model.get_submodule(prefix[:-1])
+        saved = dict(module._parameters)
+        for name, p in saved.items():
+            if p is not None:
+                module._parameters[name] = torch.nn.Parameter(
+                    torch.empty((len(ids), *p.shape[1:]), dtype=p.dtype, device="meta"), requires_grad=False)
+        position = {e: j for j, e in enumerate(ids)}
+        state: dict[str, Any] = {}
+        for key, e in self.expert_keys(i):
+            if e is None:
+                state[key] = _Rows(self.reader, key, list(ids))
+            elif e in position:
+                m = _EXPERT_NUMBER.search(key)
+                assert m is not None
+                state[key[: m.start(1)] + str(position[e]) + key[m.end(1):]] = _Lazy(self.reader, key)
+        try:
+            self._load(state, {prefix + n for n, p in saved.items() if p is not None}, f"experts of layer {i}")
+            return {n: module._parameters[n].data for n, p in saved.items() if p is not None}
+        finally:
+            module._parameters.update(saved)
 
     def module_of(self, part: Any) -> torch.nn.Module:
         return self.layer(part) if part != REST else self.model
@@ -185,12 +330,34 @@ class ModelSource:
 
     # -- materialise / release -----------------------------------------------------------------------
     def materialise(self, part: Any) -> torch.nn.Module:
-        """Read the part's tensors from the shards into the skeleton (on the engine's device)."""
+        """Read the part's tensors from the shards into the skeleton (on the engine's device).
+
+        A chunked layer is read without its routed experts; an ``ExpertChunks`` reader on the experts module
+        loads them a chunk at a time when the layer runs or is written."""
+        keys = self.keys_of(part)
+        expected = self.expected_keys(part)
+        per_chunk = self.chunked(part)
+        if per_chunk:
+            from moecompress.engine.chunks import ExpertChunks
+
+            experts = {k for k, _ in self.expert_keys(part)}
+            keys = [k for k in keys if k not in experts]
+            prefix = self.experts_prefix(part)
+            expected = {k for k in expected if not k.startswith(prefix)}
+        what = "the decoder layer" if part != REST else "embeddings/head"
+        self._load({k: _Lazy(self.reader, k) for k in keys}, expected, f"{what} {part}")
+        if per_chunk:
+            moe = self.moe_layer(part)
+            moe.experts.expert_chunks = ExpertChunks(lambda ids, i=part: self.load_experts(i, ids),
+                                                     moe.num_experts, per_chunk, self.meter)
+        self._tie()
+        return self.module_of(part)
+
+    def _load(self, state: dict[str, Any], expected: set[str], what: str) -> None:
+        """transformers' loader on `state` (lazy on-disk tensors); every key of `expected` must arrive cleanly."""
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
-        keys = self.keys_of(part)
-        state = {k: _Lazy(self.reader, k) for k in keys}
         dtype_plan = {}
         with contextlib.suppress(Exception):
             dtype_plan = self.model._get_dtype_plan(self.dtype)
@@ -199,7 +366,6 @@ class ModelSource:
         with _quiet_transformers():
             info, _ = convert_and_load_state_dict_in_model(self.model, state, load_config)
         self._remember_used_conversions()
-        expected = self.expected_keys(part)
         missing = sorted(k for k in info.missing_keys if k in expected)
         problems = {"missing": missing, "unexpected": sorted(info.unexpected_keys),
                     "mismatched": sorted(str(m[0]) for m in info.mismatched_keys),
@@ -209,12 +375,9 @@ class ModelSource:
             problems["errors"] += [f"{k}: {v}" for k, v in conv.items()]
         bad = {k: v for k, v in problems.items() if v}
         if bad:
-            what = "the decoder layer" if part != REST else "embeddings/head"
             first = next(iter(bad.items()))
-            raise UserError(f"{self.folder}: {what} {part} does not load cleanly ({first[0]}: {first[1][:3]}); "
+            raise UserError(f"{self.folder}: {what} does not load cleanly ({first[0]}: {first[1][:3]}); "
                             "the checkpoint is incomplete or does not match its config.json")
-        self._tie()
-        return self.module_of(part)
 
     def state_of(self, part: Any) -> dict[str, torch.Tensor]:
         """The part's in-memory tensors under full model keys (what ``model.state_dict()`` would hold)."""
@@ -222,7 +385,7 @@ class ModelSource:
             layers = re.compile(re.escape(self._layers_path) + r"\.\d+\.")
             return {k: v for k, v in self.model.state_dict().items() if not layers.match(k)}
         prefix = self.layer_prefix(part)
-        return {prefix + k: v for k, v in self.layer(part).state_dict().items()}
+        return {prefix + k: v for k, v in self.layer(part).state_dict().items() if v.device.type != "meta"}
 
     def _tie(self) -> None:
         tied = getattr(self.model, "all_tied_weights_keys", {}) or {}
@@ -244,10 +407,21 @@ class ModelSource:
             return
         for sub in module.modules():
             _to_meta(sub, recurse=False)
+            sub.__dict__.pop("expert_chunks", None)
         _return_freed_memory()
 
     def close(self) -> None:
         self.reader.close()
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and persistent buffers (meta tensors included: shapes and dtypes only)."""
+    total = sum(p.numel() * p.element_size() for p in module.parameters())
+    for sub in module.modules():
+        for name, b in sub._buffers.items():
+            if b is not None and name not in sub._non_persistent_buffers_set:
+                total += b.numel() * b.element_size()
+    return total
 
 
 def _return_freed_memory() -> None:

@@ -118,6 +118,9 @@ class LayerwisePass:
     emit: Callable[[PassContext, Any, int, dict[str, Any]], dict[str, Any]] | None = None
     config_update: Callable[[PassContext, Any, dict[str, list[int]]], dict[str, Any]] | None = None
     streams: Callable[[Any], bool] = lambda cfg: True  # False: this config needs the whole model in memory
+    # True: apply_layer only selects experts (surgery.keep_experts) and reads weights through stored_expert_forward,
+    # so a layer larger than the budget can run with its experts read in chunks (engine/chunks.py)
+    chunks: Callable[[Any], bool] = lambda cfg: False
 
 
 def observe_and_apply(lp: LayerwisePass, ctx: PassContext, plan: Any, index: int, layer: Any, flow: Any) -> Any:

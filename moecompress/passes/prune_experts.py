@@ -137,6 +137,8 @@ def _finish(ctx: PassContext, plan: dict[str, Any], per_layer: dict[int, dict[st
 
 
 # heal and the reconstruction search walk the original and the pruned model side by side, in memory
+# every criterion only selects experts (NAEE reads expert outputs one expert at a time): chunkable
 PRUNE_EXPERTS = LayerwisePass(plan=_plan, apply_layer=_apply_layer, finish=_finish,
-                              streams=lambda cfg: cfg.heal is None and cfg.select == "criterion")
+                              streams=lambda cfg: cfg.heal is None and cfg.select == "criterion",
+                              chunks=lambda cfg: True)
 prune_experts = register_layerwise(PruneExpertsConfig, PRUNE_EXPERTS)
