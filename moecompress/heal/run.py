@@ -45,11 +45,13 @@ def calibration_kl(ref_model: torch.nn.Module, model: torch.nn.Module, batches: 
     """Mean per-token KL(original ‖ compressed) of the next-token distributions over real tokens."""
     total, count = 0.0, 0
     for ids, mask in batches:
-        lp_ref = torch.log_softmax(ref_model(input_ids=ids, attention_mask=mask).logits.double(), -1)
-        lp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.double(), -1)
-        kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1)
         m = mask.bool()
-        total += float(kl[m].sum())
+        ref_logits = ref_model(input_ids=ids, attention_mask=mask).logits[m]  # real tokens only: [n, vocab]
+        logits = model(input_ids=ids, attention_mask=mask).logits[m]
+        for s in range(0, ref_logits.shape[0], 256):  # fp64 a few hundred positions at a time: large vocabularies
+            lp_ref = torch.log_softmax(ref_logits[s : s + 256].double(), -1)
+            lp = torch.log_softmax(logits[s : s + 256].double(), -1)
+            total += float((lp_ref.exp() * (lp_ref - lp)).sum())
         count += int(m.sum())
     return total / max(count, 1)
 
