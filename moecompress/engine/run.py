@@ -26,7 +26,7 @@ from moecompress.engine.chunks import write_chunked_experts
 from moecompress.engine.loop import head_logits, run_layer, start_flow, stream_forward
 from moecompress.engine.reader import reader_for
 from moecompress.engine.sink import ShardWriter, on_disk_state, parse_size
-from moecompress.engine.source import REST, ModelSource
+from moecompress.engine.source import REST, ModelSource, prefer_mmap_for_large_blocks
 from moecompress.errors import UserError
 from moecompress.io.checkpoint import (
     checkpoint_bytes,
@@ -242,6 +242,7 @@ def open_source(src: Path, *, dtype: str | None, device: str | None, budget: int
         dt = getattr(torch, dtype, None)
         if not isinstance(dt, torch.dtype):
             raise UserError(f"--dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+    prefer_mmap_for_large_blocks()
     return ModelSource(Path(src), dtype=dt, device=pick_device(device), reader=reader_for(Path(src), dt),
                        budget=budget)
 

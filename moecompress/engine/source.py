@@ -424,6 +424,21 @@ def _module_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def prefer_mmap_for_large_blocks(threshold: int = 1 << 20) -> None:
+    """Serve allocations of ≥ `threshold` bytes (a layer's tensors) from mmap, so a released layer goes back to the
+    OS at once: glibc's dynamic threshold otherwise rises (up to 32 MiB) after the first freed block, and the MiB-size
+    per-expert tensors of later layers land in a heap that keeps their pages (bench/README.md: layer streaming)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _return_freed_memory() -> None:
     """Hand memory freed with a layer back to the OS (glibc keeps freed heap pages otherwise; RSS would creep)."""
     try:
