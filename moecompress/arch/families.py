@@ -40,7 +40,6 @@ _NON_FUSED_REASON = {
     "qwen3_omni_moe": "the Omni checkpoint also holds a talker with its own MoE and config keys; miniature of the "
                       "talker config not built yet",
     "qwen4_exp": "miniature not buildable yet: its attention reads sizes the shrunk default config leaves unset",
-    "step3p7": "miniature not buildable yet: default config declares sliding layers without a sliding_window",
     "dots3_note": "miniature not buildable yet: the config validator rejects the shrunk per-layer table",
     "inkling2_loop": "miniature not buildable yet: loop_layer_index_end must stay a multiple of the attention "
                      "residual block size",
@@ -137,6 +136,8 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     "gemma4": {"text_config": {"enable_moe_block": True, "num_experts": 8, "top_k_experts": 2,
                                "moe_intermediate_size": 32}},
     "granitemoehybrid": {"layer_types": ["mamba", "attention", "mamba", "attention"], "num_hidden_layers": 4},
+    # the text model builds a sliding-window mask for every forward, even when no layer slides
+    "step3p7": {"text_config": {"sliding_window": 512}},
     "hunyuan_v1_moe": {"num_experts": 8, "moe_topk": 2},  # the default is one expert: nothing to route
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"], "num_hidden_layers": 4,
                  "num_dense_layers": 1},
@@ -218,7 +219,7 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
                           if id(b.block.get_parameter(p) if p in dict(b.block.named_parameters()) else
                                 b.block.get_buffer(p)) not in owned)
     layout = experts_layout(experts)
-    if layout == "interleaved":
+    if layout == "interleaved" or not _own_forward_reproduced(b.router, experts):
         return None
     routing = _probe_routing(b.router, _hidden(experts), n)
     disk = _on_disk_experts(model, b.experts_attr)
@@ -237,6 +238,27 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
     if base is not None:  # the language model is a declared family: keep its routing knowledge
         fields.update(routing=base.routing, renorm_key=base.renorm_key, always_renorm=base.always_renorm)
     return MoEAdapter(**fields)
+
+
+@torch.no_grad()
+def _own_forward_reproduced(router: torch.nn.Module, experts: torch.nn.Module) -> bool:
+    """Experts whose class does not dispatch on ``_experts_implementation`` keep a forward of their own; calibration
+    swaps in moecompress' implementation, so it must give the same output as theirs (checked on routed tokens)."""
+    from moecompress.arch.discover import router_choice
+    from moecompress.calib.collect import dispatches, tap_experts_forward
+
+    if dispatches(experts):
+        return True
+    n = int(experts.down_proj.shape[0])
+    dtype = experts.down_proj.dtype
+    x = torch.randn(32, _hidden(experts), generator=torch.Generator().manual_seed(0)).to(dtype)
+    try:
+        index, weights = router_choice(router(x), n)
+        want = experts(x, index, weights)
+        got = tap_experts_forward(experts, x, index, weights)
+    except Exception:  # a router or experts call that needs more than the common signature
+        return False
+    return bool(torch.allclose(got, want, rtol=1e-4, atol=1e-5))
 
 
 def _width(experts: torch.nn.Module) -> int:

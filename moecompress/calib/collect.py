@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import types
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -267,6 +268,26 @@ def set_experts_implementation(model: torch.nn.Module, impl: str) -> None:
         cfg = getattr(layer.experts, "config", None)
         if cfg is not None:
             cfg._experts_implementation = impl
+        _route_own_forward(layer.experts, impl)
+
+
+def dispatches(experts: torch.nn.Module) -> bool:
+    """Whether an experts module's class carries ``@use_experts_implementation`` (its forward dispatches on the
+    config's ``_experts_implementation``); a few families (Step-3.7) define a plain forward with the same call."""
+    return "is_concatenated" in vars(experts)
+
+
+def _route_own_forward(experts: torch.nn.Module, impl: str | None) -> None:
+    """Experts whose class does not dispatch get moecompress' implementations as an instance forward (same
+    ``(hidden_states, top_k_index, top_k_weights)`` call); any other implementation gives back their own."""
+    if dispatches(experts):
+        return
+    fn = ALL_EXPERTS_FUNCTIONS[impl] if impl and impl.startswith("moecompress") and impl in ALL_EXPERTS_FUNCTIONS \
+        else None
+    if fn is not None:
+        experts.forward = types.MethodType(fn, experts)
+    else:
+        vars(experts).pop("forward", None)
 
 
 @contextlib.contextmanager
@@ -305,6 +326,7 @@ def release_taps(model: torch.nn.Module, layers: list[MoELayer], handles: list[A
         h.remove()
     for layer in layers:
         active.pop(id(layer.experts), None)
+        _route_own_forward(layer.experts, previous)
     if previous is not None:
         set_experts_implementation(model, previous)
 
