@@ -32,7 +32,6 @@ _NON_FUSED_REASON = {
     "diffusion_gemma": "diffusion (non-autoregressive) text model: no causal next-token head to verify against",
     "deepseek_v4": "hash-routed layers map token ids to expert ids (tid2eid table); pruning needs remapping that "
                    "table, which is not implemented",
-    "nemotron_h": "non-gated experts (up/down only, relu²): ExpertView's canonical form assumes gate/up/down",
     "llama4": "Llama4ForConditionalGeneration.forward in transformers 5.24 fails on text-only input (reads "
               "image_outputs from the language model output); the text model (llama4_text) is supported",
     "deepseek_ocr2": "OCR model: text-only forward of DeepseekOcr2ForConditionalGeneration fails in transformers "

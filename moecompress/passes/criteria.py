@@ -79,7 +79,7 @@ class RoutedReconstruction:
             raise UserError("naee needs routed-output reconstruction; llama4_text scales expert inputs — use reap")
         self.layer = layer
         self._sliced_router = sliced_router
-        dtype = layer.experts.gate_up_proj.dtype
+        dtype = layer.experts.down_proj.dtype
         self.x = sample[:max_tokens].to(dtype)
         with torch.no_grad():
             self.y = torch.stack([stored_expert_forward(layer.experts, e, self.x)[0]
