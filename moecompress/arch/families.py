@@ -334,9 +334,11 @@ def _tensor_names(folder: Any) -> list[str]:
     return names
 
 
-def _on_disk_experts(model: torch.nn.Module, experts_attr: str) -> tuple[str, str, tuple[str, str, str]] | None:
-    """How `save_pretrained` names one routed expert's linears: (layers path, block, (gate, up, down) names), or
-    None when experts are saved fused. Found by saving the miniature, so renamings on save are included."""
+def _on_disk_experts(model: torch.nn.Module, experts_attr: str
+                     ) -> tuple[str, str, tuple[str | None, str, str]] | None:
+    """How `save_pretrained` names one routed expert's linears: (layers path, block, (gate, up, down) names; gate
+    None for non-gated experts), or None when experts are saved fused. Found by saving the miniature, so renamings
+    on save are included."""
     import tempfile
     from pathlib import Path
 
@@ -357,7 +359,7 @@ def _on_disk_experts(model: torch.nn.Module, experts_attr: str) -> tuple[str, st
     if not hits:
         return None
     linears = sorted({m["lin"] for m in hits})
-    if len(linears) != 3:
+    if len(linears) not in (2, 3):
         return None
     roles: dict[str, str] = {}
     for lin in linears:
@@ -367,4 +369,6 @@ def _on_disk_experts(model: torch.nn.Module, experts_attr: str) -> tuple[str, st
         if role is None or role in roles:
             return None
         roles[role] = lin
-    return hits[0]["layers"], hits[0]["block"].rstrip("."), (roles["gate"], roles["up"], roles["down"])
+    if "up" not in roles or "down" not in roles or ("gate" in roles) != (len(linears) == 3):
+        return None
+    return hits[0]["layers"], hits[0]["block"].rstrip("."), (roles.get("gate"), roles["up"], roles["down"])
