@@ -38,7 +38,6 @@ _NON_FUSED_REASON = {
                      "5.24 (needs image inputs), so a reload cannot be verified",
     "qwen3_omni_moe": "the Omni checkpoint also holds a talker with its own MoE and config keys; miniature of the "
                       "talker config not built yet",
-    "qwen4_exp": "miniature not buildable yet: its attention reads sizes the shrunk default config leaves unset",
     "dots3_note": "miniature not buildable yet: the config validator rejects the shrunk per-layer table",
     "inkling2_loop": "miniature not buildable yet: loop_layer_index_end must stay a multiple of the attention "
                      "residual block size",
@@ -137,6 +136,9 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     "granitemoehybrid": {"layer_types": ["mamba", "attention", "mamba", "attention"], "num_hidden_layers": 4},
     # the text model builds a sliding-window mask for every forward, even when no layer slides
     "step3p7": {"text_config": {"sliding_window": 512}},
+    # indexed-attention layers by default, but the QSA indexer sizes they need are unset (a real config sets them)
+    "qwen4_exp": {"text_config": {"indexer_n_heads": 4, "indexer_kv_heads": 1, "indexer_head_dim": 128,
+                                  "indexer_budget": 2048, "indexer_compress_ratio": 4}},
     "hunyuan_v1_moe": {"num_experts": 8, "moe_topk": 2},  # the default is one expert: nothing to route
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"], "num_hidden_layers": 4,
                  "num_dense_layers": 1},

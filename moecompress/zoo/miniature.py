@@ -67,6 +67,7 @@ _SIZES: dict[str, int] = {
     "global_head_dim": 2 * HEAD_DIM,
     "kv_lora_rank": 16, "q_lora_rank": 24, "o_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
     "v_head_dim": HEAD_DIM, "qk_head_dim": 16, "index_head_dim": 16, "index_n_heads": 2,
+    "indexer_head_dim": 16, "indexer_n_heads": 2,
     "linear_key_head_dim": HEAD_DIM, "linear_value_head_dim": HEAD_DIM, "linear_head_dim": HEAD_DIM,
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_num_heads": 4,
     "mamba_head_dim": HEAD_DIM, "mamba_d_head": HEAD_DIM, "ssm_state_size": 16, "mamba_d_state": 16,
