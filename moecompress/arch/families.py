@@ -38,7 +38,6 @@ _NON_FUSED_REASON = {
                      "5.24 (needs image inputs), so a reload cannot be verified",
     "qwen3_omni_moe": "the Omni checkpoint also holds a talker with its own MoE and config keys; miniature of the "
                       "talker config not built yet",
-    "dots3_note": "miniature not buildable yet: the config validator rejects the shrunk per-layer table",
     "inkling2_loop": "miniature not buildable yet: loop_layer_index_end must stay a multiple of the attention "
                      "residual block size",
     "muse_spark": "miniature not buildable yet: per-layer patch_sizes/hidden_sizes/depths lists are not shrunk",

@@ -195,6 +195,9 @@ def _shrink_experts(cfg: dict[str, Any]) -> None:
 
 
 def _shrink_heads(cfg: dict[str, Any]) -> None:
+    # key/value heads equal to the query heads (MHA, MLA) stay equal: per-layer override entries included
+    if "_orig_heads" not in cfg and _int(cfg.get("num_attention_heads")):
+        cfg["_orig_heads"] = cfg["num_attention_heads"]
     for k in _HEAD_KEYS:
         v = cfg.get(k)
         if _int(v) and v > HEADS:
@@ -211,6 +214,7 @@ def _shrink_heads(cfg: dict[str, Any]) -> None:
 
 
 def _shrink_sizes(cfg: dict[str, Any]) -> None:
+    old_hidden = cfg.get("hidden_size")
     for k, target in _SIZES.items():
         v = cfg.get(k)
         if _int(v) and v > target:
@@ -231,6 +235,8 @@ def _shrink_sizes(cfg: dict[str, Any]) -> None:
             cfg[k] = HEADS
         elif k.endswith("num_hidden_layers") and k != "num_hidden_layers" and v > 2:
             cfg[k] = 2
+        elif k.endswith(("_in_dim", "_input_size", "_input_dim")) and _int(old_hidden) and v == old_hidden:
+            cfg[k] = cfg["hidden_size"]  # an adapter reading this tower's hidden states (validators check equality)
     if "head_dim" in cfg and cfg["head_dim"] is None and _int(cfg.get("hidden_size")) and _int(
             cfg.get("num_attention_heads")):
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
@@ -316,7 +322,7 @@ def _walk(cfg: dict[str, Any], mapping: dict[int, int], top: bool) -> None:
         hidden = text.get("hidden_size", HIDDEN)
         for sub in ("vision_config", "audio_config", "vision_encoder_config"):
             if isinstance(cfg.get(sub), dict):
-                for k in ("out_hidden_size", "output_dim", "projector_output_dim", "text_hidden_size"):
+                for k in ("out_hidden_size", "output_dim", "projector_output_dim", "text_hidden_size", "adapter_out_dim"):
                     if _int(cfg[sub].get(k)):
                         cfg[sub][k] = hidden
 
