@@ -38,10 +38,7 @@ _NON_FUSED_REASON = {
                      "5.24 (needs image inputs), so a reload cannot be verified",
     "qwen3_omni_moe": "the Omni checkpoint also holds a talker with its own MoE and config keys; miniature of the "
                       "talker config not built yet",
-    "inkling2_loop": "miniature not buildable yet: loop_layer_index_end must stay a multiple of the attention "
-                     "residual block size",
     "muse_spark": "miniature not buildable yet: per-layer patch_sizes/hidden_sizes/depths lists are not shrunk",
-    "inkling2": "miniature reload fails (negative vocabulary dimension from a shrunk vocab offset)",
     "inkling": "router not found: the router is not a [experts, hidden] linear beside the experts",
     "ernie4_5_vl_moe": "two expert sets per layer (text_moe and vision_moe) under one expert-count key, with a "
                        "per-modality width list; the adapter model holds one MoE block per layer",

@@ -130,6 +130,13 @@ def _miniature_depth(cfg: dict[str, Any], n_layers: int) -> int:
             n += 1
         # a periodic pattern: include its first full period so ratios are kept
         need = max(need, n)
+    if _int(cfg.get("loop_layer_index_end")):  # looped stacks: layers before, inside and after the loop
+        need = max(need, int(cfg["loop_layer_index_end"]) + 1)
+    # other lists with one entry per layer under names we do not know (a tower's patch_sizes/depths pyramid):
+    # keep every layer rather than cut a list the config validates against the depth
+    if n_layers > 2 and any(isinstance(v, list) and len(v) == n_layers and k not in per_layer and k not in _INDEX_LISTS
+                            for k, v in cfg.items()):
+        need = n_layers
     for k in _INDEX_LISTS:
         v = cfg.get(k)
         if isinstance(v, list) and v and all(_int(x) for x in v):
@@ -141,10 +148,23 @@ def _miniature_depth(cfg: dict[str, Any], n_layers: int) -> int:
     return max(1, min(n_layers, need))
 
 
+def _shrink_loop(cfg: dict[str, Any]) -> None:
+    """Looped stacks (Inkling-2-Loop) repeat layers start..end, both multiples of the attention-residual block:
+    a block of at most 2 layers, one block before the loop, one inside it."""
+    if not (_int(cfg.get("loop_layer_index_start")) and _int(cfg.get("loop_layer_index_end"))):
+        return
+    block = cfg.get("n_layers_per_attn_res_block")
+    block = min(int(block), 2) if _int(block) and block > 0 else 1
+    if _int(cfg.get("n_layers_per_attn_res_block")):
+        cfg["n_layers_per_attn_res_block"] = block
+    cfg["loop_layer_index_start"], cfg["loop_layer_index_end"] = block, 2 * block
+
+
 def _shrink_layers(cfg: dict[str, Any]) -> None:
     n_layers = cfg.get("num_hidden_layers")
     if not _int(n_layers) or n_layers <= 0:
         return
+    _shrink_loop(cfg)
     new = _miniature_depth(cfg, n_layers)
     per_layer = _per_layer(cfg, n_layers)
     for k, v in per_layer.items():
@@ -304,7 +324,11 @@ def _walk(cfg: dict[str, Any], mapping: dict[int, int], top: bool) -> None:
     _shrink_heads(cfg)
     _shrink_sizes(cfg)
     if _int(cfg.get("vocab_size")) and cfg["vocab_size"] > VOCAB:
+        old_vocab = cfg["vocab_size"]
         cfg["vocab_size"] = VOCAB
+        for k, v in cfg.items():  # the text vocabulary without padding (Inkling-2's unpadded_vocab_size)
+            if isinstance(k, str) and k.endswith("vocab_size") and _int(v) and VOCAB < v <= old_vocab:
+                cfg[k] = VOCAB
     _remap_token_ids(cfg, mapping)
     for k, v in cfg.items():
         if isinstance(k, str) and isinstance(v, dict) and v and k not in ("id2label", "label2id", "rope_parameters",
