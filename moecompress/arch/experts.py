@@ -174,7 +174,7 @@ def apply_expert(module: torch.nn.Module, layout: str, w: ExpertWeights, x: torc
             u = u + w.up_bias
         act = module.act_fn(u)
         out = act @ w.down.T
-        return (out + w.down_bias if w.down_bias is not None else out), act
+        return _post_norm(module, out + w.down_bias if w.down_bias is not None else out), act
     g = x @ w.gate.T
     u = x @ w.up.T
     if w.gate_bias is not None:
@@ -189,7 +189,12 @@ def apply_expert(module: torch.nn.Module, layout: str, w: ExpertWeights, x: torc
     out = act @ w.down.T
     if w.down_bias is not None:
         out = out + w.down_bias
-    return out, act
+    return _post_norm(module, out), act
+
+
+def _post_norm(module: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """transformers' has_post_expert_norm: a norm on each expert's output before the routing weight."""
+    return module.post_expert_norm(y) if getattr(module, "has_post_expert_norm", False) else y
 
 
 def _param(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.nn.Parameter:

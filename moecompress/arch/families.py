@@ -38,7 +38,6 @@ _NON_FUSED_REASON = {
                      "5.24 (needs image inputs), so a reload cannot be verified",
     "qwen3_omni_moe": "the Omni checkpoint also holds a talker with its own MoE and config keys; miniature of the "
                       "talker config not built yet",
-    "muse_spark": "miniature not buildable yet: per-layer patch_sizes/hidden_sizes/depths lists are not shrunk",
     "inkling": "router not found: the router is not a [experts, hidden] linear beside the experts",
     "ernie4_5_vl_moe": "two expert sets per layer (text_moe and vision_moe) under one expert-count key, with a "
                        "per-modality width list; the adapter model holds one MoE block per layer",
@@ -218,7 +217,7 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
     layout = experts_layout(experts)
     if layout == "interleaved" or not _own_forward_reproduced(b.router, experts):
         return None
-    routing = _probe_routing(b.router, _hidden(experts), n)
+    routing = _probe_routing(b.router, int(b.router.weight.shape[-1]), n)  # the router reads the full hidden state
     disk = _on_disk_experts(model, b.experts_attr)
     fields: dict[str, Any] = dict(
         model_type=model_type, block_attr=b.block_attr, router_attr=b.router_attr, experts_attr=b.experts_attr,

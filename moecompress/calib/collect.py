@@ -75,7 +75,12 @@ def _stored_expert_forward(module: torch.nn.Module, e: int, x: torch.Tensor) -> 
     y = act @ d_w if transposed else act @ d_w.T
     if getattr(module, "has_bias", False):
         y = y + module.down_proj_bias[e]
-    return y, act
+    return post_expert_norm(module, y), act
+
+
+def post_expert_norm(module: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """The norm some families apply to each expert's output before weighting (transformers' has_post_expert_norm)."""
+    return module.post_expert_norm(y) if getattr(module, "has_post_expert_norm", False) else y
 
 
 def _grouped_expert_outputs(module: torch.nn.Module, x_sorted: torch.Tensor, eid_sorted: torch.Tensor,
@@ -106,7 +111,7 @@ def _grouped_outputs(module: torch.nn.Module, x_sorted: torch.Tensor, eid_sorted
         act = gated_activation(module, gu)
         y = _grouped_linear(act, module.down_proj, offsets,
                             bias=module.down_proj_bias[eid_sorted] if has_bias else None, is_transposed=transposed)
-        return y, act
+        return post_expert_norm(module, y), act
     ys, acts, start = [], [], 0
     for e, n in enumerate(counts.tolist()):
         if n:
