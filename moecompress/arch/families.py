@@ -38,13 +38,17 @@ _NON_FUSED_REASON = {
                      "5.24 (needs image inputs), so a reload cannot be verified",
     "qwen3_omni_moe": "the Omni checkpoint also holds a talker with its own MoE and config keys; miniature of the "
                       "talker config not built yet",
-    "inkling": "router not found: the router is not a [experts, hidden] linear beside the experts",
+    "inkling": "the router weight holds the routed experts' rows plus the shared experts' gate rows ([E+S, H]); "
+               "pruning would have to slice only the first E rows, which the adapter (router rows = experts) cannot "
+               "express",
     "ernie4_5_vl_moe": "two expert sets per layer (text_moe and vision_moe) under one expert-count key, with a "
                        "per-modality width list; the adapter model holds one MoE block per layer",
-    "zaya": "router not found: the router is not a [experts, hidden] linear beside the experts",
-    "dbrx": "experts stored as DbrxExperts (w1/v1/w2 [E*I, H] flattened), not the fused layout ExpertView reads",
-    "jetmoe": "JetMoE's ParallelExperts (input/output linears of mixture-of-attention + MoA) are not fused "
-              "gate_up/down experts",
+    "zaya": "the router is an MLP whose out_proj scores the experts plus a skip (no-compute) class, with router "
+            "state carried to the next layer; pruning would have to keep the skip row apart (not implemented)",
+    "dbrx": "experts are flattened w1/v1/w2 [E*I, H] tensors (no expert axis) with counts in the nested "
+            "ffn_config and top-k taken in the block; ExpertView, surgery and the engine have no flattened layout",
+    "jetmoe": "num_local_experts sizes both the MLP experts and the mixture-of-attention experts, so a vanilla "
+              "config cannot hold pruned MLP experts beside the attention ones; experts take (inputs, expert_size)",
     "longcat_flash": "zero-computation experts share the router with the routed ones (router rows > experts); "
                      "pruning would need to keep the identity experts' rows apart",
 }

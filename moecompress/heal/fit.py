@@ -67,10 +67,21 @@ def other_output(layer: MoELayer, x: torch.Tensor, routed: torch.Tensor) -> torc
     return block_output(layer, x) - routed
 
 
+def latent_experts(layer: MoELayer) -> bool:
+    """The block projects tokens to a narrower width before its experts (Muse Spark): block inputs are not the
+    experts' inputs."""
+    from moecompress.arch.discover import _hidden_of
+
+    return _hidden_of(layer.experts) != int(layer.router.weight.shape[-1])
+
+
 def check_healable(layer: MoELayer) -> None:
     if layer.adapter.routing == "sigmoid_input_scale":
         raise UserError(f"heal: {layer.adapter.model_type} scales expert inputs by the gate and runs experts densely; "
                         "routed-expert reconstruction does not apply to it")
+    if latent_experts(layer):
+        raise UserError(f"heal: {layer.adapter.model_type} experts read a latent projection of the block input; "
+                        "refitting them from block inputs is not implemented")
 
 
 @torch.no_grad()
