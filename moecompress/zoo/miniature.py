@@ -257,6 +257,9 @@ def _shrink_sizes(cfg: dict[str, Any]) -> None:
             cfg[k] = 2
         elif k.endswith(("_in_dim", "_input_size", "_input_dim")) and _int(old_hidden) and v == old_hidden:
             cfg[k] = cfg["hidden_size"]  # an adapter reading this tower's hidden states (validators check equality)
+    for k, v in list(cfg.items()):  # per-stage widths of a pyramid tower (Muse Spark audio hidden_sizes)
+        if isinstance(k, str) and k.endswith("hidden_sizes") and isinstance(v, list) and v and all(map(_int, v)):
+            cfg[k] = [min(x, HIDDEN) for x in v]
     if "head_dim" in cfg and cfg["head_dim"] is None and _int(cfg.get("hidden_size")) and _int(
             cfg.get("num_attention_heads")):
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
