@@ -36,8 +36,9 @@ _NON_FUSED_REASON = {
               "image_outputs from the language model output); the text model (llama4_text) is supported",
     "deepseek_ocr2": "OCR model: text-only forward of DeepseekOcr2ForConditionalGeneration fails in transformers "
                      "5.24 (needs image inputs), so a reload cannot be verified",
-    "qwen3_omni_moe": "the Omni checkpoint also holds a talker with its own MoE and config keys; miniature of the "
-                      "talker config not built yet",
+    "qwen3_omni_moe": "the Omni checkpoint holds a thinker and a talker, each with its own MoE stack and config "
+                      "keys; transformers' default config does not build (its talker text config lacks "
+                      "shared_expert_intermediate_size), so no round trip is verified",
     "inkling": "the router weight holds the routed experts' rows plus the shared experts' gate rows ([E+S, H]); "
                "pruning would have to slice only the first E rows, which the adapter (router rows = experts) cannot "
                "express",
