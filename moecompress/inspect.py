@@ -213,24 +213,12 @@ def _routing_text(adapter: MoEAdapter | None, config: dict[str, Any], text: dict
 
 
 def layer_pattern(skel: Skeleton) -> str:
-    """Run-length summary of the decoder stack, e.g. `0-2 attention/dense · 3-60 attention/moe 256×8`."""
-    def label(ly: Any) -> str:
-        ffn = f"{ly.ffn} {ly.experts}x{ly.top_k}" if ly.experts else ly.ffn
-        return f"{ly.mixer}/{ffn}"
+    """Summary of the decoder stack in the same form as `arch.layers.layer_pattern(config).summary()`, with the
+    skeleton's mixer names and experts × top-k, e.g. `3×full_attention/dense, 58×full_attention/moe 256x8`."""
+    from moecompress.arch.layers import summarize
 
-    runs: list[tuple[int, int, str]] = []
-    for ly in skel.layers:
-        lab = label(ly)
-        if runs and runs[-1][2] == lab and runs[-1][1] == ly.index - 1:
-            runs[-1] = (runs[-1][0], ly.index, lab)
-        else:
-            runs.append((ly.index, ly.index, lab))
-    if len(runs) > 8:  # interleaved stacks: count each kind instead of listing runs
-        kinds: dict[str, list[int]] = defaultdict(list)
-        for ly in skel.layers:
-            kinds[label(ly)].append(ly.index)
-        return " · ".join(f"{len(v)}× {k} ({_ranges(v)})" for k, v in kinds.items())
-    return " · ".join(f"{a}-{b} {lab}" if a != b else f"{a} {lab}" for a, b, lab in runs)
+    return summarize([f"{ly.mixer}/{ly.ffn} {ly.experts}x{ly.top_k}" if ly.experts else f"{ly.mixer}/{ly.ffn}"
+                      for ly in skel.layers])
 
 
 def _skeleton_active_fraction(config: dict[str, Any]) -> tuple[float, Skeleton | None]:

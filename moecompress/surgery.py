@@ -139,23 +139,23 @@ def shrink_neurons(layer: MoELayer, keep_per_expert: torch.Tensor, shared_keep: 
     """
     view = ExpertView(layer)
     w = view.get_all()
-    n_exp, width = w.gate.shape[0], w.gate.shape[1]
+    n_exp, width = w.num_experts, w.width
     if keep_per_expert.dim() != 2 or keep_per_expert.shape[0] != n_exp:
         raise UserError(f"layer {layer.index}: keep_per_expert must be [E={n_exp}, I_new]")
     new_width = int(keep_per_expert.shape[1])
     if not 0 < new_width <= width:
         raise UserError(f"layer {layer.index}: new width {new_width} must be in 1..{width}")
-    multiple = grouped_mm_width_multiple(w.gate.dtype)
+    multiple = grouped_mm_width_multiple(w.dtype)
     if new_width % multiple:
         raise UserError(
             f"layer {layer.index}: expert width {new_width} is not a multiple of {multiple}; transformers' default "
-            f"grouped_mm experts kernel needs 16-byte rows ({multiple} {w.gate.dtype} values), so the checkpoint "
+            f"grouped_mm experts kernel needs 16-byte rows ({multiple} {w.dtype} values), so the checkpoint "
             "would load but crash on its first forward. Round the kept width to a multiple of "
             f"{multiple}")
     k = keep_per_expert.long()
     rows = torch.arange(n_exp)[:, None]
     new = ExpertWeights(
-        gate=w.gate[rows, k], up=w.up[rows, k], down=w.down.transpose(1, 2)[rows, k].transpose(1, 2),
+        gate=w.gate[rows, k] if w.gate is not None else None, up=w.up[rows, k], down=w.down.transpose(1, 2)[rows, k].transpose(1, 2),
         gate_bias=w.gate_bias[rows, k] if w.gate_bias is not None else None,
         up_bias=w.up_bias[rows, k] if w.up_bias is not None else None,
         down_bias=w.down_bias,
@@ -264,8 +264,8 @@ def merge_into(layer: MoELayer, anchors: Sequence[int], merged: ExpertWeights, r
     n_old = layer.num_experts
     if idx.numel() == 0 or idx.unique().numel() != idx.numel() or int(idx.min()) < 0 or int(idx.max()) >= n_old:
         raise UserError(f"layer {layer.index}: invalid merge anchors {list(anchors)} for {n_old} experts")
-    if merged.gate.shape[0] != idx.numel() or router_weight.shape[0] != idx.numel():
-        raise UserError(f"layer {layer.index}: {idx.numel()} anchors but {merged.gate.shape[0]} merged experts "
+    if merged.num_experts != idx.numel() or router_weight.shape[0] != idx.numel():
+        raise UserError(f"layer {layer.index}: {idx.numel()} anchors but {merged.num_experts} merged experts "
                         f"and {router_weight.shape[0]} router rows")
     view = ExpertView(layer)
     full = view.get_all().clone()
@@ -299,11 +299,11 @@ def mask_neurons(layer: MoELayer, keep_mask: torch.Tensor, shared_keep: dict[str
     """
     view = ExpertView(layer)
     w = view.get_all()
-    if keep_mask.shape != w.gate.shape[:2]:
-        raise UserError(f"layer {layer.index}: keep_mask must be [E, I] = {list(w.gate.shape[:2])}")
-    m = keep_mask.to(w.gate.dtype)
+    if keep_mask.shape != w.up.shape[:2]:
+        raise UserError(f"layer {layer.index}: keep_mask must be [E, I] = {list(w.up.shape[:2])}")
+    m = keep_mask.to(w.dtype)
     view.set_all(ExpertWeights(
-        gate=w.gate * m[..., None], up=w.up * m[..., None], down=w.down * m[:, None, :],
+        gate=w.gate * m[..., None] if w.gate is not None else None, up=w.up * m[..., None], down=w.down * m[:, None, :],
         gate_bias=w.gate_bias * m if w.gate_bias is not None else None,
         up_bias=w.up_bias * m if w.up_bias is not None else None,
         down_bias=w.down_bias,

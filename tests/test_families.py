@@ -116,6 +116,15 @@ def test_calibration_runs_through_the_whole_stack(model_type):
     stats = collect_stats(model, [(ids, mask)], total_tokens=int(mask.sum()), sample_tokens=4)
     k = adapter.top_k(model.config)
     assert set(stats.layers) == {ly.index for ly in moe_layers(model)}
-    for ls in stats.layers.values():
-        assert ls.n_tokens == int(mask.sum())
-        assert float(ls.sums["freq"].sum()) == int(mask.sum()) * k
+    for idx, ls in stats.layers.items():
+        visits = int(mask.sum()) * _passes(adapter.text_config(model.config), idx)
+        assert ls.n_tokens == visits
+        assert float(ls.sums["freq"].sum()) == visits * k
+
+
+def _passes(text_config, index: int) -> int:
+    """How often a layer sees each token: looped stacks (Inkling-2-Loop) run layers start..end-1 several times."""
+    start, end = (getattr(text_config, k, None) for k in ("loop_layer_index_start", "loop_layer_index_end"))
+    if start is not None and end is not None and start <= index < end:
+        return int(text_config.loop_num_passes)
+    return 1

@@ -70,7 +70,8 @@ class MoEAdapter(BaseModel):
     # How save_pretrained names one routed expert's linears on disk (per-expert layout); None when the
     # family's checkpoints keep experts fused (then per-linear quantization formats cannot describe them).
     checkpoint_block: str | None = None  # defaults to block_attr
-    checkpoint_expert_linears: tuple[str, str, str] | None = ("gate_proj", "up_proj", "down_proj")
+    # (gate, up, down); gate is None for non-gated experts (up/down only)
+    checkpoint_expert_linears: tuple[str | None, str, str] | None = ("gate_proj", "up_proj", "down_proj")
     notes: str = ""
     # Where the decoder layers holding the MoE blocks live, and where their config is (multimodal
     # checkpoints nest the language model: "model.language_model.layers", "text_config").
@@ -94,6 +95,8 @@ class MoEAdapter(BaseModel):
         if self.checkpoint_expert_linears is None:
             raise UserError(f"{self.model_type} checkpoints store routed experts fused; they have no per-expert linears")
         linear = dict(zip(("gate", "up", "down"), self.checkpoint_expert_linears, strict=True))[proj]
+        if linear is None:
+            raise UserError(f"{self.model_type} experts are not gated: they have no {proj} linear")
         block = self.checkpoint_block or self.block_attr
         return _join(self.checkpoint_layers_path or self.layers_path, str(layer), block, self.experts_attr, str(expert),
                      linear)

@@ -67,18 +67,24 @@ def _hidden_of(experts: torch.nn.Module) -> int:
 
 
 def find_router(block: torch.nn.Module, experts: torch.nn.Module) -> tuple[str | None, torch.nn.Module | None]:
-    """The block's submodule whose weight is [num_experts, hidden] (searched breadth-first, experts excluded)."""
+    """The block's submodule whose weight is [num_experts, hidden] (searched breadth-first, experts excluded).
+
+    Latent MoEs (Muse Spark) project tokens to a narrower width before the experts while the router reads the
+    full hidden state: when no [num_experts, expert hidden] weight exists, a single [num_experts, *] one is it."""
     n = int(experts.down_proj.shape[0])
     hidden = _hidden_of(experts)
     queue: list[tuple[str, torch.nn.Module]] = [(k, m) for k, m in block.named_children() if m is not experts]
+    other: list[tuple[str, torch.nn.Module]] = []
     while queue:
         name, mod = queue.pop(0)
         w = getattr(mod, "weight", None)
         if isinstance(w, torch.Tensor) and w.dim() == 2 and tuple(w.shape) == (n, hidden):
             return name, mod
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == n:
+            other.append((name, mod))
         if name.count(".") < 1:
             queue.extend((f"{name}.{k}", m) for k, m in mod.named_children() if m is not experts)
-    return None, None
+    return other[0] if len(other) == 1 else (None, None)
 
 
 def find_moe_blocks(model: torch.nn.Module) -> list[FoundBlock]:

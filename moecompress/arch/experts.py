@@ -2,7 +2,8 @@
 
 Canonical form (what every algorithm sees): ``gate [E, I, H]``, ``up [E, I, H]``, ``down [E, H, I]`` and
 optional biases ``gate_bias [E, I]``, ``up_bias [E, I]``, ``down_bias [E, H]``, i.e. the weights of
-``down(act(gate x) * up x)`` as ``nn.Linear`` would store them. The view converts to and from the
+``down(act(gate x) * up x)`` as ``nn.Linear`` would store them. Non-gated experts (Nemotron-H's
+``down(relu²(up x))``, transformers' ``has_gate=False``) have ``gate = None``. The view converts to and from the
 family's storage layout (concatenated, gpt-oss interleaved + transposed, Llama4 transposed).
 """
 
@@ -19,7 +20,7 @@ from moecompress.arch.adapter import MoELayer
 class ExpertWeights:
     """Weights of one or many experts in canonical form (leading E axis optional)."""
 
-    gate: torch.Tensor
+    gate: torch.Tensor | None  # None: non-gated experts (act(up x))
     up: torch.Tensor
     down: torch.Tensor
     gate_bias: torch.Tensor | None = None
@@ -35,7 +36,25 @@ class ExpertWeights:
 
     @property
     def width(self) -> int:
-        return int(self.gate.shape[-2])
+        return int(self.up.shape[-2])
+
+    @property
+    def hidden(self) -> int:
+        return int(self.up.shape[-1])
+
+    @property
+    def num_experts(self) -> int:
+        """The leading expert axis (stacked weights)."""
+        return int(self.up.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.up.dtype
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """The weight matrices this expert has: gate/up/down, or up/down when non-gated."""
+        return ("gate", "up", "down") if self.gate is not None else ("up", "down")
 
     def clone(self) -> ExpertWeights:
         return self.map(lambda t: t.detach().clone())
@@ -54,10 +73,21 @@ class ExpertView:
 
     @property
     def num_experts(self) -> int:
-        return int(self.module.gate_up_proj.shape[0])
+        return int(self.module.down_proj.shape[0])
+
+    @property
+    def gated(self) -> bool:
+        return bool(getattr(self.module, "has_gate", True))
 
     def get_all(self) -> ExpertWeights:
         m = self.module
+        if not self.gated:  # up [E, I, H] (or [E, H, I] transposed), down [E, H, I] (or [E, I, H])
+            t = bool(getattr(m, "is_transposed", False))
+            up, down = m.up_proj.detach(), m.down_proj.detach()
+            w = ExpertWeights(gate=None, up=up.transpose(1, 2) if t else up, down=down.transpose(1, 2) if t else down)
+            if self.layer.adapter.has_expert_bias:
+                w.up_bias, w.down_bias = m.up_proj_bias.detach(), m.down_proj_bias.detach()
+            return w.map(lambda x: x.contiguous())
         gu, down = m.gate_up_proj.detach(), m.down_proj.detach()
         if self.layout == "concat":  # gate_up [E, 2I, H], down [E, H, I]
             i = gu.shape[1] // 2
@@ -85,7 +115,16 @@ class ExpertView:
     def set_all(self, w: ExpertWeights) -> None:
         """Replace every fused tensor (the expert count and width may change; module ints are not touched)."""
         m = self.module
-        dtype, device = m.gate_up_proj.dtype, m.gate_up_proj.device
+        dtype, device = m.down_proj.dtype, m.down_proj.device
+        if not self.gated:
+            t = bool(getattr(m, "is_transposed", False))
+            m.up_proj = _param(w.up.transpose(1, 2) if t else w.up, dtype, device)
+            m.down_proj = _param(w.down.transpose(1, 2) if t else w.down, dtype, device)
+            if self.layer.adapter.has_expert_bias:
+                assert w.up_bias is not None and w.down_bias is not None
+                m.up_proj_bias = _param(w.up_bias, dtype, device)
+                m.down_proj_bias = _param(w.down_bias, dtype, device)
+            return
         if self.layout == "concat":
             gu = torch.cat([w.gate, w.up], dim=1)
             down = w.down
@@ -126,8 +165,16 @@ def apply_expert(module: torch.nn.Module, layout: str, w: ExpertWeights, x: torc
     """Run one canonical expert on x [T, H]; returns (output [T, H], intermediate activation [T, I]).
 
     The activation is the family's own (``module._apply_gate`` handles gpt-oss's clamped SwiGLU), fed
-    with the gate/up pre-activations rebuilt in the module's storage order.
+    with the gate/up pre-activations rebuilt in the module's storage order; non-gated experts apply
+    ``act_fn`` to the up projection.
     """
+    if w.gate is None:
+        u = x @ w.up.T
+        if w.up_bias is not None:
+            u = u + w.up_bias
+        act = module.act_fn(u)
+        out = act @ w.down.T
+        return _post_norm(module, out + w.down_bias if w.down_bias is not None else out), act
     g = x @ w.gate.T
     u = x @ w.up.T
     if w.gate_bias is not None:
@@ -142,7 +189,12 @@ def apply_expert(module: torch.nn.Module, layout: str, w: ExpertWeights, x: torc
     out = act @ w.down.T
     if w.down_bias is not None:
         out = out + w.down_bias
-    return out, act
+    return _post_norm(module, out), act
+
+
+def _post_norm(module: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """transformers' has_post_expert_norm: a norm on each expert's output before the routing weight."""
+    return module.post_expert_norm(y) if getattr(module, "has_post_expert_norm", False) else y
 
 
 def _param(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.nn.Parameter:

@@ -32,27 +32,24 @@ _NON_FUSED_REASON = {
     "diffusion_gemma": "diffusion (non-autoregressive) text model: no causal next-token head to verify against",
     "deepseek_v4": "hash-routed layers map token ids to expert ids (tid2eid table); pruning needs remapping that "
                    "table, which is not implemented",
-    "nemotron_h": "non-gated experts (up/down only, relu²): ExpertView's canonical form assumes gate/up/down",
     "llama4": "Llama4ForConditionalGeneration.forward in transformers 5.24 fails on text-only input (reads "
               "image_outputs from the language model output); the text model (llama4_text) is supported",
     "deepseek_ocr2": "OCR model: text-only forward of DeepseekOcr2ForConditionalGeneration fails in transformers "
                      "5.24 (needs image inputs), so a reload cannot be verified",
-    "qwen3_omni_moe": "the Omni checkpoint also holds a talker with its own MoE and config keys; miniature of the "
-                      "talker config not built yet",
-    "qwen4_exp": "miniature not buildable yet: its attention reads sizes the shrunk default config leaves unset",
-    "step3p7": "miniature not buildable yet: default config declares sliding layers without a sliding_window",
-    "dots3_note": "miniature not buildable yet: the config validator rejects the shrunk per-layer table",
-    "inkling2_loop": "miniature not buildable yet: loop_layer_index_end must stay a multiple of the attention "
-                     "residual block size",
-    "muse_spark": "miniature not buildable yet: per-layer patch_sizes/hidden_sizes/depths lists are not shrunk",
-    "inkling2": "miniature reload fails (negative vocabulary dimension from a shrunk vocab offset)",
-    "inkling": "router not found: the router is not a [experts, hidden] linear beside the experts",
+    "qwen3_omni_moe": "the Omni checkpoint holds a thinker and a talker, each with its own MoE stack and config "
+                      "keys; transformers' default config does not build (its talker text config lacks "
+                      "shared_expert_intermediate_size), so no round trip is verified",
+    "inkling": "the router weight holds the routed experts' rows plus the shared experts' gate rows ([E+S, H]); "
+               "pruning would have to slice only the first E rows, which the adapter (router rows = experts) cannot "
+               "express",
     "ernie4_5_vl_moe": "two expert sets per layer (text_moe and vision_moe) under one expert-count key, with a "
                        "per-modality width list; the adapter model holds one MoE block per layer",
-    "zaya": "router not found: the router is not a [experts, hidden] linear beside the experts",
-    "dbrx": "experts stored as DbrxExperts (w1/v1/w2 [E*I, H] flattened), not the fused layout ExpertView reads",
-    "jetmoe": "JetMoE's ParallelExperts (input/output linears of mixture-of-attention + MoA) are not fused "
-              "gate_up/down experts",
+    "zaya": "the router is an MLP whose out_proj scores the experts plus a skip (no-compute) class, with router "
+            "state carried to the next layer; pruning would have to keep the skip row apart (not implemented)",
+    "dbrx": "experts are flattened w1/v1/w2 [E*I, H] tensors (no expert axis) with counts in the nested "
+            "ffn_config and top-k taken in the block; ExpertView, surgery and the engine have no flattened layout",
+    "jetmoe": "num_local_experts sizes both the MLP experts and the mixture-of-attention experts, so a vanilla "
+              "config cannot hold pruned MLP experts beside the attention ones; experts take (inputs, expert_size)",
     "longcat_flash": "zero-computation experts share the router with the routed ones (router rows > experts); "
                      "pruning would need to keep the identity experts' rows apart",
 }
@@ -137,6 +134,11 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     "gemma4": {"text_config": {"enable_moe_block": True, "num_experts": 8, "top_k_experts": 2,
                                "moe_intermediate_size": 32}},
     "granitemoehybrid": {"layer_types": ["mamba", "attention", "mamba", "attention"], "num_hidden_layers": 4},
+    # the text model builds a sliding-window mask for every forward, even when no layer slides
+    "step3p7": {"text_config": {"sliding_window": 512}},
+    # indexed-attention layers by default, but the QSA indexer sizes they need are unset (a real config sets them)
+    "qwen4_exp": {"text_config": {"indexer_n_heads": 4, "indexer_kv_heads": 1, "indexer_head_dim": 128,
+                                  "indexer_budget": 2048, "indexer_compress_ratio": 4}},
     "hunyuan_v1_moe": {"num_experts": 8, "moe_topk": 2},  # the default is one expert: nothing to route
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"], "num_hidden_layers": 4,
                  "num_dense_layers": 1},
@@ -218,9 +220,9 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
                           if id(b.block.get_parameter(p) if p in dict(b.block.named_parameters()) else
                                 b.block.get_buffer(p)) not in owned)
     layout = experts_layout(experts)
-    if layout == "interleaved":
+    if layout == "interleaved" or not _own_forward_reproduced(b.router, experts):
         return None
-    routing = _probe_routing(b.router, _hidden(experts), n)
+    routing = _probe_routing(b.router, int(b.router.weight.shape[-1]), n)  # the router reads the full hidden state
     disk = _on_disk_experts(model, b.experts_attr)
     fields: dict[str, Any] = dict(
         model_type=model_type, block_attr=b.block_attr, router_attr=b.router_attr, experts_attr=b.experts_attr,
@@ -237,6 +239,27 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
     if base is not None:  # the language model is a declared family: keep its routing knowledge
         fields.update(routing=base.routing, renorm_key=base.renorm_key, always_renorm=base.always_renorm)
     return MoEAdapter(**fields)
+
+
+@torch.no_grad()
+def _own_forward_reproduced(router: torch.nn.Module, experts: torch.nn.Module) -> bool:
+    """Experts whose class does not dispatch on ``_experts_implementation`` keep a forward of their own; calibration
+    swaps in moecompress' implementation, so it must give the same output as theirs (checked on routed tokens)."""
+    from moecompress.arch.discover import router_choice
+    from moecompress.calib.collect import dispatches, tap_experts_forward
+
+    if dispatches(experts):
+        return True
+    n = int(experts.down_proj.shape[0])
+    dtype = experts.down_proj.dtype
+    x = torch.randn(32, _hidden(experts), generator=torch.Generator().manual_seed(0)).to(dtype)
+    try:
+        index, weights = router_choice(router(x), n)
+        want = experts(x, index, weights)
+        got = tap_experts_forward(experts, x, index, weights)
+    except Exception:  # a router or experts call that needs more than the common signature
+        return False
+    return bool(torch.allclose(got, want, rtol=1e-4, atol=1e-5))
 
 
 def _width(experts: torch.nn.Module) -> int:
@@ -313,9 +336,11 @@ def _tensor_names(folder: Any) -> list[str]:
     return names
 
 
-def _on_disk_experts(model: torch.nn.Module, experts_attr: str) -> tuple[str, str, tuple[str, str, str]] | None:
-    """How `save_pretrained` names one routed expert's linears: (layers path, block, (gate, up, down) names), or
-    None when experts are saved fused. Found by saving the miniature, so renamings on save are included."""
+def _on_disk_experts(model: torch.nn.Module, experts_attr: str
+                     ) -> tuple[str, str, tuple[str | None, str, str]] | None:
+    """How `save_pretrained` names one routed expert's linears: (layers path, block, (gate, up, down) names; gate
+    None for non-gated experts), or None when experts are saved fused. Found by saving the miniature, so renamings
+    on save are included."""
     import tempfile
     from pathlib import Path
 
@@ -336,7 +361,7 @@ def _on_disk_experts(model: torch.nn.Module, experts_attr: str) -> tuple[str, st
     if not hits:
         return None
     linears = sorted({m["lin"] for m in hits})
-    if len(linears) != 3:
+    if len(linears) not in (2, 3):
         return None
     roles: dict[str, str] = {}
     for lin in linears:
@@ -346,4 +371,6 @@ def _on_disk_experts(model: torch.nn.Module, experts_attr: str) -> tuple[str, st
         if role is None or role in roles:
             return None
         roles[role] = lin
-    return hits[0]["layers"], hits[0]["block"].rstrip("."), (roles["gate"], roles["up"], roles["down"])
+    if "up" not in roles or "down" not in roles or ("gate" in roles) != (len(linears) == 3):
+        return None
+    return hits[0]["layers"], hits[0]["block"].rstrip("."), (roles.get("gate"), roles["up"], roles["down"])

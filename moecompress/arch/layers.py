@@ -46,20 +46,24 @@ class LayerPattern:
 
     def summary(self) -> str:
         """Compact form: '3×attention/dense, 58×attention/moe' or '10×[3×linear-attention/moe, 1×attention/moe]'."""
-        layers = self.layers
-        best = _runs(layers)
-        for start in range(0, min(4, len(layers))):
-            for period in range(2, 9):
-                body = layers[start:]
-                reps = len(body) // period
-                if reps < 2 or body != body[:period] * reps + body[: len(body) - period * reps]:
-                    continue
-                tail = body[period * reps:]
-                text = ", ".join(x for x in (_runs(layers[:start]), f"{reps}×[{_runs(body[:period])}]", _runs(tail))
-                                 if x)
-                if len(text) < len(best):
-                    best = text
-        return best + (f" (+{self.mtp_layers} MTP)" if self.mtp_layers else "")
+        return summarize(self.layers) + (f" (+{self.mtp_layers} MTP)" if self.mtp_layers else "")
+
+
+def summarize(layers: list[str]) -> str:
+    """Shortest run-length form of per-layer labels, folding a repeating period (after up to 3 leading layers)
+    into 'N×[…]': the layer-pattern text of both `layer_pattern(config)` and `inspect`."""
+    best = _runs(layers)
+    for start in range(0, min(4, len(layers))):
+        for period in range(2, 9):
+            body = layers[start:]
+            reps = len(body) // period
+            if reps < 2 or body != body[:period] * reps + body[: len(body) - period * reps]:
+                continue
+            tail = body[period * reps:]
+            text = ", ".join(x for x in (_runs(layers[:start]), f"{reps}×[{_runs(body[:period])}]", _runs(tail)) if x)
+            if len(text) < len(best):
+                best = text
+    return best
 
 
 def _runs(kinds: list[str]) -> str:

@@ -298,6 +298,8 @@ def _expert_width(experts: torch.nn.Module, down: torch.Tensor | None) -> int:
     if down is None or down.ndim != 3:
         return 0
     up = getattr(experts, "gate_up_proj", None)
+    if up is None:
+        up = getattr(experts, "up_proj", None)
     if up is not None and up.ndim == 3:
         # the hidden size is the axis gate_up and down share; the width is down's other axis
         h_candidates = set(up.shape[1:]) & set(down.shape[1:])

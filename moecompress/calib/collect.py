@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import types
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -31,8 +32,17 @@ TAP_IMPLEMENTATION = "moecompress_tap"
 _ACTIVE: dict[int, LayerTap] = {}
 
 
+def input_projection(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fused projection applied to the expert input, and its bias: gate_up (gated experts) or up."""
+    name = "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
+    return getattr(module, name), (getattr(module, name + "_bias") if getattr(module, "has_bias", False) else None)
+
+
 def gated_activation(module: torch.nn.Module, gu: torch.Tensor) -> torch.Tensor:
-    """The family's own gating of gate/up pre-activations (gpt-oss: clamped, interleaved SwiGLU)."""
+    """The family's own gating of gate/up pre-activations (gpt-oss: clamped, interleaved SwiGLU); non-gated
+    experts apply the activation to the up projection, as transformers does."""
+    if not getattr(module, "has_gate", True):
+        return module.act_fn(gu)
     apply_gate = getattr(module, "_apply_gate", None)
     if apply_gate is not None:
         return apply_gate(gu)
@@ -55,16 +65,22 @@ def stored_expert_forward(module: torch.nn.Module, e: int, x: torch.Tensor) -> t
 
 def _stored_expert_forward(module: torch.nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     transposed = bool(getattr(module, "is_transposed", False))
-    gu_w = module.gate_up_proj[e]
+    in_w, in_b = input_projection(module)
+    gu_w = in_w[e]
     gu = x @ gu_w if transposed else x @ gu_w.T
-    if getattr(module, "has_bias", False):
-        gu = gu + module.gate_up_proj_bias[e]
+    if in_b is not None:
+        gu = gu + in_b[e]
     act = gated_activation(module, gu)
     d_w = module.down_proj[e]
     y = act @ d_w if transposed else act @ d_w.T
     if getattr(module, "has_bias", False):
         y = y + module.down_proj_bias[e]
-    return y, act
+    return post_expert_norm(module, y), act
+
+
+def post_expert_norm(module: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """The norm some families apply to each expert's output before weighting (transformers' has_post_expert_norm)."""
+    return module.post_expert_norm(y) if getattr(module, "has_post_expert_norm", False) else y
 
 
 def _grouped_expert_outputs(module: torch.nn.Module, x_sorted: torch.Tensor, eid_sorted: torch.Tensor,
@@ -89,12 +105,13 @@ def _grouped_outputs(module: torch.nn.Module, x_sorted: torch.Tensor, eid_sorted
     has_bias = bool(getattr(module, "has_bias", False))
     if _grouped_linear is not None:
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        gu = _grouped_linear(x_sorted, module.gate_up_proj, offsets,
-                             bias=module.gate_up_proj_bias[eid_sorted] if has_bias else None, is_transposed=transposed)
+        in_w, in_b = input_projection(module)
+        gu = _grouped_linear(x_sorted, in_w, offsets, bias=in_b[eid_sorted] if has_bias else None,
+                             is_transposed=transposed)
         act = gated_activation(module, gu)
         y = _grouped_linear(act, module.down_proj, offsets,
                             bias=module.down_proj_bias[eid_sorted] if has_bias else None, is_transposed=transposed)
-        return y, act
+        return post_expert_norm(module, y), act
     ys, acts, start = [], [], 0
     for e, n in enumerate(counts.tolist()):
         if n:
@@ -135,7 +152,7 @@ class LayerTap:
         view = ExpertView(layer)
         w = view.get_all()
         self.layer = layer
-        self.stats = LayerStats(num_experts=layer.num_experts, hidden=w.gate.shape[2], width=w.width)
+        self.stats = LayerStats(num_experts=layer.num_experts, hidden=w.hidden, width=w.width)
         self.mask: torch.Tensor | None = None  # [T] bool, real tokens of the current batch
         self.sample_every = sample_every
         self.sample_cap = sample_cap
@@ -267,6 +284,26 @@ def set_experts_implementation(model: torch.nn.Module, impl: str) -> None:
         cfg = getattr(layer.experts, "config", None)
         if cfg is not None:
             cfg._experts_implementation = impl
+        _route_own_forward(layer.experts, impl)
+
+
+def dispatches(experts: torch.nn.Module) -> bool:
+    """Whether an experts module's class carries ``@use_experts_implementation`` (its forward dispatches on the
+    config's ``_experts_implementation``); a few families (Step-3.7) define a plain forward with the same call."""
+    return "is_concatenated" in vars(experts)
+
+
+def _route_own_forward(experts: torch.nn.Module, impl: str | None) -> None:
+    """Experts whose class does not dispatch get moecompress' implementations as an instance forward (same
+    ``(hidden_states, top_k_index, top_k_weights)`` call); any other implementation gives back their own."""
+    if dispatches(experts):
+        return
+    fn = ALL_EXPERTS_FUNCTIONS[impl] if impl and impl.startswith("moecompress") and impl in ALL_EXPERTS_FUNCTIONS \
+        else None
+    if fn is not None:
+        experts.forward = types.MethodType(fn, experts)
+    else:
+        vars(experts).pop("forward", None)
 
 
 @contextlib.contextmanager
@@ -305,6 +342,7 @@ def release_taps(model: torch.nn.Module, layers: list[MoELayer], handles: list[A
         h.remove()
     for layer in layers:
         active.pop(id(layer.experts), None)
+        _route_own_forward(layer.experts, previous)
     if previous is not None:
         set_experts_implementation(model, previous)
 

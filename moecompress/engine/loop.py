@@ -27,7 +27,8 @@ class _Stop(Exception):
 
 class NotStreamable(Exception):
     """The family's decoder layers hand the next layer more than hidden states (glm_moe_dsa and hy_v4 pass
-    their sparse-attention indexer's top-k on), so a layer cannot run from a cached boundary alone."""
+    their sparse-attention indexer's top-k on; Inkling-2 hands every layer the stacked outputs of earlier
+    blocks; looped stacks run a layer more than once), so a layer cannot run from a cached boundary alone."""
 
 
 class ActivationCache:
@@ -94,27 +95,14 @@ def start_flow(source: ModelSource, batches: Sequence[tuple[torch.Tensor, torch.
     model = source.model
     layers = decoder_layers(model)
     shapes, kwargs_all, first = [], [], []
-    for ids, mask in batches:
-        captured: dict[int, tuple[tuple, dict]] = {}
-        store: dict[str, torch.Tensor] = {}
-        originals = []
-        for i, layer in enumerate(layers):
-            originals.append(layer.__dict__.get("forward"))
-            layer.forward = _catcher(i, len(layers), captured, store)
-        try:
-            with torch.no_grad():
-                model(input_ids=ids.to(source.device), attention_mask=mask.to(source.device), use_cache=False)
-        except _Stop:
-            pass
-        except (ValueError, TypeError) as exc:  # the model unpacked more than hidden states from a layer
-            raise NotStreamable(f"{type(model).__name__}: its decoder layers return more than hidden states "
-                                f"({str(exc).splitlines()[0][:80]})") from exc
-        finally:
-            for layer, orig in zip(layers, originals, strict=True):
-                if orig is None:
-                    del layer.forward
-                else:
-                    layer.forward = orig
+    for b, (ids, mask) in enumerate(batches):
+        captured, store = _capture(model, layers, ids.to(source.device), mask.to(source.device))
+        if b == 0:  # once: do the layers' arguments depend on earlier layers' outputs?
+            shifted, _ = _capture(model, layers, ids.to(source.device), mask.to(source.device), shift=1.0)
+            if not _same(captured, shifted) or not _head_reads_last_only(model, layers, ids.to(source.device),
+                                                                          mask.to(source.device)):
+                raise NotStreamable(f"{type(model).__name__}: its decoder layers or head receive state built from "
+                                    "earlier layers' outputs, not only the previous layer's hidden states")
         h = store["h0"]
         shapes.append(tuple(h.shape))
         first.append(h)
@@ -126,16 +114,86 @@ def start_flow(source: ModelSource, batches: Sequence[tuple[torch.Tensor, torch.
                 device=source.device)
 
 
-def _catcher(index: int, count: int, captured: dict, store: dict) -> Callable[..., Any]:
+def _capture(model: torch.nn.Module, layers: torch.nn.ModuleList, ids: torch.Tensor, mask: torch.Tensor,
+             shift: float = 0.0) -> tuple[dict[int, tuple[tuple, dict]], dict[str, torch.Tensor]]:
+    """Each layer's call arguments in one forward whose layers return their input (+ `shift`)."""
+    captured: dict[int, tuple[tuple, dict]] = {}
+    store: dict[str, torch.Tensor] = {}
+    originals = []
+    for i, layer in enumerate(layers):
+        originals.append(layer.__dict__.get("forward"))
+        layer.forward = _catcher(i, len(layers), captured, store, shift)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Stop:
+        pass
+    except (ValueError, TypeError) as exc:  # the model unpacked more than hidden states from a layer
+        raise NotStreamable(f"{type(model).__name__}: its decoder layers return more than hidden states "
+                            f"({str(exc).splitlines()[0][:80]})") from exc
+    finally:
+        for layer, orig in zip(layers, originals, strict=True):
+            if orig is None:
+                del layer.forward
+            else:
+                layer.forward = orig
+    return captured, store
+
+
+def _catcher(index: int, count: int, captured: dict, store: dict, shift: float = 0.0) -> Callable[..., Any]:
     def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if index in captured:
+            raise NotStreamable(f"decoder layer {index} runs more than once per forward (a looped stack)")
         if index == 0:
             store["h0"] = hidden_states.detach()
         captured[index] = (args, kwargs)
         if index == count - 1:
             raise _Stop
-        return hidden_states
+        return hidden_states + shift if shift else hidden_states
 
     return forward
+
+
+@torch.no_grad()
+def _head_reads_last_only(model: torch.nn.Module, layers: torch.nn.ModuleList, ids: torch.Tensor,
+                          mask: torch.Tensor) -> bool:
+    """Whether the logits depend on the last layer's output alone: two forwards whose last outputs are equal
+    but whose intermediate ones differ (the shift added by the first layer, or by the last) give equal logits."""
+    n = len(layers)
+    if n < 2:
+        return True
+    logits = []
+    originals = [layer.__dict__.get("forward") for layer in layers]
+    for shifted in (0, n - 1):
+        for i, layer in enumerate(layers):
+            layer.forward = (lambda h, *a, **k: h + 1.0) if i == shifted else (lambda h, *a, **k: h)
+        try:
+            out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+        except (ValueError, TypeError) as exc:
+            raise NotStreamable(f"{type(model).__name__}: its decoder layers return more than hidden states "
+                                f"({str(exc).splitlines()[0][:80]})") from exc
+        finally:
+            for layer, orig in zip(layers, originals, strict=True):
+                if orig is None:
+                    del layer.forward
+                else:
+                    layer.forward = orig
+        logits.append(out.logits.float())
+    # the same computation twice: equal up to kernel nondeterminism; a real dependency moves logits far more
+    tol = 1e-5 * float(logits[0].abs().max().clamp_min(1.0))
+    return bool(((logits[0] - logits[1]).abs() <= tol).all())
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Captured layer arguments equal (tensors by value; other objects by type, as caches are rebuilt each call)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and bool(torch.equal(a, b)))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b)
 
 
 def layer_output(out: Any) -> torch.Tensor:

@@ -31,7 +31,7 @@ from moecompress.arch.experts import ExpertView
 from moecompress.calib.stats import Stats
 from moecompress.errors import UserError
 from moecompress.fit.space import Candidate, group_size_for
-from moecompress.heal.fit import BlockData, rel_error
+from moecompress.heal.fit import BlockData, latent_experts, rel_error
 from moecompress.heal.select import HealedReconstruction
 from moecompress.heal.spec import HealSpec
 from moecompress.passes import criteria
@@ -62,7 +62,7 @@ class LayerProbe:
         # families whose experts run densely on gate-scaled inputs cannot be reconstructed per routed expert:
         # their structural error falls back to routed mass and neuron energy removed (see `_energy_error`)
         self.rec = (HealedReconstruction(layer, self.data, heal, max_tokens=MAX_TOKENS)
-                    if layer.adapter.routing != "sigmoid_input_scale" else None)
+                    if layer.adapter.routing != "sigmoid_input_scale" and not latent_experts(layer) else None)
         self.scores = (criteria.expert_scores(ls, criterion) if criterion != "random"
                        else torch.arange(layer.num_experts, 0, -1).double())
         self.soft = ls.sums["soft_freq"].double()

@@ -67,10 +67,21 @@ def other_output(layer: MoELayer, x: torch.Tensor, routed: torch.Tensor) -> torc
     return block_output(layer, x) - routed
 
 
+def latent_experts(layer: MoELayer) -> bool:
+    """The block projects tokens to a narrower width before its experts (Muse Spark): block inputs are not the
+    experts' inputs."""
+    from moecompress.arch.discover import _hidden_of
+
+    return _hidden_of(layer.experts) != int(layer.router.weight.shape[-1])
+
+
 def check_healable(layer: MoELayer) -> None:
     if layer.adapter.routing == "sigmoid_input_scale":
         raise UserError(f"heal: {layer.adapter.model_type} scales expert inputs by the gate and runs experts densely; "
                         "routed-expert reconstruction does not apply to it")
+    if latent_experts(layer):
+        raise UserError(f"heal: {layer.adapter.model_type} experts read a latent projection of the block input; "
+                        "refitting them from block inputs is not implemented")
 
 
 @torch.no_grad()
@@ -167,7 +178,7 @@ def expert_tokens(layer: MoELayer, x: torch.Tensor, w: ExpertWeights | None = No
     weights, index = routing(layer.router, xd)
     parts = []
     routed = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
-    for e in range(w.gate.shape[0]):
+    for e in range(w.num_experts):
         tok, slot = torch.nonzero(index == e, as_tuple=True)
         g = weights[tok, slot].double()[:, None]
         out, act = apply_expert(layer.experts, layer.adapter.layout, w.select(e), xd[tok])
@@ -192,9 +203,10 @@ def fit_down(layer: MoELayer, data: BlockData, ridge: float, sweeps: int) -> dic
 def trainable_names(layer: MoELayer) -> list[str]:
     """Block-relative names of the kept experts' tensors and the router rows (and logit bias)."""
     a = layer.adapter
-    names = [f"{a.router_attr}.weight", f"{a.experts_attr}.gate_up_proj", f"{a.experts_attr}.down_proj"]
+    up = "gate_up_proj" if a.has_gate else "up_proj"
+    names = [f"{a.router_attr}.weight", f"{a.experts_attr}.{up}", f"{a.experts_attr}.down_proj"]
     if a.has_expert_bias:
-        names += [f"{a.experts_attr}.gate_up_proj_bias", f"{a.experts_attr}.down_proj_bias"]
+        names += [f"{a.experts_attr}.{up}_bias", f"{a.experts_attr}.down_proj_bias"]
     if any(v.path == _LOGIT_BIAS for v in a.router_vectors):
         names.append(f"{a.router_attr}.bias")
     params = dict(layer.block.named_parameters())

@@ -51,7 +51,7 @@ class HealedReconstruction:
         xd = self.x.to(self.dtype)
         with torch.no_grad():
             outs, acts = zip(*(apply_expert(layer.experts, layer.adapter.layout, w.select(e), xd)
-                               for e in range(w.gate.shape[0])), strict=True)
+                               for e in range(w.num_experts)), strict=True)
             self.acts = torch.stack(acts).double()  # [E, N, I]
             full = block_output(layer, self.x)
             weights, index = layer.router(xd)[1:3]

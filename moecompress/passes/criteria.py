@@ -79,10 +79,13 @@ class RoutedReconstruction:
             raise UserError("naee needs routed-output reconstruction; llama4_text scales expert inputs — use reap")
         self.layer = layer
         self._sliced_router = sliced_router
-        dtype = layer.experts.gate_up_proj.dtype
+        dtype = layer.experts.down_proj.dtype
         self.x = sample[:max_tokens].to(dtype)
+        from moecompress.passes.merge_experts import expert_inputs
+
         with torch.no_grad():
-            self.y = torch.stack([stored_expert_forward(layer.experts, e, self.x)[0]
+            xe = expert_inputs(layer, self.x)  # latent MoEs: the projected tokens the experts see
+            self.y = torch.stack([stored_expert_forward(layer.experts, e, xe)[0]
                                   for e in range(layer.num_experts)]).double()  # [E, N, H]
         self.full = self._routed(list(range(layer.num_experts)))
 

@@ -204,6 +204,23 @@ def block_output(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(x.shape[0], -1).double()
 
 
+@torch.no_grad()
+def expert_inputs(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """What the routed experts receive for block inputs x [N, H]: x itself, or (latent MoEs such as Muse Spark,
+    whose block projects tokens to a narrower width first) the experts' call argument while the block runs on x."""
+    from moecompress.arch.discover import _hidden_of
+
+    if _hidden_of(layer.experts) == x.shape[-1]:
+        return x
+    seen: list[torch.Tensor] = []
+    hook = layer.experts.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    try:
+        block_output(layer, x)
+    finally:
+        hook.remove()
+    return seen[0].reshape(x.shape[0], -1).to(x.dtype)
+
+
 def _plan(ctx: PassContext) -> dict[str, Any]:
     cfg: MergeExpertsConfig = ctx.config  # type: ignore[assignment]
     layers = moe_layers(ctx.model, ctx.adapter)
@@ -234,7 +251,7 @@ def _apply_layer(ctx: PassContext, plan: dict[str, Any], index: int, _decoder_la
     w = view.get_all()
     outputs = acts = None
     if x_feat is not None and (cfg.method != "msmoe" or cfg.align in ("activation", "both")):
-        outputs, acts = M.expert_outputs(layer.experts, adapter.layout, w, x_feat)
+        outputs, acts = M.expert_outputs(layer.experts, adapter.layout, w, expert_inputs(layer, x_feat))
     before = block_output(layer, x_feat) if x_feat is not None else None
     groups = plan_groups(cfg, ls, n_keep, n_groups, outputs)
     merged, group_info = merge_groups(cfg, w, groups, ls, acts if cfg.align in ("activation", "both") else None)

@@ -190,9 +190,9 @@ def cosine_matrix(features: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def expert_outputs(module: torch.nn.Module, layout: str, w: ExpertWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every expert on the same tokens (not only routed ones): outputs [E, N, H] and activations [E, N, I]."""
-    x = x.to(w.gate.dtype)
+    x = x.to(w.dtype)
     outs, acts = [], []
-    for e in range(w.gate.shape[0]):
+    for e in range(w.num_experts):
         y, a = apply_expert(module, layout, w.select(e), x)
         outs.append(y)
         acts.append(a)
@@ -201,8 +201,8 @@ def expert_outputs(module: torch.nn.Module, layout: str, w: ExpertWeights, x: to
 
 # ---- neuron alignment -------------------------------------------------------------------------------
 def neuron_signature(w: ExpertWeights) -> torch.Tensor:
-    """Per intermediate neuron: its concatenated [gate row; up row; down column] ([I, 3H])."""
-    return torch.cat([w.gate, w.up, w.down.T], dim=1).double()
+    """Per intermediate neuron: its concatenated [gate row; up row; down column] ([I, 3H]; [I, 2H] non-gated)."""
+    return torch.cat([t for t in (w.gate, w.up, w.down.T) if t is not None], dim=1).double()
 
 
 def _column_corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -249,7 +249,7 @@ def cosine_matrix_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def permute_neurons(w: ExpertWeights, perm: torch.Tensor) -> ExpertWeights:
     """The same expert function with intermediate neurons reordered (single expert, canonical form)."""
     return ExpertWeights(
-        gate=w.gate[perm], up=w.up[perm], down=w.down[:, perm],
+        gate=w.gate[perm] if w.gate is not None else None, up=w.up[perm], down=w.down[:, perm],
         gate_bias=w.gate_bias[perm] if w.gate_bias is not None else None,
         up_bias=w.up_bias[perm] if w.up_bias is not None else None,
         down_bias=w.down_bias,
@@ -319,7 +319,7 @@ def merge_subspace(ws: ExpertWeights, coef: torch.Tensor, rank: int | None = Non
     """Sub-MoE merge of stacked members: shared-basis gate, up and down; biases averaged."""
     merged = merge_average(ws, coef)  # biases (and dtype template)
     ranks: dict[str, int] = {}
-    for name in ("gate", "up", "down"):
+    for name in ws.projections:
         t = getattr(ws, name)
         m, r = subspace_merge_matrix(t, coef, rank, energy)
         setattr(merged, name, m.to(t.dtype))

@@ -146,7 +146,8 @@ def camera_scores(ls: LayerStats, down: torch.Tensor, frequency_weighted: bool =
 
 def magnitude_scores(layer: MoELayer) -> torch.Tensor:
     w = ExpertView(layer).get_all()
-    return (w.gate.double().norm(dim=2) * w.up.double().norm(dim=2) * w.down.double().norm(dim=1))
+    gate = w.gate.double().norm(dim=2) if w.gate is not None else 1.0
+    return gate * w.up.double().norm(dim=2) * w.down.double().norm(dim=1)
 
 
 def random_scores(shape: tuple[int, ...], seed: int, key: int) -> torch.Tensor:
@@ -253,7 +254,7 @@ def layer_scores(cfg: PruneAtomicConfig, layer: MoELayer, grad: GradStats | None
         scores = magnitude_scores(layer)
     else:
         w = ExpertView(layer).get_all()
-        scores = random_scores(tuple(w.gate.shape[:2]), cfg.seed, idx)
+        scores = random_scores(tuple(w.up.shape[:2]), cfg.seed, idx)
     shared: dict[str, torch.Tensor] = {}
     for name, mlp in layer.shared():
         if not hasattr(mlp, "gate_proj"):

@@ -144,7 +144,7 @@ class ExpertHessians:
             for e in range(len(self.x)):
                 c = probs[:, e] if (self.affinity and probs is not None) else None
                 self.x[e].add(real, c)
-                _, a = stored_expert_forward(self.experts, e, real.to(self.experts.gate_up_proj.dtype))
+                _, a = stored_expert_forward(self.experts, e, real.to(self.experts.down_proj.dtype))
                 self.a[e].add(a, c)
             return
         tok, eid, w, act = tok[keep], eid[keep], w[keep], act[keep]
@@ -220,7 +220,7 @@ def _observe(ctx: PassContext, plan: dict[str, Any], index: int, layer: torch.nn
     set_experts_implementation(ctx.model, TAP_IMPLEMENTATION)
     if moe is not None:
         w = ExpertView(moe).get_all()
-        tap = ExpertHessians(moe.experts, moe.num_experts, w.gate.shape[2], w.width, balance=cfg.balance,
+        tap = ExpertHessians(moe.experts, moe.num_experts, w.hidden, w.width, balance=cfg.balance,
                              affinity=cfg.affinity, sigmoid=plan["sigmoid"])
         _ACTIVE[id(moe.experts)] = tap
         logits_pos = 1 if adapter.routing == "sigmoid_input_scale" else 0
@@ -230,7 +230,7 @@ def _observe(ctx: PassContext, plan: dict[str, Any], index: int, layer: torch.nn
     def before_batch(b: int) -> None:
         current_mask[0] = masks[b]
         if tap is not None:
-            tap.mask = masks[b].to(moe.experts.gate_up_proj.device)
+            tap.mask = masks[b].to(moe.experts.down_proj.device)
 
     plan["layer_state"] = {"dense": dense, "acc": acc, "tap": tap, "moe": moe}
     try:
@@ -358,9 +358,6 @@ def _dense_targets(layer: torch.nn.Module, cfg: QuantizeConfig, names: dict[int,
     return out
 
 
-_PROJECTIONS = ("gate", "up", "down")
-
-
 def _quantize_experts(moe: Any, tap: ExpertHessians, cfg: QuantizeConfig, adapter: MoEAdapter,
                       quantized: dict[str, QuantResult], errors: dict[str, float]) -> list[int]:
     """Quantize one layer's routed experts in place; returns the width chosen for each expert.
@@ -376,7 +373,7 @@ def _quantize_experts(moe: Any, tap: ExpertHessians, cfg: QuantizeConfig, adapte
     hessians = {"gate": gate_h, "up": gate_h, "down": [h.hessian() for h in tap.a]}
     cands = sorted(cfg.candidate_bits) if cfg.bits_budget is not None else [cfg.bits]
     results = {(p, b): _quantize_stack(getattr(w, p), hessians[p], b, cfg.group_size, cfg)
-               for b in cands for p in _PROJECTIONS}
+               for b in cands for p in w.projections}
     err = {key: [output_error(getattr(w, key[0])[e], r.dequant, hessians[key[0]][e]) for e, r in enumerate(rs)]
            for key, rs in results.items()}
     if cfg.bits_budget is None:
@@ -384,12 +381,13 @@ def _quantize_experts(moe: Any, tap: ExpertHessians, cfg: QuantizeConfig, adapte
     else:
         from moecompress.quant.bits import allocate_bits, importance_scores
 
-        table = np.array([[sum(err[(p, b)][e] for p in _PROJECTIONS) for b in cands] for e in range(moe.num_experts)])
-        n_params = [3 * w.gate.shape[1] * w.gate.shape[2]] * moe.num_experts
+        table = np.array([[sum(err[(p, b)][e] for p in w.projections) for b in cands]
+                          for e in range(moe.num_experts)])
+        n_params = [len(w.projections) * w.width * w.hidden] * moe.num_experts
         alloc = allocate_bits(importance_scores(tap.routed.double().numpy()), table, n_params, cands, cfg.bits_budget)
         bits = [int(b) for b in alloc.bits]
     new = w.clone()
-    for p in _PROJECTIONS:
+    for p in w.projections:
         for e, b in enumerate(bits):
             r = results[(p, b)][e]
             getattr(new, p)[e] = r.dequant

@@ -67,6 +67,7 @@ _SIZES: dict[str, int] = {
     "global_head_dim": 2 * HEAD_DIM,
     "kv_lora_rank": 16, "q_lora_rank": 24, "o_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
     "v_head_dim": HEAD_DIM, "qk_head_dim": 16, "index_head_dim": 16, "index_n_heads": 2,
+    "indexer_head_dim": 16, "indexer_n_heads": 2,
     "linear_key_head_dim": HEAD_DIM, "linear_value_head_dim": HEAD_DIM, "linear_head_dim": HEAD_DIM,
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_num_heads": 4,
     "mamba_head_dim": HEAD_DIM, "mamba_d_head": HEAD_DIM, "ssm_state_size": 16, "mamba_d_state": 16,
@@ -129,6 +130,13 @@ def _miniature_depth(cfg: dict[str, Any], n_layers: int) -> int:
             n += 1
         # a periodic pattern: include its first full period so ratios are kept
         need = max(need, n)
+    if _int(cfg.get("loop_layer_index_end")):  # looped stacks: layers before, inside and after the loop
+        need = max(need, int(cfg["loop_layer_index_end"]) + 1)
+    # other lists with one entry per layer under names we do not know (a tower's patch_sizes/depths pyramid):
+    # keep every layer rather than cut a list the config validates against the depth
+    if n_layers > 2 and any(isinstance(v, list) and len(v) == n_layers and k not in per_layer and k not in _INDEX_LISTS
+                            for k, v in cfg.items()):
+        need = n_layers
     for k in _INDEX_LISTS:
         v = cfg.get(k)
         if isinstance(v, list) and v and all(_int(x) for x in v):
@@ -140,10 +148,23 @@ def _miniature_depth(cfg: dict[str, Any], n_layers: int) -> int:
     return max(1, min(n_layers, need))
 
 
+def _shrink_loop(cfg: dict[str, Any]) -> None:
+    """Looped stacks (Inkling-2-Loop) repeat layers start..end, both multiples of the attention-residual block:
+    a block of at most 2 layers, one block before the loop, one inside it."""
+    if not (_int(cfg.get("loop_layer_index_start")) and _int(cfg.get("loop_layer_index_end"))):
+        return
+    block = cfg.get("n_layers_per_attn_res_block")
+    block = min(int(block), 2) if _int(block) and block > 0 else 1
+    if _int(cfg.get("n_layers_per_attn_res_block")):
+        cfg["n_layers_per_attn_res_block"] = block
+    cfg["loop_layer_index_start"], cfg["loop_layer_index_end"] = block, 2 * block
+
+
 def _shrink_layers(cfg: dict[str, Any]) -> None:
     n_layers = cfg.get("num_hidden_layers")
     if not _int(n_layers) or n_layers <= 0:
         return
+    _shrink_loop(cfg)
     new = _miniature_depth(cfg, n_layers)
     per_layer = _per_layer(cfg, n_layers)
     for k, v in per_layer.items():
@@ -194,6 +215,9 @@ def _shrink_experts(cfg: dict[str, Any]) -> None:
 
 
 def _shrink_heads(cfg: dict[str, Any]) -> None:
+    # key/value heads equal to the query heads (MHA, MLA) stay equal: per-layer override entries included
+    if "_orig_heads" not in cfg and _int(cfg.get("num_attention_heads")):
+        cfg["_orig_heads"] = cfg["num_attention_heads"]
     for k in _HEAD_KEYS:
         v = cfg.get(k)
         if _int(v) and v > HEADS:
@@ -210,6 +234,7 @@ def _shrink_heads(cfg: dict[str, Any]) -> None:
 
 
 def _shrink_sizes(cfg: dict[str, Any]) -> None:
+    old_hidden = cfg.get("hidden_size")
     for k, target in _SIZES.items():
         v = cfg.get(k)
         if _int(v) and v > target:
@@ -230,6 +255,11 @@ def _shrink_sizes(cfg: dict[str, Any]) -> None:
             cfg[k] = HEADS
         elif k.endswith("num_hidden_layers") and k != "num_hidden_layers" and v > 2:
             cfg[k] = 2
+        elif k.endswith(("_in_dim", "_input_size", "_input_dim")) and _int(old_hidden) and v == old_hidden:
+            cfg[k] = cfg["hidden_size"]  # an adapter reading this tower's hidden states (validators check equality)
+    for k, v in list(cfg.items()):  # per-stage widths of a pyramid tower (Muse Spark audio hidden_sizes)
+        if isinstance(k, str) and k.endswith("hidden_sizes") and isinstance(v, list) and v and all(map(_int, v)):
+            cfg[k] = [min(x, HIDDEN) for x in v]
     if "head_dim" in cfg and cfg["head_dim"] is None and _int(cfg.get("hidden_size")) and _int(
             cfg.get("num_attention_heads")):
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
@@ -297,7 +327,11 @@ def _walk(cfg: dict[str, Any], mapping: dict[int, int], top: bool) -> None:
     _shrink_heads(cfg)
     _shrink_sizes(cfg)
     if _int(cfg.get("vocab_size")) and cfg["vocab_size"] > VOCAB:
+        old_vocab = cfg["vocab_size"]
         cfg["vocab_size"] = VOCAB
+        for k, v in cfg.items():  # the text vocabulary without padding (Inkling-2's unpadded_vocab_size)
+            if isinstance(k, str) and k.endswith("vocab_size") and _int(v) and VOCAB < v <= old_vocab:
+                cfg[k] = VOCAB
     _remap_token_ids(cfg, mapping)
     for k, v in cfg.items():
         if isinstance(k, str) and isinstance(v, dict) and v and k not in ("id2label", "label2id", "rope_parameters",
@@ -315,7 +349,7 @@ def _walk(cfg: dict[str, Any], mapping: dict[int, int], top: bool) -> None:
         hidden = text.get("hidden_size", HIDDEN)
         for sub in ("vision_config", "audio_config", "vision_encoder_config"):
             if isinstance(cfg.get(sub), dict):
-                for k in ("out_hidden_size", "output_dim", "projector_output_dim", "text_hidden_size"):
+                for k in ("out_hidden_size", "output_dim", "projector_output_dim", "text_hidden_size", "adapter_out_dim"):
                     if _int(cfg[sub].get(k)):
                         cfg[sub][k] = hidden
 
