@@ -218,3 +218,26 @@ def test_select_reconstruct_from_the_cli_and_masked_layout_says_it_saves_nothing
     code, _, err = run_cli(["prune", ref, "--out", tmp_path / "x", "--neuron-ratio", "0.5", "--select",
                             "reconstruct", "--calib", calib, *CALIB], capsys)
     assert code == 2 and "--select" in err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_capture_without_running_layers_matches_the_full_forward(family: str):
+    """The walk's cheap capture (decoder layers passed through) gives exactly the full forward's layer-0
+    inputs and every layer's keyword arguments."""
+    from moecompress.calib.layers import capture_layer_inputs
+
+    model, _ = tiny(family)
+    batches = batches_for(model, n=10, seq=12)
+    fast_h, fast_kw = capture_layer_inputs(model, batches, run_layers=False)
+    full_h, full_kw = capture_layer_inputs(model, batches)
+    assert len(fast_h) == len(full_h) == len(batches)
+    assert all(torch.equal(a, b) for a, b in zip(fast_h, full_h, strict=True))
+    assert fast_kw.keys() == full_kw.keys()
+    for i in full_kw:
+        for a, b in zip(fast_kw[i], full_kw[i], strict=True):
+            assert a.keys() == b.keys()
+            for k, v in b.items():
+                if isinstance(v, torch.Tensor):
+                    assert torch.equal(a[k], v), (i, k)
+                elif isinstance(v, tuple):
+                    assert all(torch.equal(x, y) for x, y in zip(a[k], v, strict=True)), (i, k)

@@ -119,40 +119,41 @@ def solve_down(parts: list[ExpertTokens], down: list[torch.Tensor], target: torc
     """
     w = [d.double().clone() for d in down]
     pred = torch.zeros_like(target)
-    contrib = []
     for p, wd in zip(parts, w, strict=True):
-        c = p.act @ wd.T + (p.gbias if p.gbias is not None else 0)
-        pred.index_put_((p.tok,), c, accumulate=True)
-        contrib.append(c)
+        c = p.act @ wd.T
+        if p.gbias is not None:
+            c = c + p.gbias
+        pred.index_add_(0, p.tok, c)
+    fit_w = fit.to(target.dtype)
 
     def mse() -> float:
-        return float((target[fit] - pred[fit]).pow(2).sum())
+        return float(((target - pred).square().sum(1) * fit_w).sum())
 
     history = [mse()]
-    factors: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}  # per expert: fitted rows, Cholesky, λ
+    # Per expert, once: its fit mask, aᵀ·target and the Cholesky factor L of aᵀa + λI (a: its fitted rows).
+    # The exact update solves (aᵀa + λI) Wᵀ = aᵀ(target − (pred − a Wᵀ − g·b) − g·b) + λWᵀ (its own bias
+    # term cancels), whose right-hand side is aᵀ·target − aᵀ·pred + L(LᵀWᵀ): one product with the current
+    # prediction per expert and sweep, and no copy of the fitted rows.
+    fixed: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for e, p in enumerate(parts):
+        m = fit[p.tok]
+        if p.tok.numel() == 0 or not bool(m.any()):
+            continue
+        a = p.act[m]
+        gram = a.T @ a
+        gram.diagonal().add_(ridge * float(gram.diagonal().mean()) + 1e-12)
+        del a
+        mw = m.to(target.dtype)[:, None]
+        fixed[e] = (mw, p.act.T @ (target[p.tok] * mw), torch.linalg.cholesky(gram))
     for _ in range(sweeps):
         for e, p in enumerate(parts):
-            if p.tok.numel() == 0:
+            if e not in fixed:
                 continue
-            if e not in factors:
-                m = fit[p.tok]
-                if not bool(m.any()):
-                    continue
-                a = p.act[m]
-                gram = a.T @ a
-                lam = ridge * float(gram.diagonal().mean()) + 1e-12
-                eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-                factors[e] = (m, torch.linalg.cholesky(gram + lam * eye), lam)
-            m, chol, lam = factors[e]
-            a = p.act[m]
-            rows = p.tok[m]
-            resid = target[rows] - (pred[rows] - contrib[e][m])
-            if p.gbias is not None:
-                resid = resid - p.gbias[m]
-            w[e] = torch.cholesky_solve(a.T @ resid + lam * w[e].T, chol).T
-            c = p.act @ w[e].T + (p.gbias if p.gbias is not None else 0)
-            pred.index_put_((p.tok,), c - contrib[e], accumulate=True)
-            contrib[e] = c
+            mw, at_target, chol = fixed[e]
+            rhs = at_target - p.act.T @ (pred[p.tok] * mw) + chol @ (chol.T @ w[e].T)
+            new = torch.cholesky_solve(rhs, chol).T
+            pred.index_add_(0, p.tok, p.act @ (new - w[e]).T)
+            w[e] = new
         history.append(mse())
     return w, pred, history
 
