@@ -127,31 +127,30 @@ def solve_down(parts: list[ExpertTokens], down: list[torch.Tensor], target: torc
     fit_w = fit.to(target.dtype)
 
     def mse() -> float:
-        return float(((target - pred).square().sum(1) * fit_w).sum())
+        d = target - pred
+        return float(d.mul_(d).sum(1) @ fit_w)
 
     history = [mse()]
-    # Per expert, once: its fit mask, aᵀ·target and the Cholesky factor L of aᵀa + λI (a: its fitted rows).
-    # The exact update solves (aᵀa + λI) Wᵀ = aᵀ(target − (pred − a Wᵀ − g·b) − g·b) + λWᵀ (its own bias
-    # term cancels), whose right-hand side is aᵀ·target − aᵀ·pred + L(LᵀWᵀ): one product with the current
-    # prediction per expert and sweep, and no copy of the fitted rows.
-    fixed: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    # Per expert, once: its fit mask and the Cholesky factor L of aᵀa + λI (a: its fitted rows). The exact
+    # update solves (aᵀa + λI) Wᵀ = aᵀ(target − (pred − a Wᵀ − g·b) − g·b) + λWᵀ (its own bias term cancels),
+    # whose right-hand side is aᵀ(target − pred) + L(LᵀWᵀ): one product with the tokens per expert and sweep,
+    # and no copy of the fitted rows.
+    fixed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for e, p in enumerate(parts):
         m = fit[p.tok]
         if p.tok.numel() == 0 or not bool(m.any()):
             continue
-        a = p.act[m]
-        gram = a.T @ a
-        gram.diagonal().add_(ridge * float(gram.diagonal().mean()) + 1e-12)
-        del a
         mw = m.to(target.dtype)[:, None]
-        fixed[e] = (mw, p.act.T @ (target[p.tok] * mw), torch.linalg.cholesky(gram))
+        gram = (p.act * mw).T @ p.act
+        gram.diagonal().add_(ridge * float(gram.diagonal().mean()) + 1e-12)
+        fixed[e] = (mw, torch.linalg.cholesky(gram))
     for _ in range(sweeps):
         for e, p in enumerate(parts):
             if e not in fixed:
                 continue
-            mw, at_target, chol = fixed[e]
-            rhs = at_target - p.act.T @ (pred[p.tok] * mw) + chol @ (chol.T @ w[e].T)
-            new = torch.cholesky_solve(rhs, chol).T
+            mw, chol = fixed[e]
+            rhs = ((target[p.tok] - pred[p.tok]) * mw).T @ p.act
+            new = torch.cholesky_solve(rhs.T + chol @ (chol.T @ w[e].T), chol).T
             pred.index_add_(0, p.tok, p.act @ (new - w[e]).T)
             w[e] = new
         history.append(mse())
@@ -174,7 +173,7 @@ def expert_tokens(layer: MoELayer, x: torch.Tensor, w: ExpertWeights | None = No
         out, act = apply_expert(layer.experts, layer.adapter.layout, w.select(e), xd[tok])
         gb = g * w.down_bias[e].double() if w.down_bias is not None else None
         parts.append(ExpertTokens(tok=tok, act=g * act.double(), gbias=gb))
-        routed.index_put_((tok,), g * out.double(), accumulate=True)
+        routed.index_add_(0, tok, g * out.double())  # a token reaches an expert once
     return parts, routed
 
 
@@ -182,7 +181,7 @@ def fit_down(layer: MoELayer, data: BlockData, ridge: float, sweeps: int) -> dic
     """(b): ridge least squares of every kept expert's down projection, the router and gate/up fixed."""
     w = ExpertView(layer).get_all()
     parts, routed = expert_tokens(layer, data.x, w)
-    target = data.y.double() - other_output(layer, data.x, routed)
+    target = data.y.double() - other_output(layer, data.x, routed) if layer.shared() else data.y.double()
     new, _, history = solve_down(parts, list(w.down.unbind(0)), target, data.fit, ridge, sweeps)
     replace_experts(layer, w.with_(down=torch.stack(new).to(w.down.dtype)))
     norm = float(data.y[data.fit].double().pow(2).sum().clamp_min(1e-30))
@@ -285,9 +284,11 @@ def heal_block(ref_layer: MoELayer, layer: MoELayer, data: BlockData, groups: li
                                                spec.patience, spec.seed)))
     for name, fn in steps:
         before = _snapshot(layer)
+        t0 = time.perf_counter()
         info = fn()
+        seconds = time.perf_counter() - t0
         errs = block_errors(layer, data, fit=False)
-        entry: dict[str, Any] = {**info, **{k: round(v, 6) for k, v in errs.items()}}
+        entry: dict[str, Any] = {"seconds": round(seconds, 3), **info, **{k: round(v, 6) for k, v in errs.items()}}
         if spec.revert_worse and errs["held"] > current * (1 + 1e-9):
             overwrite_block_tensors(layer, before)
             entry["reverted"] = True
