@@ -14,7 +14,7 @@ import torch
 from moecompress.arch.adapter import decoder_layers
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by a hook to end a forward early (everything needed has been recorded)."""
 
 
@@ -69,10 +69,10 @@ def _capture_without_layers(model: torch.nn.Module, batches: list[tuple[torch.Te
                 first.append(h.detach())
             elif h is not entering[0]:  # the loop did not hand the pass-through on unchanged
                 ok[0] = False
-                raise _Stop
+                raise StopForward
             kwargs[i].append({k: v for k, v in kw.items() if k != "hidden_states"})
             if i == len(layers) - 1:
-                raise _Stop  # nothing after the last layer's input is needed (final norm, head)
+                raise StopForward  # nothing after the last layer's input is needed (final norm, head)
             return None
         return hook
 
@@ -87,7 +87,7 @@ def _capture_without_layers(model: torch.nn.Module, batches: list[tuple[torch.Te
             for ids, mask in batches:
                 try:
                     model(input_ids=ids, attention_mask=mask, use_cache=False)
-                except _Stop:
+                except StopForward:
                     pass
                 if not ok[0]:
                     return None

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from moecompress.arch.adapter import MoELayer, adapter_for, decoder_layers, moe_layers
-from moecompress.calib.layers import _Stop, capture_layer_inputs, layer_output
+from moecompress.calib.layers import StopForward, capture_layer_inputs, layer_output
 from moecompress.heal.fit import BlockData
 
 OnLayer = Callable[[int, MoELayer, MoELayer, BlockData], None]
@@ -60,7 +60,7 @@ def _block_inputs(layer: torch.nn.Module, block: torch.nn.Module, hidden: list[t
 
     def pre(mod, args, kw):  # noqa: ANN001
         ins.append((args[0] if args else kw["hidden_states"]).detach())
-        raise _Stop
+        raise StopForward
 
     handle = block.register_forward_pre_hook(pre, with_kwargs=True)
     try:
@@ -68,7 +68,7 @@ def _block_inputs(layer: torch.nn.Module, block: torch.nn.Module, hidden: list[t
             for b, h in enumerate(hidden):
                 try:
                     layer(h, **kwargs[b])
-                except _Stop:
+                except StopForward:
                     pass
     finally:
         handle.remove()
