@@ -10,7 +10,7 @@ criterion, all healed (a+b); the reconstruct pick and the best rival also (a+b+c
 memory on a fresh copy (the disk round trip is in tests/test_heal.py).
 
 Run from the repo root: `python bench/heal_bench.py [--refs A B] [--steps 100] [--lr 3e-3] [--json out.json]`
-(about 10–15 minutes per reference on 2 shared cores); `--only cost` runs (2) alone (about a minute per reference).
+(about 10–15 minutes per reference on 2 shared cores); `--only cost` runs (2) alone (about half a minute per reference).
 
 The cost compares `heal_model` with (a+b) at REAP 50% (both layer-0 captures, every layer's original forward
 with its block inputs/outputs, the compressed block inputs, (a) and (b) with their held-out error checks, and
