@@ -218,3 +218,67 @@ def test_select_reconstruct_from_the_cli_and_masked_layout_says_it_saves_nothing
     code, _, err = run_cli(["prune", ref, "--out", tmp_path / "x", "--neuron-ratio", "0.5", "--select",
                             "reconstruct", "--calib", calib, *CALIB], capsys)
     assert code == 2 and "--select" in err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_capture_without_running_layers_matches_the_full_forward(family: str):
+    """The walk's cheap capture (decoder layers passed through) gives exactly the full forward's layer-0
+    inputs and every layer's keyword arguments."""
+    from moecompress.calib.layers import capture_layer_inputs
+
+    model, _ = tiny(family)
+    batches = batches_for(model, n=10, seq=12)
+    fast_h, fast_kw = capture_layer_inputs(model, batches, run_layers=False)
+    full_h, full_kw = capture_layer_inputs(model, batches)
+    assert len(fast_h) == len(full_h) == len(batches)
+    assert all(torch.equal(a, b) for a, b in zip(fast_h, full_h, strict=True))
+    assert fast_kw.keys() == full_kw.keys()
+    for i in full_kw:
+        for a, b in zip(fast_kw[i], full_kw[i], strict=True):
+            assert a.keys() == b.keys()
+            for k, v in b.items():
+                if isinstance(v, torch.Tensor):
+                    assert torch.equal(a[k], v), (i, k)
+                elif isinstance(v, tuple):
+                    assert all(torch.equal(x, y) for x, y in zip(a[k], v, strict=True)), (i, k)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_down_fit_matches_plain_ridge_solves(with_bias: bool):
+    """`solve_down`'s algebra (Cholesky factors and right-hand sides reused across sweeps) gives what plain
+    per-expert ridge solves in the same order give, to 1e-9 relative (float64)."""
+    from moecompress.heal.fit import ExpertTokens
+
+    gen = torch.Generator().manual_seed(3)
+    n, h, i, e = 60, 5, 4, 3
+    target = torch.randn(n, h, generator=gen, dtype=torch.float64)
+    fit = torch.rand(n, generator=gen) > 0.2
+    parts, down = [], []
+    for _ in range(e):
+        tok = torch.randperm(n, generator=gen)[:35].sort().values
+        g = torch.rand(tok.numel(), 1, generator=gen, dtype=torch.float64)
+        gb = g * torch.randn(h, generator=gen, dtype=torch.float64) if with_bias else None
+        parts.append(ExpertTokens(tok=tok, act=g * torch.randn(tok.numel(), i, generator=gen, dtype=torch.float64), gbias=gb))
+        down.append(torch.randn(h, i, generator=gen, dtype=torch.float64))
+    ridge, sweeps = 1e-2, 2
+    got, pred, _ = solve_down(parts, down, target, fit, ridge, sweeps)
+
+    w = [d.clone() for d in down]
+
+    def contribution(k: int) -> torch.Tensor:
+        c = torch.zeros_like(target)
+        c[parts[k].tok] = parts[k].act @ w[k].T + (parts[k].gbias if parts[k].gbias is not None else 0)
+        return c
+
+    for _ in range(sweeps):
+        for k, p in enumerate(parts):
+            others = sum(contribution(j) for j in range(e) if j != k)
+            m = fit[p.tok]
+            a = p.act[m]
+            r = (target - others)[p.tok][m] - (p.gbias[m] if p.gbias is not None else 0)
+            gram = a.T @ a
+            lam = ridge * float(gram.diagonal().mean()) + 1e-12
+            w[k] = torch.linalg.solve(gram + lam * torch.eye(i, dtype=gram.dtype), a.T @ r + lam * w[k].T).T
+    for a, b in zip(got, w, strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(pred, sum(contribution(j) for j in range(e)), rtol=1e-9, atol=1e-12)

@@ -130,40 +130,40 @@ def solve_down(parts: list[ExpertTokens], down: list[torch.Tensor], target: torc
     """
     w = [d.double().clone() for d in down]
     pred = torch.zeros_like(target)
-    contrib = []
     for p, wd in zip(parts, w, strict=True):
-        c = p.act @ wd.T + (p.gbias if p.gbias is not None else 0)
-        pred.index_put_((p.tok,), c, accumulate=True)
-        contrib.append(c)
+        c = p.act @ wd.T
+        if p.gbias is not None:
+            c = c + p.gbias
+        pred.index_add_(0, p.tok, c)
+    fit_w = fit.to(target.dtype)
 
     def mse() -> float:
-        return float((target[fit] - pred[fit]).pow(2).sum())
+        d = target - pred
+        return float(d.mul_(d).sum(1) @ fit_w)
 
     history = [mse()]
-    factors: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}  # per expert: fitted rows, Cholesky, λ
+    # Per expert, once: its fit mask and the Cholesky factor L of aᵀa + λI (a: its fitted rows). The exact
+    # update solves (aᵀa + λI) Wᵀ = aᵀ(target − (pred − a Wᵀ − g·b) − g·b) + λWᵀ (its own bias term cancels),
+    # whose right-hand side is aᵀ(target − pred) + L(LᵀWᵀ): one product with the tokens per expert and sweep,
+    # and no copy of the fitted rows.
+    fixed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for e, p in enumerate(parts):
+        m = fit[p.tok]
+        if p.tok.numel() == 0 or not bool(m.any()):
+            continue
+        mw = m.to(target.dtype)[:, None]
+        gram = (p.act * mw).T @ p.act
+        gram.diagonal().add_(ridge * float(gram.diagonal().mean()) + 1e-12)
+        fixed[e] = (mw, torch.linalg.cholesky(gram))
     for _ in range(sweeps):
         for e, p in enumerate(parts):
-            if p.tok.numel() == 0:
+            if e not in fixed:
                 continue
-            if e not in factors:
-                m = fit[p.tok]
-                if not bool(m.any()):
-                    continue
-                a = p.act[m]
-                gram = a.T @ a
-                lam = ridge * float(gram.diagonal().mean()) + 1e-12
-                eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-                factors[e] = (m, torch.linalg.cholesky(gram + lam * eye), lam)
-            m, chol, lam = factors[e]
-            a = p.act[m]
-            rows = p.tok[m]
-            resid = target[rows] - (pred[rows] - contrib[e][m])
-            if p.gbias is not None:
-                resid = resid - p.gbias[m]
-            w[e] = torch.cholesky_solve(a.T @ resid + lam * w[e].T, chol).T
-            c = p.act @ w[e].T + (p.gbias if p.gbias is not None else 0)
-            pred.index_put_((p.tok,), c - contrib[e], accumulate=True)
-            contrib[e] = c
+            mw, chol = fixed[e]
+            rhs = ((target[p.tok] - pred[p.tok]) * mw).T @ p.act
+            new = torch.cholesky_solve(rhs.T + chol @ (chol.T @ w[e].T), chol).T
+            pred.index_add_(0, p.tok, p.act @ (new - w[e]).T)
+            w[e] = new
         history.append(mse())
     return w, pred, history
 
@@ -184,7 +184,7 @@ def expert_tokens(layer: MoELayer, x: torch.Tensor, w: ExpertWeights | None = No
         out, act = apply_expert(layer.experts, layer.adapter.layout, w.select(e), xd[tok])
         gb = g * w.down_bias[e].double() if w.down_bias is not None else None
         parts.append(ExpertTokens(tok=tok, act=g * act.double(), gbias=gb))
-        routed.index_put_((tok,), g * out.double(), accumulate=True)
+        routed.index_add_(0, tok, g * out.double())  # a token reaches an expert once
     return parts, routed
 
 
@@ -192,7 +192,7 @@ def fit_down(layer: MoELayer, data: BlockData, ridge: float, sweeps: int) -> dic
     """(b): ridge least squares of every kept expert's down projection, the router and gate/up fixed."""
     w = ExpertView(layer).get_all()
     parts, routed = expert_tokens(layer, data.x, w)
-    target = data.y.double() - other_output(layer, data.x, routed)
+    target = data.y.double() - other_output(layer, data.x, routed) if layer.shared() else data.y.double()
     new, _, history = solve_down(parts, list(w.down.unbind(0)), target, data.fit, ridge, sweeps)
     replace_experts(layer, w.with_(down=torch.stack(new).to(w.down.dtype)))
     norm = float(data.y[data.fit].double().pow(2).sum().clamp_min(1e-30))
@@ -296,9 +296,11 @@ def heal_block(ref_layer: MoELayer, layer: MoELayer, data: BlockData, groups: li
                                                spec.patience, spec.seed)))
     for name, fn in steps:
         before = _snapshot(layer)
+        t0 = time.perf_counter()
         info = fn()
+        seconds = time.perf_counter() - t0
         errs = block_errors(layer, data, fit=False)
-        entry: dict[str, Any] = {**info, **{k: round(v, 6) for k, v in errs.items()}}
+        entry: dict[str, Any] = {"seconds": round(seconds, 3), **info, **{k: round(v, 6) for k, v in errs.items()}}
         if spec.revert_worse and errs["held"] > current * (1 + 1e-9):
             overwrite_block_tensors(layer, before)
             entry["reverted"] = True

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from moecompress.arch.adapter import MoELayer, adapter_for, decoder_layers, moe_layers
-from moecompress.calib.layers import capture_layer_inputs, layer_output
+from moecompress.calib.layers import StopForward, capture_layer_inputs, layer_output
 from moecompress.heal.fit import BlockData
 
 OnLayer = Callable[[int, MoELayer, MoELayer, BlockData], None]
@@ -31,8 +31,8 @@ def holdout_rows(n_rows: int, holdout: float) -> int:
 
 
 def _run_block_layer(layer: torch.nn.Module, block: torch.nn.Module, hidden: list[torch.Tensor],
-                     kwargs: list[dict[str, Any]], want_output: bool):
-    """Run one decoder layer over every batch; returns (block inputs, block outputs or None, layer outputs)."""
+                     kwargs: list[dict[str, Any]]):
+    """Run one decoder layer over every batch; returns (block inputs, block outputs, layer outputs)."""
     ins: list[torch.Tensor] = []
     outs: list[torch.Tensor] = []
 
@@ -42,16 +42,39 @@ def _run_block_layer(layer: torch.nn.Module, block: torch.nn.Module, hidden: lis
     def post(mod, args, out):  # noqa: ANN001
         outs.append((out[0] if isinstance(out, tuple) else out).detach())
 
-    handles = [block.register_forward_pre_hook(pre, with_kwargs=True)]
-    if want_output:
-        handles.append(block.register_forward_hook(post))
+    handles = [block.register_forward_pre_hook(pre, with_kwargs=True), block.register_forward_hook(post)]
     try:
         with torch.no_grad():
             nxt = [layer_output(layer(h, **kwargs[b])) for b, h in enumerate(hidden)]
     finally:
         for h in handles:
             h.remove()
-    return ins, (outs if want_output else None), nxt
+    return ins, outs, nxt
+
+
+def _block_inputs(layer: torch.nn.Module, block: torch.nn.Module, hidden: list[torch.Tensor],
+                  kwargs: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """The block's inputs over every batch, each forward stopped where the block would start: the block
+    is about to be healed, so its outputs here would be thrown away (the healed layer is run afterwards)."""
+    ins: list[torch.Tensor] = []
+
+    def pre(mod, args, kw):  # noqa: ANN001
+        ins.append((args[0] if args else kw["hidden_states"]).detach())
+        raise StopForward
+
+    handle = block.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for b, h in enumerate(hidden):
+                try:
+                    layer(h, **kwargs[b])
+                except StopForward:
+                    pass
+    finally:
+        handle.remove()
+    if len(ins) != len(hidden):
+        raise RuntimeError("heal: the MoE block was not reached in a decoder layer's forward")
+    return ins
 
 
 def _flat(parts: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
@@ -86,15 +109,15 @@ def walk_two_streams(ref_model: torch.nn.Module, model: torch.nn.Module, batches
 
 
 def _walk(ref_model, model, batches, on_layer, ref_moe, cmp_moe, masks, held, progress) -> None:  # noqa: ANN001
-    h_ref, kw_ref = capture_layer_inputs(ref_model, batches)
+    h_ref, kw_ref = capture_layer_inputs(ref_model, batches, run_layers=False)
     if _same_embeddings(ref_model, model):  # structural passes never touch embeddings: one capture serves both
         h_cmp, kw_cmp = list(h_ref), kw_ref
     else:
-        h_cmp, kw_cmp = capture_layer_inputs(model, batches)
+        h_cmp, kw_cmp = capture_layer_inputs(model, batches, run_layers=False)
     for i, (lr, lc) in enumerate(zip(decoder_layers(ref_model), decoder_layers(model), strict=True)):
         if i in cmp_moe:
-            x_ref, y_ref, h_ref = _run_block_layer(lr, ref_moe[i].block, h_ref, kw_ref[i], True)
-            x_cmp, _, _ = _run_block_layer(lc, cmp_moe[i].block, h_cmp, kw_cmp[i], False)
+            x_ref, y_ref, h_ref = _run_block_layer(lr, ref_moe[i].block, h_ref, kw_ref[i])
+            x_cmp = _block_inputs(lc, cmp_moe[i].block, h_cmp, kw_cmp[i])
             data = BlockData(x=_flat(x_cmp, masks), x_ref=_flat(x_ref, masks),
                              y=_flat(y_ref, masks).double(), held=held)
             on_layer(i, ref_moe[i], cmp_moe[i], data)
