@@ -83,6 +83,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def calibration_loader(cache: dict[str, Any], tok: Any, calibration: Any, src: Path) -> Callable[[], Any]:
+    """Tokenized calibration data, loaded on first use and kept in `cache["calib"]` (a pass may never need it)."""
+    def get_calibration() -> Any:
+        if "calib" not in cache:
+            from moecompress.calib.data import load_calibration
+
+            if tok is None:
+                raise UserError(f"{src} has no tokenizer; calibration data cannot be tokenized")
+            cache["calib"] = load_calibration(resolve_calibration(calibration, src), tok)
+        return cache["calib"]
+
+    return get_calibration
+
+
 def obtain_stats(model: Any, get_calibration: Any, model_dir: Path, calib_spec: Any, opts: RunOptions,
                  console: Any = None, collector: Any = None) -> Stats:
     """Statistics for (model, calibration spec): from the cache when the same pair was seen, else one pass.
@@ -161,14 +175,7 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
     model, tok = loaded.model, loaded.tokenizer
     cache: dict[str, Any] = {}
 
-    def get_calibration() -> Any:
-        if "calib" not in cache:
-            from moecompress.calib.data import load_calibration
-
-            if tok is None:
-                raise UserError(f"{src} has no tokenizer; calibration data cannot be tokenized")
-            cache["calib"] = load_calibration(resolve_calibration(calibration, src), tok)
-        return cache["calib"]
+    get_calibration = calibration_loader(cache, tok, calibration, src)
 
     def get_stats() -> Stats:
         if "stats" not in cache:
@@ -270,14 +277,7 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
     cache: dict[str, Any] = {}
     spill = engine.spill_dir_beside(out)
 
-    def get_calibration() -> Any:
-        if "calib" not in cache:
-            from moecompress.calib.data import load_calibration
-
-            if tok is None:
-                raise UserError(f"{src} has no tokenizer; calibration data cannot be tokenized")
-            cache["calib"] = load_calibration(resolve_calibration(calibration, src), tok)
-        return cache["calib"]
+    get_calibration = calibration_loader(cache, tok, calibration, src)
 
     def collector(batches: Any, total: int, meta: dict[str, Any]) -> Stats:
         stats_src = engine.open_source(src, dtype=opts.dtype, device=opts.device, budget=budget)

@@ -10,7 +10,8 @@ running the model's own forward with every decoder layer short-circuited, so fam
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,16 +120,26 @@ def _capture(model: torch.nn.Module, layers: torch.nn.ModuleList, ids: torch.Ten
     """Each layer's call arguments in one forward whose layers return their input (+ `shift`)."""
     captured: dict[int, tuple[tuple, dict]] = {}
     store: dict[str, torch.Tensor] = {}
-    originals = []
-    for i, layer in enumerate(layers):
-        originals.append(layer.__dict__.get("forward"))
-        layer.forward = _catcher(i, len(layers), captured, store, shift)
     try:
-        with torch.no_grad():
+        with _layer_forwards(model, layers, [_catcher(i, len(layers), captured, store, shift)
+                                             for i in range(len(layers))]), torch.no_grad():
             model(input_ids=ids, attention_mask=mask, use_cache=False)
     except _Stop:
         pass
-    except (ValueError, TypeError) as exc:  # the model unpacked more than hidden states from a layer
+    return captured, store
+
+
+@contextmanager
+def _layer_forwards(model: torch.nn.Module, layers: torch.nn.ModuleList, forwards: list[Callable[..., Any]]
+                    ) -> Iterator[None]:
+    """Run the model with each decoder layer's forward replaced (restored after); a model that unpacks more
+    than hidden states from its layers is not streamable."""
+    originals = [layer.__dict__.get("forward") for layer in layers]
+    for layer, fn in zip(layers, forwards, strict=True):
+        layer.forward = fn
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
         raise NotStreamable(f"{type(model).__name__}: its decoder layers return more than hidden states "
                             f"({str(exc).splitlines()[0][:80]})") from exc
     finally:
@@ -137,7 +148,6 @@ def _capture(model: torch.nn.Module, layers: torch.nn.ModuleList, ids: torch.Ten
                 del layer.forward
             else:
                 layer.forward = orig
-    return captured, store
 
 
 def _catcher(index: int, count: int, captured: dict, store: dict, shift: float = 0.0) -> Callable[..., Any]:
@@ -163,21 +173,10 @@ def _head_reads_last_only(model: torch.nn.Module, layers: torch.nn.ModuleList, i
     if n < 2:
         return True
     logits = []
-    originals = [layer.__dict__.get("forward") for layer in layers]
     for shifted in (0, n - 1):
-        for i, layer in enumerate(layers):
-            layer.forward = (lambda h, *a, **k: h + 1.0) if i == shifted else (lambda h, *a, **k: h)
-        try:
+        forwards = [(lambda h, *a, **k: h + 1.0) if i == shifted else (lambda h, *a, **k: h) for i in range(n)]
+        with _layer_forwards(model, layers, forwards):
             out = model(input_ids=ids, attention_mask=mask, use_cache=False)
-        except (ValueError, TypeError) as exc:
-            raise NotStreamable(f"{type(model).__name__}: its decoder layers return more than hidden states "
-                                f"({str(exc).splitlines()[0][:80]})") from exc
-        finally:
-            for layer, orig in zip(layers, originals, strict=True):
-                if orig is None:
-                    del layer.forward
-                else:
-                    layer.forward = orig
         logits.append(out.logits.float())
     # the same computation twice: equal up to kernel nondeterminism; a real dependency moves logits far more
     tol = 1e-5 * float(logits[0].abs().max().clamp_min(1.0))

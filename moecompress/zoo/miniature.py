@@ -453,23 +453,11 @@ def build_miniature(config: dict[str, Any], *, seed: int = 0, dtype: torch.dtype
     cls = model_class(cfg)
     torch.manual_seed(seed)
     model = cls._from_config(cfg, dtype=dtype or torch.float32)
-    _give_signal(model)
+    from moecompress.zoo.tiny import give_signal
+
+    give_signal(model)
     model.eval()
     return model
-
-
-@torch.no_grad()
-def _give_signal(model: torch.nn.Module) -> None:
-    """Random init leaves some routers, biases and correction vectors at zero; give them signal so routing and
-    every tensor are non-trivial (a zero tensor would hide layout bugs)."""
-    for name, p in model.named_parameters():
-        if p.dim() == 1 and ("bias" in name or "correction" in name):
-            p.normal_(0, 0.05)
-        elif p.dim() >= 2 and p.abs().sum() == 0:
-            p.normal_(0, 0.05)
-    for name, buf in model.named_buffers():
-        if "e_score_correction_bias" in name and buf.is_floating_point():
-            buf.normal_(0, 0.05)
 
 
 def write_miniature(config_file: Path, out: Path, *, seed: int = 0, overwrite: bool = False) -> dict[str, Any]:

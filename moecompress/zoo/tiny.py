@@ -88,20 +88,25 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return train_bpe_tokenizer(_TOKENIZER_TEXT * 4, vocab_size=VOCAB)
 
 
+@torch.no_grad()
+def give_signal(model: torch.nn.Module) -> None:
+    """Random init leaves some routers, biases and correction vectors at zero; give them signal so routing and
+    every tensor are non-trivial (a zero tensor would hide layout bugs)."""
+    for name, p in model.named_parameters():
+        if p.dim() == 1 and ("bias" in name or "correction" in name):
+            p.normal_(0, 0.05)
+        elif p.dim() >= 2 and p.abs().sum() == 0:
+            p.normal_(0, 0.05)
+    for name, buf in model.named_buffers():
+        if "e_score_correction_bias" in name and buf.is_floating_point():
+            buf.normal_(0, 0.05)
+
+
 def tiny(family: str, seed: int = 0, **overrides: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Build a random tiny model of `family` plus a matching tokenizer."""
     cfg = tiny_config(family, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
-    # Random init leaves some families' routers and biases at zero; give them signal so routing is non-trivial.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and ("bias" in name or "correction" in name):
-                p.normal_(0, 0.05)
-            elif p.dim() >= 2 and p.abs().sum() == 0:
-                p.normal_(0, 0.05)
-        for name, buf in model.named_buffers():
-            if "e_score_correction_bias" in name:
-                buf.normal_(0, 0.05)
+    give_signal(model)
     model.eval()
     return model, tiny_tokenizer()
