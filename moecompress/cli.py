@@ -277,6 +277,8 @@ def print_report(report: dict) -> None:
 
     from moecompress.report import eval_rows, human_bytes
 
+    if "rank" in report:  # a data-parallel rank other than 0: rank 0 reports the run
+        return
     t = Table(title=f"{report['pass']} → {report['output']}")
     for col in ("", "before", "after"):
         t.add_column(col, justify="right")
@@ -685,13 +687,50 @@ def _register_optional() -> None:
 _register_optional()
 
 
+# commands that run under torchrun / accelerate launch (each rank calibrates on its share, rank 0 writes)
+DATA_PARALLEL_COMMANDS = frozenset({"prune", "merge", "quantize", "run", "heal", "fit", "plan", "inspect"})
+
+
+def _option_value(argv: list[str], name: str) -> str | None:
+    """The value of `--name VALUE` / `--name=VALUE` in argv (read before the command line is parsed)."""
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def main() -> None:
-    """Console-script entry: one clear line and exit 2 for user errors."""
+    """Console-script entry: one clear line and exit 2 for user errors.
+
+    Under ``torchrun`` / ``accelerate launch`` (WORLD_SIZE > 1) the process first joins the run's process group;
+    ranks other than 0 print nothing but their own failure (``moecompress.dist``).
+    """
+    from rich.markup import escape
+
+    from moecompress import dist
+
+    prefix = ""
     try:
+        if dist.launched_size() > 1:
+            command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+            if command not in DATA_PARALLEL_COMMANDS:
+                raise UserError(f"`moecompress {command}` does not run data-parallel; launch it without torchrun "
+                                f"(data-parallel commands: {', '.join(sorted(DATA_PARALLEL_COMMANDS))})")
+            w = dist.init_from_env(sys.argv[1:], device=_option_value(sys.argv[1:], "--device"))
+            if not w.is_main:
+                console.quiet = True
+                prefix = f"rank {w.rank}: "
         app()  # standalone: usage errors already exit 2 with a message
     except UserError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(prefix + str(exc))}", highlight=False)
         sys.exit(2)
+    except dist.RankFailure as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        sys.exit(1)
+    finally:
+        dist.shutdown()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import resource
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from moecompress.calib.stats import Stats
+from moecompress.dist import peak_rss_mb, world
 from moecompress.errors import UserError
 from moecompress.io.checkpoint import (
     check_model_dir,
@@ -79,10 +79,6 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def calibration_loader(cache: dict[str, Any], tok: Any, calibration: Any, src: Path) -> Callable[[], Any]:
     """Tokenized calibration data, loaded on first use and kept in `cache["calib"]` (a pass may never need it)."""
     def get_calibration() -> Any:
@@ -101,14 +97,15 @@ def obtain_stats(model: Any, get_calibration: Any, model_dir: Path, calib_spec: 
                  console: Any = None, collector: Any = None) -> Stats:
     """Statistics for (model, calibration spec): from the cache when the same pair was seen, else one pass.
 
-    `collector(batches, total_tokens, meta)` computes them (the engine's streamed sweep); default: one forward
-    of the in-memory `model`.
+    `collector(batches, total_tokens, meta, first_token)` computes them (the engine's streamed sweep); default:
+    one forward of the in-memory `model`. In a data-parallel run each rank collects its share of the batches and
+    the shares are reduced, so every rank returns the same statistics; rank 0 alone writes the cache.
     """
-    from moecompress.calib.collect import collect_stats
+    from moecompress.calib.collect import collect_sharded, collect_stats
 
     key = f"{model_fingerprint(model_dir)}-{calib_spec.cache_key()}-s{opts.sample_tokens}"
     cache_dir = (opts.stats_cache or default_cache_root() / "stats") / key
-    if Stats.exists(cache_dir):
+    if world().all_true(Stats.exists(cache_dir)):  # every rank must take the same branch
         if console:
             console.print(f"[dim]statistics: cache hit {cache_dir}[/]")
         stats = Stats.load(cache_dir)
@@ -119,22 +116,20 @@ def obtain_stats(model: Any, get_calibration: Any, model_dir: Path, calib_spec: 
     total = int(batch.attention_mask.sum())
     meta = {"model": str(model_dir), "calibration": calib_spec.model_dump(mode="json"), "tokens": total}
     if collector is not None:
-        stats = collector(batches, total, meta)
-        stats.save(cache_dir)
-        stats.meta["cache"] = "miss"
-        if console:
-            console.print(f"statistics: {total:,} tokens in {stats.meta['collect_seconds']:.1f}s → {cache_dir}")
-        return stats
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        stats = collect_sharded(lambda own, first: collector(own, total, meta, first), batches, opts.sample_tokens)
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("collecting statistics"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-                  TimeRemainingColumn(), console=console, disable=console is None, transient=True) as prog:
-        task = prog.add_task("stats", total=total)
-        stats = collect_stats(model, batches, total_tokens=total, sample_tokens=opts.sample_tokens,
-                              progress=lambda n: prog.advance(task, n),
-                              meta={"model": str(model_dir), "calibration": calib_spec.model_dump(mode="json"),
-                                    "tokens": total})
-    stats.save(cache_dir)
+        with Progress(TextColumn("collecting statistics"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                      TimeRemainingColumn(), console=console, disable=console is None, transient=True) as prog:
+            task = prog.add_task("stats", total=total)
+            stats = collect_sharded(
+                lambda own, first: collect_stats(model, own, total_tokens=total, sample_tokens=opts.sample_tokens,
+                                                 progress=lambda n: prog.advance(task, n), meta=meta,
+                                                 first_token=first),
+                batches, opts.sample_tokens)
+    if world().is_main:
+        stats.save(cache_dir)
     stats.meta["cache"] = "miss"
     if console:
         console.print(f"statistics: {total:,} tokens in {stats.meta['collect_seconds']:.1f}s → {cache_dir}")
@@ -203,11 +198,16 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
         details.update(structural_pass_quality(cfg, details, model, src, opts, get_calibration, stats_of_input,
                                                console))
     pass_seconds = time.perf_counter() - t0
-    entry = {"pass": cfg.name, "config": cfg.model_dump(mode="json"), "summary": details.get("summary", "")}
+    w = world()
+    entry = {"pass": cfg.name, "config": cfg.model_dump(mode="json"), "summary": details.get("summary", ""),
+             "distributed": w.summary()}
+    if not w.is_main:
+        return rank_done(w, cfg, details, entry["distributed"])
     extra = {"recipe.yaml": recipe_text} if recipe_text else None
     verify = write_checkpoint(model, tok, out, source=src, pass_entry=entry, overwrite=opts.overwrite,
                               verify=opts.verify, save_fn=ctx.extras.get("save_fn"),
                               verify_atol=ctx.extras.get("verify_atol"), extra_files=extra, hub=resolved.hub_ref())
+    w.barrier()  # published: the other ranks may now read `out` (the next recipe step)
     report: dict[str, Any] = {
         "pass": cfg.name,
         "config": cfg.model_dump(mode="json"),
@@ -222,6 +222,7 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
         "statistics": (cache["stats"].meta if "stats" in cache else None),
         "verify": verify,
         "serving_checks": [f.model_dump() for f in findings],
+        "distributed": entry["distributed"],
         "details": details,
     }
     if entry.get("mtp"):
@@ -234,6 +235,13 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
 
         plot_pass(out, report, cache.get("stats"))
     return report
+
+
+def rank_done(w: Any, cfg: PassConfig, details: dict[str, Any], distributed: dict[str, Any]) -> dict[str, Any]:
+    """A data-parallel rank other than 0 after its share of a pass: it waits until rank 0 has published the
+    output (so a next recipe step can read it) and returns what it computed; rank 0 writes the report."""
+    w.barrier()
+    return {"pass": cfg.name, "rank": w.rank, "distributed": distributed, "details": details}
 
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
@@ -279,12 +287,13 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
 
     get_calibration = calibration_loader(cache, tok, calibration, src)
 
-    def collector(batches: Any, total: int, meta: dict[str, Any]) -> Stats:
+    def collector(batches: Any, total: int, meta: dict[str, Any], first_token: int = 0) -> Stats:
         stats_src = engine.open_source(src, dtype=opts.dtype, device=opts.device, budget=budget)
         meters["statistics"] = stats_src.meter
         try:
             return engine.stream_stats(stats_src, batches, total_tokens=total, sample_tokens=opts.sample_tokens,
-                                       budget=budget // 2, spill_dir=spill, console=console, meta=meta)
+                                       budget=budget // 2, spill_dir=spill, console=console, meta=meta,
+                                       first_token=first_token)
         finally:
             stats_src.close()
 
@@ -295,12 +304,14 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
         return cache["stats"]
 
     def grad_collector(batch_size: int) -> Any:
+        from moecompress.calib.gradients import collect_grad_sharded
         from moecompress.engine.grad import stream_gradient_stats
 
         grad_src = engine.open_source(src, dtype=opts.dtype, device=opts.device, budget=budget)
         try:
-            return stream_gradient_stats(grad_src, list(get_calibration().batches(batch_size)), budget=budget // 2,
-                                         spill_dir=spill, console=console)
+            return collect_grad_sharded(
+                lambda own: stream_gradient_stats(grad_src, own, budget=budget // 2, spill_dir=spill, console=console),
+                get_calibration().batches(batch_size))
         finally:
             grad_src.close()
 
@@ -309,12 +320,16 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
                       get_calibration=get_calibration, console=console, layer_visitor=engine.layer_visitor(source),
                       get_grad_stats=grad_collector)
     entry: dict[str, Any] = {"pass": cfg.name, "config": cfg.model_dump(mode="json")}
-    tmp = engine.temp_dir_beside(out)
+    w = world()
+    tmp = engine.temp_dir_beside(out) if w.is_main else None  # rank 0 alone writes
     try:
         details, ids, logits, config_update = engine.compress_streamed(
             lp, ctx, source, tmp, max_shard_bytes=max_shard, budget=budget // 2, spill_dir=spill, console=console)
         pass_seconds = time.perf_counter() - t0
         entry["summary"] = details.get("summary", "")
+        entry["distributed"] = w.summary()
+        if tmp is None:
+            return rank_done(w, cfg, details, entry["distributed"])
         engine.write_metadata(source, tok, tmp, src=src, pass_entry=entry,
                               extra_files={"recipe.yaml": recipe_text} if recipe_text else None,
                               hub=resolved.hub_ref() if resolved is not None else None,
@@ -324,8 +339,10 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
             verify = engine.verify_streamed(tmp, ids, logits, budget=budget, device=str(source.device),
                                             atol=ctx.extras.get("verify_atol"), console=console)
         publish(tmp, out)
+        w.barrier()  # the other ranks may now read `out` (the next recipe step)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         shutil.rmtree(spill, ignore_errors=True)
@@ -350,6 +367,7 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
         "statistics": (cache["stats"].meta if "stats" in cache else None),
         "verify": verify,
         "serving_checks": [f.model_dump() for f in findings or []],
+        "distributed": entry["distributed"],
         "details": details,
     }
     if entry.get("mtp"):
@@ -490,14 +508,18 @@ def run_recipe(recipe: Any, out: Path, *, model: Path | None = None, opts: RunOp
         hf_config = planned_config(cfg, adapter, hf_config)
     if out.exists() and any(out.iterdir()) and not (out / "recipe.yaml").exists() and not opts.overwrite:
         raise UserError(f"output {out} exists and does not hold a recipe run; choose another --out or --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    if recipe.text:
-        (out / "recipe.yaml").write_text(recipe.text)
+    w = world()
+    w.barrier()  # every rank has checked `out` before rank 0 creates anything in it
+    if w.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if recipe.text:
+            (out / "recipe.yaml").write_text(recipe.text)
     reports: list[dict[str, Any]] = []
     for i, cfg in enumerate(passes, start=1):
         step = out / f"{i:02d}-{cfg.name}"
-        for stale in out.glob(f".{step.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        if w.is_main:  # another rank must never remove the temp folder rank 0 is writing
+            for stale in out.glob(f".{step.name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
         if (step / REPORT).is_file() and not opts.overwrite:
             if console:
                 console.print(f"[green]✓[/] step {i} {cfg.name}: finished earlier, skipping ({step})")
@@ -509,10 +531,14 @@ def run_recipe(recipe: Any, out: Path, *, model: Path | None = None, opts: RunOp
         step_opts = opts.model_copy(update={"overwrite": True})  # a step dir without report is unfinished
         reports.append(run_pass(cfg, src, step, calibration=recipe.calibration, eval_spec=recipe.eval,
                                 opts=step_opts, console=console, recipe_text=recipe.text or None))
+        if not (step / "config.json").is_file():  # rank 0 published it before every rank left run_pass
+            raise UserError(f"rank {w.rank} cannot see step {i}'s output {step}, which rank 0 wrote; a multi-node "
+                            "recipe needs --out on a filesystem every node shares")
         src = ResolvedModel(path=step)
-    from moecompress.report import write_run_summary
+    if w.is_main:
+        from moecompress.report import write_run_summary
 
-    write_run_summary(out, reports)
+        write_run_summary(out, reports)
     return reports
 
 

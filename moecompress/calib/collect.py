@@ -13,7 +13,7 @@ import contextlib
 import math
 import time
 import types
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - depends on the transformers version
 
 from moecompress.arch.adapter import MoELayer, moe_layers
 from moecompress.arch.experts import ExpertView
-from moecompress.calib.stats import LayerStats, Stats
+from moecompress.calib.stats import LayerStats, Stats, reduce_stats
 
 TAP_IMPLEMENTATION = "moecompress_tap"
 _ACTIVE: dict[int, LayerTap] = {}
@@ -307,8 +307,12 @@ def _route_own_forward(experts: torch.nn.Module, impl: str | None) -> None:
 
 
 @contextlib.contextmanager
-def collecting(model: torch.nn.Module, sample_tokens: int, total_tokens: int) -> Iterator[dict[int, LayerTap]]:
-    """Install taps on every MoE layer (and the tap experts implementation); restore everything on exit."""
+def collecting(model: torch.nn.Module, sample_tokens: int, total_tokens: int, first_token: int = 0
+               ) -> Iterator[dict[int, LayerTap]]:
+    """Install taps on every MoE layer (and the tap experts implementation); restore everything on exit.
+
+    `first_token`: real tokens of the calibration set before these batches (a data-parallel rank's share), so
+    token samples are taken at the same global positions as in one process."""
     layers = moe_layers(model)
     every = max(1, math.ceil(total_tokens / max(sample_tokens, 1)))
     llama4 = layers[0].adapter.routing == "sigmoid_input_scale"
@@ -320,6 +324,7 @@ def collecting(model: torch.nn.Module, sample_tokens: int, total_tokens: int) ->
     logits_pos = 1 if llama4 else 0
     for layer in layers:
         tap = (Llama4Tap if llama4 else LayerTap)(layer, every, sample_tokens)
+        tap._seen_real = first_token
         taps[layer.index] = tap
         _ACTIVE[id(layer.experts)] = tap
         handles.append(layer.block.register_forward_pre_hook(
@@ -361,13 +366,14 @@ def collect_stats(
     sample_tokens: int = 2048,
     progress: Any = None,
     meta: dict[str, Any] | None = None,
+    first_token: int = 0,
 ) -> Stats:
     """Run the calibration batches once and return statistics for every MoE layer.
 
     `batches` yields (input_ids [B, L], attention_mask [B, L]); `progress(n_done_tokens)` is called per batch.
     """
     t0 = time.perf_counter()
-    with torch.inference_mode(), collecting(model, sample_tokens, total_tokens) as taps:
+    with torch.inference_mode(), collecting(model, sample_tokens, total_tokens, first_token) as taps:
         for input_ids, attention_mask in batches:
             mask = attention_mask.reshape(-1).bool()
             for tap in taps.values():
@@ -380,3 +386,14 @@ def collect_stats(
     info = dict(meta or {})
     info["collect_seconds"] = round(time.perf_counter() - t0, 3)
     return Stats(layers=layers, meta=info)
+
+
+def collect_sharded(collect: Callable[[list[tuple[torch.Tensor, torch.Tensor]], int], Stats],
+                    batches: Sequence[tuple[torch.Tensor, torch.Tensor]], sample_tokens: int) -> Stats:
+    """Statistics of `batches` in a data-parallel run: this rank collects its share with
+    ``collect(own_batches, first_token)``, the shares are reduced (``reduce_stats``); identity on one process."""
+    from moecompress.dist import world
+
+    w = world()
+    own, first = w.shard_batches(batches, "statistics")
+    return reduce_stats(collect(own, first), w, sample_tokens)

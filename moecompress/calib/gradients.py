@@ -357,6 +357,38 @@ def collect_gradient_stats(
     return GradStats(layers=layers, meta=info)
 
 
+def reduce_grad_stats(gs: GradStats, world: Any) -> GradStats:
+    """Gradient statistics of the whole calibration set from each rank's share (``moecompress.dist``): every
+    sum and count adds (the loss is a sum over sequences, so each sequence's gradients are its rank's alone)."""
+    if not world.distributed:
+        return gs
+    layers = [gs.layers[i] for i in sorted(gs.layers)]
+    tensors: list[torch.Tensor] = []
+    for lg in layers:
+        tensors += [lg.freq, lg.act_sq, lg.proj_sq, *([lg.m_sum] if lg.m_sum is not None else [])]
+        tensors += [t for name in sorted(lg.shared) for t in (lg.shared[name].act_sq, lg.shared[name].proj_sq)]
+    counts = torch.tensor([lg.n_tokens for lg in layers], dtype=torch.float64)
+    world.all_reduce_([*tensors, counts])
+    for lg, n in zip(layers, counts.tolist(), strict=True):
+        lg.n_tokens = int(n)
+    parts = world.gather((gs.meta.get("mean_loss", 0.0) * gs.meta.get("predicted_tokens", 0),
+                          gs.meta.get("predicted_tokens", 0), gs.meta.get("collect_seconds", 0.0)))
+    n_pred = sum(p[1] for p in parts)
+    gs.meta.update(mean_loss=sum(p[0] for p in parts) / max(n_pred, 1), predicted_tokens=n_pred,
+                   collect_seconds=max(p[2] for p in parts), world_size=world.size)
+    return gs
+
+
+def collect_grad_sharded(collect: Callable[[list[tuple[torch.Tensor, torch.Tensor]]], GradStats],
+                         batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> GradStats:
+    """Gradient statistics in a data-parallel run: this rank's share of `batches`, reduced over ranks."""
+    from moecompress.dist import world
+
+    w = world()
+    own, _ = w.shard_batches(list(batches), "gradients")
+    return reduce_grad_stats(collect(own), w)
+
+
 def batch_key(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str:
     """Identity of the exact calibration tokens, for the gradient-statistics cache."""
     h = hashlib.sha256(input_ids.to(torch.int64).contiguous().numpy().tobytes())

@@ -138,3 +138,25 @@ class Stats:
     @staticmethod
     def exists(path: Path) -> bool:
         return bundle_exists(path, "stats")
+
+
+def reduce_stats(stats: Stats, world: Any, sample_cap: int) -> Stats:
+    """Statistics of the whole calibration set from each rank's share (``moecompress.dist``): sums and token
+    counts add, ``max_act`` takes the max, token samples concatenate in rank order up to `sample_cap` (each rank
+    sampled at the global positions of its tokens, so the result is the sample one process would take)."""
+    if not world.distributed:
+        return stats
+    layers = [stats.layers[i] for i in sorted(stats.layers)]
+    counts = torch.tensor([ls.n_tokens for ls in layers], dtype=torch.float64)
+    world.all_reduce_([ls.sums[n] for ls in layers for n in SUM_FIELDS if n != "max_act"] + [counts])
+    world.all_reduce_([ls.sums["max_act"] for ls in layers], "max")
+    for ls, n in zip(layers, counts.tolist(), strict=True):
+        ls.n_tokens = int(n)
+    samples = world.gather({i: ls.sample for i, ls in stats.layers.items()})
+    for i, ls in stats.layers.items():
+        parts = [s[i] for s in samples if s.get(i) is not None]
+        ls.sample = torch.cat(parts)[:sample_cap] if parts else None
+    seconds = world.gather(stats.meta.get("collect_seconds", 0.0))
+    stats.meta["collect_seconds"] = max(seconds)
+    stats.meta["world_size"] = world.size
+    return stats

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,7 +24,7 @@ from moecompress.calib.stats import Stats
 from moecompress.engine.chunks import write_chunked_experts
 from moecompress.engine.loop import head_logits, run_layer, start_flow, stream_forward
 from moecompress.engine.reader import reader_for
-from moecompress.engine.sink import ShardWriter, on_disk_state, parse_size
+from moecompress.engine.sink import ShapeRecorder, ShardWriter, on_disk_state, parse_size
 from moecompress.engine.source import REST, ModelSource, prefer_mmap_for_large_blocks
 from moecompress.errors import UserError
 from moecompress.io.checkpoint import (
@@ -83,7 +82,7 @@ def sweep_progress(console: Any, label: str, total: int) -> Iterator[Callable[[]
 
 def stream_stats(source: ModelSource, batches: list[tuple[torch.Tensor, torch.Tensor]], *, total_tokens: int,
                  sample_tokens: int, budget: int, spill_dir: Path | None = None, console: Any = None,
-                 meta: dict[str, Any] | None = None) -> Stats:
+                 meta: dict[str, Any] | None = None, first_token: int = 0) -> Stats:
     """The statistics ``collect_stats`` gives, computed one decoder layer at a time from the shards."""
     from moecompress.calib.collect import collecting
 
@@ -92,7 +91,7 @@ def stream_stats(source: ModelSource, batches: list[tuple[torch.Tensor, torch.Te
     flow = start_flow(source, batches, budget=budget, spill_dir=spill_dir)
     masks = flow.masks()
     try:
-        with torch.inference_mode(), collecting(source.model, sample_tokens, total_tokens) as taps, \
+        with torch.inference_mode(), collecting(source.model, sample_tokens, total_tokens, first_token) as taps, \
                 sweep_progress(console, "collecting statistics", source.num_layers) as advance:
             for i in range(source.num_layers):
                 layer = source.materialise(i)
@@ -134,18 +133,19 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def compress_streamed(lp: LayerwisePass, ctx: PassContext, source: ModelSource, tmp: Path, *,
+def compress_streamed(lp: LayerwisePass, ctx: PassContext, source: ModelSource, tmp: Path | None, *,
                       max_shard_bytes: int, budget: int = 1 << 62, spill_dir: Path | None = None,
                       console: Any = None) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Sweep 2: plan, then per layer read → (observe) → apply → probe → write → release.
 
-    Returns (details, probe ids, probe logits of the compressed model, config keys to add).
+    Returns (details, probe ids, probe logits of the compressed model, config keys to add). `tmp` None writes
+    nothing (a data-parallel rank other than 0 runs every layer for the collectives, rank 0 writes).
     """
     plan = lp.plan(ctx)
     text_config = source.config.get_text_config() if hasattr(source.config, "get_text_config") else source.config
     ids = probe_input(text_config.vocab_size)
     probe = [(ids, torch.ones_like(ids))]
-    writer = ShardWriter(tmp, max_shard_bytes)
+    writer = ShardWriter(tmp, max_shard_bytes) if tmp is not None else ShapeRecorder()
     source.materialise(REST)
     flow = start_flow(source, probe, budget=1 << 62)
     calib = None
@@ -249,9 +249,7 @@ def open_source(src: Path, *, dtype: str | None, device: str | None, budget: int
 
 def spill_dir_beside(out: Path) -> Path:
     """Where activations spill to disk: beside the output (same filesystem the user chose), removed after."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.acts-", dir=out.parent))
+    return temp_dir_beside(out, "acts")
 
 
 __all__ = ["DEFAULT_SHARD", "compress_streamed", "count_params", "memory_budget", "open_source", "pick_device",

@@ -157,3 +157,24 @@ class ShardWriter:
                      "weight_map": {k: weight_map[k] for k in sorted(weight_map)}}
             (self.folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return weight_map
+
+
+class ShapeRecorder:
+    """A writer that writes nothing and keeps the shapes: what a data-parallel rank other than 0 hands the
+    layer loop (rank 0 alone writes; every rank needs the written shapes for the config update)."""
+
+    def __init__(self) -> None:
+        self.shapes: dict[str, list[int]] = {}
+        self.total = 0
+
+    def reserve(self, specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+        self.shapes.update({k: list(shape) for k, (shape, _) in specs.items()})
+
+    def fill(self, key: str, row: int, t: torch.Tensor) -> None:
+        """Rows of a reserved tensor: nothing to keep."""
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.shapes.update({k: list(t.shape) for k, t in tensors.items()})
+
+    def finish(self) -> dict[str, str]:
+        return {}

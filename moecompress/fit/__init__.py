@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from moecompress.dist import world
 from moecompress.errors import UserError
 from moecompress.fit.measure import choose, choose_to_measure, measure
 from moecompress.fit.space import (
@@ -116,9 +117,10 @@ def fit_model(model: str, out: Path, *, target_size: str | None, target_ratio: f
                "total_seconds": round(time.perf_counter() - t0, 2), "steps": [r.get("output") for r in report]}
     summary["rank_agreement"] = rank_agreement(to_measure)
     rows = candidate_rows(candidates, header.input_bytes, winner)
-    write_table(out, rows, summary)
-    if opts.plots:
-        plot_candidates(out, rows, target)
+    if world().is_main:  # data-parallel: rank 0 alone writes
+        write_table(out, rows, summary)
+        if opts.plots:
+            plot_candidates(out, rows, target)
     return {"summary": summary, "candidates": rows}
 
 
@@ -167,7 +169,7 @@ def _write(out: Path, text: str, opts: Any, console: Any) -> list[dict[str, Any]
 
     parsed = parse_recipe(yaml.safe_load(text), text)
     steps = {f"{i:02d}-{cfg.name}" for i, cfg in enumerate(parsed.passes, start=1)}
-    if out.is_dir() and opts.overwrite:  # a previous fit's steps that this winner does not have would mislead
+    if out.is_dir() and opts.overwrite and world().is_main:  # a previous fit's steps that this winner does not have would mislead
         import shutil
 
         for stale in out.glob("[0-9][0-9]-*"):

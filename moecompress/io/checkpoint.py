@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -212,8 +214,10 @@ def _short(exc: BaseException) -> str:
 
 
 def prepare_output(out: Path, *, overwrite: bool, source: Path | None = None) -> None:
-    """Refuse to clobber: an existing non-empty output needs --overwrite; never write into the input."""
+    """Refuse to clobber: an existing non-empty output needs --overwrite; never write into the input. Temp
+    folders a killed earlier run left beside `out` are removed."""
     out = Path(out)
+    remove_dead_beside(out)
     if source is not None:
         src, dst = Path(source).resolve(), out.resolve()
         if dst == src or src in dst.parents:
@@ -222,10 +226,32 @@ def prepare_output(out: Path, *, overwrite: bool, source: Path | None = None) ->
         raise UserError(f"output {out} already exists and is not empty; pass --overwrite or choose another --out")
 
 
-def temp_dir_beside(out: Path) -> Path:
+def temp_dir_beside(out: Path, kind: str = "tmp") -> Path:
+    """A private folder beside `out` (same filesystem, so publishing is a rename), named after its owner
+    process so a later run can remove what a killed one left (``remove_dead_beside``)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{socket.gethostname()}-{os.getpid()}-", dir=out.parent))
+
+
+def remove_dead_beside(out: Path) -> None:
+    """Remove the temp folders beside `out` whose owner process (on this host) no longer runs: what a run killed
+    by SIGKILL (or a data-parallel rank that died) left behind."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp|acts|old)-(?P<host>.+)-(?P<pid>\d+)-[^-]+$")
+    host = socket.gethostname()
+    for p in out.parent.iterdir():
+        m = pattern.match(p.name)
+        if m is None or m["host"] != host or not p.is_dir():
+            continue
+        try:
+            os.kill(int(m["pid"]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            continue
 
 
 def publish(tmp: Path, out: Path) -> None:

@@ -24,8 +24,15 @@ from pydantic import Field, model_validator
 
 from moecompress.arch.adapter import MoEAdapter, MoELayer, decoder_layers, moe_layers
 from moecompress.arch.experts import ExpertView
-from moecompress.calib.gradients import GradStats, LayerGrad, batch_key, collect_gradient_stats
+from moecompress.calib.gradients import (
+    GradStats,
+    LayerGrad,
+    batch_key,
+    collect_grad_sharded,
+    collect_gradient_stats,
+)
 from moecompress.calib.stats import LayerStats, Stats
+from moecompress.dist import world
 from moecompress.errors import UserError
 from moecompress.heal.spec import HealOption
 from moecompress.passes.base import LayerwisePass, PassConfig, PassContext, moe_layer_at, register_layerwise
@@ -212,7 +219,7 @@ def gradient_stats(ctx: PassContext, cfg: PruneAtomicConfig, *, cacheable: bool)
     if cacheable and (src / "config.json").is_file():
         key = f"{model_fingerprint(src)}-{batch_key(calib.input_ids, calib.attention_mask)}"
         cache_dir = default_cache_root() / "grad" / key
-        if GradStats.exists(cache_dir):
+        if world().all_true(GradStats.exists(cache_dir)):  # every rank takes the same branch
             if ctx.console:
                 ctx.console.print(f"[dim]gradient statistics: cache hit {cache_dir}[/]")
             gs = GradStats.load(cache_dir)
@@ -222,9 +229,10 @@ def gradient_stats(ctx: PassContext, cfg: PruneAtomicConfig, *, cacheable: bool)
         gs = ctx.get_grad_stats(cfg.batch_size)
         gs.meta["tokens"] = calib.n_tokens
     else:
-        gs = collect_gradient_stats(ctx.model, calib.batches(cfg.batch_size), checkpoint_layers=cfg.checkpoint_layers,
-                                    meta={"tokens": calib.n_tokens})
-    if cache_dir is not None:
+        gs = collect_grad_sharded(lambda own: collect_gradient_stats(
+            ctx.model, own, checkpoint_layers=cfg.checkpoint_layers, meta={"tokens": calib.n_tokens}),
+            calib.batches(cfg.batch_size))
+    if cache_dir is not None and world().is_main:
         gs.save(cache_dir)
     gs.meta["cache"] = "miss" if cache_dir is not None else "off"
     if ctx.console:
@@ -235,11 +243,13 @@ def gradient_stats(ctx: PassContext, cfg: PruneAtomicConfig, *, cacheable: bool)
 
 def _fresh_stats(ctx: PassContext) -> Stats:
     """Forward statistics of the in-memory model (after expert pruning the cached ones describe other routing)."""
-    from moecompress.calib.collect import collect_stats
+    from moecompress.calib.collect import collect_sharded, collect_stats
 
     calib = ctx.get_calibration()
     bs = max(1, min(8, 8192 // calib.input_ids.shape[1]))
-    return collect_stats(ctx.model, calib.batches(bs), total_tokens=calib.n_tokens, sample_tokens=0)
+    return collect_sharded(lambda own, first: collect_stats(ctx.model, own, total_tokens=calib.n_tokens,
+                                                            sample_tokens=0, first_token=first),
+                           list(calib.batches(bs)), 0)
 
 
 def layer_scores(cfg: PruneAtomicConfig, layer: MoELayer, grad: GradStats | None, stats: Stats | None

@@ -34,9 +34,10 @@ from moecompress.calib.collect import (
     set_experts_implementation,
     stored_expert_forward,
 )
+from moecompress.dist import world
 from moecompress.errors import UserError
 from moecompress.passes.base import LayerwisePass, PassConfig, PassContext, moe_layer_at, register_layerwise
-from moecompress.quant.gptq import HessianAccumulator, gptq_quantize_batch, output_error
+from moecompress.quant.gptq import HessianAccumulator, gptq_quantize_batch, output_error, reduce_accumulators
 from moecompress.quant.rtn import SUPPORTED_BITS, QuantResult, check_scheme, quantize_rtn
 
 _ATTN_LINEAR = re.compile(r"(self_attn|linear_attn|attention)\.[a-z_]+$")
@@ -158,12 +159,26 @@ class ExpertHessians:
             start += n
 
 
-def _quantize_stack(ws: torch.Tensor, hs: list[torch.Tensor | None], bits: int, group_size: int,
-                    cfg: QuantizeConfig) -> list[QuantResult]:
+def _solve_stack(ws: torch.Tensor, hs: list[torch.Tensor | None], bits: int, group_size: int,
+                 cfg: QuantizeConfig) -> list[QuantResult]:
     """RTN or GPTQ (batched over the stack) of weights ws [E, out, in], each with its own input Hessian."""
     if cfg.method == "rtn":
         return [quantize_rtn(w, bits, group_size) for w in ws]
     return gptq_quantize_batch(ws, hs, bits, group_size, damp=cfg.damp, act_order=cfg.act_order)
+
+
+def _solve_block(ws: torch.Tensor, hs: list[torch.Tensor], blk: range, bits: int, group_size: int,
+                 cfg: QuantizeConfig) -> list[tuple[QuantResult, float]]:
+    """(result, output error) of the weights ws[blk] (the error costs about as much as the solve)."""
+    res = _solve_stack(ws[blk.start : blk.stop], hs[blk.start : blk.stop], bits, group_size, cfg)
+    return [(r, output_error(ws[e], r.dequant, hs[e])) for e, r in zip(blk, res, strict=True)]
+
+
+def _quantize_stack(ws: torch.Tensor, hs: list[torch.Tensor], bits: int, group_size: int,
+                    cfg: QuantizeConfig) -> list[tuple[QuantResult, float]]:
+    """``_solve_block`` of the whole stack, spread over data-parallel ranks: each rank solves a contiguous block
+    of experts, every rank gets every result."""
+    return world().spread(len(ws), lambda blk: _solve_block(ws, hs, blk, bits, group_size, cfg))
 
 
 @dataclass
@@ -182,7 +197,7 @@ def _calibration(ctx: PassContext, plan: dict[str, Any]) -> list[tuple[torch.Ten
 def _plan(ctx: PassContext) -> dict[str, Any]:
     cfg: QuantizeConfig = ctx.config  # type: ignore[assignment]
     model, adapter = ctx.model, ctx.adapter
-    batches = list(ctx.get_calibration().batches(8))
+    batches, _ = world().shard_batches(list(ctx.get_calibration().batches(8)), "quantize")  # this rank's share
     previous = experts_implementation(model)
     return {
         "batches": batches,
@@ -250,14 +265,22 @@ def _apply_layer(ctx: PassContext, plan: dict[str, Any], index: int, layer: torc
     st = plan.pop("layer_state")
     plan["layer_state"] = {}
     quantized, errors = plan["results"], plan["errors"]
-    for name, lin in st["dense"]:
-        # a dense linear whose width the group size does not divide gets one scale per row
-        gs = cfg.group_size if cfg.group_size == -1 or lin.in_features % cfg.group_size == 0 else -1
+    tap = st["tap"]
+    # each data-parallel rank observed its own batches: sum the Hessians before any solve reads them
+    reduce_accumulators([*st["acc"].values(), *(tap.x + tap.a if tap is not None else [])], world())
+    if tap is not None:
+        world().all_reduce_([tap.routed])
+    dense = st["dense"]
+    # a dense linear whose width the group size does not divide gets one scale per row
+    sizes = [cfg.group_size if cfg.group_size == -1 or lin.in_features % cfg.group_size == 0 else -1
+             for _, lin in dense]
+    hs = [st["acc"][name].hessian() for name, _ in dense]
+    solved = world().spread(len(dense), lambda blk: [
+        _solve_block(dense[j][1].weight.detach()[None], [hs[j]], range(1), cfg.bits, sizes[j], cfg)[0] for j in blk])
+    for (name, lin), gs, (res, err) in zip(dense, sizes, solved, strict=True):
         if gs != cfg.group_size:
             plan["per_channel"].append(name)
-        h = st["acc"][name].hessian()
-        res = _quantize_stack(lin.weight.detach()[None], [h], cfg.bits, gs, cfg)[0]
-        errors[name] = output_error(lin.weight.detach(), res.dequant, h)
+        errors[name] = err
         with torch.no_grad():
             lin.weight.copy_(res.dequant)
         quantized[name] = res
@@ -372,10 +395,10 @@ def _quantize_experts(moe: Any, tap: ExpertHessians, cfg: QuantizeConfig, adapte
     gate_h = [h.hessian() for h in tap.x]
     hessians = {"gate": gate_h, "up": gate_h, "down": [h.hessian() for h in tap.a]}
     cands = sorted(cfg.candidate_bits) if cfg.bits_budget is not None else [cfg.bits]
-    results = {(p, b): _quantize_stack(getattr(w, p), hessians[p], b, cfg.group_size, cfg)
-               for b in cands for p in w.projections}
-    err = {key: [output_error(getattr(w, key[0])[e], r.dequant, hessians[key[0]][e]) for e, r in enumerate(rs)]
-           for key, rs in results.items()}
+    solved = {(p, b): _quantize_stack(getattr(w, p), hessians[p], b, cfg.group_size, cfg)
+              for b in cands for p in w.projections}
+    results = {key: [r for r, _ in pairs] for key, pairs in solved.items()}
+    err = {key: [e for _, e in pairs] for key, pairs in solved.items()}
     if cfg.bits_budget is None:
         bits = [cfg.bits] * moe.num_experts
     else:

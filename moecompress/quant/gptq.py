@@ -25,6 +25,8 @@ Implementation notes (why it looks the way it does):
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from moecompress.errors import UserError
@@ -78,6 +80,17 @@ class HessianAccumulator:
         if self.weight_sum <= 0:
             return torch.zeros_like(self.sum)
         return self.sum / self.weight_sum
+
+
+def reduce_accumulators(accs: list[HessianAccumulator], world: Any) -> None:
+    """Sum accumulators across data-parallel ranks (``moecompress.dist``), in place; each rank saw its own
+    calibration batches, so the sums and counts add."""
+    if not world.distributed or not accs:
+        return
+    counts = torch.tensor([[a.n_tokens, a.weight_sum] for a in accs], dtype=torch.float64)
+    world.all_reduce_([*(a.sum for a in accs), counts])
+    for a, (n, w) in zip(accs, counts.tolist(), strict=True):
+        a.n_tokens, a.weight_sum = int(n), float(w)
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float, act_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
