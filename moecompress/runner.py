@@ -207,7 +207,8 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
     extra = {"recipe.yaml": recipe_text} if recipe_text else None
     verify = write_checkpoint(model, tok, out, source=src, pass_entry=entry, overwrite=opts.overwrite,
                               verify=opts.verify, save_fn=ctx.extras.get("save_fn"),
-                              verify_atol=ctx.extras.get("verify_atol"), extra_files=extra, hub=resolved.hub_ref())
+                              verify_atol=ctx.extras.get("verify_atol"), extra_files=extra, hub=resolved.hub_ref(),
+                              mtp=getattr(cfg, "mtp", "keep"))
     report: dict[str, Any] = {
         "pass": cfg.name,
         "config": cfg.model_dump(mode="json"),
@@ -318,7 +319,7 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
         engine.write_metadata(source, tok, tmp, src=src, pass_entry=entry,
                               extra_files={"recipe.yaml": recipe_text} if recipe_text else None,
                               hub=resolved.hub_ref() if resolved is not None else None,
-                              config_update=config_update)
+                              config_update=config_update, mtp=getattr(cfg, "mtp", "keep"))
         verify: dict[str, Any] = {}
         if opts.verify:
             verify = engine.verify_streamed(tmp, ids, logits, budget=budget, device=str(source.device),

@@ -171,7 +171,7 @@ class _Block:
         mapping = get_model_conversion_mapping(self.model)
         renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
         converters = [m for m in mapping if isinstance(m, WeightConverter)]
-        meta = set(self.model.state_dict())
+        meta = self.model.state_dict()
         out = {}
         for key in keys:
             if not key.startswith(block_prefix):
@@ -307,10 +307,13 @@ def carry_mtp(folder: Path, source: Path | None, mode: MTPMode = "keep") -> str 
         return drop_mtp(folder, "the input holds no MTP weights")
     src_config = json.loads((Path(source) / "config.json").read_text())
     src_lay = layout(src_config)
-    keys = source_mtp_keys(Path(source), src_lay) if src_lay is not None else []
-    blocks = [j for j in range(lay.count) if any(src_lay.block_of(k) == j for k in keys)] if src_lay else []
-    if not keys or len(blocks) != lay.count:
+    keys = source_mtp_keys(Path(source), src_lay) if src_lay is not None and src_lay.count == lay.count else []
+    if not keys or src_lay is None:
         return drop_mtp(folder, "the input holds no MTP weights")
+    blocks = {src_lay.block_of(k) for k in keys} - {None}
+    if _counts(_float_config(src_config)) != _counts(_float_config(config)) and len(blocks) != lay.count:
+        return drop_mtp(folder, f"their on-disk layout under {src_lay.block_prefix(0)!r} is not one moecompress "
+                                "can reduce to the new expert count")
     tensors, action = _mtp_tensors(folder, config, lay, Path(source), src_config, src_lay, keys)
     _append_shard(folder, tensors)
     if config.get("quantization_config"):
@@ -336,11 +339,8 @@ def _mtp_tensors(folder: Path, config: dict[str, Any], lay: MTPLayout, source: P
     try:
         dtype = _dtype(reader, keys)
         out: dict[str, torch.Tensor] = {}
-        if (n_src, w_src) == (n_out, w_out):
-            for k in keys:
-                j = src_lay.block_of(k)
-                name = lay.block_prefix(j) + k[len(src_lay.block_prefix(j)):] if j is not None else k
-                out[name] = reader.get(k).contiguous()
+        if (n_src, w_src) == (n_out, w_out):  # same structure: the same keys (the pass kept the depth)
+            out = {k: reader.get(k).contiguous() for k in keys}
             return out, f"copied unchanged ({n_out} routed experts each, as config.json says)"
         if n_out > n_src or w_out > w_src:
             raise UserError(f"the output has {n_out} experts of width {w_out} but the input's MTP layers have "
@@ -450,14 +450,17 @@ def _ignore_in_quantization(folder: Path, tensors: dict[str, torch.Tensor]) -> N
 
 
 # ---- miniatures: MTP weights in the real layout ------------------------------------------------------
+# "module"-style families whose tensors beside the block are known (mtp.fc, mtp.pre_fc_norm_*, mtp.norm);
+# "decoder"-style ones (DeepSeek-V3/V3.2, GLM-4.5…) all carry embed_tokens/enorm/hnorm/eh_proj/shared_head.
+_MODULE_STYLE_FAMILIES = ("qwen3_next", "qwen3_5")
 def miniature_mtp_tensors(model: torch.nn.Module, config: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
     """Random MTP weights for a miniature, in the layout its family's real checkpoints use ({} if none)."""
     from moecompress.arch.adapter import adapter_for_config_dict, decoder_layers
     from moecompress.engine.sink import on_disk_state
 
     lay = layout(config)
-    if lay is None:
-        return {}
+    if lay is None or (lay.style == "module" and not str(config.get("model_type")).startswith(_MODULE_STYLE_FAMILIES)):
+        return {}  # a layout whose tensor names we do not know: no MTP weights rather than invented ones
     adapter = adapter_for_config_dict(config)
     layers = decoder_layers(model, adapter)
     layers_path = next(n for n, m in model.named_modules() if m is layers)
