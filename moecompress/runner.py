@@ -75,6 +75,18 @@ def resolve_calibration(spec: Any, model_dir: Path) -> Any:
     return CalibSpec(source=str(src))
 
 
+def mtp_batches(get_calibration: Callable[[], Any]) -> Callable[[], list[Any] | None]:
+    """Calibration batches for ranking MTP layers' experts (moecompress.io.mtp), or None when the run has none."""
+    def batches() -> list[Any] | None:
+        try:
+            batch = get_calibration()
+        except UserError:  # no calibration data: the data-free criterion, said so in the report
+            return None
+        return list(batch.batches(max(1, min(8, 8192 // batch.input_ids.shape[1]))))
+
+    return batches
+
+
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -208,7 +220,7 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
     verify = write_checkpoint(model, tok, out, source=src, pass_entry=entry, overwrite=opts.overwrite,
                               verify=opts.verify, save_fn=ctx.extras.get("save_fn"),
                               verify_atol=ctx.extras.get("verify_atol"), extra_files=extra, hub=resolved.hub_ref(),
-                              mtp=getattr(cfg, "mtp", "keep"))
+                              mtp=getattr(cfg, "mtp", "keep"), mtp_calibration=mtp_batches(get_calibration))
     report: dict[str, Any] = {
         "pass": cfg.name,
         "config": cfg.model_dump(mode="json"),
@@ -319,7 +331,8 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
         engine.write_metadata(source, tok, tmp, src=src, pass_entry=entry,
                               extra_files={"recipe.yaml": recipe_text} if recipe_text else None,
                               hub=resolved.hub_ref() if resolved is not None else None,
-                              config_update=config_update, mtp=getattr(cfg, "mtp", "keep"))
+                              config_update=config_update, mtp=getattr(cfg, "mtp", "keep"),
+                              mtp_calibration=mtp_batches(get_calibration))
         verify: dict[str, Any] = {}
         if opts.verify:
             verify = engine.verify_streamed(tmp, ids, logits, budget=budget, device=str(source.device),

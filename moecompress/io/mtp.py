@@ -25,6 +25,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -37,6 +38,11 @@ MTP_PART = "mtp"  # the engine's part holding the MTP keys (never a module of th
 CRITERION = ("data-free: router-row L2 norm × Frobenius norm of the expert's down projection × geometric mean of "
              "its gate/up Frobenius norms (group-balanced for group-limited routers); neurons by the product of "
              "their gate-row, up-row and down-column norms")
+CALIBRATED = ("REAP (mean gate-weighted output norm over routed tokens) of the MTP layer's own router and experts on "
+              "{tokens} calibration tokens, fed as servers feed the MTP block: proj(cat(norm(embed(next token)), "
+              "norm(final hidden state of the compressed model))) (group-balanced for group-limited routers); "
+              "neurons by routed gate-weighted activation RMS × down-column norm")
+MAX_SEQUENCES = 32  # calibration sequences streamed through the written model to feed the MTP router
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
@@ -241,24 +247,19 @@ def expert_scores(moe: Any) -> torch.Tensor:
     return router * down * (gate * up).sqrt()
 
 
-def choose_experts(scores: torch.Tensor, n_keep: int, groups: int) -> list[int]:
-    """The `n_keep` best experts, the same number from each routing group (group-limited routers), ascending."""
-    n = scores.numel()
-    if groups > 1 and n % groups == 0 and n_keep % groups == 0:
-        size, per = n // groups, n_keep // groups
-        kept = [g * size + int(i) for g in range(groups) for i in scores[g * size:(g + 1) * size].topk(per).indices]
-    else:
-        kept = scores.topk(n_keep).indices.tolist()
-    return sorted(int(i) for i in kept)
-
-
-def _neuron_keep(moe: Any, width: int) -> torch.Tensor:
+def _neuron_keep(moe: Any, width: int, act_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """[E, width] kept neurons per expert: by activation RMS × down-column norm when calibration statistics
+    (`act_sq` [E, I], routed gate-weighted) are given, else by gate/up-row × down-column norms."""
     from moecompress.arch.experts import ExpertView
 
     w = ExpertView(moe).get_all()
-    score = w.up.float().norm(dim=2) * w.down.float().norm(dim=1)
-    if w.gate is not None:
-        score = score * w.gate.float().norm(dim=2)
+    down = w.down.float().norm(dim=1)
+    if act_sq is not None:
+        score = act_sq.double().sqrt() * down.double()
+    else:
+        score = w.up.float().norm(dim=2) * down
+        if w.gate is not None:
+            score = score * w.gate.float().norm(dim=2)
     return score.topk(width, dim=1).indices.sort(dim=1).values
 
 
@@ -288,11 +289,14 @@ def source_mtp_keys(source: Path, lay: MTPLayout) -> list[str]:
         reader.close()
 
 
-def carry_mtp(folder: Path, source: Path | None, mode: MTPMode = "keep") -> str | None:
+def carry_mtp(folder: Path, source: Path | None, mode: MTPMode = "keep",
+              calibration: Callable[[], list[tuple[torch.Tensor, torch.Tensor]] | None] | None = None) -> str | None:
     """Make a written checkpoint's MTP layers agree with its config.json; returns the line to record (or None).
 
     `folder` holds the pass's weights and config; `source` is the checkpoint the pass read (MTP weights come
-    from there). Called by both writers (in memory and streamed) before verification.
+    from there); `calibration()` gives (input_ids, attention_mask) batches for ranking the MTP layer's experts
+    (None, or None returned: the data-free criterion). Called by both writers (in memory and streamed) before
+    verification.
     """
     if mode not in ("keep", "drop"):
         raise UserError(f"--mtp {mode!r}: use keep or drop")
@@ -314,7 +318,7 @@ def carry_mtp(folder: Path, source: Path | None, mode: MTPMode = "keep") -> str 
     if _counts(_float_config(src_config)) != _counts(_float_config(config)) and len(blocks) != lay.count:
         return drop_mtp(folder, f"their on-disk layout under {src_lay.block_prefix(0)!r} is not one moecompress "
                                 "can reduce to the new expert count")
-    tensors, action = _mtp_tensors(folder, config, lay, Path(source), src_config, src_lay, keys)
+    tensors, action = _mtp_tensors(folder, config, lay, Path(source), src_config, src_lay, keys, calibration)
     _append_shard(folder, tensors)
     if config.get("quantization_config"):
         _ignore_in_quantization(folder, tensors)
@@ -330,45 +334,57 @@ def _counts(config: dict[str, Any]) -> tuple[int, int]:
 
 
 def _mtp_tensors(folder: Path, config: dict[str, Any], lay: MTPLayout, source: Path, src_config: dict[str, Any],
-                 src_lay: MTPLayout, keys: list[str]) -> tuple[dict[str, torch.Tensor], str]:
+                 src_lay: MTPLayout, keys: list[str], calibration: Callable[[], Any] | None = None,
+                 ) -> tuple[dict[str, torch.Tensor], str]:
     """The MTP tensors for `folder`'s config: the source's, with each block's experts reduced to match."""
     from moecompress.engine.reader import reader_for
+    from moecompress.passes.criteria import expert_scores as stat_scores
+    from moecompress.passes.criteria import select_by_score
+    from moecompress.surgery import keep_experts, shrink_neurons
 
     (n_src, w_src), (n_out, w_out) = _counts(_float_config(src_config)), _counts(_float_config(config))
+    if (n_src, w_src) == (n_out, w_out):  # same structure: the same keys (the pass kept the depth)
+        reader = reader_for(source)
+        try:
+            return ({k: reader.get(k).contiguous() for k in keys},
+                    f"copied unchanged ({n_out} routed experts each, as config.json says)")
+        finally:
+            reader.close()
+    if n_out > n_src or w_out > w_src:
+        raise UserError(f"the output has {n_out} experts of width {w_out} but the input's MTP layers have "
+                        f"{n_src} of width {w_src}; MTP layers cannot grow")
+    batches = calibration() if calibration is not None else None
+    feed = _feed(folder, batches) if batches else None
     reader = reader_for(source)
+    chosen: dict[int, list[int]] = {}
+    tokens = 0
+    out: dict[str, torch.Tensor] = {}
     try:
         dtype = _dtype(reader, keys)
-        out: dict[str, torch.Tensor] = {}
-        if (n_src, w_src) == (n_out, w_out):  # same structure: the same keys (the pass kept the depth)
-            out = {k: reader.get(k).contiguous() for k in keys}
-            return out, f"copied unchanged ({n_out} routed experts each, as config.json says)"
-        if n_out > n_src or w_out > w_src:
-            raise UserError(f"the output has {n_out} experts of width {w_out} but the input's MTP layers have "
-                            f"{n_src} of width {w_src}; MTP layers cannot grow")
-        chosen: dict[int, list[int]] = {}
         for j in range(lay.count):
             block = _Block(_float_config(src_config), dtype)
             prefix = src_lay.block_prefix(j)
             takes = block.takes(keys, prefix)
             block.load({takes[k]: reader.get(k) for k in takes}, f"MTP layer {j} of {source}")
             moe = block.moe()
+            beside = {k[len(prefix):]: reader.get(k) for k in keys if src_lay.block_of(k) == j and k not in takes}
+            beside.update({k[len(src_lay.module_prefix):]: reader.get(k) for k in keys if src_lay.block_of(k) is None})
+            stats = _route(block, feed, beside) if feed is not None else None
+            act_sq = stats.sums["act_sq_gated"] if stats is not None else None
+            if stats is not None:
+                tokens = stats.n_tokens
             if n_out < n_src:
-                from moecompress.surgery import keep_experts
-
-                kept = choose_experts(expert_scores(moe), n_out, block.adapter.num_groups(src_config))
+                scores = stat_scores(stats, "reap") if stats is not None else expert_scores(moe)
+                kept = select_by_score(scores, n_out, block.adapter.num_groups(src_config))
                 keep_experts(moe, kept)
                 chosen[j] = kept
+                act_sq = act_sq[kept] if act_sq is not None else None
             if w_out < w_src:
-                from moecompress.surgery import shrink_neurons
-
-                shrink_neurons(moe, _neuron_keep(moe, w_out))
+                shrink_neurons(moe, _neuron_keep(moe, w_out, act_sq))
             out.update(block.on_disk(lay.block_prefix(j)))
-            for k in keys:
-                if src_lay.block_of(k) == j and k not in takes:  # enorm, eh_proj, shared_head… unchanged
-                    out[lay.block_prefix(j) + k[len(prefix):]] = reader.get(k).contiguous()
-        for k in keys:
-            if src_lay.block_of(k) is None:  # mtp.fc, mtp.norm… beside the blocks
-                out[k] = reader.get(k).contiguous()
+            out.update({lay.block_prefix(j) + k: v.contiguous() for k, v in beside.items()
+                        if src_lay.block_prefix(j) + k in keys})  # enorm, eh_proj, shared_head… unchanged
+        out.update({k: reader.get(k).contiguous() for k in keys if src_lay.block_of(k) is None})  # mtp.fc, mtp.norm
     finally:
         reader.close()
     check_mtp_tensors(config, lay, out)
@@ -378,7 +394,89 @@ def _mtp_tensors(folder: Path, config: dict[str, Any], lay: MTPLayout, source: P
                     + "; ".join(f"layer {j}: {v}" for j, v in chosen.items()) + ")")
     if w_out < w_src:
         what.append(f"expert width reduced {w_src} → {w_out}")
-    return out, ", ".join(what) + f", as config.json says; criterion {CRITERION}"
+    criterion = CALIBRATED.format(tokens=tokens) if feed is not None else CRITERION + (
+        "" if calibration is None else " (no calibration data)")
+    return out, ", ".join(what) + f", as config.json says; criterion {criterion}"
+
+
+@dataclass
+class _FeedBatch:
+    """What an MTP block sees for one calibration batch."""
+
+    mask: torch.Tensor  # [B*T] bool: real tokens that have a next token
+    next_embeds: torch.Tensor  # [B, T, H] embedding of token t+1 (the main model's embedding table)
+    next_ids: torch.Tensor  # [B, T] token t+1 (for an MTP layer's own embed_tokens)
+    hidden: torch.Tensor  # [B, T, H] final hidden state (after the final norm: what the head reads)
+    call: tuple[tuple, dict]  # the template decoder layer's call arguments (masks, rotary embeddings)
+
+
+def _feed(folder: Path, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[_FeedBatch]:
+    """Stream the written (compressed) checkpoint over `batches` one decoder layer at a time (the engine's loop)
+    and keep what its MTP layers would be fed: final hidden states, next-token embeddings, call arguments."""
+    from moecompress.engine.loop import head_logits, run_layer, start_flow
+    from moecompress.engine.source import REST, ModelSource
+
+    src = ModelSource(Path(folder))
+    try:
+        src.materialise(REST)
+        flow = start_flow(src, batches[:MAX_SEQUENCES], budget=1 << 62)
+        try:
+            for i in range(src.num_layers):
+                run_layer(flow, i, src.materialise(i))
+                src.release(i)
+            head = src.model.get_output_embeddings()
+            embed = src.model.get_input_embeddings()
+            t = _template_index(src.model, src.config)
+            out: list[_FeedBatch] = []
+            for b, (ids, mask) in enumerate(flow.batches):
+                seen: dict[str, torch.Tensor] = {}
+                handle = head.register_forward_pre_hook(lambda m, a, seen=seen: seen.update(h=a[0].detach()))
+                try:
+                    head_logits(src, (ids, mask), flow.acts.get(b))
+                finally:
+                    handle.remove()
+                nxt = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
+                real = mask.bool() & torch.cat([mask[:, 1:].bool(), torch.zeros_like(mask[:, :1], dtype=torch.bool)], 1)
+                with torch.no_grad():
+                    out.append(_FeedBatch(mask=real.reshape(-1), next_embeds=embed(nxt).detach(), next_ids=nxt,
+                                          hidden=seen["h"].cpu(), call=flow.layer_kwargs[b][t]))
+            return out
+        finally:
+            flow.close()
+    finally:
+        src.close()
+
+
+# Tensors beside an MTP block that turn (next-token embedding, hidden state) into the block's input, per layout.
+_INPUT_NAMES = {"decoder": ("enorm.weight", "hnorm.weight", "eh_proj.weight", "embed_tokens.weight"),
+                "module": ("pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight", "fc.weight", None)}
+
+
+def _route(block: _Block, feed: list[_FeedBatch], beside: dict[str, torch.Tensor]) -> Any:
+    """Routing statistics of the block's MoE on the calibration feed (None when its input tensors are unknown)."""
+    from moecompress.calib.collect import collecting
+
+    style = "decoder" if "eh_proj.weight" in beside else "module" if "fc.weight" in beside else None
+    if style is None:
+        return None
+    e_name, h_name, proj_name, own_embed = _INPUT_NAMES[style]
+    norms = []
+    for name in (e_name, h_name):  # the family's own norm (zero-centred in Qwen3-Next/3.5), with the MTP weights
+        norm = copy.deepcopy(block.module.input_layernorm)
+        norm.weight = torch.nn.Parameter(beside[name].to(block.dtype), requires_grad=False)
+        norms.append(norm)
+    proj = beside[proj_name].to(block.dtype)
+    table = beside.get(own_embed) if own_embed else None
+    total = sum(int(f.mask.sum()) for f in feed)
+    with torch.inference_mode(), collecting(block.model, 1, max(total, 1)) as taps:
+        tap = taps[block.index]
+        for f in feed:
+            e = table[f.next_ids].to(block.dtype) if table is not None else f.next_embeds.to(block.dtype)
+            x = torch.cat([norms[0](e), norms[1](f.hidden.to(block.dtype))], dim=-1) @ proj.T
+            tap.mask = f.mask
+            args, kwargs = f.call
+            block.module(x, *args, **kwargs)
+        return tap.finish()
 
 
 def _dtype(reader: Any, keys: list[str]) -> torch.dtype:
