@@ -565,6 +565,13 @@ def planned_config(cfg: PassConfig, adapter: Any, hf_config: dict[str, Any]) -> 
     """
     planner = getattr(cfg, "planned_config", None)
     after = planner(adapter, dict(hf_config)) if planner else dict(hf_config)
+    if getattr(cfg, "mtp", None) == "drop":
+        from moecompress.io.mtp import mtp_layers
+
+        after = json.loads(json.dumps(after))  # the holder may be a nested text_config: change a copy
+        found = mtp_layers(after)
+        if found is not None:
+            found[0][found[1]] = 0
     if cfg.name != "quantize" and after.get("quantization_config"):
         after = {k: v for k, v in after.items() if k != "quantization_config"}
         after["dtype"] = "bfloat16"

@@ -270,6 +270,44 @@ def test_qwen35_mtp_module_pruned_consistently(tmp_path, capsys, monkeypatch):
     assert not any(info.values()), info  # transformers ignores ^mtp.* at any depth: nothing to split off
 
 
+def test_fp8_source_mtp_layers_are_read_as_float(deepseek, tmp_path, capsys, monkeypatch):
+    """DeepSeek-V3 ships its MTP layer in FP8 blocks like the decoder: pruning reads it through the same
+    dequantizing reader and writes bf16 (no `_scale_inv` left), reduced to the pruned expert count."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from tests.source_checkpoints import fp8_blocks
+
+    monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path / "cache"))
+    mini, calib = deepseek
+    src = tmp_path / "fp8"
+    src.mkdir()
+    for f in mini.iterdir():
+        if not f.name.endswith((".safetensors", ".index.json")):
+            shutil.copy2(f, src / f.name)
+    stored, known = fp8_blocks(tensors(mini), (16, 16))
+    save_file(stored, str(src / "model.safetensors"), metadata={"format": "pt"})
+    cfg = read_config(src)
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [16, 16], "modules_to_not_convert": ["lm_head"]}
+    (src / "config.json").write_text(json.dumps(cfg))
+    prefix = f"model.layers.{cfg['num_hidden_layers']}."
+    assert stored[prefix + "mlp.experts.0.up_proj.weight"].dtype == torch.float8_e4m3fn
+    out = tmp_path / "p"
+    code, _, err = run_cli(["prune", src, "--out", out, "--ratio", "0.5", "--calib", calib, *CALIB], capsys)
+    assert code == 0, err
+    got = tensors(out)
+    assert not any(k.endswith("_scale_inv") for k in got)
+    assert experts_in(got, prefix) == set(range(8))
+    kept = json.loads(re.search(r"layer 0: (\[[\d, ]+\])", json.loads((out / "report.json").read_text())["mtp"]).group(1))
+    w = got[prefix + "mlp.experts.0.down_proj.weight"]
+    assert w.dtype == torch.bfloat16
+    ref = known[prefix + f"mlp.experts.{kept[0]}.down_proj.weight"]
+    assert (w.float() - ref).abs().max() <= 1e-2 * float(ref.abs().max())  # bf16 rounding of the decoded value
+    assert torch.equal(got[prefix + "eh_proj.weight"].float(), known[prefix + "eh_proj.weight"].bfloat16().float())
+
+
 def test_recipe_wide_mtp_choice(tmp_path):
     from moecompress.recipe import parse_recipe
 

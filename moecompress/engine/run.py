@@ -28,7 +28,6 @@ from moecompress.engine.reader import reader_for
 from moecompress.engine.sink import ShardWriter, on_disk_state, parse_size
 from moecompress.engine.source import REST, ModelSource, prefer_mmap_for_large_blocks
 from moecompress.errors import UserError
-from moecompress.io.mtp import MTP_PART
 from moecompress.io.checkpoint import (
     checkpoint_bytes,
     probe_input,
@@ -36,6 +35,7 @@ from moecompress.io.checkpoint import (
     verify_reload,
     write_beside_weights,
 )
+from moecompress.io.mtp import MTP_PART
 from moecompress.passes.base import LayerwisePass, PassContext, observe_and_apply
 
 DEFAULT_SHARD = "5GB"

@@ -23,9 +23,9 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -280,9 +280,10 @@ def drop_mtp(folder: Path, reason: str | None = None) -> str | None:
 
 
 def source_mtp_keys(source: Path, lay: MTPLayout) -> list[str]:
-    from moecompress.engine.reader import TensorReader
+    """The input's MTP keys as the engine reads them (FP8/MXFP4 sources: logical keys, scales folded in)."""
+    from moecompress.engine.reader import reader_for
 
-    reader = TensorReader(Path(source))
+    reader = reader_for(Path(source))
     try:
         return [k for k in reader.keys() if lay.owns(k)]
     finally:

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from moecompress.arch.adapter import MoEAdapter
 from moecompress.errors import UserError
 
-
 # The option of every pass that writes weights: what happens to the multi-token-prediction layers the checkpoint
 # ships (moecompress.io.mtp). keep: compressed consistently (same expert count/width as config.json) or copied;
 # drop: removed, their count set to 0.

@@ -28,7 +28,14 @@ from moecompress.calib.gradients import GradStats, LayerGrad, batch_key, collect
 from moecompress.calib.stats import LayerStats, Stats
 from moecompress.errors import UserError
 from moecompress.heal.spec import HealOption
-from moecompress.passes.base import LayerwisePass, MTPChoice, PassConfig, PassContext, moe_layer_at, register_layerwise
+from moecompress.passes.base import (
+    LayerwisePass,
+    MTPChoice,
+    PassConfig,
+    PassContext,
+    moe_layer_at,
+    register_layerwise,
+)
 from moecompress.passes.prune_experts import Criterion as ExpertCriterion
 from moecompress.passes.prune_experts import PruneExpertsConfig, prune_experts
 from moecompress.surgery import mask_neurons, shrink_neurons, sync_config

@@ -35,7 +35,14 @@ from moecompress.calib.collect import (
     stored_expert_forward,
 )
 from moecompress.errors import UserError
-from moecompress.passes.base import LayerwisePass, MTPChoice, PassConfig, PassContext, moe_layer_at, register_layerwise
+from moecompress.passes.base import (
+    LayerwisePass,
+    MTPChoice,
+    PassConfig,
+    PassContext,
+    moe_layer_at,
+    register_layerwise,
+)
 from moecompress.quant.gptq import HessianAccumulator, gptq_quantize_batch, output_error
 from moecompress.quant.rtn import SUPPORTED_BITS, QuantResult, check_scheme, quantize_rtn
 
