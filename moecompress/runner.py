@@ -75,8 +75,12 @@ def resolve_calibration(spec: Any, model_dir: Path) -> Any:
     return CalibSpec(source=str(src))
 
 
-def mtp_batches(get_calibration: Callable[[], Any]) -> Callable[[], list[Any] | None]:
-    """Calibration batches for ranking MTP layers' experts (moecompress.io.mtp), or None when the run has none."""
+def mtp_request(cfg: PassConfig, get_calibration: Callable[[], Any], opts: RunOptions) -> Any:
+    """What the writers do with the checkpoint's MTP layers (moecompress.io.mtp): the pass's --mtp, calibration
+    batches for ranking their experts (None when the run has no calibration data), the shard size."""
+    from moecompress.engine.sink import parse_size
+    from moecompress.io.mtp import MTPRequest
+
     def batches() -> list[Any] | None:
         try:
             batch = get_calibration()
@@ -84,7 +88,8 @@ def mtp_batches(get_calibration: Callable[[], Any]) -> Callable[[], list[Any] | 
             return None
         return list(batch.batches(max(1, min(8, 8192 // batch.input_ids.shape[1]))))
 
-    return batches
+    return MTPRequest(mode=getattr(cfg, "mtp", "keep"), calibration=batches,
+                      max_shard_bytes=parse_size(opts.max_shard_size))
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -220,7 +225,7 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
     verify = write_checkpoint(model, tok, out, source=src, pass_entry=entry, overwrite=opts.overwrite,
                               verify=opts.verify, save_fn=ctx.extras.get("save_fn"),
                               verify_atol=ctx.extras.get("verify_atol"), extra_files=extra, hub=resolved.hub_ref(),
-                              mtp=getattr(cfg, "mtp", "keep"), mtp_calibration=mtp_batches(get_calibration))
+                              mtp=mtp_request(cfg, get_calibration, opts))
     report: dict[str, Any] = {
         "pass": cfg.name,
         "config": cfg.model_dump(mode="json"),
@@ -331,8 +336,7 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
         engine.write_metadata(source, tok, tmp, src=src, pass_entry=entry,
                               extra_files={"recipe.yaml": recipe_text} if recipe_text else None,
                               hub=resolved.hub_ref() if resolved is not None else None,
-                              config_update=config_update, mtp=getattr(cfg, "mtp", "keep"),
-                              mtp_calibration=mtp_batches(get_calibration))
+                              config_update=config_update, mtp=mtp_request(cfg, get_calibration, opts))
         verify: dict[str, Any] = {}
         if opts.verify:
             verify = engine.verify_streamed(tmp, ids, logits, budget=budget, device=str(source.device),

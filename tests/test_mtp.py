@@ -318,3 +318,21 @@ def test_recipe_wide_mtp_choice(tmp_path):
 
     with pytest.raises(UserError, match="mtp"):
         parse_recipe({"mtp": "sometimes", "passes": [{"pass": "prune_experts", "ratio": 0.5}]})
+
+
+def test_mtp_shards_respect_the_shard_size(tmp_path):
+    """MTP tensors go into their own shards of at most --max-shard-size (deferred ones read as written); the
+    existing shards are renamed k-of-n and the index names every tensor once."""
+    from safetensors.torch import save_file
+
+    from moecompress.io.mtp import _append_shards
+
+    save_file({"a": torch.zeros(4, 4), "b": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+    new = {f"model.layers.3.t{i}": torch.full((16, 16), float(i)) for i in range(5)}  # 1 KiB each in float32
+    _append_shards(tmp_path, new, max_shard_bytes=2048)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert files == [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    assert index["a"] == files[0] and len({index[k] for k in new}) == 3  # 2 + 2 + 1 tensors of 1 KiB
+    got = tensors(tmp_path)
+    assert set(got) == {"a", "b", *new} and all(torch.equal(got[k], v) for k, v in new.items())

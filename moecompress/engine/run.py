@@ -182,9 +182,9 @@ def compress_streamed(lp: LayerwisePass, ctx: PassContext, source: ModelSource, 
 
 def write_metadata(source: ModelSource, tokenizer: Any, tmp: Path, *, src: Path, pass_entry: dict[str, Any],
                    extra_files: dict[str, str | bytes] | None, config_update: dict[str, Any] | None = None,
-                   hub: dict[str, str] | None = None, mtp: str = "keep", mtp_calibration: Any = None) -> None:
+                   hub: dict[str, str] | None = None, mtp: Any = "keep") -> None:
     """config (as the pass left it, plus `config_update`), generation config, tokenizer, MTP layers (`mtp`: keep |
-    drop, read from `src`), provenance, extras."""
+    drop or an ``MTPRequest``; read from `src`), provenance, extras."""
     config = source.model.config
     config.dtype = source.dtype
     config.architectures = [type(source.model).__name__]
@@ -198,7 +198,7 @@ def write_metadata(source: ModelSource, tokenizer: Any, tmp: Path, *, src: Path,
     if gen.is_file():
         shutil.copy2(gen, tmp / gen.name)
     write_beside_weights(tmp, tokenizer=tokenizer, source=src, pass_entry=pass_entry, hub=hub,
-                         extra_files=extra_files, mtp=mtp, mtp_calibration=mtp_calibration)
+                         extra_files=extra_files, mtp=mtp)
 
 
 def verify_streamed(folder: Path, ids: torch.Tensor, reference: torch.Tensor, *, budget: int, device: str,

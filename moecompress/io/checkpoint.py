@@ -352,8 +352,7 @@ def verify_reload(path: Path, reference_logits: torch.Tensor, ids: torch.Tensor,
 
 def write_beside_weights(tmp: Path, *, tokenizer: Any | None, source: Path | None,
                          pass_entry: dict[str, Any] | None, hub: dict[str, str] | None = None,
-                         extra_files: dict[str, str | bytes] | None = None, mtp: str = "keep",
-                         mtp_calibration: Any = None) -> None:
+                         extra_files: dict[str, str | bytes] | None = None, mtp: Any = "keep") -> None:
     """Everything a written checkpoint holds besides the model's weights and config, for the in-memory writer and
     the streaming engine alike: tokenizer, MTP layers (kept consistently or dropped, recorded), extra files,
     provenance and count aliases."""
@@ -361,7 +360,7 @@ def write_beside_weights(tmp: Path, *, tokenizer: Any | None, source: Path | Non
     if not str((pass_entry or {}).get("pass", "")).startswith("zoo."):  # miniatures write their own
         from moecompress.io.mtp import carry_mtp
 
-        line = carry_mtp(tmp, source, mtp, mtp_calibration)  # never a config announcing weights not here
+        line = carry_mtp(tmp, source, mtp)  # never a config announcing weights that are not here
         if line and pass_entry is not None:
             pass_entry["mtp"] = line
     for name, content in (extra_files or {}).items():
@@ -389,14 +388,12 @@ def write_checkpoint(
     save_fn: Any = None,
     verify_atol: float | None = None,
     hub: dict[str, str] | None = None,
-    mtp: str = "keep",
-    mtp_calibration: Any = None,
+    mtp: Any = "keep",
     after_save: Any = None,
 ) -> dict[str, Any]:
     """Save `model` (+ tokenizer, MTP layers, provenance, extra files) to `out` atomically and verify the reload.
 
-    `mtp`: keep | drop, `mtp_calibration()`: batches ranking the MTP layers' experts (``moecompress.io.mtp``);
-    `after_save(folder)` adds to the written weights before verification (a miniature's MTP layers).
+    `mtp`: keep | drop or an ``MTPRequest`` (``moecompress.io.mtp``); `after_save(folder)` adds to the written weights before verification (a miniature's MTP layers).
 
     Returns the verification summary (max logit difference, loading-info counts).
     """
@@ -411,7 +408,7 @@ def write_checkpoint(
         if after_save is not None:
             after_save(tmp)
         write_beside_weights(tmp, tokenizer=tokenizer, source=source, pass_entry=pass_entry, hub=hub,
-                             extra_files=extra_files, mtp=mtp, mtp_calibration=mtp_calibration)
+                             extra_files=extra_files, mtp=mtp)
         summary: dict[str, Any] = {}
         if verify:
             summary = verify_model_reload(model, tmp, atol=verify_atol)

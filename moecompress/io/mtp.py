@@ -47,6 +47,31 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
+@dataclass(frozen=True)
+class MTPRequest:
+    """What a pass asks of the MTP layers; both writers hand it to ``carry_mtp``."""
+
+    mode: MTPMode = "keep"
+    calibration: Callable[[], list[tuple[torch.Tensor, torch.Tensor]] | None] | None = None  # batches, or None
+    max_shard_bytes: int = 5 * 10**9  # --max-shard-size: MTP tensors are written in shards of at most this
+
+
+class _Deferred:
+    """A source tensor read only when its shard is written: copying never holds a whole MTP layer."""
+
+    def __init__(self, reader: Any, key: str) -> None:
+        self.reader, self.key = reader, key
+        self.shape = list(reader.get_slice(key).get_shape())  # dequantizing readers: the logical shape
+        self.nbytes = int(torch.Size(self.shape).numel()) * 4  # at most float32: only sizes the shards
+
+    def read(self) -> torch.Tensor:
+        return self.reader.get(self.key).contiguous()
+
+
+def _nbytes(t: torch.Tensor | _Deferred) -> int:
+    return t.nbytes if isinstance(t, _Deferred) else t.numel() * t.element_size()
+
+
 def mtp_layers(config: dict[str, Any]) -> tuple[dict[str, Any], str, int] | None:
     """(the (sub-)config holding it, key, count) of the MTP layers a config announces, or None."""
     for cfg in (config, config.get("text_config")):
@@ -290,23 +315,23 @@ def source_mtp_keys(source: Path, lay: MTPLayout) -> list[str]:
         reader.close()
 
 
-def carry_mtp(folder: Path, source: Path | None, mode: MTPMode = "keep",
-              calibration: Callable[[], list[tuple[torch.Tensor, torch.Tensor]] | None] | None = None) -> str | None:
+def carry_mtp(folder: Path, source: Path | None, request: MTPRequest | str = "keep") -> str | None:
     """Make a written checkpoint's MTP layers agree with its config.json; returns the line to record (or None).
 
     `folder` holds the pass's weights and config; `source` is the checkpoint the pass read (MTP weights come
-    from there); `calibration()` gives (input_ids, attention_mask) batches for ranking the MTP layer's experts
-    (None, or None returned: the data-free criterion). Called by both writers (in memory and streamed) before
-    verification.
+    from there); `request.calibration()` gives (input_ids, attention_mask) batches for ranking the MTP layer's
+    experts (None, or None returned: the data-free criterion). Called by both writers (in memory and streamed)
+    before verification.
     """
-    if mode not in ("keep", "drop"):
-        raise UserError(f"--mtp {mode!r}: use keep or drop")
+    req = request if isinstance(request, MTPRequest) else MTPRequest(mode=request)  # type: ignore[arg-type]
+    if req.mode not in ("keep", "drop"):
+        raise UserError(f"--mtp {req.mode!r}: use keep or drop")
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     lay = layout(config)
     if lay is None:
         return None
-    if mode == "drop":
+    if req.mode == "drop":
         return drop_mtp(folder)
     if source is None or not any(Path(source).glob("*.safetensors")):
         return drop_mtp(folder, "the input holds no MTP weights")
@@ -319,8 +344,14 @@ def carry_mtp(folder: Path, source: Path | None, mode: MTPMode = "keep",
     if _counts(_float_config(src_config)) != _counts(_float_config(config)) and len(blocks) != lay.count:
         return drop_mtp(folder, f"their on-disk layout under {src_lay.block_prefix(0)!r} is not one moecompress "
                                 "can reduce to the new expert count")
-    tensors, action = _mtp_tensors(folder, config, lay, Path(source), src_config, src_lay, keys, calibration)
-    _append_shard(folder, tensors)
+    from moecompress.engine.reader import reader_for
+
+    reader = reader_for(Path(source))
+    try:
+        tensors, action = _mtp_tensors(folder, config, lay, reader, src_config, src_lay, keys, req.calibration)
+        _append_shards(folder, tensors, req.max_shard_bytes)
+    finally:
+        reader.close()
     if config.get("quantization_config"):
         _ignore_in_quantization(folder, tensors)
         action += "; kept in high precision (listed in quantization_config.ignore)"
@@ -334,60 +365,52 @@ def _counts(config: dict[str, Any]) -> tuple[int, int]:
     return adapter.num_experts(config), adapter.expert_width(config)
 
 
-def _mtp_tensors(folder: Path, config: dict[str, Any], lay: MTPLayout, source: Path, src_config: dict[str, Any],
+def _mtp_tensors(folder: Path, config: dict[str, Any], lay: MTPLayout, reader: Any, src_config: dict[str, Any],
                  src_lay: MTPLayout, keys: list[str], calibration: Callable[[], Any] | None = None,
-                 ) -> tuple[dict[str, torch.Tensor], str]:
-    """The MTP tensors for `folder`'s config: the source's, with each block's experts reduced to match."""
-    from moecompress.engine.reader import reader_for
+                 ) -> tuple[dict[str, Any], str]:
+    """The MTP tensors for `folder`'s config: the source's (read from `reader`, deferred when copied unchanged),
+    with each block's experts reduced to match."""
     from moecompress.passes.criteria import expert_scores as stat_scores
     from moecompress.passes.criteria import select_by_score
     from moecompress.surgery import keep_experts, shrink_neurons
 
     (n_src, w_src), (n_out, w_out) = _counts(_float_config(src_config)), _counts(_float_config(config))
     if (n_src, w_src) == (n_out, w_out):  # same structure: the same keys (the pass kept the depth)
-        reader = reader_for(source)
-        try:
-            return ({k: reader.get(k).contiguous() for k in keys},
-                    f"copied unchanged ({n_out} routed experts each, as config.json says)")
-        finally:
-            reader.close()
+        return ({k: _Deferred(reader, k) for k in keys},
+                f"copied unchanged ({n_out} routed experts each, as config.json says)")
     if n_out > n_src or w_out > w_src:
         raise UserError(f"the output has {n_out} experts of width {w_out} but the input's MTP layers have "
                         f"{n_src} of width {w_src}; MTP layers cannot grow")
     batches = calibration() if calibration is not None else None
     feed = _feed(folder, batches) if batches else None
-    reader = reader_for(source)
     chosen: dict[int, list[int]] = {}
     tokens = 0
-    out: dict[str, torch.Tensor] = {}
-    try:
-        dtype = _dtype(reader, keys)
-        for j in range(lay.count):
-            block = _Block(_float_config(src_config), dtype)
-            prefix = src_lay.block_prefix(j)
-            takes = block.takes(keys, prefix)
-            block.load({takes[k]: reader.get(k) for k in takes}, f"MTP layer {j} of {source}")
-            moe = block.moe()
-            beside = {k[len(prefix):]: reader.get(k) for k in keys if src_lay.block_of(k) == j and k not in takes}
-            beside.update({k[len(src_lay.module_prefix):]: reader.get(k) for k in keys if src_lay.block_of(k) is None})
-            stats = _route(block, feed, beside) if feed is not None else None
-            act_sq = stats.sums["act_sq_gated"] if stats is not None else None
-            if stats is not None:
-                tokens = stats.n_tokens
-            if n_out < n_src:
-                scores = stat_scores(stats, "reap") if stats is not None else expert_scores(moe)
-                kept = select_by_score(scores, n_out, block.adapter.num_groups(src_config))
-                keep_experts(moe, kept)
-                chosen[j] = kept
-                act_sq = act_sq[kept] if act_sq is not None else None
-            if w_out < w_src:
-                shrink_neurons(moe, _neuron_keep(moe, w_out, act_sq))
-            out.update(block.on_disk(lay.block_prefix(j)))
-            out.update({lay.block_prefix(j) + k: v.contiguous() for k, v in beside.items()
-                        if src_lay.block_prefix(j) + k in keys})  # enorm, eh_proj, shared_head… unchanged
-        out.update({k: reader.get(k).contiguous() for k in keys if src_lay.block_of(k) is None})  # mtp.fc, mtp.norm
-    finally:
-        reader.close()
+    out: dict[str, Any] = {}
+    dtype = _dtype(reader, keys)
+    for j in range(lay.count):
+        block = _Block(_float_config(src_config), dtype)
+        prefix = src_lay.block_prefix(j)
+        takes = block.takes(keys, prefix)
+        block.load({takes[k]: reader.get(k) for k in takes}, f"MTP layer {j} of {reader.folder}")
+        moe = block.moe()
+        beside = {k[len(prefix):]: reader.get(k) for k in keys if src_lay.block_of(k) == j and k not in takes}
+        beside.update({k[len(src_lay.module_prefix):]: reader.get(k) for k in keys if src_lay.block_of(k) is None})
+        stats = _route(block, feed, beside) if feed is not None else None
+        act_sq = stats.sums["act_sq_gated"] if stats is not None else None
+        if stats is not None:
+            tokens += stats.n_tokens
+        if n_out < n_src:
+            scores = stat_scores(stats, "reap") if stats is not None else expert_scores(moe)
+            kept = select_by_score(scores, n_out, block.adapter.num_groups(src_config))
+            keep_experts(moe, kept)
+            chosen[j] = kept
+            act_sq = act_sq[kept] if act_sq is not None else None
+        if w_out < w_src:
+            shrink_neurons(moe, _neuron_keep(moe, w_out, act_sq))
+        out.update(block.on_disk(lay.block_prefix(j)))
+        out.update({lay.block_prefix(j) + k: v.contiguous() for k, v in beside.items()
+                    if src_lay.block_prefix(j) + k in keys})  # enorm, eh_proj, shared_head… unchanged
+    out.update({k: reader.get(k).contiguous() for k in keys if src_lay.block_of(k) is None})  # mtp.fc, mtp.norm
     check_mtp_tensors(config, lay, out)
     what = []
     if n_out < n_src:
@@ -395,8 +418,8 @@ def _mtp_tensors(folder: Path, config: dict[str, Any], lay: MTPLayout, source: P
                     + "; ".join(f"layer {j}: {v}" for j, v in chosen.items()) + ")")
     if w_out < w_src:
         what.append(f"expert width reduced {w_src} → {w_out}")
-    criterion = CALIBRATED.format(tokens=tokens) if feed is not None else CRITERION + (
-        "" if calibration is None else " (no calibration data)")
+    criterion = CALIBRATED.format(tokens=tokens // lay.count) if tokens else CRITERION + (
+        " (no calibration data)" if calibration is not None and not batches else "")
     return out, ", ".join(what) + f", as config.json says; criterion {criterion}"
 
 
@@ -501,8 +524,10 @@ def check_mtp_tensors(config: dict[str, Any], lay: MTPLayout, tensors: dict[str,
         block.load({takes[k]: tensors[k] for k in takes}, f"MTP layer {j}")
 
 
-def _append_shard(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Add `tensors` as the last shard of a written checkpoint (shards renamed k-of-n+1, index rewritten)."""
+def _append_shards(folder: Path, tensors: dict[str, torch.Tensor | _Deferred], max_shard_bytes: int = 5 * 10**9,
+                   ) -> None:
+    """Add `tensors` as the last shards (at most `max_shard_bytes` each, deferred ones read as their shard is
+    written) of a written checkpoint: shards renamed k-of-n, the index rewritten."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -521,29 +546,40 @@ def _append_shard(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
     clash = sorted(set(weight_map) & set(tensors))
     if clash:
         raise RuntimeError(f"MTP tensors already written: {clash[:3]}")
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key, t in tensors.items():
+        if groups[-1] and size + _nbytes(t) > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += _nbytes(t)
     files = sorted(set(weight_map.values()))
-    n = len(files) + 1
+    n = len(files) + len(groups)
     rename = {old: f"model-{i:05d}-of-{n:05d}.safetensors" for i, old in enumerate(files, start=1)}
     for old, new in rename.items():
         (folder / old).rename(folder / f".{new}.tmp")
     for new in rename.values():
         (folder / f".{new}.tmp").rename(folder / new)
-    last = f"model-{n:05d}-of-{n:05d}.safetensors"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / last), metadata={"format": "pt"})
     weight_map = {k: rename[v] for k, v in weight_map.items()}
-    weight_map.update({k: last for k in tensors})
+    for i, group in enumerate(groups, start=len(files) + 1):
+        name = f"model-{i:05d}-of-{n:05d}.safetensors"
+        part = {k: tensors[k].read() if isinstance(tensors[k], _Deferred) else tensors[k].contiguous() for k in group}
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in group})
+        del part
     total = sum((folder / f).stat().st_size for f in set(weight_map.values()))
     index.setdefault("metadata", {})["total_size"] = total
     index["weight_map"] = dict(sorted(weight_map.items()))
     (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _ignore_in_quantization(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+def _ignore_in_quantization(folder: Path, tensors: dict[str, Any]) -> None:
     """Name every MTP linear in quantization_config.ignore: the experts' `re:` target would otherwise match them."""
     cfg_file = Path(folder) / "config.json"
     config = json.loads(cfg_file.read_text())
     q = config["quantization_config"]
-    names = {k[: -len(".weight")] for k, t in tensors.items() if k.endswith(".weight") and t.dim() == 2}
+    names = {k[: -len(".weight")] for k, t in tensors.items() if k.endswith(".weight") and len(t.shape) == 2}
     q["ignore"] = sorted(set(q.get("ignore") or []) | names)
     cfg_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -552,6 +588,8 @@ def _ignore_in_quantization(folder: Path, tensors: dict[str, torch.Tensor]) -> N
 # "module"-style families whose tensors beside the block are known (mtp.fc, mtp.pre_fc_norm_*, mtp.norm);
 # "decoder"-style ones (DeepSeek-V3/V3.2, GLM-4.5…) all carry embed_tokens/enorm/hnorm/eh_proj/shared_head.
 _MODULE_STYLE_FAMILIES = ("qwen3_next", "qwen3_5")
+
+
 def miniature_mtp_tensors(model: torch.nn.Module, config: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
     """Random MTP weights for a miniature, in the layout its family's real checkpoints use ({} if none)."""
     from moecompress.arch.adapter import adapter_for_config_dict, decoder_layers
@@ -600,7 +638,7 @@ def add_miniature_mtp(folder: Path, model: torch.nn.Module, seed: int = 0) -> in
     """Write random MTP weights into a freshly written miniature; returns how many tensors."""
     config = json.loads((Path(folder) / "config.json").read_text())
     tensors = miniature_mtp_tensors(model, config, seed)
-    _append_shard(Path(folder), tensors)
+    _append_shards(Path(folder), tensors)
     return len(tensors)
 
 
