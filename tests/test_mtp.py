@@ -336,3 +336,35 @@ def test_mtp_shards_respect_the_shard_size(tmp_path):
     assert index["a"] == files[0] and len({index[k] for k in new}) == 3  # 2 + 2 + 1 tensors of 1 KiB
     got = tensors(tmp_path)
     assert set(got) == {"a", "b", *new} and all(torch.equal(got[k], v) for k, v in new.items())
+
+
+def test_data_free_criterion_without_calibration(deepseek, tmp_path, capsys, monkeypatch):
+    """Without calibration data the MTP experts are ranked by weight norms (said in the line), still the same
+    number from each routing group, and the written checkpoint reloads."""
+    from moecompress.io.mtp import MTPRequest, carry_mtp, expert_scores
+
+    monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path / "cache"))
+    mini, calib = deepseek
+    out = tmp_path / "d"
+    assert run_cli(["prune", mini, "--out", out, "--ratio", "0.5", "--mtp", "drop", "--calib", calib, *CALIB],
+                   capsys)[0] == 0
+    cfg = read_config(out)
+    cfg["num_nextn_predict_layers"] = 1  # as the pass leaves it before carry_mtp
+    (out / "config.json").write_text(json.dumps(cfg))
+    line = carry_mtp(out, mini, MTPRequest(calibration=lambda: None))
+    assert "16 → 8" in line and "data-free" in line and "(no calibration data)" in line
+    kept = json.loads(re.search(r"layer 0: (\[[\d, ]+\])", line).group(1))
+    assert torch.bincount(torch.tensor(kept) // 4, minlength=4).tolist() == [2, 2, 2, 2]
+    from moecompress.io.mtp import _Block
+
+    src = tensors(mini)
+    prefix = f"model.layers.{cfg['num_hidden_layers']}."
+    block = _Block(read_config(mini), torch.bfloat16)
+    takes = block.takes(list(src), prefix)
+    block.load({takes[k]: src[k] for k in takes}, "mtp")
+    scores = expert_scores(block.moe())
+    for g in range(4):  # within each group: the 2 highest-scoring experts
+        top = sorted((g * 4 + scores[g * 4:(g + 1) * 4].topk(2).indices).tolist())
+        assert [k for k in kept if k // 4 == g] == top
+    info, _ = reload_info(out)
+    assert not any(info.values()), info

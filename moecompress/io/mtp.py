@@ -382,7 +382,14 @@ def _mtp_tensors(folder: Path, config: dict[str, Any], lay: MTPLayout, reader: A
         raise UserError(f"the output has {n_out} experts of width {w_out} but the input's MTP layers have "
                         f"{n_src} of width {w_src}; MTP layers cannot grow")
     batches = calibration() if calibration is not None else None
-    feed = _feed(folder, batches) if batches else None
+    feed, why = None, " (no calibration data)" if calibration is not None and not batches else ""
+    if batches:
+        from moecompress.engine.loop import NotStreamable
+
+        try:
+            feed = _feed(folder, batches)
+        except NotStreamable:  # glm_moe_dsa, hy_v4…: a layer's inputs are more than the cached hidden states
+            why = " (its decoder layers cannot run one at a time from cached hidden states)"
     chosen: dict[int, list[int]] = {}
     tokens = 0
     out: dict[str, Any] = {}
@@ -418,8 +425,7 @@ def _mtp_tensors(folder: Path, config: dict[str, Any], lay: MTPLayout, reader: A
                     + "; ".join(f"layer {j}: {v}" for j, v in chosen.items()) + ")")
     if w_out < w_src:
         what.append(f"expert width reduced {w_src} → {w_out}")
-    criterion = CALIBRATED.format(tokens=tokens // lay.count) if tokens else CRITERION + (
-        " (no calibration data)" if calibration is not None and not batches else "")
+    criterion = CALIBRATED.format(tokens=tokens // lay.count) if tokens else CRITERION + why
     return out, ", ".join(what) + f", as config.json says; criterion {criterion}"
 
 
