@@ -88,8 +88,10 @@ def mtp_request(cfg: PassConfig, get_calibration: Callable[[], Any], opts: RunOp
             return None
         return list(batch.batches(max(1, min(8, 8192 // batch.input_ids.shape[1]))))
 
+    from moecompress.engine.run import memory_budget
+
     return MTPRequest(mode=getattr(cfg, "mtp", "keep"), calibration=batches,
-                      max_shard_bytes=parse_size(opts.max_shard_size))
+                      max_shard_bytes=parse_size(opts.max_shard_size), budget=memory_budget(opts.max_memory))
 
 
 def count_params(model: torch.nn.Module) -> int:

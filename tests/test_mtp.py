@@ -129,6 +129,23 @@ def test_prune_keeps_mtp_with_the_pruned_expert_count(deepseek, tmp_path, capsys
     assert "Multi-token prediction: kept 1" in str(build_model_card(out, "me/x"))
 
 
+def test_mtp_ranking_is_the_same_when_experts_stream_in_chunks(deepseek, tmp_path, capsys, monkeypatch):
+    """Under a memory budget smaller than a decoder layer the written model is streamed with its experts read in
+    chunks to feed the MTP router: the MTP layer keeps the same experts as with the layers read whole."""
+    monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path / "cache"))
+    mini, calib = deepseek
+    kept = []
+    for name, extra in (("whole", []), ("chunked", ["--max-memory", "500KB"])):
+        out = tmp_path / name
+        code, _, err = run_cli(["prune", mini, "--out", out, "--ratio", "0.5", "--calib", calib, *CALIB, *extra],
+                               capsys)
+        assert code == 0, err
+        report = json.loads((out / "report.json").read_text())
+        kept.append(re.search(r"layer 0: (\[[\d, ]+\])", report["mtp"]).group(1))
+    assert report["engine"]["expert_chunks"] is not None  # the second run did read experts in chunks
+    assert kept[0] == kept[1]
+
+
 def test_mtp_drop_removes_them_and_says_so(deepseek, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path / "cache"))
     mini, calib = deepseek

@@ -7,7 +7,9 @@ written from the loaded model has none; a config still announcing them would bre
 `--mtp keep` (the default) carries them over from the input checkpoint, consistently with what the pass did to
 the decoder: when the pass changed the routed-expert count or width (prune, merge, neuron pruning), each MTP
 layer's MoE block gets the same count and width through the same surgery (``moecompress.surgery``), keeping the
-experts ranked highest by a data-free criterion (``expert_scores``); otherwise its tensors are copied unchanged.
+experts with the highest REAP score of the MTP layer's own router on calibration data fed as servers feed it
+(``_feed``/``_route``: the compressed model's final hidden state and the next token's embedding), or by weight
+norms (``expert_scores``) when the run has no calibration data; otherwise its tensors are copied unchanged.
 A quantized output keeps them in high precision, named in the quantization ``ignore`` list. `--mtp drop` (or an
 input without MTP weights, or a layout this module does not know) sets the count in config.json to 0. Either
 way one line is recorded (provenance, report, model card).
@@ -54,6 +56,7 @@ class MTPRequest:
     mode: MTPMode = "keep"
     calibration: Callable[[], list[tuple[torch.Tensor, torch.Tensor]] | None] | None = None  # batches, or None
     max_shard_bytes: int = 5 * 10**9  # --max-shard-size: MTP tensors are written in shards of at most this
+    budget: int | None = None  # --max-memory: streaming the written model for calibration reads experts in chunks
 
 
 class _Deferred:
@@ -348,7 +351,8 @@ def carry_mtp(folder: Path, source: Path | None, request: MTPRequest | str = "ke
 
     reader = reader_for(Path(source))
     try:
-        tensors, action = _mtp_tensors(folder, config, lay, reader, src_config, src_lay, keys, req.calibration)
+        tensors, action = _mtp_tensors(folder, config, lay, reader, src_config, src_lay, keys, req.calibration,
+                                       req.budget)
         _append_shards(folder, tensors, req.max_shard_bytes)
     finally:
         reader.close()
@@ -367,7 +371,7 @@ def _counts(config: dict[str, Any]) -> tuple[int, int]:
 
 def _mtp_tensors(folder: Path, config: dict[str, Any], lay: MTPLayout, reader: Any, src_config: dict[str, Any],
                  src_lay: MTPLayout, keys: list[str], calibration: Callable[[], Any] | None = None,
-                 ) -> tuple[dict[str, Any], str]:
+                 budget: int | None = None) -> tuple[dict[str, Any], str]:
     """The MTP tensors for `folder`'s config: the source's (read from `reader`, deferred when copied unchanged),
     with each block's experts reduced to match."""
     from moecompress.passes.criteria import expert_scores as stat_scores
@@ -387,7 +391,7 @@ def _mtp_tensors(folder: Path, config: dict[str, Any], lay: MTPLayout, reader: A
         from moecompress.engine.loop import NotStreamable
 
         try:
-            feed = _feed(folder, batches)
+            feed = _feed(folder, batches, budget)
         except NotStreamable:  # glm_moe_dsa, hy_v4…: a layer's inputs are more than the cached hidden states
             why = " (its decoder layers cannot run one at a time from cached hidden states)"
     chosen: dict[int, list[int]] = {}
@@ -440,16 +444,22 @@ class _FeedBatch:
     call: tuple[tuple, dict]  # the template decoder layer's call arguments (masks, rotary embeddings)
 
 
-def _feed(folder: Path, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[_FeedBatch]:
+def _feed(folder: Path, batches: list[tuple[torch.Tensor, torch.Tensor]], budget: int | None = None
+          ) -> list[_FeedBatch]:
     """Stream the written (compressed) checkpoint over `batches` one decoder layer at a time (the engine's loop)
     and keep what its MTP layers would be fed: final hidden states, next-token embeddings, call arguments."""
     from moecompress.engine.loop import head_logits, run_layer, start_flow
     from moecompress.engine.source import REST, ModelSource
 
-    src = ModelSource(Path(folder))
+    src = ModelSource(Path(folder), budget=budget)
     try:
         src.materialise(REST)
-        flow = start_flow(src, batches[:MAX_SEQUENCES], budget=1 << 62)
+        picked: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for ids, mask in batches:  # the first MAX_SEQUENCES sequences
+            if sum(b[0].shape[0] for b in picked) >= MAX_SEQUENCES:
+                break
+            picked.append((ids, mask))
+        flow = start_flow(src, picked, budget=1 << 62)
         try:
             for i in range(src.num_layers):
                 run_layer(flow, i, src.materialise(i))
