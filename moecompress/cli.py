@@ -300,6 +300,8 @@ def print_report(report: dict) -> None:
                       + ", ".join(f"L{k} {100 * v:.1f}%" for k, v in mass.items()))
     if details.get("bytes_note"):
         console.print(f"[yellow]{details['bytes_note']}[/]")
+    if report.get("mtp"):
+        console.print(f"multi-token prediction: {report['mtp']}")
     console.print(f"time {report['seconds']:.1f}s · peak RSS {report['peak_rss_mb']:.0f} MiB · reload verified "
                   f"(max logit diff {_logit_diff(report['verify']):.2g})")
 

@@ -127,6 +127,7 @@ def test_prune_keeps_mtp_with_the_pruned_expert_count(deepseek, tmp_path, capsys
     from moecompress.io.model_card import build_model_card
 
     assert "Multi-token prediction: kept 1" in str(build_model_card(out, "me/x"))
+    assert f"multi-token prediction: {line}" in (out / "report.md").read_text()
 
 
 def test_mtp_ranking_is_the_same_when_experts_stream_in_chunks(deepseek, tmp_path, capsys, monkeypatch):
