@@ -386,3 +386,30 @@ def test_data_free_criterion_without_calibration(deepseek, tmp_path, capsys, mon
         assert [k for k in kept if k // 4 == g] == top
     info, _ = reload_info(out)
     assert not any(info.values()), info
+
+
+def test_unknown_mtp_block_layout_is_dropped_not_fatal(deepseek, tmp_path, capsys, monkeypatch):
+    """MTP tensors that are not a decoder layer of the family (a vendor layout) cannot be reduced consistently:
+    the pass still succeeds, drops them and says why, rather than writing a checkpoint servers would misread."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path / "cache"))
+    mini, calib = deepseek
+    src = tmp_path / "vendor"
+    src.mkdir()
+    for f in mini.iterdir():
+        if not f.name.endswith((".safetensors", ".index.json")):
+            shutil.copy2(f, src / f.name)
+    stored = tensors(mini)
+    prefix = f"model.layers.{read_config(mini)['num_hidden_layers']}."
+    stored[prefix + "self_attn.qkv_proj.weight"] = stored.pop(prefix + "self_attn.q_a_proj.weight")
+    save_file(stored, str(src / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "p"
+    code, _, err = run_cli(["prune", src, "--out", out, "--ratio", "0.5", "--calib", calib, *CALIB], capsys)
+    assert code == 0, err
+    assert read_config(out)["num_nextn_predict_layers"] == 0
+    line = json.loads((out / "report.json").read_text())["mtp"]
+    assert line.startswith("dropped 1") and "do not fit the family's decoder layer" in line
+    assert not any(k.startswith(prefix) for k in tensors(out))

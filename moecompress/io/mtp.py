@@ -351,8 +351,11 @@ def carry_mtp(folder: Path, source: Path | None, request: MTPRequest | str = "ke
 
     reader = reader_for(Path(source))
     try:
-        tensors, action = _mtp_tensors(folder, config, lay, reader, src_config, src_lay, keys, req.calibration,
-                                       req.budget)
+        try:
+            tensors, action = _mtp_tensors(folder, config, lay, reader, src_config, src_lay, keys, req.calibration,
+                                           req.budget)
+        except _ForeignBlock as exc:  # a layout we cannot reduce: a checkpoint without MTP still serves
+            return drop_mtp(folder, f"{exc}, so they cannot be reduced to the new expert count")
         _append_shards(folder, tensors, req.max_shard_bytes)
     finally:
         reader.close()
@@ -402,7 +405,10 @@ def _mtp_tensors(folder: Path, config: dict[str, Any], lay: MTPLayout, reader: A
         block = _Block(_float_config(src_config), dtype)
         prefix = src_lay.block_prefix(j)
         takes = block.takes(keys, prefix)
-        block.load({takes[k]: reader.get(k) for k in takes}, f"MTP layer {j} of {reader.folder}")
+        try:
+            block.load({takes[k]: reader.get(k) for k in takes}, f"MTP layer {j} of {reader.folder}")
+        except UserError as exc:
+            raise _ForeignBlock(f"their tensors do not fit the family's decoder layer ({exc})") from exc
         moe = block.moe()
         beside = {k[len(prefix):]: reader.get(k) for k in keys if src_lay.block_of(k) == j and k not in takes}
         beside.update({k[len(src_lay.module_prefix):]: reader.get(k) for k in keys if src_lay.block_of(k) is None})
@@ -431,6 +437,10 @@ def _mtp_tensors(folder: Path, config: dict[str, Any], lay: MTPLayout, reader: A
         what.append(f"expert width reduced {w_src} → {w_out}")
     criterion = CALIBRATED.format(tokens=tokens // lay.count) if tokens else CRITERION + why
     return out, ", ".join(what) + f", as config.json says; criterion {criterion}"
+
+
+class _ForeignBlock(UserError):
+    """An MTP block whose tensors are not a decoder layer of the family (a layout moecompress does not know)."""
 
 
 @dataclass
