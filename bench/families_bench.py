@@ -77,8 +77,12 @@ def run_config(name: str, config: dict, work: Path, calib: Path) -> dict[str, st
     out = work / name / "prune"
     if row.get("prune") == "ok":
         try:
+            from moecompress.io.mtp import unexpected_mtp
+
             cls = auto_class(read_config(out))
             _, info = cls.from_pretrained(out, output_loading_info=True)
+            # kept MTP layers: transformers' ignore pattern names the real depth, not a miniature's (io/mtp.py)
+            _, info["unexpected_keys"] = unexpected_mtp(read_config(out), info["unexpected_keys"])
             row["reload"] = "ok" if not any(info.values()) else f"not clean: {info}"
         except Exception as exc:  # noqa: BLE001
             row["reload"] = f"fail: {type(exc).__name__}"

@@ -113,6 +113,9 @@ DEVICE = typer.Option("auto", "--device", help="Where each layer is computed: cp
                       "available). The model is streamed one decoder layer at a time from its shards.")
 MAX_MEMORY = typer.Option(None, "--max-memory", help="CPU RAM the run may use, e.g. 24GiB (default: 3/4 of what "
                           "is free). Calibration activations beyond it spill to disk beside --out.")
+MTP = typer.Option("keep", "--mtp", help="Multi-token-prediction layers the checkpoint ships (DeepSeek-V3, GLM-4.5, "
+                   "Qwen3.5…): keep (reduced to the decoder's expert count and width, or copied; quantize keeps "
+                   "them in high precision) | drop (removed, their count in config.json set to 0).")
 MAX_SHARD = typer.Option("5GB", "--max-shard-size", help="Largest output shard (model-0000k-of-0000n.safetensors).")
 REVISION = typer.Option(None, "--revision", help="With a Hub id: branch, tag or commit to download (default main).")
 TARGET = typer.Option(None, "--target", help="vllm: serving checks (expert count vs --ep-size and n_group, "
@@ -299,6 +302,8 @@ def print_report(report: dict) -> None:
                       + ", ".join(f"L{k} {100 * v:.1f}%" for k, v in mass.items()))
     if details.get("bytes_note"):
         console.print(f"[yellow]{details['bytes_note']}[/]")
+    if report.get("mtp"):
+        console.print(f"multi-token prediction: {report['mtp']}")
     console.print(f"time {report['seconds']:.1f}s · peak RSS {report['peak_rss_mb']:.0f} MiB · reload verified "
                   f"(max logit diff {_logit_diff(report['verify']):.2g})")
 
@@ -356,7 +361,7 @@ def prune_cmd(
     evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA, overwrite: bool = OVERWRITE,
     dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE, target: str | None = TARGET,
     ep_size: int | None = EP_SIZE, revision: str | None = REVISION,
-    device: str = DEVICE, max_memory: str | None = MAX_MEMORY, max_shard_size: str = MAX_SHARD,
+    device: str = DEVICE, max_memory: str | None = MAX_MEMORY, max_shard_size: str = MAX_SHARD, mtp: str = MTP,
 ) -> None:
     """Remove whole experts (same count per layer) or expert neurons, ranked on calibration data.
 
@@ -379,7 +384,7 @@ def prune_cmd(
                             "when using --neuron-ratio")
         run_one(PruneAtomicConfig, dict(neuron_ratio=neuron_ratio, criterion=criterion, layout=layout,
                                         expert_ratio=ratio, expert_keep=keep, expert_criterion=expert_criterion,
-                                        seed=seed, heal=heal_option(heal, heal_steps)),
+                                        seed=seed, mtp=mtp, heal=heal_option(heal, heal_steps)),
                 model, out, calib=calibration, evals=evals, eval_data=eval_data, overwrite=overwrite, dtype=dtype,
                 stats_cache=stats_cache, device=device, max_memory=max_memory, max_shard_size=max_shard_size,
                 target=target, ep_size=ep_size, revision=revision)
@@ -390,7 +395,7 @@ def prune_cmd(
         raise UserError("--layout and --expert-criterion apply to neuron pruning; add --neuron-ratio R")
     run_one(PruneExpertsConfig, dict(ratio=ratio, keep=keep, criterion=criterion,
                                      protect_super_experts=protect_super_experts, layers=parse_layers(layers),
-                                     seed=seed, select=select, beam=beam, heal=heal_option(heal, heal_steps)),
+                                     seed=seed, select=select, beam=beam, mtp=mtp, heal=heal_option(heal, heal_steps)),
             model, out, calib=calibration, evals=evals,
             eval_data=eval_data, overwrite=overwrite, dtype=dtype, stats_cache=stats_cache, device=device,
             max_memory=max_memory, max_shard_size=max_shard_size, target=target, ep_size=ep_size, revision=revision)
@@ -422,7 +427,7 @@ def merge_cmd(
     evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA, overwrite: bool = OVERWRITE,
     dtype: str | None = DTYPE, stats_cache: Path | None = STATS_CACHE, target: str | None = TARGET,
     ep_size: int | None = EP_SIZE, revision: str | None = REVISION,
-    device: str = DEVICE, max_memory: str | None = MAX_MEMORY, max_shard_size: str = MAX_SHARD,
+    device: str = DEVICE, max_memory: str | None = MAX_MEMORY, max_shard_size: str = MAX_SHARD, mtp: str = MTP,
 ) -> None:
     """Merge groups of experts into one each (same count per layer): the checkpoint shrinks and loads anywhere.
 
@@ -431,7 +436,7 @@ def merge_cmd(
     from moecompress.passes.merge_experts import MergeExpertsConfig
 
     run_one(MergeExpertsConfig, dict(ratio=ratio, keep=keep, method=method, merge=merge, router=router, rank=rank,
-                                     energy=energy, align=align, group_size=group_size, seed=seed,
+                                     energy=energy, align=align, group_size=group_size, seed=seed, mtp=mtp,
                                      heal=heal_option(heal, heal_steps)),
             model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, calib_domain, model), evals=evals,
             eval_data=eval_data, overwrite=overwrite, dtype=dtype, stats_cache=stats_cache, device=device,
@@ -460,7 +465,7 @@ def quantize_cmd(
     calib_seed: int = CALIB_SEED, evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA,
     overwrite: bool = OVERWRITE, dtype: str | None = DTYPE, target: str | None = TARGET,
     ep_size: int | None = EP_SIZE, revision: str | None = REVISION,
-    device: str = DEVICE, max_memory: str | None = MAX_MEMORY, max_shard_size: str = MAX_SHARD,
+    device: str = DEVICE, max_memory: str | None = MAX_MEMORY, max_shard_size: str = MAX_SHARD, mtp: str = MTP,
 ) -> None:
     """Quantize routed experts (GPTQ or RTN) into a compressed-tensors pack-quantized checkpoint.
 
@@ -471,7 +476,7 @@ def quantize_cmd(
 
     run_one(QuantizeConfig, dict(bits=bits, group_size=group_size, method=method, balance=balance, affinity=affinity,
                                  attention=attention, shared=shared, ignore=list(ignore), bits_budget=bits_budget,
-                                 damp=damp),
+                                 damp=damp, mtp=mtp),
             model, out, calib=calib_spec(calib, calib_samples, calib_seqlen, calib_seed, model=model), evals=evals,
             eval_data=eval_data, overwrite=overwrite, dtype=dtype, device=device, max_memory=max_memory,
             max_shard_size=max_shard_size, target=target, ep_size=ep_size, revision=revision)

@@ -166,10 +166,12 @@ def inspect_config(config: dict[str, Any], where: str = "config.json") -> Inspec
     counts = {(ly.experts, ly.top_k) for ly in moe}
     if len(counts) > 1:
         notes.append(f"MoE layers differ in experts/top-k: {sorted(counts)}")
-    mtp = text.get("num_nextn_predict_layers") or text.get("mtp_num_layers") or 0
+    from moecompress.io.mtp import mtp_layers
+
+    mtp = mtp_layers(config)
     if mtp:
-        notes.append(f"{mtp} multi-token-prediction layer(s) in the checkpoint are not counted (transformers does "
-                     "not build them)")
+        notes.append(f"{mtp[2]} multi-token-prediction layer(s) in the checkpoint are not counted (transformers does "
+                     "not build them); passes keep them consistent with the new expert count (--mtp drop removes them)")
     qcfg = config.get("quantization_config") or text.get("quantization_config")
     groups = {g: GroupStats(params=skel.groups[g], bytes=by_group[g]) for g in GROUPS}
     routing = _routing_text(adapter, config, text)

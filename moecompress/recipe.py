@@ -10,6 +10,7 @@ passes:
     criterion: reap
   - pass: quantize
     bits: 4
+mtp: keep   # optional: multi-token-prediction layers for every pass (a pass's own `mtp:` wins)
 ```
 Errors carry their location (``passes[1].ratio: Input should be less than 1``) and misspelt pass names get
 a suggestion.
@@ -24,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moecompress.errors import UserError
-from moecompress.passes.base import PassConfig, get_pass
+from moecompress.passes.base import MTPChoice, PassConfig, get_pass
 
 
 class Recipe(BaseModel):
@@ -33,6 +34,7 @@ class Recipe(BaseModel):
     model: str | None = None
     calibration: dict[str, Any] | None = None
     eval: dict[str, Any] | None = None
+    mtp: MTPChoice | None = None  # default of every pass that has the option (moecompress.io.mtp)
     passes: list[Any] = Field(min_length=1)
 
 
@@ -104,9 +106,21 @@ def parse_recipe(data: Any, text: str = "") -> ParsedRecipe:
     for i, p in enumerate(recipe.passes):
         if not isinstance(p, dict) or "pass" not in p:
             raise UserError(f"passes[{i}]: must be a mapping with a 'pass:' key naming the pass (e.g. pass: prune_experts)")
-    passes = [build_pass_config(p, f"passes[{i}]") for i, p in enumerate(recipe.passes)]
+    raw = recipe.passes
+    if recipe.mtp is not None:  # the recipe-wide MTP choice, for passes that write MTP layers
+        raw = [{"mtp": recipe.mtp, **p} if p.get("pass") in _passes_with("mtp") else p for p in raw]
+    passes = [build_pass_config(p, f"passes[{i}]") for i, p in enumerate(raw)]
     return ParsedRecipe(model=recipe.model, calibration=build_calibration(recipe.calibration),
                         eval=build_eval(recipe.eval), passes=passes, text=text)
+
+
+def _passes_with(field: str) -> set[str]:
+    """Names of the registered passes whose config has `field`."""
+    from moecompress.passes import load_builtin_passes
+    from moecompress.passes.base import PASSES
+
+    load_builtin_passes()
+    return {name for name, p in PASSES.items() if field in p.config_cls.model_fields}
 
 
 def load_recipe(path: Path) -> ParsedRecipe:

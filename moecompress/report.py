@@ -40,6 +40,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append(f"| bytes on disk | {human_bytes(bb)} | {human_bytes(ba)} | {100 * (ba - bb) / max(bb, 1):+.1f}% |")
     lines += ["", f"time: {report['seconds']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MiB", ""]
     lines += removal_lines(report.get("details") or {})
+    if report.get("mtp"):
+        lines += [f"multi-token prediction: {report['mtp']}", ""]
     rows = eval_rows(report)
     if rows:
         lines += ["| task | metric | base | compressed | retention |", "|---|---|---:|---:|---:|"]

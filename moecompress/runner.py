@@ -75,6 +75,25 @@ def resolve_calibration(spec: Any, model_dir: Path) -> Any:
     return CalibSpec(source=str(src))
 
 
+def mtp_request(cfg: PassConfig, get_calibration: Callable[[], Any], opts: RunOptions) -> Any:
+    """What the writers do with the checkpoint's MTP layers (moecompress.io.mtp): the pass's --mtp, calibration
+    batches for ranking their experts (None when the run has no calibration data), the shard size."""
+    from moecompress.engine.sink import parse_size
+    from moecompress.io.mtp import MTPRequest
+
+    def batches() -> list[Any] | None:
+        try:
+            batch = get_calibration()
+        except UserError:  # no calibration data: the data-free criterion, said so in the report
+            return None
+        return list(batch.batches(max(1, min(8, 8192 // batch.input_ids.shape[1]))))
+
+    from moecompress.engine.run import memory_budget
+
+    return MTPRequest(mode=getattr(cfg, "mtp", "keep"), calibration=batches,
+                      max_shard_bytes=parse_size(opts.max_shard_size), budget=memory_budget(opts.max_memory))
+
+
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -206,7 +225,8 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
     extra = {"recipe.yaml": recipe_text} if recipe_text else None
     verify = write_checkpoint(model, tok, out, source=src, pass_entry=entry, overwrite=opts.overwrite,
                               verify=opts.verify, save_fn=ctx.extras.get("save_fn"),
-                              verify_atol=ctx.extras.get("verify_atol"), extra_files=extra, hub=resolved.hub_ref())
+                              verify_atol=ctx.extras.get("verify_atol"), extra_files=extra, hub=resolved.hub_ref(),
+                              mtp=mtp_request(cfg, get_calibration, opts))
     w.barrier()  # published: the other ranks may now read `out` (the next recipe step)
     report: dict[str, Any] = {
         "pass": cfg.name,
@@ -333,7 +353,7 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
         engine.write_metadata(source, tok, tmp, src=src, pass_entry=entry,
                               extra_files={"recipe.yaml": recipe_text} if recipe_text else None,
                               hub=resolved.hub_ref() if resolved is not None else None,
-                              config_update=config_update)
+                              config_update=config_update, mtp=mtp_request(cfg, get_calibration, opts))
         verify: dict[str, Any] = {}
         if opts.verify:
             verify = engine.verify_streamed(tmp, ids, logits, budget=budget, device=str(source.device),
@@ -577,6 +597,13 @@ def planned_config(cfg: PassConfig, adapter: Any, hf_config: dict[str, Any]) -> 
     """
     planner = getattr(cfg, "planned_config", None)
     after = planner(adapter, dict(hf_config)) if planner else dict(hf_config)
+    if getattr(cfg, "mtp", None) == "drop":
+        from moecompress.io.mtp import mtp_layers
+
+        after = json.loads(json.dumps(after))  # the holder may be a nested text_config: change a copy
+        found = mtp_layers(after)
+        if found is not None:
+            found[0][found[1]] = 0
     if cfg.name != "quantize" and after.get("quantization_config"):
         after = {k: v for k, v in after.items() if k != "quantization_config"}
         after["dtype"] = "bfloat16"

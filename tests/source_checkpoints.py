@@ -36,7 +36,21 @@ def fp8_checkpoint(out: Path, family: str = "qwen3_moe", block: tuple[int, int] 
     model = model.to(torch.bfloat16)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    stored = load_file(out / "model.safetensors")
+    new, known = fp8_blocks(load_file(out / "model.safetensors"), block)
+    save_file(new, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": list(block),
+                                  "modules_to_not_convert": ["lm_head", "model.embed_tokens"] + [
+                                      f"model.layers.{i}.mlp.gate" for i in range(cfg["num_hidden_layers"])]}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return known
+
+
+def fp8_blocks(stored: dict[str, torch.Tensor], block: tuple[int, int]
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every linear weight of `stored` as float8_e4m3fn + `_scale_inv` blocks (as DeepSeek-V3 ships them); also
+    returns the exactly representable float32 values they decode to."""
     new, known = {}, {}
     for key, w in stored.items():
         if not _fp8_linear(key, w):
@@ -53,14 +67,7 @@ def fp8_checkpoint(out: Path, family: str = "qwen3_moe", block: tuple[int, int] 
                 q[sl] = (blk / scales[i, j]).to(torch.float8_e4m3fn)
                 known.setdefault(key, torch.empty(rows, cols))[sl] = q[sl].float() * scales[i, j]
         new[key], new[key + "_scale_inv"] = q, scales
-    save_file(new, str(out / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": list(block),
-                                  "modules_to_not_convert": ["lm_head", "model.embed_tokens"] + [
-                                      f"model.layers.{i}.mlp.gate" for i in range(cfg["num_hidden_layers"])]}
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    return known
+    return new, known
 
 
 def mxfp4_checkpoint(out: Path, seed: int = 0) -> dict[str, torch.Tensor]:

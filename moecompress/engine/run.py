@@ -34,6 +34,7 @@ from moecompress.io.checkpoint import (
     verify_reload,
     write_beside_weights,
 )
+from moecompress.io.mtp import MTP_PART
 from moecompress.passes.base import LayerwisePass, PassContext, observe_and_apply
 
 DEFAULT_SHARD = "5GB"
@@ -181,8 +182,9 @@ def compress_streamed(lp: LayerwisePass, ctx: PassContext, source: ModelSource, 
 
 def write_metadata(source: ModelSource, tokenizer: Any, tmp: Path, *, src: Path, pass_entry: dict[str, Any],
                    extra_files: dict[str, str | bytes] | None, config_update: dict[str, Any] | None = None,
-                   hub: dict[str, str] | None = None) -> None:
-    """config (as the pass left it, plus `config_update`), generation config, tokenizer, provenance, extras."""
+                   hub: dict[str, str] | None = None, mtp: Any = "keep") -> None:
+    """config (as the pass left it, plus `config_update`), generation config, tokenizer, MTP layers (`mtp`: keep |
+    drop or an ``MTPRequest``; read from `src`), provenance, extras."""
     config = source.model.config
     config.dtype = source.dtype
     config.architectures = [type(source.model).__name__]
@@ -196,7 +198,7 @@ def write_metadata(source: ModelSource, tokenizer: Any, tmp: Path, *, src: Path,
     if gen.is_file():
         shutil.copy2(gen, tmp / gen.name)
     write_beside_weights(tmp, tokenizer=tokenizer, source=src, pass_entry=pass_entry, hub=hub,
-                         extra_files=extra_files)
+                         extra_files=extra_files, mtp=mtp)
 
 
 def verify_streamed(folder: Path, ids: torch.Tensor, reference: torch.Tensor, *, budget: int, device: str,
@@ -210,7 +212,8 @@ def verify_streamed(folder: Path, ids: torch.Tensor, reference: torch.Tensor, *,
         reader = PackedDequantReader(Path(folder))
     vsrc = ModelSource(folder, device=device, reader=reader, budget=budget)
     assigned = {k for part in [REST, *range(vsrc.num_layers)] for k in vsrc.keys_of(part)}
-    stray = set(vsrc.reader.keys()) - assigned
+    mtp = set(vsrc.keys_of(MTP_PART))  # exactly the MTP layers config.json announces (checked when written)
+    stray = set(vsrc.reader.keys()) - assigned - mtp
     if stray:
         raise RuntimeError(f"written checkpoint has keys no module takes: {sorted(stray)[:3]}")
     with sweep_progress(console, "verifying (streamed)", vsrc.num_layers) as advance:
@@ -222,6 +225,8 @@ def verify_streamed(folder: Path, ids: torch.Tensor, reference: torch.Tensor, *,
     if not diff <= tol:
         raise RuntimeError(f"streamed reload logits differ from the compressed model by {diff:.3g} (tolerance {tol:.3g})")
     summary: dict[str, Any] = {"streamed_max_abs_logit_diff": diff, "keys_checked": len(assigned)}
+    if mtp:
+        summary["mtp_keys"] = len(mtp)
     if vsrc.chunked_layers:
         summary["expert_chunks"] = {"layers": len(vsrc.chunked_layers), **vsrc.meter.summary()}
     size = checkpoint_bytes(folder)

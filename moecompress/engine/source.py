@@ -194,7 +194,13 @@ class ModelSource:
         pattern = re.compile(re.escape(self._layers_path) + r"\.(\d+)\.")
         parts: dict[Any, list[str]] = {}
         self._targets: dict[str, str] = {}
+        from moecompress.io.mtp import MTP_PART, layout
+
+        mtp = layout(self.config_dict)
         for key in self.reader.keys():
+            if mtp is not None and mtp.owns(key):  # no module of the model takes them (moecompress.io.mtp)
+                parts.setdefault(MTP_PART, []).append(key)
+                continue
             target, _ = rename_source_key(key, renamings, converters, self.model.base_model_prefix, meta)
             self._targets[key] = target
             m = pattern.match(target)

@@ -356,6 +356,9 @@ def verify_reload(path: Path, reference_logits: torch.Tensor, ids: torch.Tensor,
     """Reload with vanilla transformers; fail loudly on any loading-info entry or logit mismatch."""
     with quiet_loading():
         model, info = auto_class(read_config(path)).from_pretrained(path, output_loading_info=True)
+    from moecompress.io.mtp import unexpected_mtp
+
+    mtp_keys, info["unexpected_keys"] = unexpected_mtp(read_config(path), info.get("unexpected_keys") or [])
     problems = {k: v for k, v in info.items() if v}
     if problems:
         raise RuntimeError(f"reload of {path} is not clean: {problems}")
@@ -367,21 +370,25 @@ def verify_reload(path: Path, reference_logits: torch.Tensor, ids: torch.Tensor,
     tol = atol if atol is not None else 1e-4 * max(1.0, scale)
     if not diff <= tol:
         raise RuntimeError(f"reloaded logits differ from the in-memory model by {diff:.3g} (tolerance {tol:.3g})")
-    return {"max_abs_logit_diff": diff, "loading_info": {k: len(v) for k, v in info.items()}}
+    summary: dict[str, Any] = {"max_abs_logit_diff": diff, "loading_info": {k: len(v) for k, v in info.items()}}
+    if mtp_keys:  # announced MTP keys transformers' depth-specific ignore pattern does not name (miniatures)
+        summary["mtp_keys_not_loaded"] = len(mtp_keys)
+    return summary
 
 
 def write_beside_weights(tmp: Path, *, tokenizer: Any | None, source: Path | None,
                          pass_entry: dict[str, Any] | None, hub: dict[str, str] | None = None,
-                         extra_files: dict[str, str | bytes] | None = None) -> None:
-    """Everything a written checkpoint holds besides weights and config, for the in-memory writer and the
-    streaming engine alike: tokenizer, the explicit MTP drop, extra files, provenance and count aliases."""
+                         extra_files: dict[str, str | bytes] | None = None, mtp: Any = "keep") -> None:
+    """Everything a written checkpoint holds besides the model's weights and config, for the in-memory writer and
+    the streaming engine alike: tokenizer, MTP layers (kept consistently or dropped, recorded), extra files,
+    provenance and count aliases."""
     _save_tokenizer(tokenizer, source, tmp)
-    if not str((pass_entry or {}).get("pass", "")).startswith("zoo."):  # miniatures keep the structure
-        from moecompress.io.mtp import drop_mtp
+    if not str((pass_entry or {}).get("pass", "")).startswith("zoo."):  # miniatures write their own
+        from moecompress.io.mtp import carry_mtp
 
-        dropped = drop_mtp(tmp)  # explicit, recorded: never a config announcing weights that are not here
-        if dropped and pass_entry is not None:
-            pass_entry["mtp"] = dropped
+        line = carry_mtp(tmp, source, mtp)  # never a config announcing weights that are not here
+        if line and pass_entry is not None:
+            pass_entry["mtp"] = line
     for name, content in (extra_files or {}).items():
         target = tmp / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -407,8 +414,12 @@ def write_checkpoint(
     save_fn: Any = None,
     verify_atol: float | None = None,
     hub: dict[str, str] | None = None,
+    mtp: Any = "keep",
+    after_save: Any = None,
 ) -> dict[str, Any]:
-    """Save `model` (+ tokenizer, provenance, extra files) to `out` atomically and verify the reload.
+    """Save `model` (+ tokenizer, MTP layers, provenance, extra files) to `out` atomically and verify the reload.
+
+    `mtp`: keep | drop or an ``MTPRequest`` (``moecompress.io.mtp``); `after_save(folder)` adds to the written weights before verification (a miniature's MTP layers).
 
     Returns the verification summary (max logit difference, loading-info counts).
     """
@@ -420,8 +431,10 @@ def write_checkpoint(
             save_fn(tmp)
         else:
             model.save_pretrained(tmp, save_original_format=save_original_format)
+        if after_save is not None:
+            after_save(tmp)
         write_beside_weights(tmp, tokenizer=tokenizer, source=source, pass_entry=pass_entry, hub=hub,
-                             extra_files=extra_files)
+                             extra_files=extra_files, mtp=mtp)
         summary: dict[str, Any] = {}
         if verify:
             summary = verify_model_reload(model, tmp, atol=verify_atol)

@@ -10,12 +10,19 @@ import difflib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moecompress.arch.adapter import MoEAdapter
 from moecompress.errors import UserError
+
+# The option of every pass that writes weights: what happens to the multi-token-prediction layers the checkpoint
+# ships (moecompress.io.mtp). keep: compressed consistently (same expert count/width as config.json) or copied;
+# drop: removed, their count set to 0.
+MTPChoice = Annotated[Literal["keep", "drop"], Field(
+    description="multi-token-prediction layers: keep (reduced to the same expert count and width as the decoder, "
+    "or copied unchanged; quantize keeps them in high precision) | drop (removed, count set to 0)")]
 
 
 class PassConfig(BaseModel):
@@ -34,6 +41,7 @@ class ExpertCountConfig(PassConfig):
 
     ratio: float | None = Field(None, gt=0, lt=1, description="share of experts removed in every MoE layer")
     keep: int | None = Field(None, ge=1, description="experts left per layer (instead of ratio)")
+    mtp: MTPChoice = "keep"
 
     @model_validator(mode="after")
     def _one_size(self) -> ExpertCountConfig:

@@ -35,7 +35,14 @@ from moecompress.calib.stats import LayerStats, Stats
 from moecompress.dist import world
 from moecompress.errors import UserError
 from moecompress.heal.spec import HealOption
-from moecompress.passes.base import LayerwisePass, PassConfig, PassContext, moe_layer_at, register_layerwise
+from moecompress.passes.base import (
+    LayerwisePass,
+    MTPChoice,
+    PassConfig,
+    PassContext,
+    moe_layer_at,
+    register_layerwise,
+)
 from moecompress.passes.prune_experts import Criterion as ExpertCriterion
 from moecompress.passes.prune_experts import PruneExpertsConfig, prune_experts
 from moecompress.surgery import mask_neurons, shrink_neurons, sync_config
@@ -66,6 +73,7 @@ class PruneAtomicConfig(PassConfig):
     width_multiple: int = Field(8, ge=1, description="round the kept width to a multiple of this: transformers' "
                                 "default grouped_mm experts kernel needs rows of 16 bytes (8 bf16 / 4 fp32 values)")
     seed: int = 0
+    mtp: MTPChoice = "keep"
     heal: HealOption = Field(None, description="after pruning, fit the kept experts and router to the original "
                              "layer outputs (true, or a mapping of heal settings)")
 

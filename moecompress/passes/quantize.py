@@ -36,7 +36,14 @@ from moecompress.calib.collect import (
 )
 from moecompress.dist import world
 from moecompress.errors import UserError
-from moecompress.passes.base import LayerwisePass, PassConfig, PassContext, moe_layer_at, register_layerwise
+from moecompress.passes.base import (
+    LayerwisePass,
+    MTPChoice,
+    PassConfig,
+    PassContext,
+    moe_layer_at,
+    register_layerwise,
+)
 from moecompress.quant.gptq import HessianAccumulator, gptq_quantize_batch, output_error, reduce_accumulators
 from moecompress.quant.rtn import SUPPORTED_BITS, QuantResult, check_scheme, quantize_rtn
 
@@ -60,6 +67,7 @@ class QuantizeConfig(PassConfig):
     ignore: list[str] = Field(default_factory=list, description="regexes of module names kept in high precision")
     bits_budget: float | None = Field(None, gt=1, le=8)
     candidate_bits: list[int] = Field(default_factory=lambda: [2, 3, 4])
+    mtp: MTPChoice = "keep"
 
     @field_validator("bits")
     @classmethod

@@ -85,13 +85,15 @@ def miniature_cmd(
     overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
 ) -> None:
     """Write a random-weight miniature of a real checkpoint's CONFIG: same model_type, nesting, layer pattern,
-    dense-first layers, shared experts, routing groups, MTP count, tied embeddings, on-disk layout and dtype —
-    at toy sizes (hidden 64, ≤16 experts, a few layers), so every pass can be tried on the structure in seconds."""
+    dense-first layers, shared experts, routing groups, MTP layers (weights in the family's key layout), tied
+    embeddings, on-disk layout and dtype — at toy sizes (hidden 64, ≤16 experts, a few layers), so every pass can
+    be tried on the structure in seconds."""
     from moecompress.zoo.miniature import write_miniature
 
     _quiet_transformers()
     info = write_miniature(config, out, seed=seed, overwrite=overwrite)
-    typer.echo(f"wrote {info['class']} miniature ({info['params']:,} params, {info['dtype']}) of "
+    mtp = f", {info['mtp_tensors']} MTP tensors" if info.get("mtp_tensors") else ""
+    typer.echo(f"wrote {info['class']} miniature ({info['params']:,} params{mtp}, {info['dtype']}) of "
                f"{info['model_type']} to {out}")
 
 

@@ -488,10 +488,20 @@ def write_miniature(config_file: Path, out: Path, *, seed: int = 0, overwrite: b
     # families we compress are verified like every output (reload + logits); the others (kept buildable so
     # their structure can be studied) get a key-level reload check, as their forward may not run text-only
     logits_check = unsupported_reason(config.get("model_type")) is None
-    write_checkpoint(model, tok, out, source=None, overwrite=overwrite, verify=logits_check,
+    from moecompress.io.mtp import add_miniature_mtp
+
+    mtp: dict[str, int] = {}
+
+    def add_mtp(folder: Path) -> None:  # MTP layers the config announces, in the family's real key layout
+        mtp["tensors"] = add_miniature_mtp(folder, model, seed)
+
+    write_checkpoint(model, tok, out, source=None, overwrite=overwrite, verify=logits_check, after_save=add_mtp,
                      pass_entry={"pass": "zoo.miniature", "config": {"source": str(config_file), "seed": seed}})
     if not logits_check:
+        from moecompress.io.mtp import unexpected_mtp
+
         _, info = auto_class(read_config(out)).from_pretrained(out, output_loading_info=True)
+        _, info["unexpected_keys"] = unexpected_mtp(read_config(out), info.get("unexpected_keys") or [])
         if any(info.values()):
             raise UserError(f"the miniature in {out} does not reload cleanly: { {k: v for k, v in info.items() if v} }")
     with tempfile.TemporaryDirectory() as tmp:  # the tokenizer class name every reader knows
@@ -500,7 +510,7 @@ def write_miniature(config_file: Path, out: Path, *, seed: int = 0, overwrite: b
             shutil.copy2(Path(tmp) / name, Path(out) / name)
     n_params = sum(p.numel() for p in model.parameters())
     return {"model_type": config.get("model_type"), "class": type(model).__name__, "params": n_params,
-            "dtype": str(dtype).removeprefix("torch."), "out": str(out)}
+            "dtype": str(dtype).removeprefix("torch."), "out": str(out), "mtp_tensors": mtp.get("tensors", 0)}
 
 
 def _dtype_of(config: dict[str, Any]) -> torch.dtype:
