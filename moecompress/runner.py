@@ -344,7 +344,8 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
     tmp = engine.temp_dir_beside(out) if w.is_main else None  # rank 0 alone writes
     try:
         details, ids, logits, config_update = engine.compress_streamed(
-            lp, ctx, source, tmp, max_shard_bytes=max_shard, budget=budget // 2, spill_dir=spill, console=console)
+            lp, ctx, source, tmp, max_shard_bytes=max_shard, budget=budget // 2, spill_dir=spill, console=console,
+            heal=streamed_heal(cfg, source, get_calibration, budget=budget // 2, spill_dir=spill))
         pass_seconds = time.perf_counter() - t0
         entry["summary"] = details.get("summary", "")
         entry["distributed"] = w.summary()
@@ -392,10 +393,13 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
     }
     if entry.get("mtp"):
         report["mtp"] = entry["mtp"]
+    healed_kl = details.pop("calibration_kl", None)  # a heal inside the engine measured it on its own flows
     if "heal" in type(cfg).model_fields and "stats" in cache:  # what the removed experts carried
         details.update(streamed_removal_cost(cfg.name, details, cache["stats"]))
-        if 3 * (report["bytes_before"] + report["bytes_after"]) < budget:  # both fit: measure the calibration KL
-            details.update(streamed_pair_quality(cfg, details, src, out, opts, get_calibration, console))
+    if healed_kl is not None:
+        details["calibration_kl"] = healed_kl
+    elif "heal" in type(cfg).model_fields and 3 * (report["bytes_before"] + report["bytes_after"]) < budget:
+        details.update(streamed_pair_quality(cfg, details, src, out, opts, get_calibration, console))
     if eval_spec is not None:  # a checkpoint larger than the budget is placed by accelerate, offloaded to disk
         offload = engine.spill_dir_beside(out)
         try:
@@ -437,6 +441,29 @@ def streamed_pair_quality(cfg: PassConfig, details: dict[str, Any], src: Path, o
     quality = structural_pass_quality(cfg, details, written, src, opts, get_calibration, None, console)
     del written
     return quality  # no statistics given: the routed mass already in `details` stays as computed
+
+
+def streamed_heal(cfg: PassConfig, source: Any, get_calibration: Callable[[], Any], *, budget: int,
+                  spill_dir: Path) -> Callable[[], Any] | None:
+    """The engine's heal for a pass config that asks for one (``engine.heal.StreamedHeal``), else None."""
+    spec = getattr(cfg, "heal", None)
+    if spec is None:
+        return None
+    from moecompress.engine.heal import StreamedHeal
+    from moecompress.heal.run import calibration_batches, groups_from_details
+
+    def groups_of(index: int, info: dict[str, Any], n_before: int) -> list[Any]:
+        one = {"kept": {str(index): info["kept"]}} if "kept" in info else {"layers": {str(index): info}}
+        return groups_from_details(cfg.name, one, [index], n_before)[0][index]
+
+    def start() -> Any:
+        try:
+            batches = calibration_batches(get_calibration())
+        except UserError as exc:
+            raise UserError(f"{cfg.name} --heal needs calibration data: {exc}") from None
+        return StreamedHeal.start(source, batches, spec, groups_of, budget=budget, spill_dir=spill_dir)
+
+    return start
 
 
 def structural_pass_quality(cfg: PassConfig, details: dict[str, Any], model: Any, src: Path, opts: RunOptions,

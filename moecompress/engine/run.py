@@ -136,11 +136,14 @@ def count_params(model: torch.nn.Module) -> int:
 
 def compress_streamed(lp: LayerwisePass, ctx: PassContext, source: ModelSource, tmp: Path | None, *,
                       max_shard_bytes: int, budget: int = 1 << 62, spill_dir: Path | None = None,
-                      console: Any = None) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, dict[str, Any]]:
+                      console: Any = None, heal: Callable[[], Any] | None = None
+                      ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Sweep 2: plan, then per layer read → (observe) → apply → probe → write → release.
 
     Returns (details, probe ids, probe logits of the compressed model, config keys to add). `tmp` None writes
-    nothing (a data-parallel rank other than 0 runs every layer for the collectives, rank 0 writes).
+    nothing (a data-parallel rank other than 0 runs every layer for the collectives, rank 0 writes). `heal()`
+    starts a ``StreamedHeal`` (engine/heal.py) that repairs each layer right after its surgery; its report is
+    ``details["heal"]``.
     """
     plan = lp.plan(ctx)
     text_config = source.config.get_text_config() if hasattr(source.config, "get_text_config") else source.config
@@ -153,11 +156,16 @@ def compress_streamed(lp: LayerwisePass, ctx: PassContext, source: ModelSource, 
     if lp.calibration is not None:
         calib = start_flow(source, lp.calibration(ctx, plan), budget=budget, spill_dir=spill_dir)
     per_layer: dict[int, dict[str, Any]] = {}
+    healer = heal() if heal is not None else None
     try:
         with sweep_progress(console, f"{ctx.config.name}: compress + write", source.num_layers) as advance:
             for i in range(source.num_layers):
                 layer = source.materialise(i)
+                if healer is not None:
+                    healer.before_surgery(i, layer)
                 info = observe_and_apply(lp, ctx, plan, i, layer, calib)
+                if healer is not None:
+                    healer.after_surgery(i, layer, info)
                 if info is not None:
                     per_layer[i] = info
                 run_layer(flow, i, layer)
@@ -169,11 +177,17 @@ def compress_streamed(lp: LayerwisePass, ctx: PassContext, source: ModelSource, 
                 source.release(i)
                 advance()
         logits = head_logits(source, probe[0], flow.acts.get(0))
+        heal_kl = healer.calibration_kl() if healer is not None else None
     finally:
         flow.close()
         if calib is not None:
             calib.close()
+        if healer is not None:
+            healer.close()
     details = lp.finish(ctx, plan, per_layer)
+    if healer is not None:
+        details["heal"] = healer.report()
+        details["calibration_kl"] = heal_kl
     writer.add(on_disk_state(source.model, source.state_of(REST)))
     writer.finish()
     update = lp.config_update(ctx, plan, writer.shapes) if lp.config_update is not None else {}

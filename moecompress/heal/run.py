@@ -47,13 +47,20 @@ def calibration_kl(ref_model: torch.nn.Module, model: torch.nn.Module, batches: 
     for ids, mask in batches:
         m = mask.bool()
         ref_logits = ref_model(input_ids=ids, attention_mask=mask).logits[m]  # real tokens only: [n, vocab]
-        logits = model(input_ids=ids, attention_mask=mask).logits[m]
-        for s in range(0, ref_logits.shape[0], 256):  # fp64 a few hundred positions at a time: large vocabularies
-            lp_ref = torch.log_softmax(ref_logits[s : s + 256].double(), -1)
-            lp = torch.log_softmax(logits[s : s + 256].double(), -1)
-            total += float((lp_ref.exp() * (lp_ref - lp)).sum())
+        total += kl_sum(ref_logits, model(input_ids=ids, attention_mask=mask).logits[m])
         count += int(m.sum())
     return total / max(count, 1)
+
+
+def kl_sum(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Σ over positions of KL(softmax(ref) ‖ softmax(logits)), logits [n, vocab]; fp64 a few hundred positions
+    at a time (large vocabularies)."""
+    total = 0.0
+    for s in range(0, ref_logits.shape[0], 256):
+        lp_ref = torch.log_softmax(ref_logits[s : s + 256].double(), -1)
+        lp = torch.log_softmax(logits[s : s + 256].double(), -1)
+        total += float((lp_ref.exp() * (lp_ref - lp)).sum())
+    return total
 
 
 def removed_routed_mass(stats: Any, removed: dict[int, list[int]]) -> dict[str, float]:

@@ -283,6 +283,5 @@ def _finish(ctx: PassContext, plan: dict[str, Any], per_layer: dict[int, dict[st
     }
 
 
-MERGE_EXPERTS = LayerwisePass(plan=_plan, apply_layer=_apply_layer, finish=_finish,
-                              streams=lambda cfg: cfg.heal is None)  # heal walks the whole model in memory
+MERGE_EXPERTS = LayerwisePass(plan=_plan, apply_layer=_apply_layer, finish=_finish)  # heal: engine/heal.py
 merge_experts = register_layerwise(MergeExpertsConfig, MERGE_EXPERTS)

@@ -386,5 +386,5 @@ def _finish(ctx: PassContext, plan: dict[str, Any], per_layer: dict[int, dict[st
 
 
 PRUNE_ATOMIC = LayerwisePass(plan=_plan, apply_layer=_apply_layer, finish=_finish,
-                             streams=lambda cfg: cfg.expert_config() is None and cfg.heal is None)
+                             streams=lambda cfg: cfg.expert_config() is None)
 prune_atomic = register_layerwise(PruneAtomicConfig, PRUNE_ATOMIC)

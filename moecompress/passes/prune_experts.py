@@ -136,9 +136,10 @@ def _finish(ctx: PassContext, plan: dict[str, Any], per_layer: dict[int, dict[st
     }
 
 
-# heal and the reconstruction search walk the original and the pruned model side by side, in memory
-# every criterion only selects experts (NAEE reads expert outputs one expert at a time): chunkable
+# the reconstruction search walks the original and a scratch copy side by side, in memory; heal runs inside the
+# engine (engine/heal.py) and needs whole layers; every criterion alone only selects experts (NAEE reads expert
+# outputs one expert at a time): chunkable
 PRUNE_EXPERTS = LayerwisePass(plan=_plan, apply_layer=_apply_layer, finish=_finish,
-                              streams=lambda cfg: cfg.heal is None and cfg.select == "criterion",
-                              chunks=lambda cfg: True)
+                              streams=lambda cfg: cfg.select == "criterion",
+                              chunks=lambda cfg: cfg.heal is None)
 prune_experts = register_layerwise(PruneExpertsConfig, PRUNE_EXPERTS)

@@ -1,0 +1,191 @@
+"""Heal inside the compress sweep: the engine's layer loop is the walk ``heal.walk`` describes.
+
+Two calibration flows run beside the compress sweep, each an activation cache bounded like every other one: the
+*original* flow goes through each decoder layer before the pass changes it (its MoE block's inputs and outputs
+are the targets), the *compressed* flow goes through the layer after it was compressed and healed (error
+propagation: each layer is fitted on the inputs the healed layers below really give it). Only one decoder layer
+(plus a copy of its original MoE block) is in memory; the per-layer fit is ``heal.fit.heal_block``, the same
+function the in-memory walk calls.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moecompress.arch.adapter import _sub
+from moecompress.calib.layers import StopForward
+from moecompress.engine.loop import Flow, layer_output, start_flow
+from moecompress.engine.source import ModelSource
+from moecompress.heal.fit import BlockData, heal_block
+from moecompress.heal.spec import HealSpec
+from moecompress.heal.walk import holdout_rows
+from moecompress.passes.merging import Group
+
+# (layer index, the pass's report of that layer, experts before the pass) → which original experts each kept one
+# stands for
+GroupsOf = Callable[[int, dict[str, Any], int], list[Group]]
+
+
+@dataclass
+class StreamedHeal:
+    """What the compress sweep calls around each layer's surgery when the pass asks for heal."""
+
+    source: ModelSource
+    spec: HealSpec
+    groups_of: GroupsOf
+    original: Flow
+    compressed: Flow
+    unhealed: Flow  # the held-out sequences through the compressed layers before heal (the unhealed model's KL)
+    held: torch.Tensor  # [real tokens] bool: tokens of held-out sequences
+    held_rows: list[torch.Tensor]  # per batch of the main flows: its rows that are held out
+    layers: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    _targets: tuple[Any, torch.Tensor, torch.Tensor, int] | None = None  # (original MoE view, x_ref, y_ref, experts)
+
+    @classmethod
+    def start(cls, source: ModelSource, batches: list[tuple[torch.Tensor, torch.Tensor]], spec: HealSpec,
+              groups_of: GroupsOf, *, budget: int, spill_dir: Path | None) -> StreamedHeal:
+        n_rows = sum(int(ids.shape[0]) for ids, _ in batches)
+        first_held = n_rows - holdout_rows(n_rows, spec.holdout)
+        parts, held_rows, row = [], [], 0
+        for ids, mask in batches:
+            rows = torch.arange(row, row + ids.shape[0])
+            held_rows.append(torch.nonzero(rows >= first_held).flatten())
+            parts.append((rows[:, None].expand_as(mask) >= first_held).reshape(-1)[mask.reshape(-1).bool()])
+            row += ids.shape[0]
+        held_batches = [(ids[r], mask[r]) for (ids, mask), r in zip(batches, held_rows, strict=True) if len(r)]
+        original = start_flow(source, batches, budget=budget // 3, spill_dir=spill_dir)
+        compressed = start_flow(source, batches, budget=budget // 3, spill_dir=spill_dir)
+        unhealed = start_flow(source, held_batches, budget=budget // 3, spill_dir=spill_dir)
+        return cls(source=source, spec=spec, groups_of=groups_of, original=original, compressed=compressed,
+                   unhealed=unhealed, held=torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool),
+                   held_rows=held_rows)
+
+    def before_surgery(self, index: int, layer: torch.nn.Module) -> None:
+        """Run the original flow through the untouched layer, keeping its MoE block's inputs and outputs."""
+        t0 = time.perf_counter()
+        moe = self.source.moe_layer(index)
+        if moe is None:
+            _run(self.original, index, layer)
+        else:
+            ins, outs = _run(self.original, index, layer, moe.block, capture=True)
+            original_view = copy.copy(moe)
+            original_view.block = copy.deepcopy(moe.block)
+            original_view.router = _sub(original_view.block, moe.adapter.router_attr)
+            original_view.experts = _sub(original_view.block, moe.adapter.experts_attr)
+            self._targets = (original_view, self._flat(ins), self._flat(outs).double(), moe.num_experts)
+        self.seconds += time.perf_counter() - t0
+
+    def after_surgery(self, index: int, layer: torch.nn.Module, info: dict[str, Any] | None) -> None:
+        """Fit the compressed block to the original's outputs on the compressed flow's inputs, then propagate."""
+        t0 = time.perf_counter()
+        _run(self.unhealed, index, layer)  # compressed, not yet healed
+        moe = self.source.moe_layer(index)
+        if moe is not None and self._targets is not None:
+            original_view, x_ref, y_ref, n_before = self._targets
+            self._targets = None
+            x = self._flat(_block_inputs(self.compressed, index, layer, moe.block))
+            data = BlockData(x=x, x_ref=x_ref, y=y_ref, held=self.held)
+            self.layers[str(index)] = heal_block(original_view, moe, data, self.groups_of(index, info or {}, n_before),
+                                                 self.spec)
+            del original_view
+        _run(self.compressed, index, layer)
+        self.seconds += time.perf_counter() - t0
+
+    def _flat(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        masks = self.original.masks()
+        return torch.cat([p.reshape(-1, p.shape[-1])[m.to(p.device)] for p, m in zip(parts, masks, strict=True)])
+
+    @torch.no_grad()
+    def calibration_kl(self) -> dict[str, Any]:
+        """KL(original ‖ unhealed) and KL(original ‖ healed) of the next-token distributions on the held-out
+        sequences' real tokens, from the three flows' last boundaries (call after the last layer)."""
+        from moecompress.engine.loop import head_logits
+        from moecompress.heal.run import kl_sum
+
+        unhealed_totals = healed_totals = 0.0
+        count, u = 0, 0
+        for b, rows in enumerate(self.held_rows):
+            if not len(rows):
+                continue
+            ids, mask = (t[rows] for t in self.original.batches[b])
+            m = mask.bool()
+            ref = head_logits(self.source, (ids, mask), self.original.acts.get(b)[rows])[m]
+            healed = head_logits(self.source, (ids, mask), self.compressed.acts.get(b)[rows])[m]
+            unhealed = head_logits(self.source, (ids, mask), self.unhealed.acts.get(u))[m]
+            healed_totals += kl_sum(ref, healed)
+            unhealed_totals += kl_sum(ref, unhealed)
+            count += int(m.sum())
+            u += 1
+        return {"unhealed": round(unhealed_totals / max(count, 1), 6), "healed": round(healed_totals / max(count, 1), 6),
+                "tokens": count}
+
+    def report(self) -> dict[str, Any]:
+        """The same summary ``heal.run.heal_model`` gives."""
+        start = [v["start"]["held"] for v in self.layers.values()]
+        end = [v["end_held"] for v in self.layers.values()]
+        out: dict[str, Any] = {"spec": self.spec.model_dump(), "seconds": round(self.seconds, 2), "engine": "streamed",
+                               "layers": self.layers}
+        if start:
+            out["mean_block_rel_error_held"] = {"before": round(sum(start) / len(start), 6),
+                                                "after": round(sum(end) / len(end), 6)}
+        return out
+
+    def close(self) -> None:
+        for flow in (self.original, self.compressed, self.unhealed):
+            flow.close()
+
+
+@torch.no_grad()
+def _run(flow: Flow, index: int, layer: torch.nn.Module, block: torch.nn.Module | None = None,
+         capture: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every batch of `flow` through decoder layer `index` (the cache advances); with `capture`, the MoE
+    block's inputs and outputs on the way."""
+    ins: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+    handles = []
+    if capture and block is not None:
+        handles.append(block.register_forward_pre_hook(
+            lambda m, a, kw: ins.append((a[0] if a else kw["hidden_states"]).detach()), with_kwargs=True))
+        handles.append(block.register_forward_hook(
+            lambda m, a, o: outs.append((o[0] if isinstance(o, tuple) else o).detach())))
+    try:
+        for b in range(len(flow.acts)):
+            args, kwargs = flow.layer_kwargs[b][index]
+            flow.acts.set(b, layer_output(layer(flow.acts.get(b).to(flow.device), *args, **kwargs)))
+    finally:
+        for h in handles:
+            h.remove()
+    flow.position = index + 1
+    return ins, outs
+
+
+@torch.no_grad()
+def _block_inputs(flow: Flow, index: int, layer: torch.nn.Module, block: torch.nn.Module) -> list[torch.Tensor]:
+    """The MoE block's inputs for every batch, each forward stopped where the block starts (the cache stays)."""
+    ins: list[torch.Tensor] = []
+
+    def pre(mod: Any, a: tuple, kw: dict) -> None:
+        ins.append((a[0] if a else kw["hidden_states"]).detach())
+        raise StopForward
+
+    handle = block.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        for b in range(len(flow.acts)):
+            args, kwargs = flow.layer_kwargs[b][index]
+            try:
+                layer(flow.acts.get(b).to(flow.device), *args, **kwargs)
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+    if len(ins) != len(flow.acts):
+        raise RuntimeError("heal: the MoE block was not reached in a decoder layer's forward")
+    return ins
