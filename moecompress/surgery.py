@@ -86,6 +86,37 @@ def _set_ints(modules: Sequence[torch.nn.Module], names: Sequence[str], old: int
                 setattr(mod, name, new)
 
 
+# ints that count the router's classes (routed experts + extra rows) or the routed experts under another name
+_TOTAL_ATTRS = (*_COUNT_ATTRS, "num_routed_experts", "total_experts", "num_router_classes", "n_total_experts")
+
+
+def _set_counts(modules: Sequence[torch.nn.Module], old: int, new: int, extra: int) -> None:
+    """Rewrite cached expert counts: `old` → `new`, and with `extra` router rows past the experts the class
+    totals `old + extra` → `new + extra` too (each int read once, so the two rewrites cannot chain)."""
+    names = _COUNT_ATTRS if not extra else _TOTAL_ATTRS
+    for mod in modules:
+        for name in names:
+            value = getattr(mod, name, None)
+            if not isinstance(value, int) or isinstance(value, bool):
+                continue
+            if value == old:
+                setattr(mod, name, new)
+            elif extra and value == old + extra:
+                setattr(mod, name, new + extra)
+
+
+def _with_tail(idx: torch.Tensor, size: int, n_old: int) -> torch.Tensor:
+    """Indices selecting the kept experts along an axis of `size`: past the `n_old` routed experts the
+    extra rows (shared-expert gates, zero-computation experts, skip class) all stay, in place, after them."""
+    if size == n_old:
+        return idx
+    return torch.cat([idx, torch.arange(n_old, size, dtype=torch.long)])
+
+
+def _select_rows(t: torch.Tensor, axis: int, idx: torch.Tensor, n_old: int) -> torch.Tensor:
+    return t.detach().index_select(axis, _with_tail(idx, int(t.shape[axis]), n_old))
+
+
 def keep_experts(layer: MoELayer, keep: Sequence[int]) -> None:
     """Keep only experts `keep` (in the given order) of one MoE layer: router rows, router vectors, weights, ints."""
     n_old = layer.num_experts
@@ -93,21 +124,22 @@ def keep_experts(layer: MoELayer, keep: Sequence[int]) -> None:
     if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n_old or idx.unique().numel() != idx.numel():
         raise UserError(f"layer {layer.index}: invalid expert indices {list(keep)} for {n_old} experts")
     router = layer.router
-    _set_tensor(router, "weight", router.weight.detach()[idx])
+    extra = layer.extra_rows
+    _set_tensor(router, "weight", _select_rows(router.weight, 0, idx, n_old))
     for vec in layer.adapter.router_vectors:
         owner, leaf = _resolve(router, vec.path)
         t = getattr(owner, leaf, None)
         if t is not None:
-            _set_tensor(owner, leaf, t.detach().index_select(vec.axis, idx))
+            _set_tensor(owner, leaf, _select_rows(t, vec.axis, idx, n_old))
     for vec in layer.adapter.block_vectors:
         owner, leaf = _resolve(layer.block, vec.path)
-        _set_tensor(owner, leaf, getattr(owner, leaf).detach().index_select(vec.axis, idx))
+        _set_tensor(owner, leaf, _select_rows(getattr(owner, leaf), vec.axis, idx, n_old))
     view = ExpertView(layer)
     view.set_all(view.get_all().select(idx))
     chunks = layer.experts.__dict__.get("expert_chunks")
     if chunks is not None:  # experts read in chunks by the engine (weights on meta): keep their source ids
         chunks.select(idx.tolist())
-    _set_ints(list(layer.block.modules()), _COUNT_ATTRS, n_old, len(idx))
+    _set_counts(list(layer.block.modules()), n_old, len(idx), extra)
 
 
 def replace_expert(layer: MoELayer, index: int, weights: ExpertWeights) -> None:
@@ -116,11 +148,20 @@ def replace_expert(layer: MoELayer, index: int, weights: ExpertWeights) -> None:
 
 
 def set_router_rows(layer: MoELayer, weight: torch.Tensor, vectors: dict[str, torch.Tensor] | None = None) -> None:
-    """Replace router rows (and optionally router vectors) after merging; shapes must already match."""
-    _set_tensor(layer.router, "weight", weight.to(layer.router.weight.dtype))
+    """Replace router rows (and optionally router vectors) after merging; shapes must already match, except that
+    rows (vectors) for the routed experts alone keep the router's extra rows after them in place."""
+    old = layer.router.weight.detach()
+    if weight.shape[0] == layer.num_experts < old.shape[0]:
+        weight = torch.cat([weight.to(old.dtype), old[layer.num_experts:]])
+    _set_tensor(layer.router, "weight", weight.to(old.dtype))
     for path, value in (vectors or {}).items():
         owner, leaf = _resolve(layer.router, path)
-        _set_tensor(owner, leaf, value.to(getattr(owner, leaf).dtype))
+        current = getattr(owner, leaf).detach()
+        axis = next((v.axis for v in layer.adapter.router_vectors if v.path == path), 0)
+        if value.shape[axis] == layer.num_experts < current.shape[axis]:
+            value = torch.cat([value.to(current.dtype), current.narrow(axis, layer.num_experts,
+                                                                       current.shape[axis] - layer.num_experts)], axis)
+        _set_tensor(owner, leaf, value.to(current.dtype))
 
 
 def grouped_mm_width_multiple(dtype: torch.dtype) -> int:
@@ -242,13 +283,14 @@ def sliced_router(layer: MoELayer, keep: Sequence[int]) -> torch.nn.Module:
         sub._parameters = dict(sub._parameters)
         sub._buffers = dict(sub._buffers)
     n_old = layer.num_experts
-    router._parameters["weight"] = torch.nn.Parameter(layer.router.weight.detach()[idx], requires_grad=False)
+    router._parameters["weight"] = torch.nn.Parameter(_select_rows(layer.router.weight, 0, idx, n_old),
+                                                      requires_grad=False)
     for vec in layer.adapter.router_vectors:
         owner, leaf = _resolve(router, vec.path)
         t = getattr(owner, leaf, None)
         if t is not None:
-            _set_tensor(owner, leaf, t.detach().index_select(vec.axis, idx))
-    _set_ints([router, *router._modules.values()], _COUNT_ATTRS, n_old, len(idx))
+            _set_tensor(owner, leaf, _select_rows(t, vec.axis, idx, n_old))
+    _set_counts([router, *router._modules.values()], n_old, len(idx), layer.extra_rows)
     return router
 
 

@@ -119,7 +119,8 @@ def test_calibration_runs_through_the_whole_stack(model_type):
     for idx, ls in stats.layers.items():
         visits = int(mask.sum()) * _passes(adapter.text_config(model.config), idx)
         assert ls.n_tokens == visits
-        assert float(ls.sums["freq"].sum()) == visits * k
+        # picks of zero-computation experts (LongCat-Flash) are no routed expert's: counted apart
+        assert float(ls.sums["freq"].sum()) + ls.extra_picks == visits * k
 
 
 def _passes(text_config, index: int) -> int:
@@ -128,3 +129,94 @@ def _passes(text_config, index: int) -> int:
     if start is not None and end is not None and start <= index < end:
         return int(text_config.loop_num_passes)
     return 1
+
+
+# Routers scoring more classes than there are routed experts: Inkling (shared-expert gate rows), LongCat-Flash
+# (zero-computation identity experts), ZAYA (a skip class). Their extra rows come last and must stay in place.
+EXTRA_ROWS = ["inkling", "longcat_flash", "zaya"]
+
+
+@pytest.mark.parametrize("model_type", EXTRA_ROWS)
+def test_extra_router_rows_stay_in_place(model_type):
+    model = build_miniature(_default_config(model_type))
+    adapter = adapter_for(model)
+    layers = moe_layers(model)
+    n, extra = layers[0].num_experts, layers[0].extra_rows
+    assert extra >= 1 and adapter.router_extra_rows == extra
+    before = {ly.index: (ly.router.weight.detach().clone(), [p.detach().clone() for p in _vectors(ly)])
+              for ly in layers}
+    keep = list(range(1, n, 2))
+    surgery.keep_experts_everywhere(model, {ly.index: keep for ly in layers})
+    for ly in moe_layers(model):
+        w, vecs = before[ly.index]
+        assert ly.num_experts == len(keep) and ly.extra_rows == extra
+        assert torch.equal(ly.router.weight, torch.cat([w[keep], w[n:]]))  # routed rows picked, extras untouched
+        for old, new in zip(vecs, _vectors(ly), strict=True):
+            assert torch.equal(new, torch.cat([old[keep], old[n:]]))
+        for mod in ly.block.modules():  # cached class totals follow: routed + extra
+            for name in ("total_experts", "num_router_classes", "n_total_experts", "n_routed_experts"):
+                if isinstance(getattr(mod, name, None), int):
+                    assert getattr(mod, name) in (len(keep), len(keep) + extra), (name, getattr(mod, name))
+    # the config's extra count is unchanged; the routed count is the kept one
+    text = adapter.text_config(model.config)
+    assert adapter.num_experts(model.config) == len(keep)
+    for key in ("zero_expert_num", "n_shared_experts"):
+        if hasattr(text, key):
+            assert getattr(text, key) == extra
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def _vectors(layer):
+    out = []
+    for vec in (*layer.adapter.router_vectors, *layer.adapter.block_vectors):
+        owner = layer.router if vec in layer.adapter.router_vectors else layer.block
+        t = owner.get_parameter(vec.path) if vec.path in dict(owner.named_parameters()) else owner.get_buffer(vec.path)
+        if t.shape[vec.axis] > layer.num_experts:
+            out.append(t.movedim(vec.axis, 0))
+    return out
+
+
+@pytest.mark.parametrize("model_type", ["inkling", "longcat_flash"])
+def test_pruning_with_extra_rows_equals_never_choosing_the_dropped_experts(model_type):
+    """Dropped experts whose router logits are hugely negative are never chosen and weigh nothing: the pruned block
+    must then give the same output as the unpruned one, so top-k over the kept + extra rows (LongCat's zero experts
+    indexed after the routed ones, Inkling's shared gates) routes exactly as before."""
+    model = build_miniature(_default_config(model_type)).float()
+    layer = moe_layers(model)[0]
+    n = layer.num_experts
+    keep = list(range(0, n, 2))
+    drop = [e for e in range(n) if e not in keep]
+    d = torch.nn.functional.normalize(torch.randn(layer.router.weight.shape[1], generator=torch.Generator().manual_seed(0)),
+                                      dim=0)
+    x = (8 * d + 0.05 * torch.randn(1, 24, d.numel(), generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        layer.router.weight[drop] = -100 * d  # logit ≈ −800 on these inputs: softmax/sigmoid give exactly 0
+        want = layer.block(x)
+    want = want[0] if isinstance(want, tuple) else want
+    surgery.keep_experts(layer, keep)
+    with torch.no_grad():
+        got = layer.block(x)
+    got = got[0] if isinstance(got, tuple) else got
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_computation_experts_in_the_tap():
+    """LongCat-Flash's router hands indices past the routed experts (identity experts) to the experts call: the
+    tap gives the family's own output and counts those picks apart from every expert's."""
+    from moecompress.calib.collect import collecting
+
+    model = build_miniature(_default_config("longcat_flash")).float()
+    layer = moe_layers(model)[0]
+    n, extra = layer.num_experts, layer.extra_rows
+    x = torch.randn(40, layer.router.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    index = torch.stack([torch.arange(40) % (n + extra), (torch.arange(40) + 5) % (n + extra)], dim=1)
+    weights = torch.rand(40, 2, generator=torch.Generator().manual_seed(1))
+    want = layer.experts(x, index, weights)
+    n_extra = int((index >= n).sum())
+    assert n_extra > 0
+    with collecting(model, sample_tokens=0, total_tokens=40) as taps:
+        got = layer.experts(x, index, weights)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    stats = taps[layer.index].stats
+    assert stats.extra_picks == n_extra and float(stats.sums["freq"].sum()) == 80 - n_extra

@@ -79,6 +79,10 @@ class MoEAdapter(BaseModel):
     checkpoint_layers_path: str | None = None  # on-disk prefix of the decoder layers, when it differs
     text_config_key: str | None = None
     has_gate: bool = True  # False: experts are up/down only (act(up x)), e.g. Nemotron-H's relu²
+    # Router rows past the routed experts' in the reference miniature (Inkling: shared-expert gates, LongCat-Flash:
+    # zero-computation experts, ZAYA: a skip class). They come last, are never pruned or merged and stay in place;
+    # the live count is read per layer from the shapes (router rows − experts), and its config key is left as is.
+    router_extra_rows: int = 0
     derived: bool = False  # True when introspection of the modeling code produced this adapter
 
     @property
@@ -297,7 +301,18 @@ class MoELayer:
 
     @property
     def num_experts(self) -> int:
-        return int(self.router.weight.shape[0])
+        """Routed experts: the experts module's rows (the router may score extra classes after them)."""
+        return int(self.experts.down_proj.shape[0])
+
+    @property
+    def extra_rows(self) -> int:
+        """Router rows after the routed experts' (kept in place by pruning and merging); 0 for most families."""
+        return int(self.router.weight.shape[0]) - self.num_experts
+
+    @property
+    def routed_router_weight(self) -> torch.Tensor:
+        """The router rows of the routed experts, [E, H] (without any extra rows)."""
+        return self.router.weight[: self.num_experts]
 
     @property
     def prefix(self) -> str:

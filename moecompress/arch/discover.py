@@ -22,8 +22,10 @@ def is_fused_experts(module: torch.nn.Module) -> bool:
     if gu is None and getattr(module, "has_gate", True) is False:
         gu = getattr(module, "up_proj", None)
     down = getattr(module, "down_proj", None)
+    # gate_up may hold more rows than down: LongCat-Flash allocates (never used) input rows for its
+    # zero-computation experts too; the routed experts are the first down.shape[0]
     return (isinstance(gu, torch.nn.Parameter) and gu.dim() == 3 and isinstance(down, torch.nn.Parameter)
-            and down.dim() == 3 and gu.shape[0] == down.shape[0])
+            and down.dim() == 3 and gu.shape[0] >= down.shape[0])
 
 
 def experts_layout(module: torch.nn.Module) -> str:
@@ -54,10 +56,12 @@ class FoundBlock:
 
     @property
     def num_experts(self) -> int:
-        gu = getattr(self.experts, "gate_up_proj", None)
-        if gu is None:
-            gu = self.experts.up_proj
-        return int(gu.shape[0])
+        return int(self.experts.down_proj.shape[0])
+
+    @property
+    def extra_router_rows(self) -> int:
+        """Router rows after the routed experts' (shared-expert gates, zero-computation experts, a skip class)."""
+        return int(self.router.weight.shape[0]) - self.num_experts if self.router is not None else 0
 
 
 def _hidden_of(experts: torch.nn.Module) -> int:
@@ -70,11 +74,16 @@ def find_router(block: torch.nn.Module, experts: torch.nn.Module) -> tuple[str |
     """The block's submodule whose weight is [num_experts, hidden] (searched breadth-first, experts excluded).
 
     Latent MoEs (Muse Spark) project tokens to a narrower width before the experts while the router reads the
-    full hidden state: when no [num_experts, expert hidden] weight exists, a single [num_experts, *] one is it."""
+    full hidden state: when no [num_experts, expert hidden] weight exists, a single [num_experts, *] one is it.
+    Some routers score more classes than there are routed experts (Inkling: the shared experts' gates;
+    LongCat-Flash: zero-computation experts; ZAYA: a skip class): failing the above, a single weight of
+    [num_experts + K, hidden] (or, failing that, [num_experts + K, *]) rows is the router, its first rows the
+    routed experts'."""
     n = int(experts.down_proj.shape[0])
     hidden = _hidden_of(experts)
     queue: list[tuple[str, torch.nn.Module]] = [(k, m) for k, m in block.named_children() if m is not experts]
     other: list[tuple[str, torch.nn.Module]] = []
+    wider: list[tuple[str, torch.nn.Module]] = []
     while queue:
         name, mod = queue.pop(0)
         w = getattr(mod, "weight", None)
@@ -82,9 +91,16 @@ def find_router(block: torch.nn.Module, experts: torch.nn.Module) -> tuple[str |
             return name, mod
         if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == n:
             other.append((name, mod))
-        if name.count(".") < 1:
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and n < w.shape[0] <= 2 * n:
+            wider.append((name, mod))
+        if name.count(".") < 2:
             queue.extend((f"{name}.{k}", m) for k, m in mod.named_children() if m is not experts)
-    return other[0] if len(other) == 1 else (None, None)
+    if len(other) == 1:
+        return other[0]
+    full = [(k, m) for k, m in wider if m.weight.shape[1] == hidden]
+    if len(full) == 1:
+        return full[0]
+    return wider[0] if not full and len(wider) == 1 else (None, None)
 
 
 def find_moe_blocks(model: torch.nn.Module) -> list[FoundBlock]:
@@ -108,14 +124,16 @@ def find_moe_blocks(model: torch.nn.Module) -> list[FoundBlock]:
     return found
 
 
-def router_vectors(router: torch.nn.Module, num_experts: int) -> list[tuple[str, int]]:
-    """(path, axis) of every router tensor besides `weight` that has an expert axis (sliced in lockstep)."""
+def router_vectors(router: torch.nn.Module, num_experts: int, extra: int = 0) -> list[tuple[str, int]]:
+    """(path, axis) of every router tensor besides `weight` that has an expert axis (sliced in lockstep); with
+    `extra` router rows past the experts, an axis of num_experts + extra counts too (its tail stays in place)."""
     out = []
+    sizes = {num_experts, num_experts + extra}
     for name, t in list(router.named_parameters()) + list(router.named_buffers()):
-        if name == "weight" or t.dim() == 0:
+        if name == "weight" or t.dim() == 0 or t.dim() > 2:
             continue
-        axes = [i for i, s in enumerate(t.shape) if s == num_experts]
-        if len(axes) == 1 and t.numel() == num_experts * max(1, t.numel() // num_experts) and t.dim() <= 2:
+        axes = [i for i, s in enumerate(t.shape) if s in sizes]
+        if len(axes) == 1:
             out.append((name, axes[0]))
     return out
 

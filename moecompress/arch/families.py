@@ -39,19 +39,12 @@ _NON_FUSED_REASON = {
     "qwen3_omni_moe": "the Omni checkpoint holds a thinker and a talker, each with its own MoE stack and config "
                       "keys; transformers' default config does not build (its talker text config lacks "
                       "shared_expert_intermediate_size), so no round trip is verified",
-    "inkling": "the router weight holds the routed experts' rows plus the shared experts' gate rows ([E+S, H]); "
-               "pruning would have to slice only the first E rows, which the adapter (router rows = experts) cannot "
-               "express",
     "ernie4_5_vl_moe": "two expert sets per layer (text_moe and vision_moe) under one expert-count key, with a "
                        "per-modality width list; the adapter model holds one MoE block per layer",
-    "zaya": "the router is an MLP whose out_proj scores the experts plus a skip (no-compute) class, with router "
-            "state carried to the next layer; pruning would have to keep the skip row apart (not implemented)",
     "dbrx": "experts are flattened w1/v1/w2 [E*I, H] tensors (no expert axis) with counts in the nested "
             "ffn_config and top-k taken in the block; ExpertView, surgery and the engine have no flattened layout",
     "jetmoe": "num_local_experts sizes both the MLP experts and the mixture-of-attention experts, so a vanilla "
               "config cannot hold pruned MLP experts beside the attention ones; experts take (inputs, expert_size)",
-    "longcat_flash": "zero-computation experts share the router with the routed ones (router rows > experts); "
-                     "pruning would need to keep the identity experts' rows apart",
 }
 
 
@@ -213,14 +206,15 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
     topk_group_key = next((k for k in TOPK_GROUP_KEYS if k in cfg), None)
     root_router = b.router_attr.split(".")[0]
     shared = shared_children(b.block, {root_router, b.experts_attr})
-    vectors = tuple(RouterVector(path=p, axis=a) for p, a in router_vectors(b.router, n))
+    extra = b.extra_router_rows  # router classes after the routed experts, kept in place by every surgery
+    vectors = tuple(RouterVector(path=p, axis=a) for p, a in router_vectors(b.router, n, extra))
     owned = {id(t) for m in (b.router, experts, *(getattr(b.block, s) for s in shared)) for t in
              (*m.parameters(), *m.buffers())}
-    block_vectors = tuple(RouterVector(path=p, axis=a) for p, a in router_vectors(b.block, n)
+    block_vectors = tuple(RouterVector(path=p, axis=a) for p, a in router_vectors(b.block, n, extra)
                           if id(b.block.get_parameter(p) if p in dict(b.block.named_parameters()) else
                                 b.block.get_buffer(p)) not in owned)
     layout = experts_layout(experts)
-    if layout == "interleaved" or not _own_forward_reproduced(b.router, experts):
+    if layout == "interleaved" or not _own_forward_reproduced(b.block.get_submodule(root_router), experts):
         return None
     routing = _probe_routing(b.router, int(b.router.weight.shape[-1]), n)  # the router reads the full hidden state
     disk = _on_disk_experts(model, b.experts_attr)
@@ -234,7 +228,7 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
         checkpoint_block=disk[1] if disk else None, checkpoint_expert_linears=disk[2] if disk else None,
         checkpoint_layers_path=disk[0] if disk else None,
         layers_path=b.layers_path, text_config_key=text_key, has_gate=bool(getattr(experts, "has_gate", True)),
-        derived=True,
+        router_extra_rows=extra, derived=True,
     )
     if base is not None:  # the language model is a declared family: keep its routing knowledge
         fields.update(routing=base.routing, renorm_key=base.renorm_key, always_renorm=base.always_renorm)
@@ -252,9 +246,9 @@ def _own_forward_reproduced(router: torch.nn.Module, experts: torch.nn.Module) -
         return True
     n = int(experts.down_proj.shape[0])
     dtype = experts.down_proj.dtype
-    x = torch.randn(32, _hidden(experts), generator=torch.Generator().manual_seed(0)).to(dtype)
+    x = torch.randn(64, _hidden(experts), generator=torch.Generator().manual_seed(0)).to(dtype)
     try:
-        index, weights = router_choice(router(x), n)
+        index, weights = router_choice(router(x), n)  # may index zero-computation experts past the routed ones
         want = experts(x, index, weights)
         got = tap_experts_forward(experts, x, index, weights)
     except Exception:  # a router or experts call that needs more than the common signature
@@ -277,8 +271,10 @@ def _shared_coupled(block: torch.nn.Module, shared: tuple[str, ...], width: int,
     """Shared-expert width derived from the routed width (no config key of its own holds it): trap (a)."""
     for name in shared:
         mlp = getattr(block, name)
-        gate = getattr(mlp, "gate_proj", None) or getattr(mlp, "up_proj", None)
-        if not isinstance(gate, torch.nn.Linear):
+        gate = getattr(mlp, "gate_proj", None)
+        if gate is None:
+            gate = getattr(mlp, "up_proj", None)
+        if not isinstance(gate, torch.nn.Linear):  # Inkling's stacked shared experts are 3-D parameters
             continue
         sw = gate.out_features
         # only width-like keys count: a miniature's sliding_window or head count may equal the width by chance

@@ -206,7 +206,7 @@ def analyse(model: torch.nn.Module, config: dict[str, Any] | None = None) -> Ske
             if "shared" in child:
                 shared_names.add(full)
             elif child in ("gate", "router") or any(
-                p.ndim == 2 and p.shape[0] == exp.num_experts for p in mod.parameters()
+                p.ndim == 2 and p.shape[0] == exp.down_proj.shape[0] for p in mod.parameters()
             ):
                 router_names[full] = mod
 
@@ -258,7 +258,7 @@ def analyse(model: torch.nn.Module, config: dict[str, Any] | None = None) -> Ske
         if exp_here:
             name, e = exp_here[0]
             router = next((r for rn, r in router_names.items() if rn.startswith(name.rsplit(".", 1)[0] + ".")), None)
-            info.experts = int(e.num_experts)
+            info.experts = int(e.down_proj.shape[0])
             info.top_k = _top_k(router, text_cfg)
             info.routed_params = sum(p.numel() for _, e2 in exp_here for p in e2.parameters())
             down = getattr(e, "down_proj", None)

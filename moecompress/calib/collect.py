@@ -106,6 +106,7 @@ def _grouped_outputs(module: torch.nn.Module, x_sorted: torch.Tensor, eid_sorted
     if _grouped_linear is not None:
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
         in_w, in_b = input_projection(module)
+        in_w = in_w[: counts.shape[0]]  # LongCat keeps input rows for its zero-computation experts too
         gu = _grouped_linear(x_sorted, in_w, offsets, bias=in_b[eid_sorted] if has_bias else None,
                              is_transposed=transposed)
         act = gated_activation(module, gu)
@@ -127,14 +128,27 @@ def tap_experts_forward(
 ) -> torch.Tensor:
     """Experts forward that also feeds the active statistics tap of this module (if any)."""
     k = top_k_index.shape[-1]
+    n = int(self.down_proj.shape[0])
     flat_e = top_k_index.reshape(-1)
     flat_w = top_k_weights.reshape(-1)
+    out = torch.zeros_like(hidden_states)
+    routed = flat_e < n
+    if not bool(routed.all()):  # zero-computation experts past the routed ones (LongCat-Flash): identities
+        if getattr(self, "identity_expert", None) is None:
+            raise ValueError(f"the router chose expert ids ≥ {n}, but {type(self).__name__} has only {n} experts")
+        pairs = (~routed).nonzero().squeeze(1)
+        tok = pairs // k
+        out.index_add_(0, tok, (hidden_states[tok] * flat_w[pairs, None]).to(out.dtype))
+        tap = _ACTIVE.get(id(self))
+        if tap is not None:
+            tap.stats.extra_picks += int(tap.mask[tok].sum()) if tap.mask is not None else int(tok.numel())
+    pairs = routed.nonzero().squeeze(1)
+    flat_e, flat_w = flat_e[pairs], flat_w[pairs]
     eid_sorted, order = torch.sort(flat_e, stable=True)
-    counts = torch.bincount(flat_e, minlength=self.num_experts)
-    tok_sorted = order // k
+    counts = torch.bincount(flat_e, minlength=n)
+    tok_sorted = pairs[order] // k
     y_sorted, act_sorted = _grouped_expert_outputs(self, hidden_states[tok_sorted], eid_sorted, counts)
     w_sorted = flat_w[order].to(y_sorted.dtype)
-    out = torch.zeros_like(hidden_states)
     out.index_add_(0, tok_sorted, y_sorted * w_sorted[:, None])
     tap = _ACTIVE.get(id(self))
     if tap is not None:
@@ -176,7 +190,8 @@ class LayerTap:
 
     def observe_router(self, logits: torch.Tensor) -> None:
         s = self.stats.sums
-        logits = logits.reshape(-1, logits.shape[-1]).detach().double()
+        # the routed experts' columns: routers with extra classes (shared gates, zero experts, skip) score them last
+        logits = logits.reshape(-1, logits.shape[-1])[:, : self.stats.num_experts].detach().double()
         if self.mask is not None:
             logits = logits[self.mask]
         s["logit_sum"] += logits.sum(0).cpu()
@@ -326,6 +341,7 @@ def collecting(model: torch.nn.Module, sample_tokens: int, total_tokens: int) ->
             lambda mod, args, kwargs, tap=tap: _pre_block(tap, args, kwargs), with_kwargs=True))
         handles.append(layer.router.register_forward_hook(
             lambda mod, args, out, tap=tap: tap.observe_router(out[logits_pos] if isinstance(out, tuple) else out)))
+        handles += _router_fallback_hooks(layer, tap)
         if llama4:
             handles.append(layer.experts.register_forward_hook(
                 lambda mod, args, out, tap=tap: tap.observe_dense(args[0], out, tap._block_in)))
@@ -333,6 +349,33 @@ def collecting(model: torch.nn.Module, sample_tokens: int, total_tokens: int) ->
         yield taps
     finally:
         release_taps(model, layers, handles, None if llama4 else previous, _ACTIVE)
+
+
+def _router_fallback_hooks(layer: MoELayer, tap: LayerTap) -> list[Any]:
+    """Routers that read their linear's weight without calling it (LongCat-Flash: ``F.linear(x, classifier.weight)``)
+    never fire the hook on the linear: the logits then come from the enclosing router module's output (the
+    floating tensor as wide as the router's rows)."""
+    root_name = layer.adapter.router_attr.split(".")[0]
+    root = layer.block.get_submodule(root_name) if root_name else None
+    if root is None or root is layer.router:
+        return []
+    rows = int(layer.router.weight.shape[0])
+    seen = {"n": 0}
+    hook = layer.router.register_forward_hook(lambda mod, args, out: seen.__setitem__("n", seen["n"] + 1))
+
+    def before(mod: torch.nn.Module, args: tuple) -> None:
+        seen["n"] = 0
+
+    def after(mod: torch.nn.Module, args: tuple, out: Any) -> None:
+        if seen["n"]:
+            return
+        parts = out if isinstance(out, tuple) else (out,)
+        logits = next((t for t in parts if isinstance(t, torch.Tensor) and t.is_floating_point()
+                       and t.dim() >= 2 and t.shape[-1] == rows), None)
+        if logits is not None:
+            tap.observe_router(logits)
+
+    return [hook, root.register_forward_pre_hook(before), root.register_forward_hook(after)]
 
 
 def release_taps(model: torch.nn.Module, layers: list[MoELayer], handles: list[Any], previous: str | None,

@@ -87,11 +87,11 @@ def prob_kind(adapter: MoEAdapter) -> M.ProbKind:
 
 def router_logits(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
     """Raw router logits [N, E] on block inputs (the additive router bias included where the family has one)."""
-    w = layer.router.weight.detach().double()
+    w = layer.routed_router_weight.detach().double()  # extra router rows (shared gates, skip class) left out
     z = x.double() @ w.T
     bias = getattr(layer.router, _LOGIT_BIAS, None)
     if any(v.path == _LOGIT_BIAS for v in layer.adapter.router_vectors) and bias is not None:
-        z = z + bias.detach().double()
+        z = z + bias.detach().double()[: layer.num_experts]
     return z
 
 
@@ -143,7 +143,7 @@ def merge_groups(cfg: MergeExpertsConfig, w: ExpertWeights, groups: list[M.Group
 def router_for(cfg: MergeExpertsConfig, layer: MoELayer, groups: list[M.Group], ls: LayerStats,
                sample: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
     """Router rows [n, H] and router vectors for the merged experts, under the chosen rule."""
-    weight = layer.router.weight.detach()
+    weight = layer.routed_router_weight.detach()
     freq = ls.sums["freq"].double()
     coef = [M.normalise(freq[g.members]) for g in groups]
     anchors = [g.anchor for g in groups]
