@@ -207,6 +207,10 @@ def shrink_neurons(layer: MoELayer, keep_per_expert: torch.Tensor, shared_keep: 
         for name, mlp in layer.shared():
             if not hasattr(mlp, "gate_proj"):
                 continue
+            if not isinstance(mlp.gate_proj, torch.nn.Linear):
+                raise UserError(f"{layer.adapter.model_type}: its stacked shared experts take their width from the "
+                                f"routed experts' key ({layer.adapter.width_key}), and narrowing stacked shared "
+                                "experts is not implemented; use --layout masked")
             old_shared = mlp.gate_proj.weight.shape[0]
             ratio = old_shared // width
             target = new_width * ratio

@@ -274,9 +274,12 @@ def _shared_coupled(block: torch.nn.Module, shared: tuple[str, ...], width: int,
         gate = getattr(mlp, "gate_proj", None)
         if gate is None:
             gate = getattr(mlp, "up_proj", None)
-        if not isinstance(gate, torch.nn.Linear):  # Inkling's stacked shared experts are 3-D parameters
+        if isinstance(gate, torch.nn.Parameter) and gate.dim() == 3:  # stacked shared experts [S, I, H] (Inkling)
+            sw = int(gate.shape[1])
+        elif isinstance(gate, torch.nn.Linear):
+            sw = gate.out_features
+        else:
             continue
-        sw = gate.out_features
         # only width-like keys count: a miniature's sliding_window or head count may equal the width by chance
         own_key = any(k != width_key and v == sw and _width_like(k) for k, v in cfg.items() if isinstance(v, int))
         if not own_key and sw % width == 0:

@@ -123,26 +123,35 @@ def _grouped_outputs(module: torch.nn.Module, x_sorted: torch.Tensor, eid_sorted
     return torch.cat(ys), torch.cat(acts)
 
 
+def zero_computation_pairs(module: torch.nn.Module, hidden_states: torch.Tensor, flat_e: torch.Tensor,
+                           flat_w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Split the (token, slot) pairs of an experts call: (pairs routed to real experts, the output so far, token ids
+    of the other pairs or None). Expert ids past the routed experts are zero-computation experts (LongCat-Flash):
+    identities, so the output starts as their weighted inputs (differentiably, for the gradient tap)."""
+    n = int(module.down_proj.shape[0])
+    routed = flat_e < n
+    out = torch.zeros_like(hidden_states)
+    if bool(routed.all()):
+        return routed.nonzero().squeeze(1), out, None
+    if getattr(module, "identity_expert", None) is None:
+        raise ValueError(f"the router chose expert ids ≥ {n}, but {type(module).__name__} has only {n} experts")
+    extra = (~routed).nonzero().squeeze(1)
+    tok = extra // k
+    out = out.index_add(0, tok, (hidden_states[tok] * flat_w[extra, None]).to(out.dtype))
+    return routed.nonzero().squeeze(1), out, tok
+
+
 def tap_experts_forward(
     self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """Experts forward that also feeds the active statistics tap of this module (if any)."""
     k = top_k_index.shape[-1]
-    n = int(self.down_proj.shape[0])
     flat_e = top_k_index.reshape(-1)
     flat_w = top_k_weights.reshape(-1)
-    out = torch.zeros_like(hidden_states)
-    routed = flat_e < n
-    if not bool(routed.all()):  # zero-computation experts past the routed ones (LongCat-Flash): identities
-        if getattr(self, "identity_expert", None) is None:
-            raise ValueError(f"the router chose expert ids ≥ {n}, but {type(self).__name__} has only {n} experts")
-        pairs = (~routed).nonzero().squeeze(1)
-        tok = pairs // k
-        out.index_add_(0, tok, (hidden_states[tok] * flat_w[pairs, None]).to(out.dtype))
-        tap = _ACTIVE.get(id(self))
-        if tap is not None:
-            tap.stats.extra_picks += int(tap.mask[tok].sum()) if tap.mask is not None else int(tok.numel())
-    pairs = routed.nonzero().squeeze(1)
+    pairs, out, extra_tok = zero_computation_pairs(self, hidden_states, flat_e, flat_w, k)
+    if extra_tok is not None and _ACTIVE.get(id(self)) is not None:
+        _ACTIVE[id(self)].observe_extra(extra_tok)
+    n = int(self.down_proj.shape[0])
     flat_e, flat_w = flat_e[pairs], flat_w[pairs]
     eid_sorted, order = torch.sort(flat_e, stable=True)
     counts = torch.bincount(flat_e, minlength=n)
@@ -198,6 +207,10 @@ class LayerTap:
         s["prob_sum"] += logits.softmax(-1).sum(0).cpu()
         s["logit_gram"] += (logits.T @ logits).cpu()
         self.stats.n_tokens += logits.shape[0]
+
+    def observe_extra(self, tok: torch.Tensor) -> None:
+        """Count picks of zero-computation experts (token ids `tok`, one per pick): no expert's statistics."""
+        self.stats.extra_picks += int(self.mask[tok].sum()) if self.mask is not None else int(tok.numel())
 
     def observe_experts(self, hidden: torch.Tensor, out: torch.Tensor, tok: torch.Tensor, eid: torch.Tensor,
                         w: torch.Tensor, y: torch.Tensor, act: torch.Tensor) -> None:

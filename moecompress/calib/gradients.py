@@ -37,6 +37,7 @@ from moecompress.calib.collect import (
     release_taps,
     set_experts_implementation,
     stored_expert_forward,
+    zero_computation_pairs,
 )
 from moecompress.calib.stats import bundle_exists, load_bundle, save_bundle
 from moecompress.errors import UserError
@@ -116,10 +117,11 @@ def grad_experts_forward(
 ) -> torch.Tensor:
     """Per-expert batched forward (differentiable) that hands routing and activations to the active tap."""
     k = top_k_index.shape[-1]
-    flat_e = top_k_index.reshape(-1)
+    pairs, out, _ = zero_computation_pairs(self, hidden_states, top_k_index.reshape(-1), top_k_weights.reshape(-1), k)
+    flat_e = top_k_index.reshape(-1)[pairs]
     order = torch.argsort(flat_e, stable=True)
-    counts = torch.bincount(flat_e, minlength=self.num_experts).tolist()
-    tok = order // k
+    counts = torch.bincount(flat_e, minlength=int(self.down_proj.shape[0])).tolist()
+    tok = pairs[order] // k
     x = hidden_states[tok]
     ys, acts = [], []
     start = 0
@@ -130,8 +132,8 @@ def grad_experts_forward(
             acts.append(a)
         start += n
     y_sorted = torch.cat(ys)
-    w_sorted = top_k_weights.reshape(-1)[order].to(y_sorted.dtype)
-    out = torch.zeros_like(hidden_states).index_add(0, tok, y_sorted * w_sorted[:, None])
+    w_sorted = top_k_weights.reshape(-1)[pairs][order].to(y_sorted.dtype)
+    out = out.index_add(0, tok, y_sorted * w_sorted[:, None])
     tap = _ACTIVE.get(id(self))
     if tap is not None:
         tap.on_forward(out, tok, flat_e[order], w_sorted, torch.cat(acts))
