@@ -144,3 +144,36 @@ def test_default_config_miniature_prune_reload(model_type, tmp_path, capsys, mon
     assert adapter.num_experts(after) == adapter.num_experts(before) // 2
     model, info = auto_class(after).from_pretrained(tmp_path / "p", output_loading_info=True)
     assert not any(info.values()), info
+
+
+@pytest.mark.parametrize("stem", ["Llama-4-Scout-17B-16E-Instruct.TRIMMED", "Llama-4-Maverick-17B-128E-Instruct"])
+def test_multimodal_towers_carried_byte_identical(stem, tmp_path, capsys, monkeypatch):
+    """Llama-4 (multimodal, text-only calibration through its language model): the vision tower and projector come
+    out of prune byte for byte as they went in, and the pruned config keeps the vision config untouched."""
+    import torch
+    from safetensors import safe_open
+
+    monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path / "cache"))
+    mini = tmp_path / "mini"
+    assert run_cli(["zoo", "miniature", REAL / f"{stem}.json", "--out", mini], capsys)[0] == 0
+    calib = calib_file(tmp_path / "c.jsonl", n=20)
+    code, _, err = run_cli(["prune", mini, "--out", tmp_path / "p", "--ratio", "0.5", "--calib", calib,
+                            "--calib-samples", "4", "--calib-seqlen", "32"], capsys)
+    assert code == 0, err
+
+    def towers(folder: Path) -> dict[str, bytes]:
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as fh:
+                for k in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    if "language_model" not in k:
+                        t = fh.get_tensor(k)
+                        out[k] = (str(t.dtype), tuple(t.shape), t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return out
+
+    before, after = towers(mini), towers(tmp_path / "p")
+    assert before and any("vision" in k for k in before)
+    assert before == after
+    assert read_config(tmp_path / "p")["vision_config"] == read_config(mini)["vision_config"]
+    assert read_config(tmp_path / "p")["text_config"]["num_local_experts"] * 2 == \
+        read_config(mini)["text_config"]["num_local_experts"]

@@ -175,3 +175,18 @@ def routed_output(router: torch.nn.Module, experts: torch.nn.Module, x: torch.Te
     """The routed experts' weighted output on tokens x [N, H], routed by the family's own router."""
     index, weights = router_choice(router(x), int(experts.down_proj.shape[0]))
     return experts(x, index, weights)
+
+
+def text_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module to run text-only input through: the model itself, or, when a multimodal wrapper holds a complete
+    causal LM whose head is the wrapper's own (Llama-4: ``language_model`` is a ``Llama4ForCausalLM``), that LM.
+
+    For text-only input the wrapper only embeds the ids and calls that LM, so the logits are the same; and
+    transformers 5.24's ``Llama4ForConditionalGeneration.forward`` fails building its output (it reads
+    ``image_outputs`` from the LM's output), so calibration and verification go through the LM directly."""
+    lm = getattr(model, "language_model", None)
+    if lm is None or lm is model or not callable(getattr(lm, "get_output_embeddings", None)):
+        return model
+    head = lm.get_output_embeddings()
+    top = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    return lm if head is not None and head is top else model

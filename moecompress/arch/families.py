@@ -32,8 +32,6 @@ _NON_FUSED_REASON = {
     "diffusion_gemma": "diffusion (non-autoregressive) text model: no causal next-token head to verify against",
     "deepseek_v4": "hash-routed layers map token ids to expert ids (tid2eid table); pruning needs remapping that "
                    "table, which is not implemented",
-    "llama4": "Llama4ForConditionalGeneration.forward in transformers 5.24 fails on text-only input (reads "
-              "image_outputs from the language model output); the text model (llama4_text) is supported",
     "deepseek_ocr2": "OCR model: text-only forward of DeepseekOcr2ForConditionalGeneration fails in transformers "
                      "5.24 (needs image inputs), so a reload cannot be verified",
     "qwen3_omni_moe": "the Omni checkpoint holds a thinker and a talker, each with its own MoE stack and config "
@@ -200,6 +198,12 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
     count_keys += tuple(a for a, target in aliases.items() if target in count_keys and a not in count_keys)
     topk_key = next((k for k in TOPK_KEYS if isinstance(cfg.get(k), int)), None)
     width_key = next((k for k in WIDTH_KEYS if cfg.get(k) == width), None)
+    if base is not None and (experts_layout(experts) == "interleaved" or not count_keys or topk_key is None
+                             or width_key is None or not _own_forward_reproduced(b.router, experts)):
+        # a multimodal wrapper around a declared language model whose experts keep a call of their own (Llama-4:
+        # dense experts on sigmoid-scaled inputs): the declared adapter, found where the wrapper keeps its layers
+        return base.model_copy(update=dict(model_type=model_type, layers_path=b.layers_path, text_config_key=text_key,
+                                           derived=True))
     if not count_keys or topk_key is None or width_key is None:
         return None
     group_key = next((k for k in GROUP_KEYS if k in cfg), None)

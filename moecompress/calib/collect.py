@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover - depends on the transformers version
     _grouped_linear = None
 
 from moecompress.arch.adapter import MoELayer, moe_layers
+from moecompress.arch.discover import text_model
 from moecompress.arch.experts import ExpertView
 from moecompress.calib.stats import LayerStats, Stats
 
@@ -428,7 +429,7 @@ def collect_stats(
             mask = attention_mask.reshape(-1).bool()
             for tap in taps.values():
                 tap.mask = mask
-            model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+            text_model(model)(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
                   use_cache=False)
             if progress is not None:
                 progress(int(mask.sum()))

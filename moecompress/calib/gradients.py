@@ -32,6 +32,7 @@ import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moecompress.arch.adapter import MoELayer, decoder_layers, moe_layers
+from moecompress.arch.discover import text_model
 from moecompress.calib.collect import (
     experts_implementation,
     release_taps,
@@ -339,7 +340,7 @@ def collect_gradient_stats(
                 for tap in taps.values():
                     tap.mask = mask
                 ids, am = input_ids.to(device), attention_mask.to(device)
-                logits = model(input_ids=ids, attention_mask=am, use_cache=False).logits
+                logits = text_model(model)(input_ids=ids, attention_mask=am, use_cache=False).logits
                 loss = next_token_loss(logits, ids, am)
                 del logits
                 loss.backward()

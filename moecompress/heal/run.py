@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from moecompress.arch.adapter import moe_layers
+from moecompress.arch.discover import text_model
 from moecompress.errors import UserError
 from moecompress.heal.fit import heal_block
 from moecompress.heal.select import HealedReconstruction, select_reconstruct
@@ -46,8 +47,8 @@ def calibration_kl(ref_model: torch.nn.Module, model: torch.nn.Module, batches: 
     total, count = 0.0, 0
     for ids, mask in batches:
         m = mask.bool()
-        ref_logits = ref_model(input_ids=ids, attention_mask=mask).logits[m]  # real tokens only: [n, vocab]
-        logits = model(input_ids=ids, attention_mask=mask).logits[m]
+        ref_logits = text_model(ref_model)(input_ids=ids, attention_mask=mask).logits[m]  # real tokens only: [n, vocab]
+        logits = text_model(model)(input_ids=ids, attention_mask=mask).logits[m]
         for s in range(0, ref_logits.shape[0], 256):  # fp64 a few hundred positions at a time: large vocabularies
             lp_ref = torch.log_softmax(ref_logits[s : s + 256].double(), -1)
             lp = torch.log_softmax(logits[s : s + 256].double(), -1)

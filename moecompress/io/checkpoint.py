@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 import moecompress
 from moecompress.arch.adapter import MoEAdapter, adapter_for_config_dict
+from moecompress.arch.discover import text_model
 from moecompress.errors import UserError
 
 PROVENANCE = "moecompress.json"
@@ -305,7 +306,7 @@ def probe_input(vocab_size: int, seq: int = 24, batch: int = 2, seed: int = 1234
 
 @torch.no_grad()
 def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids.to(model.device)).logits.float().cpu()
+    return text_model(model)(input_ids=ids.to(model.device)).logits.float().cpu()
 
 
 @contextlib.contextmanager
