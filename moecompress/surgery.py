@@ -125,6 +125,7 @@ def keep_experts(layer: MoELayer, keep: Sequence[int]) -> None:
         raise UserError(f"layer {layer.index}: invalid expert indices {list(keep)} for {n_old} experts")
     router = layer.router
     extra = layer.extra_rows
+    rows_before = router.weight.detach()[:n_old].clone()
     _set_tensor(router, "weight", _select_rows(router.weight, 0, idx, n_old))
     for vec in layer.adapter.router_vectors:
         owner, leaf = _resolve(router, vec.path)
@@ -134,12 +135,46 @@ def keep_experts(layer: MoELayer, keep: Sequence[int]) -> None:
     for vec in layer.adapter.block_vectors:
         owner, leaf = _resolve(layer.block, vec.path)
         _set_tensor(owner, leaf, _select_rows(getattr(owner, leaf), vec.axis, idx, n_old))
+    for path in layer.adapter.expert_id_tables:
+        owner, leaf = _resolve(layer.block, path)
+        table = getattr(owner, leaf, None)
+        if table is not None:  # hash-routed layers only; top-k layers of the same model have none
+            _set_tensor(owner, leaf, remap_expert_ids(table, idx, rows_before))
     view = ExpertView(layer)
     view.set_all(view.get_all().select(idx))
     chunks = layer.experts.__dict__.get("expert_chunks")
     if chunks is not None:  # experts read in chunks by the engine (weights on meta): keep their source ids
         chunks.select(idx.tolist())
     _set_counts(list(layer.block.modules()), n_old, len(idx), extra)
+
+
+@torch.no_grad()
+def remap_expert_ids(table: torch.Tensor, keep: torch.Tensor, router_rows: torch.Tensor,
+                     chunk: int = 16384) -> torch.Tensor:
+    """A hash-routing table (token id → its top-k expert ids, [vocab, k]) rewritten for keeping experts `keep`:
+    kept experts get their new positions; a dropped expert's slot goes to the kept expert whose router row
+    (`router_rows`, [E, H] before the change; after a merge, the merged rows) points most the same way, skipping
+    kept experts the token already uses, so each token keeps k distinct experts."""
+    n_old = int(router_rows.shape[0])
+    if table.numel() and (int(table.min()) < 0 or int(table.max()) >= n_old):
+        raise UserError(f"expert-id table holds ids outside 0..{n_old - 1}")
+    keep = keep.long()
+    new_pos = torch.full((n_old,), -1, dtype=torch.long)
+    new_pos[keep] = torch.arange(keep.numel())
+    unit = torch.nn.functional.normalize(router_rows.double(), dim=1)
+    ranking = (unit @ unit[keep].T).argsort(dim=1, descending=True)  # [E_old, n_keep]: kept positions, best first
+    out = new_pos[table.long()]
+    for start in range(0, out.shape[0], chunk):
+        rows = out[start:start + chunk]
+        src = table[start:start + chunk].long()
+        for j in range(rows.shape[1]):
+            todo = (rows[:, j] < 0).nonzero().squeeze(1)
+            if todo.numel() == 0:
+                continue
+            cands = ranking[src[todo, j]]  # [R, n_keep]
+            taken = (cands[:, :, None] == rows[todo][:, None, :]).any(-1)
+            rows[todo, j] = cands.gather(1, (~taken).int().argmax(1, keepdim=True)).squeeze(1)
+    return out.to(table.dtype)
 
 
 def replace_expert(layer: MoELayer, index: int, weights: ExpertWeights) -> None:

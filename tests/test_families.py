@@ -220,3 +220,43 @@ def test_zero_computation_experts_in_the_tap():
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
     stats = taps[layer.index].stats
     assert stats.extra_picks == n_extra and float(stats.sums["freq"].sum()) == 80 - n_extra
+
+
+def test_hash_routing_table_remapped_on_pruning():
+    """DeepSeek-V4's first layers pick experts by token id (tid2eid [vocab, k]). After pruning, ids are the kept
+    experts' new positions, every token still has k distinct experts, and a token whose experts were all kept
+    routes to the same experts with the same weights: its block output is unchanged."""
+    model = build_miniature(_default_config("deepseek_v4")).float()
+    layer = moe_layers(model)[0]
+    gate = layer.router
+    assert layer.adapter.expert_id_tables and hasattr(gate, "tid2eid")
+    table = gate.tid2eid.clone()
+    n = layer.num_experts
+    assert bool((table.sort(1).values[:, 1:] != table.sort(1).values[:, :-1]).all())  # the miniature's are distinct
+    keep = list(range(0, n, 2))
+    ids = torch.arange(table.shape[0])[None, :]
+    x = torch.randn(1, ids.shape[1], gate.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = layer.block(x, input_ids=ids)
+    surgery.keep_experts(layer, keep)
+    new = gate.tid2eid
+    assert new.shape == table.shape and int(new.min()) >= 0 and int(new.max()) < len(keep)
+    assert bool((new.sort(1).values[:, 1:] != new.sort(1).values[:, :-1]).all())  # still k distinct per token
+    pos = {e: i for i, e in enumerate(keep)}
+    kept_rows = torch.isin(table, torch.tensor(keep)).all(1)
+    assert int(kept_rows.sum()) > 0
+    for t in kept_rows.nonzero().squeeze(1).tolist():
+        assert new[t].tolist() == [pos[e] for e in table[t].tolist()]
+    with torch.no_grad():
+        got = layer.block(x, input_ids=ids)
+    assert torch.allclose(got[0, kept_rows], want[0, kept_rows], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got[0, ~kept_rows], want[0, ~kept_rows], rtol=1e-5, atol=1e-6)
+
+
+def test_remap_expert_ids_picks_the_nearest_unused_kept_expert():
+    rows = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    table = torch.tensor([[0, 2], [1, 0], [3, 2], [1, 3]])
+    # keep experts 0 and 2 (new positions 0, 1): 1 is nearest 0, 3 is nearest 2, but a token never gets one
+    # twice: token 1 already has 0, so its 1 goes to 2; token 2 already has 2, so its 3 goes to 0
+    got = surgery.remap_expert_ids(table, torch.tensor([0, 2]), rows)
+    assert got.tolist() == [[0, 1], [1, 0], [0, 1], [0, 1]]

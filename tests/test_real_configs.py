@@ -177,3 +177,31 @@ def test_multimodal_towers_carried_byte_identical(stem, tmp_path, capsys, monkey
     assert read_config(tmp_path / "p")["vision_config"] == read_config(mini)["vision_config"]
     assert read_config(tmp_path / "p")["text_config"]["num_local_experts"] * 2 == \
         read_config(mini)["text_config"]["num_local_experts"]
+
+
+def test_hash_routing_tables_remapped_in_the_checkpoint(tmp_path, capsys, monkeypatch):
+    """DeepSeek-V4-Flash: the pruned checkpoint's tid2eid tables (one per hash-routed layer) name only kept experts,
+    k distinct ones per token, and the config keeps its hash-routed layers."""
+    import torch
+    from safetensors import safe_open
+
+    monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path / "cache"))
+    mini = tmp_path / "mini"
+    assert run_cli(["zoo", "miniature", REAL / "DeepSeek-V4-Flash.json", "--out", mini], capsys)[0] == 0
+    calib = calib_file(tmp_path / "c.jsonl", n=20)
+    code, _, err = run_cli(["prune", mini, "--out", tmp_path / "p", "--ratio", "0.5", "--calib", calib,
+                            "--calib-samples", "4", "--calib-seqlen", "32"], capsys)
+    assert code == 0, err
+    cfg = read_config(tmp_path / "p")
+    hashed = cfg["mlp_layer_types"].count("hash_moe")  # transformers writes num_hash_layers out as layer types
+    assert cfg["mlp_layer_types"] == read_config(mini)["mlp_layer_types"] and hashed >= 1
+    tables = {}
+    for f in sorted((tmp_path / "p").glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            tables.update({k: fh.get_tensor(k) for k in fh.keys() if k.endswith("tid2eid")})  # noqa: SIM118
+    assert len(tables) == hashed
+    for t in tables.values():
+        assert int(t.min()) >= 0 and int(t.max()) < cfg["n_routed_experts"]
+        s = t.sort(1).values
+        assert bool((s[:, 1:] != s[:, :-1]).all())
+        assert torch.unique(t).numel() == cfg["n_routed_experts"]  # every kept expert still serves some tokens

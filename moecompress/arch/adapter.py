@@ -83,6 +83,9 @@ class MoEAdapter(BaseModel):
     # zero-computation experts, ZAYA: a skip class). They come last, are never pruned or merged and stay in place;
     # the live count is read per layer from the shapes (router rows − experts), and its config key is left as is.
     router_extra_rows: int = 0
+    # Integer tables of expert ids, relative to the block (DeepSeek-V4's hash-routed layers: tid2eid [vocab, top-k]
+    # picks each token's experts by its id). Pruning and merging rewrite them onto the kept experts' positions.
+    expert_id_tables: tuple[str, ...] = ()
     derived: bool = False  # True when introspection of the modeling code produced this adapter
 
     @property

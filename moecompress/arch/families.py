@@ -30,8 +30,6 @@ UNSUPPORTED: dict[str, str] = {
 # Families with routed experts that do not (yet) pass the miniature round trip; the reason is what breaks.
 _NON_FUSED_REASON = {
     "diffusion_gemma": "diffusion (non-autoregressive) text model: no causal next-token head to verify against",
-    "deepseek_v4": "hash-routed layers map token ids to expert ids (tid2eid table); pruning needs remapping that "
-                   "table, which is not implemented",
     "deepseek_ocr2": "OCR model: text-only forward of DeepseekOcr2ForConditionalGeneration fails in transformers "
                      "5.24 (needs image inputs), so a reload cannot be verified",
     "qwen3_omni_moe": "the Omni checkpoint holds a thinker and a talker, each with its own MoE stack and config "
@@ -211,7 +209,15 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
     root_router = b.router_attr.split(".")[0]
     shared = shared_children(b.block, {root_router, b.experts_attr})
     extra = b.extra_router_rows  # router classes after the routed experts, kept in place by every surgery
-    vectors = tuple(RouterVector(path=p, axis=a) for p, a in router_vectors(b.router, n, extra))
+    # layers may route differently (DeepSeek-V4: hash-routed first layers, top-k after): every layer's per-expert
+    # router tensors count, each sliced where it exists
+    vectors = tuple(RouterVector(path=p, axis=a) for p, a in dict.fromkeys(
+        va for blk in blocks if blk.router_attr == b.router_attr and blk.router is not None
+        for va in router_vectors(blk.router, n, extra)))
+    id_tables = tuple(dict.fromkeys(
+        f"{b.router_attr}.{name}" for blk in blocks if blk.router_attr == b.router_attr and blk.router is not None
+        for name, t in blk.router.named_buffers()
+        if not t.is_floating_point() and t.dim() == 2 and t.shape[-1] == cfg.get(topk_key or "", -1)))
     owned = {id(t) for m in (b.router, experts, *(getattr(b.block, s) for s in shared)) for t in
              (*m.parameters(), *m.buffers())}
     block_vectors = tuple(RouterVector(path=p, axis=a) for p, a in router_vectors(b.block, n, extra)
@@ -232,7 +238,7 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
         checkpoint_block=disk[1] if disk else None, checkpoint_expert_linears=disk[2] if disk else None,
         checkpoint_layers_path=disk[0] if disk else None,
         layers_path=b.layers_path, text_config_key=text_key, has_gate=bool(getattr(experts, "has_gate", True)),
-        router_extra_rows=extra, derived=True,
+        router_extra_rows=extra, expert_id_tables=id_tables, derived=True,
     )
     if base is not None:  # the language model is a declared family: keep its routing knowledge
         fields.update(routing=base.routing, renorm_key=base.renorm_key, always_renorm=base.always_renorm)
