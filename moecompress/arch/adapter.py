@@ -111,8 +111,10 @@ class MoEAdapter(BaseModel):
     # ---- nested (multimodal) configs ------------------------------------------------------------
     def text_config(self, config: Any) -> Any:
         """The (sub-)config that holds the language model's MoE keys."""
-        if self.text_config_key:
-            sub = _raw_get(config, self.text_config_key)
+        if self.text_config_key:  # a dotted path for doubly nested ones (Qwen3-Omni: "thinker_config.text_config")
+            sub = config
+            for part in self.text_config_key.split("."):
+                sub = _raw_get(sub, part) if sub is not None else None
             if sub is not None:
                 return sub
         return config
@@ -148,34 +150,34 @@ class MoEAdapter(BaseModel):
     # ---- reading the config -------------------------------------------------------------------
     def num_experts(self, config: Any) -> int:
         for key in self.count_keys:
-            value = _get(config, key)
+            value = _get(self.text_config(config), key)
             if value is not None:
                 return int(value)
         raise UserError(f"config has none of {self.count_keys}: cannot tell how many experts it has")
 
     def top_k(self, config: Any) -> int:
-        value = _get(config, self.topk_key)
+        value = _get(self.text_config(config), self.topk_key)
         if value is None:
             raise UserError(f"config lacks {self.topk_key!r}: cannot tell how many experts each token uses")
         return int(value)
 
     def expert_width(self, config: Any) -> int:
-        return int(_get(config, self.width_key))
+        return int(_get(self.text_config(config), self.width_key))
 
     def num_groups(self, config: Any) -> int:
         if self.group_key is None:
             return 1
-        value = _get(config, self.group_key)
+        value = _get(self.text_config(config), self.group_key)
         return int(value) if value else 1
 
     def groups_per_token(self, config: Any) -> int:
-        value = _get(config, self.topk_group_key) if self.topk_group_key else None
+        value = _get(self.text_config(config), self.topk_group_key) if self.topk_group_key else None
         return int(value) if value else 1
 
     def renormalises(self, config: Any) -> bool:
         if self.always_renorm:
             return True
-        return bool(_get(config, self.renorm_key)) if self.renorm_key else False
+        return bool(_get(self.text_config(config), self.renorm_key)) if self.renorm_key else False
 
 
 def _get(config: Any, key: str) -> Any:

@@ -183,7 +183,17 @@ def text_model(model: torch.nn.Module) -> torch.nn.Module:
 
     For text-only input the wrapper only embeds the ids and calls that LM, so the logits are the same; and
     transformers 5.24's ``Llama4ForConditionalGeneration.forward`` fails building its output (it reads
-    ``image_outputs`` from the LM's output), so calibration and verification go through the LM directly."""
+    ``image_outputs`` from the LM's output), so calibration and verification go through the LM directly.
+    A wrapper with no forward at all (Qwen3-Omni: a thinker LM and a speech talker) runs text through the child
+    causal LM holding the first MoE stack (the thinker)."""
+    if type(model).forward is torch.nn.Module.forward:  # a container without a forward (Qwen3-Omni: thinker, talker)
+        blocks = find_moe_blocks(model)
+        for name, child in model.named_children():  # the child causal LM that holds the first MoE stack
+            if (blocks and blocks[0].layers_path.startswith(name + ".")
+                    and callable(getattr(child, "get_output_embeddings", None))
+                    and child.get_output_embeddings() is not None):
+                return child
+        return model
     lm = getattr(model, "language_model", None)
     if lm is None or lm is model or not callable(getattr(lm, "get_output_embeddings", None)):
         return model

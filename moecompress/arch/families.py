@@ -32,9 +32,6 @@ _NON_FUSED_REASON = {
     "diffusion_gemma": "diffusion (non-autoregressive) text model: no causal next-token head to verify against",
     "deepseek_ocr2": "OCR model: text-only forward of DeepseekOcr2ForConditionalGeneration fails in transformers "
                      "5.24 (needs image inputs), so a reload cannot be verified",
-    "qwen3_omni_moe": "the Omni checkpoint holds a thinker and a talker, each with its own MoE stack and config "
-                      "keys; transformers' default config does not build (its talker text config lacks "
-                      "shared_expert_intermediate_size), so no round trip is verified",
     "ernie4_5_vl_moe": "two expert sets per layer (text_moe and vision_moe) under one expert-count key, with a "
                        "per-modality width list; the adapter model holds one MoE block per layer",
     "dbrx": "experts are flattened w1/v1/w2 [E*I, H] tensors (no expert axis) with counts in the nested "
@@ -128,6 +125,11 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     # indexed-attention layers by default, but the QSA indexer sizes they need are unset (a real config sets them)
     "qwen4_exp": {"text_config": {"indexer_n_heads": 4, "indexer_kv_heads": 1, "indexer_head_dim": 128,
                                   "indexer_budget": 2048, "indexer_compress_ratio": 4}},
+    # the talker reads shared_expert_intermediate_size and spatial_merge_size, the thinker's rope index
+    # vision_start_token_id: the default configs lack them (published checkpoints set them; Qwen's vision start id)
+    "qwen3_omni_moe": {"talker_config": {"text_config": {"shared_expert_intermediate_size": 768},
+                                         "spatial_merge_size": 2},
+                       "thinker_config": {"vision_start_token_id": 151652}},
     "hunyuan_v1_moe": {"num_experts": 8, "moe_topk": 2},  # the default is one expert: nothing to route
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"], "num_hidden_layers": 4,
                  "num_dense_layers": 1},
@@ -149,14 +151,19 @@ def reference_config(dirname: str) -> dict[str, Any] | None:
             cfg = AutoConfig.for_model(model_type).to_dict()
         except (ValueError, KeyError):
             return None
-        for k, v in DEFAULT_FIXES.get(model_type, {}).items():
-            if isinstance(v, dict) and isinstance(cfg.get(k), dict):
-                cfg[k].update(v)
-            else:
-                cfg[k] = v
+        _merge(cfg, DEFAULT_FIXES.get(model_type, {}))
     cfg["model_type"] = model_type
     cfg["architectures"] = None
     return cfg
+
+
+def _merge(cfg: dict[str, Any], fix: dict[str, Any]) -> None:
+    """Apply a DEFAULT_FIXES entry: nested dicts are merged key by key (sub-configs of sub-configs included)."""
+    for k, v in fix.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            _merge(cfg[k], v)
+        else:
+            cfg[k] = v
 
 
 def adapter_from_config(config: dict[str, Any]):
@@ -180,8 +187,10 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
         return None
     b = blocks[0]
     model_type = model_type or model.config.model_type
-    text_key = "text_config" if getattr(model.config, "text_config", None) is not None else None
-    text = getattr(model.config, text_key) if text_key else model.config
+    text_key = _text_config_path(model.config)
+    text = model.config
+    for part in (text_key or "").split(".") if text_key else ():
+        text = getattr(text, part)
     base = ADAPTERS.get(getattr(text, "model_type", None))
     experts = b.experts
     n = b.num_experts
@@ -227,7 +236,7 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
     if layout == "interleaved" or not _own_forward_reproduced(b.block.get_submodule(root_router), experts):
         return None
     routing = _probe_routing(b.router, int(b.router.weight.shape[-1]), n)  # the router reads the full hidden state
-    disk = _on_disk_experts(model, b.experts_attr)
+    disk = _on_disk_experts(model, b.experts_attr, b.layers_path)
     fields: dict[str, Any] = dict(
         model_type=model_type, block_attr=b.block_attr, router_attr=b.router_attr, experts_attr=b.experts_attr,
         shared_attrs=shared, layout=layout, has_expert_bias=bool(getattr(experts, "has_bias", False)),
@@ -243,6 +252,23 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
     if base is not None:  # the language model is a declared family: keep its routing knowledge
         fields.update(routing=base.routing, renorm_key=base.renorm_key, always_renorm=base.always_renorm)
     return MoEAdapter(**fields)
+
+
+def _text_config_path(config: Any) -> str | None:
+    """Where the language model's config sits in a model config: None (flat), "text_config", or a dotted path
+    to it when a wrapper nests it twice (Qwen3-Omni: "thinker_config.text_config", found via get_text_config)."""
+    if getattr(config, "text_config", None) is not None:
+        return "text_config"
+    target = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    if target is config:
+        return None
+    for name in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, name, None)
+        if sub is target:
+            return name
+        if sub is not None and getattr(sub, "text_config", None) is target:
+            return f"{name}.text_config"
+    return None
 
 
 @torch.no_grad()
@@ -345,7 +371,7 @@ def _tensor_names(folder: Any) -> list[str]:
     return names
 
 
-def _on_disk_experts(model: torch.nn.Module, experts_attr: str
+def _on_disk_experts(model: torch.nn.Module, experts_attr: str, layers_path: str = ""
                      ) -> tuple[str, str, tuple[str | None, str, str]] | None:
     """How `save_pretrained` names one routed expert's linears: (layers path, block, (gate, up, down) names; gate
     None for non-gated experts), or None when experts are saved fused. Found by saving the miniature, so renamings
@@ -367,6 +393,9 @@ def _on_disk_experts(model: torch.nn.Module, experts_attr: str
     pattern = re.compile(rf"^(?P<layers>.+)\.(?P<i>\d+)\.(?P<block>(?:[\w.]+\.)?){re.escape(experts_attr)}"
                          rf"\.0\.(?P<lin>\w+)\.weight$")
     hits = [m for m in map(pattern.match, names) if m]
+    # a checkpoint with two MoE stacks (Qwen3-Omni: thinker and talker): the stack under the same top module
+    ours = [m for m in hits if m["layers"].split(".")[0] == layers_path.split(".")[0]]
+    hits = [m for m in ours if m["layers"] == layers_path] or ours or hits
     if not hits:
         return None
     linears = sorted({m["lin"] for m in hits})

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from moecompress.arch.discover import text_model
 from moecompress.errors import UserError
 
 GROUPS = ("routed_experts", "shared_experts", "router", "attention", "dense_mlp", "embeddings", "other", "non_text")
@@ -66,7 +67,9 @@ def _model_class(config: dict[str, Any], cfg: Any) -> Any:
         cls = getattr(transformers, name, None)
         if cls is not None:
             return cls
-    for auto in ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModel"):
+    for auto in ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForMultimodalLM", "AutoModel"):
+        if not hasattr(transformers, auto):
+            continue
         mapping = getattr(transformers, auto)._model_mapping
         try:
             return mapping[type(cfg)]
@@ -211,7 +214,7 @@ def analyse(model: torch.nn.Module, config: dict[str, Any] | None = None) -> Ske
                 router_names[full] = mod
 
     embed_names = {n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Embedding)}
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out_emb = text_model(model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out_emb is not None:
         embed_names |= {n for n, mod in model.named_modules() if mod is out_emb}
 
@@ -274,7 +277,7 @@ def analyse(model: torch.nn.Module, config: dict[str, Any] | None = None) -> Ske
     n_group = getattr(router, "n_group", None) or getattr(text_cfg, "n_group", None) or 1
     topk_group = getattr(router, "topk_group", None) or getattr(text_cfg, "topk_group", None) or 1
     total = sum(p.numel() for p in model.parameters())
-    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    in_emb = text_model(model).get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     in_ids = {id(p) for p in in_emb.parameters()} if in_emb is not None else set()
     emb_params = sum(p.numel() for p in in_emb.parameters()) if in_emb is not None else 0
     head_params = sum(p.numel() for p in out_emb.parameters() if id(p) not in in_ids) if out_emb is not None else 0

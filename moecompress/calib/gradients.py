@@ -240,7 +240,7 @@ def _frozen_with_input_grad(model: torch.nn.Module) -> Iterator[None]:
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
-    emb = model.get_input_embeddings()
+    emb = text_model(model).get_input_embeddings()
     handle = emb.register_forward_hook(lambda mod, args, out: out.detach().requires_grad_(True))
     try:
         yield

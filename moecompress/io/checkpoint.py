@@ -295,7 +295,7 @@ def write_count_aliases(folder: Path) -> None:
 
 def verify_model_reload(model: torch.nn.Module, path: Path, *, atol: float | None = None) -> dict[str, Any]:
     """`verify_reload` against the logits `model` gives now on a fixed probe input."""
-    ids = probe_input(min(model.get_input_embeddings().num_embeddings, 320))
+    ids = probe_input(min(text_model(model).get_input_embeddings().num_embeddings, 320))
     return verify_reload(path, logits_of(model, ids), ids, atol=atol)
 
 
