@@ -315,6 +315,17 @@ class MoELayer:
         return int(self.router.weight.shape[0]) - self.num_experts
 
     @property
+    def hash_routed(self) -> bool:
+        """Whether this layer picks experts by token id (a table of expert ids): it cannot run on hidden states alone."""
+        for path in self.adapter.expert_id_tables:
+            try:
+                self.block.get_buffer(path)
+            except AttributeError:
+                continue
+            return True
+        return False
+
+    @property
     def routed_router_weight(self) -> torch.Tensor:
         """The router rows of the routed experts, [E, H] (without any extra rows)."""
         return self.router.weight[: self.num_experts]
