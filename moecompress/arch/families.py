@@ -30,8 +30,6 @@ UNSUPPORTED: dict[str, str] = {
 # Families with routed experts that do not (yet) pass the miniature round trip; the reason is what breaks.
 _NON_FUSED_REASON = {
     "diffusion_gemma": "diffusion (non-autoregressive) text model: no causal next-token head to verify against",
-    "deepseek_ocr2": "OCR model: text-only forward of DeepseekOcr2ForConditionalGeneration fails in transformers "
-                     "5.24 (needs image inputs), so a reload cannot be verified",
     "ernie4_5_vl_moe": "two expert sets per layer (text_moe and vision_moe) under one expert-count key, with a "
                        "per-modality width list; the adapter model holds one MoE block per layer",
     "dbrx": "experts are flattened w1/v1/w2 [E*I, H] tensors (no expert axis) with counts in the nested "
@@ -130,6 +128,9 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     "qwen3_omni_moe": {"talker_config": {"text_config": {"shared_expert_intermediate_size": 768},
                                          "spatial_merge_size": 2},
                        "thinker_config": {"vision_start_token_id": 151652}},
+    # per-layer MLP kinds and top-k have no default (published DeepSeek-OCR-2: a dense first layer, top-6)
+    "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense"] + ["sparse"] * 11, "num_hidden_layers": 12,
+                                      "num_experts_per_tok": 6}},
     "hunyuan_v1_moe": {"num_experts": 8, "moe_topk": 2},  # the default is one expert: nothing to route
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"], "num_hidden_layers": 4,
                  "num_dense_layers": 1},
