@@ -30,12 +30,23 @@ UNSUPPORTED: dict[str, str] = {
 # Families with routed experts that do not (yet) pass the miniature round trip; the reason is what breaks.
 _NON_FUSED_REASON = {
     "diffusion_gemma": "diffusion (non-autoregressive) text model: no causal next-token head to verify against",
-    "ernie4_5_vl_moe": "two expert sets per layer (text_moe and vision_moe) under one expert-count key, with a "
-                       "per-modality width list; the adapter model holds one MoE block per layer",
-    "dbrx": "experts are flattened w1/v1/w2 [E*I, H] tensors (no expert axis) with counts in the nested "
-            "ffn_config and top-k taken in the block; ExpertView, surgery and the engine have no flattened layout",
-    "jetmoe": "num_local_experts sizes both the MLP experts and the mixture-of-attention experts, so a vanilla "
-              "config cannot hold pruned MLP experts beside the attention ones; experts take (inputs, expert_size)",
+    "ernie4_5_vl_moe": "every layer holds two routed expert sets (text_moe for text tokens, vision_moe for "
+                       "image/video tokens) whose count is one key (moe_num_experts, read by both blocks): "
+                       "pruning the text experts forces the vision experts to the same count, and text-only "
+                       "calibration routes no token to the vision experts to rank them (moe_intermediate_size "
+                       "is a per-modality list, so narrowing the text experts alone would fit a vanilla config, "
+                       "but an adapter holds one expert set per layer)",
+    "dbrx": "experts are three flattened [E*I, H] parameters (experts.mlp.w1/v1/w2, no expert axis, w2 not "
+            "transposed) in decoder layers named transformer.blocks, the router returns logits only (the block "
+            "takes top-k), and the counts, top-k and width sit in the nested ffn_config: the expert view, "
+            "calibration tap and streaming engine have no flattened layout, and a vanilla reload needs that "
+            "on-disk layout back (transformers 5.24's default DbrxConfig does not build either: its attn_config "
+            "lacks rope_theta)",
+    "jetmoe": "JetMoeConfig has one num_local_experts (and one num_experts_per_tok) read by both the MLP "
+              "experts (JetMoeMoE) and the attention experts (JetMoeMoA) of every layer, and no other key sizes "
+              "either set: a vanilla config cannot hold fewer MLP experts than attention experts, and cutting "
+              "the attention experts too would prune attention, not expert FFNs; its experts are also "
+              "ParallelExperts called as (inputs, expert_size)",
 }
 
 
