@@ -14,6 +14,7 @@ from moecompress.arch.families import (
     routed_expert_model_types,
     unsupported_reason,
 )
+from moecompress.arch.flat_experts import fuse_flat_experts
 from moecompress.io.checkpoint import auto_class, write_checkpoint
 from moecompress.zoo.miniature import build_miniature
 
@@ -63,6 +64,7 @@ def test_roundtrip_prune_reload(model_type, tmp_path):
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert adapter.num_experts(saved) == len(keep)
     again = auto_class(saved).from_pretrained(tmp_path / "out")
+    fuse_flat_experts(again)  # as moecompress loads it (DBRX: flattened experts viewed fused; a no-op elsewhere)
     assert all(ly.num_experts == len(keep) for ly in moe_layers(again))
 
 
@@ -260,3 +262,28 @@ def test_remap_expert_ids_picks_the_nearest_unused_kept_expert():
     # twice: token 1 already has 0, so its 1 goes to 2; token 2 already has 2, so its 3 goes to 0
     got = surgery.remap_expert_ids(table, torch.tensor([0, 2]), rows)
     assert got.tolist() == [[0, 1], [1, 0], [0, 1], [0, 1]]
+
+
+def test_flattened_experts_saved_in_their_own_layout(tmp_path):
+    """DBRX keeps experts as flattened [E*I, H] matrices: moecompress views them fused (same forward), prunes, and
+    writes mlp.w1 / v1 / w2 back flattened for the kept experts — a vanilla reload gives the same logits."""
+    from safetensors import safe_open
+
+    from moecompress.arch.flat_experts import FusedFlatExperts
+
+    model = build_miniature(_default_config("dbrx"))
+    layers = moe_layers(model)
+    assert all(isinstance(ly.experts, FusedFlatExperts) for ly in layers)
+    n = layers[0].num_experts
+    w = layers[0].experts.gate_up_proj.detach().clone()
+    keep = list(range(0, n, 2))
+    surgery.keep_experts_everywhere(model, {ly.index: keep for ly in layers})
+    write_checkpoint(model, None, tmp_path / "out", source=None)  # vanilla reload, same logits
+    with safe_open(str(next((tmp_path / "out").glob("*.safetensors"))), "pt") as fh:
+        names = list(fh.keys())  # noqa: SIM118
+        w1 = fh.get_tensor("transformer.blocks.0.ffn.experts.mlp.w1")
+    assert not any("gate_up_proj" in k or "down_proj" in k for k in names)
+    i = w.shape[1] // 2
+    assert torch.equal(w1, w[keep, :i].reshape(len(keep) * i, -1).to(w1.dtype))
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["ffn_config"]["moe_num_experts"] == len(keep)

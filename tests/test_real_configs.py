@@ -117,7 +117,7 @@ def test_mtp_layers_are_dropped_explicitly(tmp_path, capsys, monkeypatch):
 # (its defaults at full size, as a user's checkpoint would carry) goes through the same one-line CLI path.
 # Hybrid stacks, dense-first layers, multimodal wrappers and a family whose layers pass extra state.
 NOT_IN_REAL = ["minimax_m2", "jamba", "granitemoehybrid", "lfm2_moe", "hunyuan_v1_moe", "glm4v_moe", "glm_moe_dsa",
-               "phimoe", "inkling", "longcat_flash", "zaya", "qwen3_omni_moe", "deepseek_ocr2"]
+               "phimoe", "inkling", "longcat_flash", "zaya", "qwen3_omni_moe", "deepseek_ocr2", "dbrx"]
 
 
 @pytest.mark.parametrize("model_type", NOT_IN_REAL)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-_LAYER_RE = re.compile(r"^(?P<layers>(?:.+\.)?layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
+_LAYER_RE = re.compile(r"^(?P<layers>(?:.+\.)?(?:layers|blocks))\.(?P<index>\d+)\.(?P<rest>.+)$")  # DBRX: blocks
 
 
 def is_fused_experts(module: torch.nn.Module) -> bool:

@@ -36,12 +36,6 @@ _NON_FUSED_REASON = {
                        "calibration routes no token to the vision experts to rank them (moe_intermediate_size "
                        "is a per-modality list, so narrowing the text experts alone would fit a vanilla config, "
                        "but an adapter holds one expert set per layer)",
-    "dbrx": "experts are three flattened [E*I, H] parameters (experts.mlp.w1/v1/w2, no expert axis, w2 not "
-            "transposed) in decoder layers named transformer.blocks, the router returns logits only (the block "
-            "takes top-k), and the counts, top-k and width sit in the nested ffn_config: the expert view, "
-            "calibration tap and streaming engine have no flattened layout, and a vanilla reload needs that "
-            "on-disk layout back (transformers 5.24's default DbrxConfig does not build either: its attn_config "
-            "lacks rope_theta)",
     "jetmoe": "JetMoeConfig has one num_local_experts (and one num_experts_per_tok) read by both the MLP "
               "experts (JetMoeMoE) and the attention experts (JetMoeMoA) of every layer, and no other key sizes "
               "either set: a vanilla config cannot hold fewer MLP experts than attention experts, and cutting "
@@ -142,6 +136,10 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     # per-layer MLP kinds and top-k have no default (published DeepSeek-OCR-2: a dense first layer, top-6)
     "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense"] + ["sparse"] * 11, "num_hidden_layers": 12,
                                       "num_experts_per_tok": 6}},
+    # DbrxAttention needs attn_config.rope_theta (absent by default) and a clip_qkv (None fails its clamp); the
+    # published DBRX values, and its 16 experts / top-4
+    "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8.0},
+             "ffn_config": {"moe_num_experts": 16, "moe_top_k": 4}},
     "hunyuan_v1_moe": {"num_experts": 8, "moe_topk": 2},  # the default is one expert: nothing to route
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"], "num_hidden_layers": 4,
                  "num_dense_layers": 1},
@@ -199,7 +197,7 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
         return None
     b = blocks[0]
     model_type = model_type or model.config.model_type
-    text_key = _text_config_path(model.config)
+    text_key = _text_config_path(model.config, b.num_experts)
     text = model.config
     for part in (text_key or "").split(".") if text_key else ():
         text = getattr(text, part)
@@ -266,14 +264,20 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
     return MoEAdapter(**fields)
 
 
-def _text_config_path(config: Any) -> str | None:
-    """Where the language model's config sits in a model config: None (flat), "text_config", or a dotted path
-    to it when a wrapper nests it twice (Qwen3-Omni: "thinker_config.text_config", found via get_text_config)."""
+def _text_config_path(config: Any, num_experts: int) -> str | None:
+    """Where the language model's MoE keys sit in a model config: None (flat), "text_config", a dotted path to it
+    when a wrapper nests it twice (Qwen3-Omni: "thinker_config.text_config", found via get_text_config), or the
+    sub-config that holds the expert count (DBRX: "ffn_config")."""
+    from moecompress.zoo.miniature import COUNT_KEYS
+
     if getattr(config, "text_config", None) is not None:
         return "text_config"
     target = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
     if target is config:
-        return None
+        if any(getattr(config, k, None) == num_experts for k in COUNT_KEYS):
+            return None
+        return next((name for name in getattr(config, "sub_configs", {}) or {}
+                     if any(getattr(getattr(config, name, None), k, None) == num_experts for k in COUNT_KEYS)), None)
     for name in getattr(config, "sub_configs", {}) or {}:
         sub = getattr(config, name, None)
         if sub is target:

@@ -186,6 +186,9 @@ def load_model(path: Path, *, dtype: torch.dtype | str | None = None, tokenizer:
             raise UserError(f"could not load weights from {path}: {_short(exc)}. Is a weight file corrupt?") from exc
         raise
     model.eval()
+    from moecompress.arch.flat_experts import fuse_flat_experts
+
+    fuse_flat_experts(model)  # DBRX: fused view of flattened experts; saved back in its own layout
     tok = None
     if tokenizer:
         try:
