@@ -86,6 +86,9 @@ class MoEAdapter(BaseModel):
     # Integer tables of expert ids, relative to the block (DeepSeek-V4's hash-routed layers: tid2eid [vocab, top-k]
     # picks each token's experts by its id). Pruning and merging rewrite them onto the kept experts' positions.
     expert_id_tables: tuple[str, ...] = ()
+    # On-disk layer prefixes of routed experts outside the compressed stack (Qwen3-Omni's talker, dots3_note's
+    # vision tower): carried unchanged, but transformers loads quantized experts only if all of them are quantized.
+    other_expert_stacks: tuple[str, ...] = ()
     derived: bool = False  # True when introspection of the modeling code produced this adapter
 
     @property

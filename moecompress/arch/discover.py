@@ -13,7 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-_LAYER_RE = re.compile(r"^(?P<layers>(?:.+\.)?(?:layers|blocks))\.(?P<index>\d+)\.(?P<rest>.+)$")  # DBRX: blocks
+_LAYER_RE = re.compile(r"^(?P<layers>(?:.+\.)?layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
+# decoder layers named `blocks` (DBRX), tried only when no `layers` hold experts: vision towers name theirs
+# `blocks` too, and some hold experts of their own (dots3_note)
+_BLOCKS_RE = re.compile(r"^(?P<layers>(?:.+\.)?blocks)\.(?P<index>\d+)\.(?P<rest>.+)$")
 
 
 def is_fused_experts(module: torch.nn.Module) -> bool:
@@ -107,10 +110,11 @@ def find_moe_blocks(model: torch.nn.Module) -> list[FoundBlock]:
     """Every fused-experts module under a ``…layers.<i>`` decoder layer, with its block and router."""
     found: list[FoundBlock] = []
     modules = dict(model.named_modules())
-    for name, mod in modules.items():
-        if not is_fused_experts(mod):
-            continue
-        m = _LAYER_RE.match(name)
+    fused = [name for name, mod in modules.items() if is_fused_experts(mod)]
+    pattern = _LAYER_RE if any(_LAYER_RE.match(name) for name in fused) else _BLOCKS_RE
+    for name in fused:
+        mod = modules[name]
+        m = pattern.match(name)
         if m is None:
             continue
         rest = m["rest"]

@@ -255,7 +255,7 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
         shared_width_coupled=_shared_coupled(b.block, shared, width, cfg, width_key),
         group_key=group_key, topk_group_key=topk_group_key,
         checkpoint_block=disk[1] if disk else None, checkpoint_expert_linears=disk[2] if disk else None,
-        checkpoint_layers_path=disk[0] if disk else None,
+        checkpoint_layers_path=disk[0] if disk else None, other_expert_stacks=disk[3] if disk else (),
         layers_path=b.layers_path, text_config_key=text_key, has_gate=bool(getattr(experts, "has_gate", True)),
         router_extra_rows=extra, expert_id_tables=id_tables, derived=True,
     )
@@ -388,10 +388,10 @@ def _tensor_names(folder: Any) -> list[str]:
 
 
 def _on_disk_experts(model: torch.nn.Module, experts_attr: str, layers_path: str = ""
-                     ) -> tuple[str, str, tuple[str | None, str, str]] | None:
+                     ) -> tuple[str, str, tuple[str | None, str, str], tuple[str, ...]] | None:
     """How `save_pretrained` names one routed expert's linears: (layers path, block, (gate, up, down) names; gate
-    None for non-gated experts), or None when experts are saved fused. Found by saving the miniature, so renamings
-    on save are included."""
+    None for non-gated experts; the layer prefixes of other per-expert stacks), or None when experts are saved
+    fused. Found by saving the miniature, so renamings on save are included."""
     import tempfile
     from pathlib import Path
 
@@ -408,10 +408,10 @@ def _on_disk_experts(model: torch.nn.Module, experts_attr: str, layers_path: str
             hf_logging.enable_progress_bar()
     pattern = re.compile(rf"^(?P<layers>.+)\.(?P<i>\d+)\.(?P<block>(?:[\w.]+\.)?){re.escape(experts_attr)}"
                          rf"\.0\.(?P<lin>\w+)\.weight$")
-    hits = [m for m in map(pattern.match, names) if m]
+    found = [m for m in map(pattern.match, names) if m]
     # a checkpoint with two MoE stacks (Qwen3-Omni: thinker and talker): the stack under the same top module
-    ours = [m for m in hits if m["layers"].split(".")[0] == layers_path.split(".")[0]]
-    hits = [m for m in ours if m["layers"] == layers_path] or ours or hits
+    ours = [m for m in found if m["layers"].split(".")[0] == layers_path.split(".")[0]]
+    hits = [m for m in ours if m["layers"] == layers_path] or ours or found
     if not hits:
         return None
     linears = sorted({m["lin"] for m in hits})
@@ -427,4 +427,5 @@ def _on_disk_experts(model: torch.nn.Module, experts_attr: str, layers_path: str
         roles[role] = lin
     if "up" not in roles or "down" not in roles or ("gate" in roles) != (len(linears) == 3):
         return None
-    return hits[0]["layers"], hits[0]["block"].rstrip("."), (roles.get("gate"), roles["up"], roles["down"])
+    others = tuple(sorted({m["layers"] for m in found} - {hits[0]["layers"]}))
+    return hits[0]["layers"], hits[0]["block"].rstrip("."), (roles.get("gate"), roles["up"], roles["down"]), others

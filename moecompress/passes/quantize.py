@@ -74,6 +74,10 @@ class QuantizeConfig(PassConfig):
             raise UserError(f"quantize: {adapter.model_type} checkpoints store routed experts fused, which the "
                             "compressed-tensors per-linear format cannot describe; supported families store per-expert "
                             "linears (qwen*_moe, mixtral, deepseek_v2/v3, olmoe, phimoe, glm4_moe, dots1, ernie4_5_moe)")
+        if adapter.other_expert_stacks:
+            raise UserError(f"quantize: {adapter.model_type} checkpoints hold routed experts outside the language "
+                            f"model ({', '.join(adapter.other_expert_stacks)}), which moecompress carries unchanged; "
+                            "transformers loads quantized experts only if every routed expert is quantized")
         merged = load_time_merges_outside_experts(hf_config)
         if merged:
             raise UserError(f"quantize: {adapter.model_type} checkpoints convert {merged[0]} at load (outside the "
