@@ -287,3 +287,20 @@ def test_flattened_experts_saved_in_their_own_layout(tmp_path):
     assert torch.equal(w1, w[keep, :i].reshape(len(keep) * i, -1).to(w1.dtype))
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["ffn_config"]["moe_num_experts"] == len(keep)
+
+
+def test_skip_class_picks_are_no_experts():
+    """ZAYA's router may pick its skip class (the extra router row); the block then hands expert 0 with weight 0 to
+    the experts. Those picks count apart, not as expert 0's (which would halve its REAP mean)."""
+    from moecompress.calib.collect import collect_stats
+
+    model = build_miniature(_default_config("zaya"))
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    layers = moe_layers(model)
+    with torch.no_grad():
+        layers[-1].block.gate.balancing_biases[-1] = 10.0  # the last layer always skips
+    stats = collect_stats(model, [(ids, mask)], total_tokens=20, sample_tokens=0)
+    last, first = stats.layers[layers[-1].index], stats.layers[layers[0].index]
+    assert last.extra_picks == 20 and float(last.sums["freq"].sum()) == 0
+    assert first.extra_picks == 0 and float(first.sums["freq"].sum()) == 20

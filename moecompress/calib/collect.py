@@ -221,6 +221,11 @@ class LayerTap:
         if self.mask is not None:
             keep = self.mask[tok]
             tok, eid, w, y, act = tok[keep], eid[keep], w[keep], y[keep], act[keep]
+        if self.layer.extra_rows:  # ZAYA masks a pick of its skip class onto expert 0 with weight 0: no expert's
+            skipped = w == 0
+            if bool(skipped.any()):
+                self.stats.extra_picks += int(skipped.sum())
+                tok, eid, w, y, act = tok[~skipped], eid[~skipped], w[~skipped], y[~skipped], act[~skipped]
         y, w, act = y.detach().float(), w.detach().float(), act.detach().float()
         norm = y.norm(dim=-1)
         # EASY-EP token weight: how much the routed output turns the hidden state
