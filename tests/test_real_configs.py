@@ -222,3 +222,21 @@ def test_hash_routing_tables_remapped_in_the_checkpoint(tmp_path, capsys, monkey
         s = t.sort(1).values
         assert bool((s[:, 1:] != s[:, :-1]).all())
         assert torch.unique(t).numel() == cfg["n_routed_experts"]  # every kept expert still serves some tokens
+
+
+@pytest.mark.parametrize("model_type", ["inkling", "longcat_flash", "zaya", "qwen3_omni_moe", "deepseek_ocr2", "dbrx"])
+def test_default_config_inspect(model_type, tmp_path, capsys):
+    """`moecompress inspect` on a folder holding only the config.json of a supported family (no real config here):
+    it names the family, the routed-expert count and top-k (DBRX's sit in ffn_config, LongCat's experts keep extra
+    gate/up rows), with no weight file read."""
+    from moecompress.arch.families import reference_config
+
+    config = reference_config(model_type)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code, out, err = run_cli(["inspect", tmp_path, "--json"], capsys)
+    assert code == 0, err
+    info = json.loads(out)
+    text = json.dumps(info)
+    assert model_type in text
+    pattern = layer_pattern(config)
+    assert pattern.family is not None and pattern.moe_layers

@@ -23,7 +23,8 @@ from moecompress.arch.discover import text_model
 from moecompress.errors import UserError
 
 GROUPS = ("routed_experts", "shared_experts", "router", "attention", "dense_mlp", "embeddings", "other", "non_text")
-_TOPK_KEYS = ("num_experts_per_tok", "top_k_experts", "moe_k", "moe_topk", "experts_per_token", "num_selected_experts")
+_TOPK_KEYS = ("num_experts_per_tok", "top_k_experts", "moe_k", "moe_topk", "moe_top_k", "experts_per_token",
+              "num_selected_experts")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -67,7 +68,10 @@ def _model_class(config: dict[str, Any], cfg: Any) -> Any:
         cls = getattr(transformers, name, None)
         if cls is not None:
             return cls
-    for auto in ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForMultimodalLM", "AutoModel"):
+    autos = ["AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForMultimodalLM", "AutoModel"]
+    if isinstance(config.get("text_config"), dict):  # a multimodal checkpoint: its whole class first (Llama-4)
+        autos = autos[1:3] + autos[:1] + autos[3:]
+    for auto in autos:
         if not hasattr(transformers, auto):
             continue
         mapping = getattr(transformers, auto)._model_mapping
@@ -89,7 +93,11 @@ def meta_model(config: dict[str, Any], *, dtype: torch.dtype | None = None) -> t
     transformers.utils.logging.set_verbosity_error()
     try:
         with torch.device("meta"):
-            return cls._from_config(cfg, dtype=dtype)
+            model = cls._from_config(cfg, dtype=dtype)
+        from moecompress.arch.flat_experts import fuse_flat_experts
+
+        fuse_flat_experts(model)  # DBRX: counted as the fused experts moecompress compresses (same sizes)
+        return model
     except UserError:
         raise
     except Exception as exc:
@@ -149,6 +157,10 @@ class Skeleton:
 
 
 def _is_experts(module: torch.nn.Module) -> bool:
+    from moecompress.arch.discover import is_fused_experts
+
+    if is_fused_experts(module):  # LongCat keeps extra gate/up rows (zero-computation experts) and no num_experts
+        return True
     n = getattr(module, "num_experts", None)
     if not isinstance(n, int) or n < 1:
         return False
@@ -160,10 +172,13 @@ def _top_k(router: torch.nn.Module | None, text_cfg: Any) -> int:
     value = getattr(router, "top_k", None) if router is not None else None
     if isinstance(value, int) and value > 0:
         return value
-    for key in _TOPK_KEYS:
-        value = getattr(text_cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    # the text config, then its sub-configs (DBRX keeps moe_top_k in ffn_config)
+    subs = [getattr(text_cfg, name, None) for name in getattr(text_cfg, "sub_configs", {}) or {}]
+    for cfg in (text_cfg, *subs):
+        for key in _TOPK_KEYS:
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
     return 0
 
 
@@ -173,7 +188,7 @@ def _mixer(layer: torch.nn.Module, index: int, text_cfg: Any) -> str:
         return str(types[index])
     names = {n for n, _ in layer.named_children()}
     for name, label in (("self_attn", "attention"), ("linear_attn", "linear_attention"), ("mamba", "mamba"),
-                        ("mixer", "mixer"), ("attention", "attention")):
+                        ("mixer", "mixer"), ("attention", "attention"), ("norm_attn_norm", "attention")):
         if name in names:
             return label
     return "?"
@@ -190,7 +205,7 @@ def analyse(model: torch.nn.Module, config: dict[str, Any] | None = None) -> Ske
     if not experts:
         raise UserError(f"{type(model).__name__} has no routed experts: not a Mixture-of-Experts model")
     # decoder layers: the ModuleList whose items hold the experts
-    m = re.match(r"(.*\.layers)\.(\d+)\.", next(iter(experts)) + ".")
+    m = re.match(r"(.*\.(?:layers|blocks))\.(\d+)\.", next(iter(experts)) + ".")  # DBRX: transformer.blocks
     if m is None:
         raise UserError(f"cannot locate decoder layers around {next(iter(experts))}")
     layers_prefix = m.group(1)
