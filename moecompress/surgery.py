@@ -242,10 +242,9 @@ def shrink_neurons(layer: MoELayer, keep_per_expert: torch.Tensor, shared_keep: 
         for name, mlp in layer.shared():
             if not hasattr(mlp, "gate_proj"):
                 continue
-            if not isinstance(mlp.gate_proj, torch.nn.Linear):
-                raise UserError(f"{layer.adapter.model_type}: its stacked shared experts take their width from the "
-                                f"routed experts' key ({layer.adapter.width_key}), and narrowing stacked shared "
-                                "experts is not implemented; use --layout masked")
+            if not isinstance(mlp.gate_proj, torch.nn.Linear):  # stacked shared experts [S, I, H] (Inkling)
+                shrink_stacked_mlp(mlp, new_width * (int(mlp.gate_proj.shape[1]) // width))
+                continue
             old_shared = mlp.gate_proj.weight.shape[0]
             ratio = old_shared // width
             target = new_width * ratio
@@ -254,6 +253,18 @@ def shrink_neurons(layer: MoELayer, keep_per_expert: torch.Tensor, shared_keep: 
                 score = mlp.down_proj.weight.detach().norm(dim=0) * mlp.up_proj.weight.detach().norm(dim=1)
                 keep = score.topk(target).indices.sort().values
             shrink_mlp(mlp, keep)
+
+
+def shrink_stacked_mlp(mlp: torch.nn.Module, target: int) -> None:
+    """Keep the `target` largest-norm intermediate neurons of each of S stacked gate/up/down experts (gate_proj and
+    up_proj [S, I, H], down_proj [S, H, I] parameters; Inkling's shared experts), each expert its own."""
+    gate, up, down = (getattr(mlp, n).detach() for n in ("gate_proj", "up_proj", "down_proj"))
+    score = down.norm(dim=1) * up.norm(dim=2)  # [S, I]
+    keep = score.topk(target, dim=1).indices.sort(dim=1).values
+    rows = torch.arange(gate.shape[0])[:, None]
+    for name, value in (("gate_proj", gate[rows, keep]), ("up_proj", up[rows, keep]),
+                        ("down_proj", down.transpose(1, 2)[rows, keep].transpose(1, 2))):
+        setattr(mlp, name, torch.nn.Parameter(value.contiguous(), requires_grad=False))
 
 
 def shrink_mlp(mlp: torch.nn.Module, keep: torch.Tensor) -> None:

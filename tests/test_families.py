@@ -304,3 +304,22 @@ def test_skip_class_picks_are_no_experts():
     last, first = stats.layers[layers[-1].index], stats.layers[layers[0].index]
     assert last.extra_picks == 20 and float(last.sums["freq"].sum()) == 0
     assert first.extra_picks == 0 and float(first.sums["freq"].sum()) == 20
+
+
+def test_stacked_shared_experts_narrow_with_the_routed_width(tmp_path):
+    """Inkling's shared experts are stacked [S, I, H] parameters sized by the routed experts' width key: narrowing
+    the routed experts narrows them too (each keeps its largest neurons), and the checkpoint reloads."""
+    model = build_miniature(_default_config("inkling"))
+    adapter = adapter_for(model)
+    assert adapter.shared_width_coupled
+    layers = moe_layers(model)
+    w = layers[0].experts.down_proj.shape[-1]
+    new = w // 2
+    for ly in layers:
+        surgery.shrink_neurons(ly, torch.arange(new).repeat(ly.num_experts, 1))
+    surgery.sync_config(model)
+    shared = layers[0].block.shared_experts
+    assert shared.gate_proj.shape[1] == shared.up_proj.shape[1] == shared.down_proj.shape[2] == new
+    write_checkpoint(model, None, tmp_path / "out", source=None)  # vanilla reload, same logits
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert adapter.expert_width(saved) == new
