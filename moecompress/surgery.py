@@ -86,6 +86,37 @@ def _set_ints(modules: Sequence[torch.nn.Module], names: Sequence[str], old: int
                 setattr(mod, name, new)
 
 
+# ints that count the router's classes (routed experts + extra rows) or the routed experts under another name
+_TOTAL_ATTRS = (*_COUNT_ATTRS, "num_routed_experts", "total_experts", "num_router_classes", "n_total_experts")
+
+
+def _set_counts(modules: Sequence[torch.nn.Module], old: int, new: int, extra: int) -> None:
+    """Rewrite cached expert counts: `old` → `new`, and with `extra` router rows past the experts the class
+    totals `old + extra` → `new + extra` too (each int read once, so the two rewrites cannot chain)."""
+    names = _COUNT_ATTRS if not extra else _TOTAL_ATTRS
+    for mod in modules:
+        for name in names:
+            value = getattr(mod, name, None)
+            if not isinstance(value, int) or isinstance(value, bool):
+                continue
+            if value == old:
+                setattr(mod, name, new)
+            elif extra and value == old + extra:
+                setattr(mod, name, new + extra)
+
+
+def _with_tail(idx: torch.Tensor, size: int, n_old: int) -> torch.Tensor:
+    """Indices selecting the kept experts along an axis of `size`: past the `n_old` routed experts the
+    extra rows (shared-expert gates, zero-computation experts, skip class) all stay, in place, after them."""
+    if size == n_old:
+        return idx
+    return torch.cat([idx, torch.arange(n_old, size, dtype=torch.long)])
+
+
+def _select_rows(t: torch.Tensor, axis: int, idx: torch.Tensor, n_old: int) -> torch.Tensor:
+    return t.detach().index_select(axis, _with_tail(idx, int(t.shape[axis]), n_old))
+
+
 def keep_experts(layer: MoELayer, keep: Sequence[int]) -> None:
     """Keep only experts `keep` (in the given order) of one MoE layer: router rows, router vectors, weights, ints."""
     n_old = layer.num_experts
@@ -93,21 +124,57 @@ def keep_experts(layer: MoELayer, keep: Sequence[int]) -> None:
     if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n_old or idx.unique().numel() != idx.numel():
         raise UserError(f"layer {layer.index}: invalid expert indices {list(keep)} for {n_old} experts")
     router = layer.router
-    _set_tensor(router, "weight", router.weight.detach()[idx])
+    extra = layer.extra_rows
+    rows_before = router.weight.detach()[:n_old].clone()
+    _set_tensor(router, "weight", _select_rows(router.weight, 0, idx, n_old))
     for vec in layer.adapter.router_vectors:
         owner, leaf = _resolve(router, vec.path)
         t = getattr(owner, leaf, None)
         if t is not None:
-            _set_tensor(owner, leaf, t.detach().index_select(vec.axis, idx))
+            _set_tensor(owner, leaf, _select_rows(t, vec.axis, idx, n_old))
     for vec in layer.adapter.block_vectors:
         owner, leaf = _resolve(layer.block, vec.path)
-        _set_tensor(owner, leaf, getattr(owner, leaf).detach().index_select(vec.axis, idx))
+        _set_tensor(owner, leaf, _select_rows(getattr(owner, leaf), vec.axis, idx, n_old))
+    for path in layer.adapter.expert_id_tables:
+        owner, leaf = _resolve(layer.block, path)
+        table = getattr(owner, leaf, None)
+        if table is not None:  # hash-routed layers only; top-k layers of the same model have none
+            _set_tensor(owner, leaf, remap_expert_ids(table, idx, rows_before))
     view = ExpertView(layer)
     view.set_all(view.get_all().select(idx))
     chunks = layer.experts.__dict__.get("expert_chunks")
     if chunks is not None:  # experts read in chunks by the engine (weights on meta): keep their source ids
         chunks.select(idx.tolist())
-    _set_ints(list(layer.block.modules()), _COUNT_ATTRS, n_old, len(idx))
+    _set_counts(list(layer.block.modules()), n_old, len(idx), extra)
+
+
+@torch.no_grad()
+def remap_expert_ids(table: torch.Tensor, keep: torch.Tensor, router_rows: torch.Tensor,
+                     chunk: int = 16384) -> torch.Tensor:
+    """A hash-routing table (token id → its top-k expert ids, [vocab, k]) rewritten for keeping experts `keep`:
+    kept experts get their new positions; a dropped expert's slot goes to the kept expert whose router row
+    (`router_rows`, [E, H] before the change; after a merge, the merged rows) points most the same way, skipping
+    kept experts the token already uses, so each token keeps k distinct experts."""
+    n_old = int(router_rows.shape[0])
+    if table.numel() and (int(table.min()) < 0 or int(table.max()) >= n_old):
+        raise UserError(f"expert-id table holds ids outside 0..{n_old - 1}")
+    keep = keep.long()
+    new_pos = torch.full((n_old,), -1, dtype=torch.long)
+    new_pos[keep] = torch.arange(keep.numel())
+    unit = torch.nn.functional.normalize(router_rows.double(), dim=1)
+    ranking = (unit @ unit[keep].T).argsort(dim=1, descending=True)  # [E_old, n_keep]: kept positions, best first
+    out = new_pos[table.long()]
+    for start in range(0, out.shape[0], chunk):
+        rows = out[start:start + chunk]
+        src = table[start:start + chunk].long()
+        for j in range(rows.shape[1]):
+            todo = (rows[:, j] < 0).nonzero().squeeze(1)
+            if todo.numel() == 0:
+                continue
+            cands = ranking[src[todo, j]]  # [R, n_keep]
+            taken = (cands[:, :, None] == rows[todo][:, None, :]).any(-1)
+            rows[todo, j] = cands.gather(1, (~taken).int().argmax(1, keepdim=True)).squeeze(1)
+    return out.to(table.dtype)
 
 
 def replace_expert(layer: MoELayer, index: int, weights: ExpertWeights) -> None:
@@ -116,11 +183,20 @@ def replace_expert(layer: MoELayer, index: int, weights: ExpertWeights) -> None:
 
 
 def set_router_rows(layer: MoELayer, weight: torch.Tensor, vectors: dict[str, torch.Tensor] | None = None) -> None:
-    """Replace router rows (and optionally router vectors) after merging; shapes must already match."""
-    _set_tensor(layer.router, "weight", weight.to(layer.router.weight.dtype))
+    """Replace router rows (and optionally router vectors) after merging; shapes must already match, except that
+    rows (vectors) for the routed experts alone keep the router's extra rows after them in place."""
+    old = layer.router.weight.detach()
+    if weight.shape[0] == layer.num_experts < old.shape[0]:
+        weight = torch.cat([weight.to(old.dtype), old[layer.num_experts:]])
+    _set_tensor(layer.router, "weight", weight.to(old.dtype))
     for path, value in (vectors or {}).items():
         owner, leaf = _resolve(layer.router, path)
-        _set_tensor(owner, leaf, value.to(getattr(owner, leaf).dtype))
+        current = getattr(owner, leaf).detach()
+        axis = next((v.axis for v in layer.adapter.router_vectors if v.path == path), 0)
+        if value.shape[axis] == layer.num_experts < current.shape[axis]:
+            value = torch.cat([value.to(current.dtype), current.narrow(axis, layer.num_experts,
+                                                                       current.shape[axis] - layer.num_experts)], axis)
+        _set_tensor(owner, leaf, value.to(current.dtype))
 
 
 def grouped_mm_width_multiple(dtype: torch.dtype) -> int:
@@ -166,6 +242,9 @@ def shrink_neurons(layer: MoELayer, keep_per_expert: torch.Tensor, shared_keep: 
         for name, mlp in layer.shared():
             if not hasattr(mlp, "gate_proj"):
                 continue
+            if not isinstance(mlp.gate_proj, torch.nn.Linear):  # stacked shared experts [S, I, H] (Inkling)
+                shrink_stacked_mlp(mlp, new_width * (int(mlp.gate_proj.shape[1]) // width))
+                continue
             old_shared = mlp.gate_proj.weight.shape[0]
             ratio = old_shared // width
             target = new_width * ratio
@@ -174,6 +253,18 @@ def shrink_neurons(layer: MoELayer, keep_per_expert: torch.Tensor, shared_keep: 
                 score = mlp.down_proj.weight.detach().norm(dim=0) * mlp.up_proj.weight.detach().norm(dim=1)
                 keep = score.topk(target).indices.sort().values
             shrink_mlp(mlp, keep)
+
+
+def shrink_stacked_mlp(mlp: torch.nn.Module, target: int) -> None:
+    """Keep the `target` largest-norm intermediate neurons of each of S stacked gate/up/down experts (gate_proj and
+    up_proj [S, I, H], down_proj [S, H, I] parameters; Inkling's shared experts), each expert its own."""
+    gate, up, down = (getattr(mlp, n).detach() for n in ("gate_proj", "up_proj", "down_proj"))
+    score = down.norm(dim=1) * up.norm(dim=2)  # [S, I]
+    keep = score.topk(target, dim=1).indices.sort(dim=1).values
+    rows = torch.arange(gate.shape[0])[:, None]
+    for name, value in (("gate_proj", gate[rows, keep]), ("up_proj", up[rows, keep]),
+                        ("down_proj", down.transpose(1, 2)[rows, keep].transpose(1, 2))):
+        setattr(mlp, name, torch.nn.Parameter(value.contiguous(), requires_grad=False))
 
 
 def shrink_mlp(mlp: torch.nn.Module, keep: torch.Tensor) -> None:
@@ -242,13 +333,14 @@ def sliced_router(layer: MoELayer, keep: Sequence[int]) -> torch.nn.Module:
         sub._parameters = dict(sub._parameters)
         sub._buffers = dict(sub._buffers)
     n_old = layer.num_experts
-    router._parameters["weight"] = torch.nn.Parameter(layer.router.weight.detach()[idx], requires_grad=False)
+    router._parameters["weight"] = torch.nn.Parameter(_select_rows(layer.router.weight, 0, idx, n_old),
+                                                      requires_grad=False)
     for vec in layer.adapter.router_vectors:
         owner, leaf = _resolve(router, vec.path)
         t = getattr(owner, leaf, None)
         if t is not None:
-            _set_tensor(owner, leaf, t.detach().index_select(vec.axis, idx))
-    _set_ints([router, *router._modules.values()], _COUNT_ATTRS, n_old, len(idx))
+            _set_tensor(owner, leaf, _select_rows(t, vec.axis, idx, n_old))
+    _set_counts([router, *router._modules.values()], n_old, len(idx), layer.extra_rows)
     return router
 
 

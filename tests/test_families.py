@@ -14,6 +14,7 @@ from moecompress.arch.families import (
     routed_expert_model_types,
     unsupported_reason,
 )
+from moecompress.arch.flat_experts import fuse_flat_experts
 from moecompress.io.checkpoint import auto_class, write_checkpoint
 from moecompress.zoo.miniature import build_miniature
 
@@ -63,6 +64,7 @@ def test_roundtrip_prune_reload(model_type, tmp_path):
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert adapter.num_experts(saved) == len(keep)
     again = auto_class(saved).from_pretrained(tmp_path / "out")
+    fuse_flat_experts(again)  # as moecompress loads it (DBRX: flattened experts viewed fused; a no-op elsewhere)
     assert all(ly.num_experts == len(keep) for ly in moe_layers(again))
 
 
@@ -119,7 +121,8 @@ def test_calibration_runs_through_the_whole_stack(model_type):
     for idx, ls in stats.layers.items():
         visits = int(mask.sum()) * _passes(adapter.text_config(model.config), idx)
         assert ls.n_tokens == visits
-        assert float(ls.sums["freq"].sum()) == visits * k
+        # picks of zero-computation experts (LongCat-Flash) are no routed expert's: counted apart
+        assert float(ls.sums["freq"].sum()) + ls.extra_picks == visits * k
 
 
 def _passes(text_config, index: int) -> int:
@@ -128,3 +131,195 @@ def _passes(text_config, index: int) -> int:
     if start is not None and end is not None and start <= index < end:
         return int(text_config.loop_num_passes)
     return 1
+
+
+# Routers scoring more classes than there are routed experts: Inkling (shared-expert gate rows), LongCat-Flash
+# (zero-computation identity experts), ZAYA (a skip class). Their extra rows come last and must stay in place.
+EXTRA_ROWS = ["inkling", "longcat_flash", "zaya"]
+
+
+@pytest.mark.parametrize("model_type", EXTRA_ROWS)
+def test_extra_router_rows_stay_in_place(model_type):
+    model = build_miniature(_default_config(model_type))
+    adapter = adapter_for(model)
+    layers = moe_layers(model)
+    n, extra = layers[0].num_experts, layers[0].extra_rows
+    assert extra >= 1 and adapter.router_extra_rows == extra
+    before = {ly.index: (ly.router.weight.detach().clone(), [p.detach().clone() for p in _vectors(ly)])
+              for ly in layers}
+    keep = list(range(1, n, 2))
+    surgery.keep_experts_everywhere(model, {ly.index: keep for ly in layers})
+    for ly in moe_layers(model):
+        w, vecs = before[ly.index]
+        assert ly.num_experts == len(keep) and ly.extra_rows == extra
+        assert torch.equal(ly.router.weight, torch.cat([w[keep], w[n:]]))  # routed rows picked, extras untouched
+        for old, new in zip(vecs, _vectors(ly), strict=True):
+            assert torch.equal(new, torch.cat([old[keep], old[n:]]))
+        for mod in ly.block.modules():  # cached class totals follow: routed + extra
+            for name in ("total_experts", "num_router_classes", "n_total_experts", "n_routed_experts"):
+                if isinstance(getattr(mod, name, None), int):
+                    assert getattr(mod, name) in (len(keep), len(keep) + extra), (name, getattr(mod, name))
+    # the config's extra count is unchanged; the routed count is the kept one
+    text = adapter.text_config(model.config)
+    assert adapter.num_experts(model.config) == len(keep)
+    for key in ("zero_expert_num", "n_shared_experts"):
+        if hasattr(text, key):
+            assert getattr(text, key) == extra
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def _vectors(layer):
+    out = []
+    for vec in (*layer.adapter.router_vectors, *layer.adapter.block_vectors):
+        owner = layer.router if vec in layer.adapter.router_vectors else layer.block
+        t = owner.get_parameter(vec.path) if vec.path in dict(owner.named_parameters()) else owner.get_buffer(vec.path)
+        if t.shape[vec.axis] > layer.num_experts:
+            out.append(t.movedim(vec.axis, 0))
+    return out
+
+
+@pytest.mark.parametrize("model_type", ["inkling", "longcat_flash"])
+def test_pruning_with_extra_rows_equals_never_choosing_the_dropped_experts(model_type):
+    """Dropped experts whose router logits are hugely negative are never chosen and weigh nothing: the pruned block
+    must then give the same output as the unpruned one, so top-k over the kept + extra rows (LongCat's zero experts
+    indexed after the routed ones, Inkling's shared gates) routes exactly as before."""
+    model = build_miniature(_default_config(model_type)).float()
+    layer = moe_layers(model)[0]
+    n = layer.num_experts
+    keep = list(range(0, n, 2))
+    drop = [e for e in range(n) if e not in keep]
+    d = torch.nn.functional.normalize(torch.randn(layer.router.weight.shape[1], generator=torch.Generator().manual_seed(0)),
+                                      dim=0)
+    x = (8 * d + 0.05 * torch.randn(1, 24, d.numel(), generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        layer.router.weight[drop] = -100 * d  # logit ≈ −800 on these inputs: softmax/sigmoid give exactly 0
+        want = layer.block(x)
+    want = want[0] if isinstance(want, tuple) else want
+    surgery.keep_experts(layer, keep)
+    with torch.no_grad():
+        got = layer.block(x)
+    got = got[0] if isinstance(got, tuple) else got
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_computation_experts_in_the_tap():
+    """LongCat-Flash's router hands indices past the routed experts (identity experts) to the experts call: the
+    tap gives the family's own output and counts those picks apart from every expert's."""
+    from moecompress.calib.collect import collecting
+
+    model = build_miniature(_default_config("longcat_flash")).float()
+    layer = moe_layers(model)[0]
+    n, extra = layer.num_experts, layer.extra_rows
+    x = torch.randn(40, layer.router.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    index = torch.stack([torch.arange(40) % (n + extra), (torch.arange(40) + 5) % (n + extra)], dim=1)
+    weights = torch.rand(40, 2, generator=torch.Generator().manual_seed(1))
+    want = layer.experts(x, index, weights)
+    n_extra = int((index >= n).sum())
+    assert n_extra > 0
+    with collecting(model, sample_tokens=0, total_tokens=40) as taps:
+        got = layer.experts(x, index, weights)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    stats = taps[layer.index].stats
+    assert stats.extra_picks == n_extra and float(stats.sums["freq"].sum()) == 80 - n_extra
+
+
+def test_hash_routing_table_remapped_on_pruning():
+    """DeepSeek-V4's first layers pick experts by token id (tid2eid [vocab, k]). After pruning, ids are the kept
+    experts' new positions, every token still has k distinct experts, and a token whose experts were all kept
+    routes to the same experts with the same weights: its block output is unchanged."""
+    model = build_miniature(_default_config("deepseek_v4")).float()
+    layer = moe_layers(model)[0]
+    gate = layer.router
+    assert layer.adapter.expert_id_tables and hasattr(gate, "tid2eid")
+    table = gate.tid2eid.clone()
+    n = layer.num_experts
+    assert bool((table.sort(1).values[:, 1:] != table.sort(1).values[:, :-1]).all())  # the miniature's are distinct
+    keep = list(range(0, n, 2))
+    ids = torch.arange(table.shape[0])[None, :]
+    x = torch.randn(1, ids.shape[1], gate.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = layer.block(x, input_ids=ids)
+    surgery.keep_experts(layer, keep)
+    new = gate.tid2eid
+    assert new.shape == table.shape and int(new.min()) >= 0 and int(new.max()) < len(keep)
+    assert bool((new.sort(1).values[:, 1:] != new.sort(1).values[:, :-1]).all())  # still k distinct per token
+    pos = {e: i for i, e in enumerate(keep)}
+    kept_rows = torch.isin(table, torch.tensor(keep)).all(1)
+    assert int(kept_rows.sum()) > 0
+    for t in kept_rows.nonzero().squeeze(1).tolist():
+        assert new[t].tolist() == [pos[e] for e in table[t].tolist()]
+    with torch.no_grad():
+        got = layer.block(x, input_ids=ids)
+    assert torch.allclose(got[0, kept_rows], want[0, kept_rows], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got[0, ~kept_rows], want[0, ~kept_rows], rtol=1e-5, atol=1e-6)
+
+
+def test_remap_expert_ids_picks_the_nearest_unused_kept_expert():
+    rows = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    table = torch.tensor([[0, 2], [1, 0], [3, 2], [1, 3]])
+    # keep experts 0 and 2 (new positions 0, 1): 1 is nearest 0, 3 is nearest 2, but a token never gets one
+    # twice: token 1 already has 0, so its 1 goes to 2; token 2 already has 2, so its 3 goes to 0
+    got = surgery.remap_expert_ids(table, torch.tensor([0, 2]), rows)
+    assert got.tolist() == [[0, 1], [1, 0], [0, 1], [0, 1]]
+
+
+def test_flattened_experts_saved_in_their_own_layout(tmp_path):
+    """DBRX keeps experts as flattened [E*I, H] matrices: moecompress views them fused (same forward), prunes, and
+    writes mlp.w1 / v1 / w2 back flattened for the kept experts — a vanilla reload gives the same logits."""
+    from safetensors import safe_open
+
+    from moecompress.arch.flat_experts import FusedFlatExperts
+
+    model = build_miniature(_default_config("dbrx"))
+    layers = moe_layers(model)
+    assert all(isinstance(ly.experts, FusedFlatExperts) for ly in layers)
+    n = layers[0].num_experts
+    w = layers[0].experts.gate_up_proj.detach().clone()
+    keep = list(range(0, n, 2))
+    surgery.keep_experts_everywhere(model, {ly.index: keep for ly in layers})
+    write_checkpoint(model, None, tmp_path / "out", source=None)  # vanilla reload, same logits
+    with safe_open(str(next((tmp_path / "out").glob("*.safetensors"))), "pt") as fh:
+        names = list(fh.keys())  # noqa: SIM118
+        w1 = fh.get_tensor("transformer.blocks.0.ffn.experts.mlp.w1")
+    assert not any("gate_up_proj" in k or "down_proj" in k for k in names)
+    i = w.shape[1] // 2
+    assert torch.equal(w1, w[keep, :i].reshape(len(keep) * i, -1).to(w1.dtype))
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["ffn_config"]["moe_num_experts"] == len(keep)
+
+
+def test_skip_class_picks_are_no_experts():
+    """ZAYA's router may pick its skip class (the extra router row); the block then hands expert 0 with weight 0 to
+    the experts. Those picks count apart, not as expert 0's (which would halve its REAP mean)."""
+    from moecompress.calib.collect import collect_stats
+
+    model = build_miniature(_default_config("zaya"))
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    layers = moe_layers(model)
+    with torch.no_grad():
+        layers[-1].block.gate.balancing_biases[-1] = 10.0  # the last layer always skips
+    stats = collect_stats(model, [(ids, mask)], total_tokens=20, sample_tokens=0)
+    last, first = stats.layers[layers[-1].index], stats.layers[layers[0].index]
+    assert last.extra_picks == 20 and float(last.sums["freq"].sum()) == 0
+    assert first.extra_picks == 0 and float(first.sums["freq"].sum()) == 20
+
+
+def test_stacked_shared_experts_narrow_with_the_routed_width(tmp_path):
+    """Inkling's shared experts are stacked [S, I, H] parameters sized by the routed experts' width key: narrowing
+    the routed experts narrows them too (each keeps its largest neurons), and the checkpoint reloads."""
+    model = build_miniature(_default_config("inkling"))
+    adapter = adapter_for(model)
+    assert adapter.shared_width_coupled
+    layers = moe_layers(model)
+    w = layers[0].experts.down_proj.shape[-1]
+    new = w // 2
+    for ly in layers:
+        surgery.shrink_neurons(ly, torch.arange(new).repeat(ly.num_experts, 1))
+    surgery.sync_config(model)
+    shared = layers[0].block.shared_experts
+    assert shared.gate_proj.shape[1] == shared.up_proj.shape[1] == shared.down_proj.shape[2] == new
+    write_checkpoint(model, None, tmp_path / "out", source=None)  # vanilla reload, same logits
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert adapter.expert_width(saved) == new

@@ -103,7 +103,7 @@ def test_full_pass_matrix(path, tmp_path, monkeypatch):
 # (its defaults at full size, as a user's checkpoint would carry) goes through the same one-line CLI path.
 # Hybrid stacks, dense-first layers, multimodal wrappers and a family whose layers pass extra state.
 NOT_IN_REAL = ["minimax_m2", "jamba", "granitemoehybrid", "lfm2_moe", "hunyuan_v1_moe", "glm4v_moe", "glm_moe_dsa",
-               "phimoe"]
+               "phimoe", "inkling", "longcat_flash", "zaya", "qwen3_omni_moe", "deepseek_ocr2", "dbrx"]
 
 
 @pytest.mark.parametrize("model_type", NOT_IN_REAL)
@@ -130,3 +130,99 @@ def test_default_config_miniature_prune_reload(model_type, tmp_path, capsys, mon
     assert adapter.num_experts(after) == adapter.num_experts(before) // 2
     model, info = auto_class(after).from_pretrained(tmp_path / "p", output_loading_info=True)
     assert not any(info.values()), info
+
+
+@pytest.mark.parametrize(("source", "lm_layers", "count_at"), [
+    ("Llama-4-Scout-17B-16E-Instruct.TRIMMED", "language_model.model.layers.", ("text_config",)),
+    ("Llama-4-Maverick-17B-128E-Instruct", "language_model.model.layers.", ("text_config",)),
+    ("qwen3_omni_moe", "thinker.model.layers.", ("thinker_config", "text_config")),
+    ("deepseek_ocr2", "model.layers.", ("text_config",)),
+])
+def test_multimodal_towers_carried_byte_identical(source, lm_layers, count_at, tmp_path, capsys, monkeypatch):
+    """Multimodal checkpoints calibrated on text only (Llama-4 through its language model, Qwen3-Omni through its
+    thinker): every tensor outside the language model's layers (vision/audio towers, projectors, embeddings, and
+    Qwen3-Omni's speech talker with its own MoE stack) comes out of prune byte for byte as it went in; only the
+    language model's expert count changes in the config."""
+    import torch
+    from safetensors import safe_open
+
+    from moecompress.arch.families import reference_config
+
+    monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path / "cache"))
+    cfg_file = REAL / f"{source}.json"
+    if not cfg_file.is_file():  # no published config here: transformers' own defaults at full size
+        cfg_file = tmp_path / "config.json"
+        cfg_file.write_text(json.dumps(reference_config(source)))
+    mini = tmp_path / "mini"
+    assert run_cli(["zoo", "miniature", cfg_file, "--out", mini], capsys)[0] == 0
+    calib = calib_file(tmp_path / "c.jsonl", n=20)
+    code, _, err = run_cli(["prune", mini, "--out", tmp_path / "p", "--ratio", "0.5", "--calib", calib,
+                            "--calib-samples", "4", "--calib-seqlen", "32"], capsys)
+    assert code == 0, err
+
+    def carried(folder: Path) -> dict[str, tuple]:
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as fh:
+                for k in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    if lm_layers not in k:
+                        t = fh.get_tensor(k)
+                        out[k] = (str(t.dtype), tuple(t.shape), t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return out
+
+    before, after = carried(mini), carried(tmp_path / "p")
+    towers = [k for k in before if not any(w in k for w in ("embed_tokens", "lm_head", "model.norm"))]
+    assert len(towers) > 4, sorted(before)  # vision/audio towers and projectors, not just embeddings
+    assert before == after
+    text_before, text_after = read_config(mini), read_config(tmp_path / "p")
+    for step in count_at:  # every other part of the config on the way (vision, audio, talker) is untouched
+        assert {k: v for k, v in text_after.items() if k != step} == {k: v for k, v in text_before.items() if k != step}
+        text_before, text_after = text_before[step], text_after[step]
+    changed = {k for k in text_before if text_before[k] != text_after.get(k)}
+    assert changed and all("expert" in k for k in changed), changed
+
+
+def test_hash_routing_tables_remapped_in_the_checkpoint(tmp_path, capsys, monkeypatch):
+    """DeepSeek-V4-Flash: the pruned checkpoint's tid2eid tables (one per hash-routed layer) name only kept experts,
+    k distinct ones per token, and the config keeps its hash-routed layers."""
+    import torch
+    from safetensors import safe_open
+
+    monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path / "cache"))
+    mini = tmp_path / "mini"
+    assert run_cli(["zoo", "miniature", REAL / "DeepSeek-V4-Flash.json", "--out", mini], capsys)[0] == 0
+    calib = calib_file(tmp_path / "c.jsonl", n=20)
+    code, _, err = run_cli(["prune", mini, "--out", tmp_path / "p", "--ratio", "0.5", "--calib", calib,
+                            "--calib-samples", "4", "--calib-seqlen", "32"], capsys)
+    assert code == 0, err
+    cfg = read_config(tmp_path / "p")
+    hashed = cfg["mlp_layer_types"].count("hash_moe")  # transformers writes num_hash_layers out as layer types
+    assert cfg["mlp_layer_types"] == read_config(mini)["mlp_layer_types"] and hashed >= 1
+    tables = {}
+    for f in sorted((tmp_path / "p").glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            tables.update({k: fh.get_tensor(k) for k in fh.keys() if k.endswith("tid2eid")})  # noqa: SIM118
+    assert len(tables) == hashed
+    for t in tables.values():
+        assert int(t.min()) >= 0 and int(t.max()) < cfg["n_routed_experts"]
+        s = t.sort(1).values
+        assert bool((s[:, 1:] != s[:, :-1]).all())
+        assert torch.unique(t).numel() == cfg["n_routed_experts"]  # every kept expert still serves some tokens
+
+
+@pytest.mark.parametrize("model_type", ["inkling", "longcat_flash", "zaya", "qwen3_omni_moe", "deepseek_ocr2", "dbrx"])
+def test_default_config_inspect(model_type, tmp_path, capsys):
+    """`moecompress inspect` on a folder holding only the config.json of a supported family (no real config here):
+    it names the family, the routed-expert count and top-k (DBRX's sit in ffn_config, LongCat's experts keep extra
+    gate/up rows), with no weight file read."""
+    from moecompress.arch.families import reference_config
+
+    config = reference_config(model_type)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code, out, err = run_cli(["inspect", tmp_path, "--json"], capsys)
+    assert code == 0, err
+    info = json.loads(out)
+    text = json.dumps(info)
+    assert model_type in text
+    pattern = layer_pattern(config)
+    assert pattern.family is not None and pattern.moe_layers

@@ -79,6 +79,16 @@ class MoEAdapter(BaseModel):
     checkpoint_layers_path: str | None = None  # on-disk prefix of the decoder layers, when it differs
     text_config_key: str | None = None
     has_gate: bool = True  # False: experts are up/down only (act(up x)), e.g. Nemotron-H's relu²
+    # Router rows past the routed experts' in the reference miniature (Inkling: shared-expert gates, LongCat-Flash:
+    # zero-computation experts, ZAYA: a skip class). They come last, are never pruned or merged and stay in place;
+    # the live count is read per layer from the shapes (router rows − experts), and its config key is left as is.
+    router_extra_rows: int = 0
+    # Integer tables of expert ids, relative to the block (DeepSeek-V4's hash-routed layers: tid2eid [vocab, top-k]
+    # picks each token's experts by its id). Pruning and merging rewrite them onto the kept experts' positions.
+    expert_id_tables: tuple[str, ...] = ()
+    # On-disk layer prefixes of routed experts outside the compressed stack (Qwen3-Omni's talker, dots3_note's
+    # vision tower): carried unchanged, but transformers loads quantized experts only if all of them are quantized.
+    other_expert_stacks: tuple[str, ...] = ()
     derived: bool = False  # True when introspection of the modeling code produced this adapter
 
     @property
@@ -104,8 +114,10 @@ class MoEAdapter(BaseModel):
     # ---- nested (multimodal) configs ------------------------------------------------------------
     def text_config(self, config: Any) -> Any:
         """The (sub-)config that holds the language model's MoE keys."""
-        if self.text_config_key:
-            sub = _raw_get(config, self.text_config_key)
+        if self.text_config_key:  # a dotted path for doubly nested ones (Qwen3-Omni: "thinker_config.text_config")
+            sub = config
+            for part in self.text_config_key.split("."):
+                sub = _raw_get(sub, part) if sub is not None else None
             if sub is not None:
                 return sub
         return config
@@ -141,34 +153,34 @@ class MoEAdapter(BaseModel):
     # ---- reading the config -------------------------------------------------------------------
     def num_experts(self, config: Any) -> int:
         for key in self.count_keys:
-            value = _get(config, key)
+            value = _get(self.text_config(config), key)
             if value is not None:
                 return int(value)
         raise UserError(f"config has none of {self.count_keys}: cannot tell how many experts it has")
 
     def top_k(self, config: Any) -> int:
-        value = _get(config, self.topk_key)
+        value = _get(self.text_config(config), self.topk_key)
         if value is None:
             raise UserError(f"config lacks {self.topk_key!r}: cannot tell how many experts each token uses")
         return int(value)
 
     def expert_width(self, config: Any) -> int:
-        return int(_get(config, self.width_key))
+        return int(_get(self.text_config(config), self.width_key))
 
     def num_groups(self, config: Any) -> int:
         if self.group_key is None:
             return 1
-        value = _get(config, self.group_key)
+        value = _get(self.text_config(config), self.group_key)
         return int(value) if value else 1
 
     def groups_per_token(self, config: Any) -> int:
-        value = _get(config, self.topk_group_key) if self.topk_group_key else None
+        value = _get(self.text_config(config), self.topk_group_key) if self.topk_group_key else None
         return int(value) if value else 1
 
     def renormalises(self, config: Any) -> bool:
         if self.always_renorm:
             return True
-        return bool(_get(config, self.renorm_key)) if self.renorm_key else False
+        return bool(_get(self.text_config(config), self.renorm_key)) if self.renorm_key else False
 
 
 def _get(config: Any, key: str) -> Any:
@@ -297,7 +309,29 @@ class MoELayer:
 
     @property
     def num_experts(self) -> int:
-        return int(self.router.weight.shape[0])
+        """Routed experts: the experts module's rows (the router may score extra classes after them)."""
+        return int(self.experts.down_proj.shape[0])
+
+    @property
+    def extra_rows(self) -> int:
+        """Router rows after the routed experts' (kept in place by pruning and merging); 0 for most families."""
+        return int(self.router.weight.shape[0]) - self.num_experts
+
+    @property
+    def hash_routed(self) -> bool:
+        """Whether this layer picks experts by token id (a table of expert ids): it cannot run on hidden states alone."""
+        for path in self.adapter.expert_id_tables:
+            try:
+                self.block.get_buffer(path)
+            except AttributeError:
+                continue
+            return True
+        return False
+
+    @property
+    def routed_router_weight(self) -> torch.Tensor:
+        """The router rows of the routed experts, [E, H] (without any extra rows)."""
+        return self.router.weight[: self.num_experts]
 
     @property
     def prefix(self) -> str:

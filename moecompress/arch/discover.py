@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import torch
 
 _LAYER_RE = re.compile(r"^(?P<layers>(?:.+\.)?layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
+# decoder layers named `blocks` (DBRX), tried only when no `layers` hold experts: vision towers name theirs
+# `blocks` too, and some hold experts of their own (dots3_note)
+_BLOCKS_RE = re.compile(r"^(?P<layers>(?:.+\.)?blocks)\.(?P<index>\d+)\.(?P<rest>.+)$")
 
 
 def is_fused_experts(module: torch.nn.Module) -> bool:
@@ -22,8 +25,10 @@ def is_fused_experts(module: torch.nn.Module) -> bool:
     if gu is None and getattr(module, "has_gate", True) is False:
         gu = getattr(module, "up_proj", None)
     down = getattr(module, "down_proj", None)
+    # gate_up may hold more rows than down: LongCat-Flash allocates (never used) input rows for its
+    # zero-computation experts too; the routed experts are the first down.shape[0]
     return (isinstance(gu, torch.nn.Parameter) and gu.dim() == 3 and isinstance(down, torch.nn.Parameter)
-            and down.dim() == 3 and gu.shape[0] == down.shape[0])
+            and down.dim() == 3 and gu.shape[0] >= down.shape[0])
 
 
 def experts_layout(module: torch.nn.Module) -> str:
@@ -54,10 +59,12 @@ class FoundBlock:
 
     @property
     def num_experts(self) -> int:
-        gu = getattr(self.experts, "gate_up_proj", None)
-        if gu is None:
-            gu = self.experts.up_proj
-        return int(gu.shape[0])
+        return int(self.experts.down_proj.shape[0])
+
+    @property
+    def extra_router_rows(self) -> int:
+        """Router rows after the routed experts' (shared-expert gates, zero-computation experts, a skip class)."""
+        return int(self.router.weight.shape[0]) - self.num_experts if self.router is not None else 0
 
 
 def _hidden_of(experts: torch.nn.Module) -> int:
@@ -70,11 +77,16 @@ def find_router(block: torch.nn.Module, experts: torch.nn.Module) -> tuple[str |
     """The block's submodule whose weight is [num_experts, hidden] (searched breadth-first, experts excluded).
 
     Latent MoEs (Muse Spark) project tokens to a narrower width before the experts while the router reads the
-    full hidden state: when no [num_experts, expert hidden] weight exists, a single [num_experts, *] one is it."""
+    full hidden state: when no [num_experts, expert hidden] weight exists, a single [num_experts, *] one is it.
+    Some routers score more classes than there are routed experts (Inkling: the shared experts' gates;
+    LongCat-Flash: zero-computation experts; ZAYA: a skip class): failing the above, a single weight of
+    [num_experts + K, hidden] (or, failing that, [num_experts + K, *]) rows is the router, its first rows the
+    routed experts'."""
     n = int(experts.down_proj.shape[0])
     hidden = _hidden_of(experts)
     queue: list[tuple[str, torch.nn.Module]] = [(k, m) for k, m in block.named_children() if m is not experts]
     other: list[tuple[str, torch.nn.Module]] = []
+    wider: list[tuple[str, torch.nn.Module]] = []
     while queue:
         name, mod = queue.pop(0)
         w = getattr(mod, "weight", None)
@@ -82,19 +94,27 @@ def find_router(block: torch.nn.Module, experts: torch.nn.Module) -> tuple[str |
             return name, mod
         if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == n:
             other.append((name, mod))
-        if name.count(".") < 1:
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and n < w.shape[0] <= 2 * n:
+            wider.append((name, mod))
+        if name.count(".") < 2:
             queue.extend((f"{name}.{k}", m) for k, m in mod.named_children() if m is not experts)
-    return other[0] if len(other) == 1 else (None, None)
+    if len(other) == 1:
+        return other[0]
+    full = [(k, m) for k, m in wider if m.weight.shape[1] == hidden]
+    if len(full) == 1:
+        return full[0]
+    return wider[0] if not full and len(wider) == 1 else (None, None)
 
 
 def find_moe_blocks(model: torch.nn.Module) -> list[FoundBlock]:
     """Every fused-experts module under a ``…layers.<i>`` decoder layer, with its block and router."""
     found: list[FoundBlock] = []
     modules = dict(model.named_modules())
-    for name, mod in modules.items():
-        if not is_fused_experts(mod):
-            continue
-        m = _LAYER_RE.match(name)
+    fused = [name for name, mod in modules.items() if is_fused_experts(mod)]
+    pattern = _LAYER_RE if any(_LAYER_RE.match(name) for name in fused) else _BLOCKS_RE
+    for name in fused:
+        mod = modules[name]
+        m = pattern.match(name)
         if m is None:
             continue
         rest = m["rest"]
@@ -108,14 +128,16 @@ def find_moe_blocks(model: torch.nn.Module) -> list[FoundBlock]:
     return found
 
 
-def router_vectors(router: torch.nn.Module, num_experts: int) -> list[tuple[str, int]]:
-    """(path, axis) of every router tensor besides `weight` that has an expert axis (sliced in lockstep)."""
+def router_vectors(router: torch.nn.Module, num_experts: int, extra: int = 0) -> list[tuple[str, int]]:
+    """(path, axis) of every router tensor besides `weight` that has an expert axis (sliced in lockstep); with
+    `extra` router rows past the experts, an axis of num_experts + extra counts too (its tail stays in place)."""
     out = []
+    sizes = {num_experts, num_experts + extra}
     for name, t in list(router.named_parameters()) + list(router.named_buffers()):
-        if name == "weight" or t.dim() == 0:
+        if name == "weight" or t.dim() == 0 or t.dim() > 2:
             continue
-        axes = [i for i, s in enumerate(t.shape) if s == num_experts]
-        if len(axes) == 1 and t.numel() == num_experts * max(1, t.numel() // num_experts) and t.dim() <= 2:
+        axes = [i for i, s in enumerate(t.shape) if s in sizes]
+        if len(axes) == 1:
             out.append((name, axes[0]))
     return out
 
@@ -157,3 +179,28 @@ def routed_output(router: torch.nn.Module, experts: torch.nn.Module, x: torch.Te
     """The routed experts' weighted output on tokens x [N, H], routed by the family's own router."""
     index, weights = router_choice(router(x), int(experts.down_proj.shape[0]))
     return experts(x, index, weights)
+
+
+def text_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module to run text-only input through: the model itself, or, when a multimodal wrapper holds a complete
+    causal LM whose head is the wrapper's own (Llama-4: ``language_model`` is a ``Llama4ForCausalLM``), that LM.
+
+    For text-only input the wrapper only embeds the ids and calls that LM, so the logits are the same; and
+    transformers 5.24's ``Llama4ForConditionalGeneration.forward`` fails building its output (it reads
+    ``image_outputs`` from the LM's output), so calibration and verification go through the LM directly.
+    A wrapper with no forward at all (Qwen3-Omni: a thinker LM and a speech talker) runs text through the child
+    causal LM holding the first MoE stack (the thinker)."""
+    if type(model).forward is torch.nn.Module.forward:  # a container without a forward (Qwen3-Omni: thinker, talker)
+        blocks = find_moe_blocks(model)
+        for name, child in model.named_children():  # the child causal LM that holds the first MoE stack
+            if (blocks and blocks[0].layers_path.startswith(name + ".")
+                    and callable(getattr(child, "get_output_embeddings", None))
+                    and child.get_output_embeddings() is not None):
+                return child
+        return model
+    lm = getattr(model, "language_model", None)
+    if lm is None or lm is model or not callable(getattr(lm, "get_output_embeddings", None)):
+        return model
+    head = lm.get_output_embeddings()
+    top = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    return lm if head is not None and head is top else model

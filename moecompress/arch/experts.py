@@ -89,6 +89,7 @@ class ExpertView:
                 w.up_bias, w.down_bias = m.up_proj_bias.detach(), m.down_proj_bias.detach()
             return w.map(lambda x: x.contiguous())
         gu, down = m.gate_up_proj.detach(), m.down_proj.detach()
+        gu = gu[: down.shape[0]]  # rows past the routed experts (LongCat's zero-computation experts) are not experts
         if self.layout == "concat":  # gate_up [E, 2I, H], down [E, H, I]
             i = gu.shape[1] // 2
             w = ExpertWeights(gate=gu[:, :i], up=gu[:, i:], down=down)
@@ -135,6 +136,12 @@ class ExpertView:
             e, i, h = w.gate.shape
             gu = torch.stack([w.gate.transpose(1, 2), w.up.transpose(1, 2)], dim=3).reshape(e, h, 2 * i)
             down = w.down.transpose(1, 2)
+        old_gu = m.gate_up_proj.detach()
+        if old_gu.shape[0] > m.down_proj.shape[0]:  # unused input rows of zero-computation experts stay after them
+            tail = old_gu[m.down_proj.shape[0]:]
+            if tail.shape[1:] != gu.shape[1:]:  # a new width: the tail is never read, so it takes the new shape
+                tail = tail.new_zeros((tail.shape[0], *gu.shape[1:]))
+            gu = torch.cat([gu.to(tail.dtype), tail])
         m.gate_up_proj = _param(gu, dtype, device)
         m.down_proj = _param(down, dtype, device)
         if self.layer.adapter.has_expert_bias:

@@ -30,28 +30,17 @@ UNSUPPORTED: dict[str, str] = {
 # Families with routed experts that do not (yet) pass the miniature round trip; the reason is what breaks.
 _NON_FUSED_REASON = {
     "diffusion_gemma": "diffusion (non-autoregressive) text model: no causal next-token head to verify against",
-    "deepseek_v4": "hash-routed layers map token ids to expert ids (tid2eid table); pruning needs remapping that "
-                   "table, which is not implemented",
-    "llama4": "Llama4ForConditionalGeneration.forward in transformers 5.24 fails on text-only input (reads "
-              "image_outputs from the language model output); the text model (llama4_text) is supported",
-    "deepseek_ocr2": "OCR model: text-only forward of DeepseekOcr2ForConditionalGeneration fails in transformers "
-                     "5.24 (needs image inputs), so a reload cannot be verified",
-    "qwen3_omni_moe": "the Omni checkpoint holds a thinker and a talker, each with its own MoE stack and config "
-                      "keys; transformers' default config does not build (its talker text config lacks "
-                      "shared_expert_intermediate_size), so no round trip is verified",
-    "inkling": "the router weight holds the routed experts' rows plus the shared experts' gate rows ([E+S, H]); "
-               "pruning would have to slice only the first E rows, which the adapter (router rows = experts) cannot "
-               "express",
-    "ernie4_5_vl_moe": "two expert sets per layer (text_moe and vision_moe) under one expert-count key, with a "
-                       "per-modality width list; the adapter model holds one MoE block per layer",
-    "zaya": "the router is an MLP whose out_proj scores the experts plus a skip (no-compute) class, with router "
-            "state carried to the next layer; pruning would have to keep the skip row apart (not implemented)",
-    "dbrx": "experts are flattened w1/v1/w2 [E*I, H] tensors (no expert axis) with counts in the nested "
-            "ffn_config and top-k taken in the block; ExpertView, surgery and the engine have no flattened layout",
-    "jetmoe": "num_local_experts sizes both the MLP experts and the mixture-of-attention experts, so a vanilla "
-              "config cannot hold pruned MLP experts beside the attention ones; experts take (inputs, expert_size)",
-    "longcat_flash": "zero-computation experts share the router with the routed ones (router rows > experts); "
-                     "pruning would need to keep the identity experts' rows apart",
+    "ernie4_5_vl_moe": "every layer holds two routed expert sets (text_moe for text tokens, vision_moe for "
+                       "image/video tokens) whose count is one key (moe_num_experts, read by both blocks): "
+                       "pruning the text experts forces the vision experts to the same count, and text-only "
+                       "calibration routes no token to the vision experts to rank them (moe_intermediate_size "
+                       "is a per-modality list, so narrowing the text experts alone would fit a vanilla config, "
+                       "but an adapter holds one expert set per layer)",
+    "jetmoe": "JetMoeConfig has one num_local_experts (and one num_experts_per_tok) read by both the MLP "
+              "experts (JetMoeMoE) and the attention experts (JetMoeMoA) of every layer, and no other key sizes "
+              "either set: a vanilla config cannot hold fewer MLP experts than attention experts, and cutting "
+              "the attention experts too would prune attention, not expert FFNs; its experts are also "
+              "ParallelExperts called as (inputs, expert_size)",
 }
 
 
@@ -139,6 +128,18 @@ DEFAULT_FIXES: dict[str, dict[str, Any]] = {
     # indexed-attention layers by default, but the QSA indexer sizes they need are unset (a real config sets them)
     "qwen4_exp": {"text_config": {"indexer_n_heads": 4, "indexer_kv_heads": 1, "indexer_head_dim": 128,
                                   "indexer_budget": 2048, "indexer_compress_ratio": 4}},
+    # the talker reads shared_expert_intermediate_size and spatial_merge_size, the thinker's rope index
+    # vision_start_token_id: the default configs lack them (published checkpoints set them; Qwen's vision start id)
+    "qwen3_omni_moe": {"talker_config": {"text_config": {"shared_expert_intermediate_size": 768},
+                                         "spatial_merge_size": 2},
+                       "thinker_config": {"vision_start_token_id": 151652}},
+    # per-layer MLP kinds and top-k have no default (published DeepSeek-OCR-2: a dense first layer, top-6)
+    "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense"] + ["sparse"] * 11, "num_hidden_layers": 12,
+                                      "num_experts_per_tok": 6}},
+    # DbrxAttention needs attn_config.rope_theta (absent by default) and a clip_qkv (None fails its clamp); the
+    # published DBRX values, and its 16 experts / top-4
+    "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8.0},
+             "ffn_config": {"moe_num_experts": 16, "moe_top_k": 4}},
     "hunyuan_v1_moe": {"num_experts": 8, "moe_topk": 2},  # the default is one expert: nothing to route
     "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv", "full_attention"], "num_hidden_layers": 4,
                  "num_dense_layers": 1},
@@ -160,14 +161,19 @@ def reference_config(dirname: str) -> dict[str, Any] | None:
             cfg = AutoConfig.for_model(model_type).to_dict()
         except (ValueError, KeyError):
             return None
-        for k, v in DEFAULT_FIXES.get(model_type, {}).items():
-            if isinstance(v, dict) and isinstance(cfg.get(k), dict):
-                cfg[k].update(v)
-            else:
-                cfg[k] = v
+        _merge(cfg, DEFAULT_FIXES.get(model_type, {}))
     cfg["model_type"] = model_type
     cfg["architectures"] = None
     return cfg
+
+
+def _merge(cfg: dict[str, Any], fix: dict[str, Any]) -> None:
+    """Apply a DEFAULT_FIXES entry: nested dicts are merged key by key (sub-configs of sub-configs included)."""
+    for k, v in fix.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            _merge(cfg[k], v)
+        else:
+            cfg[k] = v
 
 
 def adapter_from_config(config: dict[str, Any]):
@@ -191,8 +197,10 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
         return None
     b = blocks[0]
     model_type = model_type or model.config.model_type
-    text_key = "text_config" if getattr(model.config, "text_config", None) is not None else None
-    text = getattr(model.config, text_key) if text_key else model.config
+    text_key = _text_config_path(model.config, b.num_experts)
+    text = model.config
+    for part in (text_key or "").split(".") if text_key else ():
+        text = getattr(text, part)
     base = ADAPTERS.get(getattr(text, "model_type", None))
     experts = b.experts
     n = b.num_experts
@@ -207,23 +215,38 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
     count_keys += tuple(a for a, target in aliases.items() if target in count_keys and a not in count_keys)
     topk_key = next((k for k in TOPK_KEYS if isinstance(cfg.get(k), int)), None)
     width_key = next((k for k in WIDTH_KEYS if cfg.get(k) == width), None)
+    if base is not None and (experts_layout(experts) == "interleaved" or not count_keys or topk_key is None
+                             or width_key is None or not _own_forward_reproduced(b.router, experts)):
+        # a multimodal wrapper around a declared language model whose experts keep a call of their own (Llama-4:
+        # dense experts on sigmoid-scaled inputs): the declared adapter, found where the wrapper keeps its layers
+        return base.model_copy(update=dict(model_type=model_type, layers_path=b.layers_path, text_config_key=text_key,
+                                           derived=True))
     if not count_keys or topk_key is None or width_key is None:
         return None
     group_key = next((k for k in GROUP_KEYS if k in cfg), None)
     topk_group_key = next((k for k in TOPK_GROUP_KEYS if k in cfg), None)
     root_router = b.router_attr.split(".")[0]
     shared = shared_children(b.block, {root_router, b.experts_attr})
-    vectors = tuple(RouterVector(path=p, axis=a) for p, a in router_vectors(b.router, n))
+    extra = b.extra_router_rows  # router classes after the routed experts, kept in place by every surgery
+    # layers may route differently (DeepSeek-V4: hash-routed first layers, top-k after): every layer's per-expert
+    # router tensors count, each sliced where it exists
+    vectors = tuple(RouterVector(path=p, axis=a) for p, a in dict.fromkeys(
+        va for blk in blocks if blk.router_attr == b.router_attr and blk.router is not None
+        for va in router_vectors(blk.router, n, extra)))
+    id_tables = tuple(dict.fromkeys(
+        f"{b.router_attr}.{name}" for blk in blocks if blk.router_attr == b.router_attr and blk.router is not None
+        for name, t in blk.router.named_buffers()
+        if not t.is_floating_point() and t.dim() == 2 and t.shape[-1] == cfg.get(topk_key or "", -1)))
     owned = {id(t) for m in (b.router, experts, *(getattr(b.block, s) for s in shared)) for t in
              (*m.parameters(), *m.buffers())}
-    block_vectors = tuple(RouterVector(path=p, axis=a) for p, a in router_vectors(b.block, n)
+    block_vectors = tuple(RouterVector(path=p, axis=a) for p, a in router_vectors(b.block, n, extra)
                           if id(b.block.get_parameter(p) if p in dict(b.block.named_parameters()) else
                                 b.block.get_buffer(p)) not in owned)
     layout = experts_layout(experts)
-    if layout == "interleaved" or not _own_forward_reproduced(b.router, experts):
+    if layout == "interleaved" or not _own_forward_reproduced(b.block.get_submodule(root_router), experts):
         return None
     routing = _probe_routing(b.router, int(b.router.weight.shape[-1]), n)  # the router reads the full hidden state
-    disk = _on_disk_experts(model, b.experts_attr)
+    disk = _on_disk_experts(model, b.experts_attr, b.layers_path)
     fields: dict[str, Any] = dict(
         model_type=model_type, block_attr=b.block_attr, router_attr=b.router_attr, experts_attr=b.experts_attr,
         shared_attrs=shared, layout=layout, has_expert_bias=bool(getattr(experts, "has_bias", False)),
@@ -232,13 +255,36 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
         shared_width_coupled=_shared_coupled(b.block, shared, width, cfg, width_key),
         group_key=group_key, topk_group_key=topk_group_key,
         checkpoint_block=disk[1] if disk else None, checkpoint_expert_linears=disk[2] if disk else None,
-        checkpoint_layers_path=disk[0] if disk else None,
+        checkpoint_layers_path=disk[0] if disk else None, other_expert_stacks=disk[3] if disk else (),
         layers_path=b.layers_path, text_config_key=text_key, has_gate=bool(getattr(experts, "has_gate", True)),
-        derived=True,
+        router_extra_rows=extra, expert_id_tables=id_tables, derived=True,
     )
     if base is not None:  # the language model is a declared family: keep its routing knowledge
         fields.update(routing=base.routing, renorm_key=base.renorm_key, always_renorm=base.always_renorm)
     return MoEAdapter(**fields)
+
+
+def _text_config_path(config: Any, num_experts: int) -> str | None:
+    """Where the language model's MoE keys sit in a model config: None (flat), "text_config", a dotted path to it
+    when a wrapper nests it twice (Qwen3-Omni: "thinker_config.text_config", found via get_text_config), or the
+    sub-config that holds the expert count (DBRX: "ffn_config")."""
+    from moecompress.zoo.miniature import COUNT_KEYS
+
+    if getattr(config, "text_config", None) is not None:
+        return "text_config"
+    target = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    if target is config:
+        if any(getattr(config, k, None) == num_experts for k in COUNT_KEYS):
+            return None
+        return next((name for name in getattr(config, "sub_configs", {}) or {}
+                     if any(getattr(getattr(config, name, None), k, None) == num_experts for k in COUNT_KEYS)), None)
+    for name in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, name, None)
+        if sub is target:
+            return name
+        if sub is not None and getattr(sub, "text_config", None) is target:
+            return f"{name}.text_config"
+    return None
 
 
 @torch.no_grad()
@@ -252,9 +298,9 @@ def _own_forward_reproduced(router: torch.nn.Module, experts: torch.nn.Module) -
         return True
     n = int(experts.down_proj.shape[0])
     dtype = experts.down_proj.dtype
-    x = torch.randn(32, _hidden(experts), generator=torch.Generator().manual_seed(0)).to(dtype)
+    x = torch.randn(64, _hidden(experts), generator=torch.Generator().manual_seed(0)).to(dtype)
     try:
-        index, weights = router_choice(router(x), n)
+        index, weights = router_choice(router(x), n)  # may index zero-computation experts past the routed ones
         want = experts(x, index, weights)
         got = tap_experts_forward(experts, x, index, weights)
     except Exception:  # a router or experts call that needs more than the common signature
@@ -277,10 +323,15 @@ def _shared_coupled(block: torch.nn.Module, shared: tuple[str, ...], width: int,
     """Shared-expert width derived from the routed width (no config key of its own holds it): trap (a)."""
     for name in shared:
         mlp = getattr(block, name)
-        gate = getattr(mlp, "gate_proj", None) or getattr(mlp, "up_proj", None)
-        if not isinstance(gate, torch.nn.Linear):
+        gate = getattr(mlp, "gate_proj", None)
+        if gate is None:
+            gate = getattr(mlp, "up_proj", None)
+        if isinstance(gate, torch.nn.Parameter) and gate.dim() == 3:  # stacked shared experts [S, I, H] (Inkling)
+            sw = int(gate.shape[1])
+        elif isinstance(gate, torch.nn.Linear):
+            sw = gate.out_features
+        else:
             continue
-        sw = gate.out_features
         # only width-like keys count: a miniature's sliding_window or head count may equal the width by chance
         own_key = any(k != width_key and v == sw and _width_like(k) for k, v in cfg.items() if isinstance(v, int))
         if not own_key and sw % width == 0:
@@ -336,11 +387,11 @@ def _tensor_names(folder: Any) -> list[str]:
     return names
 
 
-def _on_disk_experts(model: torch.nn.Module, experts_attr: str
-                     ) -> tuple[str, str, tuple[str | None, str, str]] | None:
+def _on_disk_experts(model: torch.nn.Module, experts_attr: str, layers_path: str = ""
+                     ) -> tuple[str, str, tuple[str | None, str, str], tuple[str, ...]] | None:
     """How `save_pretrained` names one routed expert's linears: (layers path, block, (gate, up, down) names; gate
-    None for non-gated experts), or None when experts are saved fused. Found by saving the miniature, so renamings
-    on save are included."""
+    None for non-gated experts; the layer prefixes of other per-expert stacks), or None when experts are saved
+    fused. Found by saving the miniature, so renamings on save are included."""
     import tempfile
     from pathlib import Path
 
@@ -357,7 +408,10 @@ def _on_disk_experts(model: torch.nn.Module, experts_attr: str
             hf_logging.enable_progress_bar()
     pattern = re.compile(rf"^(?P<layers>.+)\.(?P<i>\d+)\.(?P<block>(?:[\w.]+\.)?){re.escape(experts_attr)}"
                          rf"\.0\.(?P<lin>\w+)\.weight$")
-    hits = [m for m in map(pattern.match, names) if m]
+    found = [m for m in map(pattern.match, names) if m]
+    # a checkpoint with two MoE stacks (Qwen3-Omni: thinker and talker): the stack under the same top module
+    ours = [m for m in found if m["layers"].split(".")[0] == layers_path.split(".")[0]]
+    hits = [m for m in ours if m["layers"] == layers_path] or ours or found
     if not hits:
         return None
     linears = sorted({m["lin"] for m in hits})
@@ -373,4 +427,5 @@ def _on_disk_experts(model: torch.nn.Module, experts_attr: str
         roles[role] = lin
     if "up" not in roles or "down" not in roles or ("gate" in roles) != (len(linears) == 3):
         return None
-    return hits[0]["layers"], hits[0]["block"].rstrip("."), (roles.get("gate"), roles["up"], roles["down"])
+    others = tuple(sorted({m["layers"] for m in found} - {hits[0]["layers"]}))
+    return hits[0]["layers"], hits[0]["block"].rstrip("."), (roles.get("gate"), roles["up"], roles["down"]), others

@@ -117,6 +117,9 @@ def layer_pattern(config: dict[str, Any]) -> LayerPattern:
     try:
         with torch.device("meta"):
             model = model_class(cfg)._from_config(cfg)
+        from moecompress.arch.flat_experts import fuse_flat_experts
+
+        fuse_flat_experts(model)  # DBRX's flattened experts, as compression sees them
     except UserError:
         raise
     except Exception as exc:  # the config does not build in this transformers: say so in one line

@@ -19,10 +19,12 @@ from typing import Any
 
 import torch
 
+from moecompress.arch.discover import text_model
 from moecompress.errors import UserError
 
 GROUPS = ("routed_experts", "shared_experts", "router", "attention", "dense_mlp", "embeddings", "other", "non_text")
-_TOPK_KEYS = ("num_experts_per_tok", "top_k_experts", "moe_k", "moe_topk", "experts_per_token", "num_selected_experts")
+_TOPK_KEYS = ("num_experts_per_tok", "top_k_experts", "moe_k", "moe_topk", "moe_top_k", "experts_per_token",
+              "num_selected_experts")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -66,7 +68,12 @@ def _model_class(config: dict[str, Any], cfg: Any) -> Any:
         cls = getattr(transformers, name, None)
         if cls is not None:
             return cls
-    for auto in ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModel"):
+    autos = ["AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForMultimodalLM", "AutoModel"]
+    if isinstance(config.get("text_config"), dict):  # a multimodal checkpoint: its whole class first (Llama-4)
+        autos = autos[1:3] + autos[:1] + autos[3:]
+    for auto in autos:
+        if not hasattr(transformers, auto):
+            continue
         mapping = getattr(transformers, auto)._model_mapping
         try:
             return mapping[type(cfg)]
@@ -86,7 +93,11 @@ def meta_model(config: dict[str, Any], *, dtype: torch.dtype | None = None) -> t
     transformers.utils.logging.set_verbosity_error()
     try:
         with torch.device("meta"):
-            return cls._from_config(cfg, dtype=dtype)
+            model = cls._from_config(cfg, dtype=dtype)
+        from moecompress.arch.flat_experts import fuse_flat_experts
+
+        fuse_flat_experts(model)  # DBRX: counted as the fused experts moecompress compresses (same sizes)
+        return model
     except UserError:
         raise
     except Exception as exc:
@@ -146,6 +157,10 @@ class Skeleton:
 
 
 def _is_experts(module: torch.nn.Module) -> bool:
+    from moecompress.arch.discover import is_fused_experts
+
+    if is_fused_experts(module):  # LongCat keeps extra gate/up rows (zero-computation experts) and no num_experts
+        return True
     n = getattr(module, "num_experts", None)
     if not isinstance(n, int) or n < 1:
         return False
@@ -157,10 +172,13 @@ def _top_k(router: torch.nn.Module | None, text_cfg: Any) -> int:
     value = getattr(router, "top_k", None) if router is not None else None
     if isinstance(value, int) and value > 0:
         return value
-    for key in _TOPK_KEYS:
-        value = getattr(text_cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    # the text config, then its sub-configs (DBRX keeps moe_top_k in ffn_config)
+    subs = [getattr(text_cfg, name, None) for name in getattr(text_cfg, "sub_configs", {}) or {}]
+    for cfg in (text_cfg, *subs):
+        for key in _TOPK_KEYS:
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
     return 0
 
 
@@ -170,7 +188,7 @@ def _mixer(layer: torch.nn.Module, index: int, text_cfg: Any) -> str:
         return str(types[index])
     names = {n for n, _ in layer.named_children()}
     for name, label in (("self_attn", "attention"), ("linear_attn", "linear_attention"), ("mamba", "mamba"),
-                        ("mixer", "mixer"), ("attention", "attention")):
+                        ("mixer", "mixer"), ("attention", "attention"), ("norm_attn_norm", "attention")):
         if name in names:
             return label
     return "?"
@@ -187,7 +205,7 @@ def analyse(model: torch.nn.Module, config: dict[str, Any] | None = None) -> Ske
     if not experts:
         raise UserError(f"{type(model).__name__} has no routed experts: not a Mixture-of-Experts model")
     # decoder layers: the ModuleList whose items hold the experts
-    m = re.match(r"(.*\.layers)\.(\d+)\.", next(iter(experts)) + ".")
+    m = re.match(r"(.*\.(?:layers|blocks))\.(\d+)\.", next(iter(experts)) + ".")  # DBRX: transformer.blocks
     if m is None:
         raise UserError(f"cannot locate decoder layers around {next(iter(experts))}")
     layers_prefix = m.group(1)
@@ -206,12 +224,12 @@ def analyse(model: torch.nn.Module, config: dict[str, Any] | None = None) -> Ske
             if "shared" in child:
                 shared_names.add(full)
             elif child in ("gate", "router") or any(
-                p.ndim == 2 and p.shape[0] == exp.num_experts for p in mod.parameters()
+                p.ndim == 2 and p.shape[0] == exp.down_proj.shape[0] for p in mod.parameters()
             ):
                 router_names[full] = mod
 
     embed_names = {n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Embedding)}
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out_emb = text_model(model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out_emb is not None:
         embed_names |= {n for n, mod in model.named_modules() if mod is out_emb}
 
@@ -258,7 +276,7 @@ def analyse(model: torch.nn.Module, config: dict[str, Any] | None = None) -> Ske
         if exp_here:
             name, e = exp_here[0]
             router = next((r for rn, r in router_names.items() if rn.startswith(name.rsplit(".", 1)[0] + ".")), None)
-            info.experts = int(e.num_experts)
+            info.experts = int(e.down_proj.shape[0])
             info.top_k = _top_k(router, text_cfg)
             info.routed_params = sum(p.numel() for _, e2 in exp_here for p in e2.parameters())
             down = getattr(e, "down_proj", None)
@@ -274,7 +292,7 @@ def analyse(model: torch.nn.Module, config: dict[str, Any] | None = None) -> Ske
     n_group = getattr(router, "n_group", None) or getattr(text_cfg, "n_group", None) or 1
     topk_group = getattr(router, "topk_group", None) or getattr(text_cfg, "topk_group", None) or 1
     total = sum(p.numel() for p in model.parameters())
-    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    in_emb = text_model(model).get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     in_ids = {id(p) for p in in_emb.parameters()} if in_emb is not None else set()
     emb_params = sum(p.numel() for p in in_emb.parameters()) if in_emb is not None else 0
     head_params = sum(p.numel() for p in out_emb.parameters() if id(p) not in in_ids) if out_emb is not None else 0

@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover - depends on the transformers version
     _grouped_linear = None
 
 from moecompress.arch.adapter import MoELayer, moe_layers
+from moecompress.arch.discover import text_model
 from moecompress.arch.experts import ExpertView
 from moecompress.calib.stats import LayerStats, Stats, reduce_stats
 
@@ -106,6 +107,7 @@ def _grouped_outputs(module: torch.nn.Module, x_sorted: torch.Tensor, eid_sorted
     if _grouped_linear is not None:
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
         in_w, in_b = input_projection(module)
+        in_w = in_w[: counts.shape[0]]  # LongCat keeps input rows for its zero-computation experts too
         gu = _grouped_linear(x_sorted, in_w, offsets, bias=in_b[eid_sorted] if has_bias else None,
                              is_transposed=transposed)
         act = gated_activation(module, gu)
@@ -122,6 +124,24 @@ def _grouped_outputs(module: torch.nn.Module, x_sorted: torch.Tensor, eid_sorted
     return torch.cat(ys), torch.cat(acts)
 
 
+def zero_computation_pairs(module: torch.nn.Module, hidden_states: torch.Tensor, flat_e: torch.Tensor,
+                           flat_w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Split the (token, slot) pairs of an experts call: (pairs routed to real experts, the output so far, token ids
+    of the other pairs or None). Expert ids past the routed experts are zero-computation experts (LongCat-Flash):
+    identities, so the output starts as their weighted inputs (differentiably, for the gradient tap)."""
+    n = int(module.down_proj.shape[0])
+    routed = flat_e < n
+    out = torch.zeros_like(hidden_states)
+    if bool(routed.all()):
+        return routed.nonzero().squeeze(1), out, None
+    if getattr(module, "identity_expert", None) is None:
+        raise ValueError(f"the router chose expert ids ≥ {n}, but {type(module).__name__} has only {n} experts")
+    extra = (~routed).nonzero().squeeze(1)
+    tok = extra // k
+    out = out.index_add(0, tok, (hidden_states[tok] * flat_w[extra, None]).to(out.dtype))
+    return routed.nonzero().squeeze(1), out, tok
+
+
 def tap_experts_forward(
     self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
@@ -129,12 +149,16 @@ def tap_experts_forward(
     k = top_k_index.shape[-1]
     flat_e = top_k_index.reshape(-1)
     flat_w = top_k_weights.reshape(-1)
+    pairs, out, extra_tok = zero_computation_pairs(self, hidden_states, flat_e, flat_w, k)
+    if extra_tok is not None and _ACTIVE.get(id(self)) is not None:
+        _ACTIVE[id(self)].observe_extra(extra_tok)
+    n = int(self.down_proj.shape[0])
+    flat_e, flat_w = flat_e[pairs], flat_w[pairs]
     eid_sorted, order = torch.sort(flat_e, stable=True)
-    counts = torch.bincount(flat_e, minlength=self.num_experts)
-    tok_sorted = order // k
+    counts = torch.bincount(flat_e, minlength=n)
+    tok_sorted = pairs[order] // k
     y_sorted, act_sorted = _grouped_expert_outputs(self, hidden_states[tok_sorted], eid_sorted, counts)
     w_sorted = flat_w[order].to(y_sorted.dtype)
-    out = torch.zeros_like(hidden_states)
     out.index_add_(0, tok_sorted, y_sorted * w_sorted[:, None])
     tap = _ACTIVE.get(id(self))
     if tap is not None:
@@ -176,13 +200,18 @@ class LayerTap:
 
     def observe_router(self, logits: torch.Tensor) -> None:
         s = self.stats.sums
-        logits = logits.reshape(-1, logits.shape[-1]).detach().double()
+        # the routed experts' columns: routers with extra classes (shared gates, zero experts, skip) score them last
+        logits = logits.reshape(-1, logits.shape[-1])[:, : self.stats.num_experts].detach().double()
         if self.mask is not None:
             logits = logits[self.mask]
         s["logit_sum"] += logits.sum(0).cpu()
         s["prob_sum"] += logits.softmax(-1).sum(0).cpu()
         s["logit_gram"] += (logits.T @ logits).cpu()
         self.stats.n_tokens += logits.shape[0]
+
+    def observe_extra(self, tok: torch.Tensor) -> None:
+        """Count picks of zero-computation experts (token ids `tok`, one per pick): no expert's statistics."""
+        self.stats.extra_picks += int(self.mask[tok].sum()) if self.mask is not None else int(tok.numel())
 
     def observe_experts(self, hidden: torch.Tensor, out: torch.Tensor, tok: torch.Tensor, eid: torch.Tensor,
                         w: torch.Tensor, y: torch.Tensor, act: torch.Tensor) -> None:
@@ -192,6 +221,11 @@ class LayerTap:
         if self.mask is not None:
             keep = self.mask[tok]
             tok, eid, w, y, act = tok[keep], eid[keep], w[keep], y[keep], act[keep]
+        if self.layer.extra_rows:  # ZAYA masks a pick of its skip class onto expert 0 with weight 0: no expert's
+            skipped = w == 0
+            if bool(skipped.any()):
+                self.stats.extra_picks += int(skipped.sum())
+                tok, eid, w, y, act = tok[~skipped], eid[~skipped], w[~skipped], y[~skipped], act[~skipped]
         y, w, act = y.detach().float(), w.detach().float(), act.detach().float()
         norm = y.norm(dim=-1)
         # EASY-EP token weight: how much the routed output turns the hidden state
@@ -331,6 +365,7 @@ def collecting(model: torch.nn.Module, sample_tokens: int, total_tokens: int, fi
             lambda mod, args, kwargs, tap=tap: _pre_block(tap, args, kwargs), with_kwargs=True))
         handles.append(layer.router.register_forward_hook(
             lambda mod, args, out, tap=tap: tap.observe_router(out[logits_pos] if isinstance(out, tuple) else out)))
+        handles += _router_fallback_hooks(layer, tap)
         if llama4:
             handles.append(layer.experts.register_forward_hook(
                 lambda mod, args, out, tap=tap: tap.observe_dense(args[0], out, tap._block_in)))
@@ -338,6 +373,33 @@ def collecting(model: torch.nn.Module, sample_tokens: int, total_tokens: int, fi
         yield taps
     finally:
         release_taps(model, layers, handles, None if llama4 else previous, _ACTIVE)
+
+
+def _router_fallback_hooks(layer: MoELayer, tap: LayerTap) -> list[Any]:
+    """Routers that read their linear's weight without calling it (LongCat-Flash: ``F.linear(x, classifier.weight)``)
+    never fire the hook on the linear: the logits then come from the enclosing router module's output (the
+    floating tensor as wide as the router's rows)."""
+    root_name = layer.adapter.router_attr.split(".")[0]
+    root = layer.block.get_submodule(root_name) if root_name else None
+    if root is None or root is layer.router:
+        return []
+    rows = int(layer.router.weight.shape[0])
+    seen = {"n": 0}
+    hook = layer.router.register_forward_hook(lambda mod, args, out: seen.__setitem__("n", seen["n"] + 1))
+
+    def before(mod: torch.nn.Module, args: tuple) -> None:
+        seen["n"] = 0
+
+    def after(mod: torch.nn.Module, args: tuple, out: Any) -> None:
+        if seen["n"]:
+            return
+        parts = out if isinstance(out, tuple) else (out,)
+        logits = next((t for t in parts if isinstance(t, torch.Tensor) and t.is_floating_point()
+                       and t.dim() >= 2 and t.shape[-1] == rows), None)
+        if logits is not None:
+            tap.observe_router(logits)
+
+    return [hook, root.register_forward_pre_hook(before), root.register_forward_hook(after)]
 
 
 def release_taps(model: torch.nn.Module, layers: list[MoELayer], handles: list[Any], previous: str | None,
@@ -378,7 +440,7 @@ def collect_stats(
             mask = attention_mask.reshape(-1).bool()
             for tap in taps.values():
                 tap.mask = mask
-            model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+            text_model(model)(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
                   use_cache=False)
             if progress is not None:
                 progress(int(mask.sum()))

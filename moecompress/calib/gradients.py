@@ -32,11 +32,13 @@ import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moecompress.arch.adapter import MoELayer, decoder_layers, moe_layers
+from moecompress.arch.discover import text_model
 from moecompress.calib.collect import (
     experts_implementation,
     release_taps,
     set_experts_implementation,
     stored_expert_forward,
+    zero_computation_pairs,
 )
 from moecompress.calib.stats import bundle_exists, load_bundle, save_bundle
 from moecompress.errors import UserError
@@ -116,10 +118,11 @@ def grad_experts_forward(
 ) -> torch.Tensor:
     """Per-expert batched forward (differentiable) that hands routing and activations to the active tap."""
     k = top_k_index.shape[-1]
-    flat_e = top_k_index.reshape(-1)
+    pairs, out, _ = zero_computation_pairs(self, hidden_states, top_k_index.reshape(-1), top_k_weights.reshape(-1), k)
+    flat_e = top_k_index.reshape(-1)[pairs]
     order = torch.argsort(flat_e, stable=True)
-    counts = torch.bincount(flat_e, minlength=self.num_experts).tolist()
-    tok = order // k
+    counts = torch.bincount(flat_e, minlength=int(self.down_proj.shape[0])).tolist()
+    tok = pairs[order] // k
     x = hidden_states[tok]
     ys, acts = [], []
     start = 0
@@ -130,8 +133,8 @@ def grad_experts_forward(
             acts.append(a)
         start += n
     y_sorted = torch.cat(ys)
-    w_sorted = top_k_weights.reshape(-1)[order].to(y_sorted.dtype)
-    out = torch.zeros_like(hidden_states).index_add(0, tok, y_sorted * w_sorted[:, None])
+    w_sorted = top_k_weights.reshape(-1)[pairs][order].to(y_sorted.dtype)
+    out = out.index_add(0, tok, y_sorted * w_sorted[:, None])
     tap = _ACTIVE.get(id(self))
     if tap is not None:
         tap.on_forward(out, tok, flat_e[order], w_sorted, torch.cat(acts))
@@ -237,7 +240,7 @@ def _frozen_with_input_grad(model: torch.nn.Module) -> Iterator[None]:
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
-    emb = model.get_input_embeddings()
+    emb = text_model(model).get_input_embeddings()
     handle = emb.register_forward_hook(lambda mod, args, out: out.detach().requires_grad_(True))
     try:
         yield
@@ -337,7 +340,7 @@ def collect_gradient_stats(
                 for tap in taps.values():
                     tap.mask = mask
                 ids, am = input_ids.to(device), attention_mask.to(device)
-                logits = model(input_ids=ids, attention_mask=am, use_cache=False).logits
+                logits = text_model(model)(input_ids=ids, attention_mask=am, use_cache=False).logits
                 loss = next_token_loss(logits, ids, am)
                 del logits
                 loss.backward()

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from moecompress.arch.adapter import decoder_layers
+from moecompress.arch.discover import text_model
 
 
 class StopForward(Exception):
@@ -47,7 +48,7 @@ def capture_layer_inputs(model: torch.nn.Module, batches: list[tuple[torch.Tenso
     try:
         with torch.no_grad():
             for ids, mask in batches:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
+                text_model(model)(input_ids=ids, attention_mask=mask, use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -86,7 +87,7 @@ def _capture_without_layers(model: torch.nn.Module, batches: list[tuple[torch.Te
         with torch.no_grad():
             for ids, mask in batches:
                 try:
-                    model(input_ids=ids, attention_mask=mask, use_cache=False)
+                    text_model(model)(input_ids=ids, attention_mask=mask, use_cache=False)
                 except StopForward:
                     pass
                 if not ok[0]:

@@ -71,6 +71,9 @@ class LayerStats:
     n_tokens: int = 0
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     sample: torch.Tensor | None = None  # [N, H] MoE-block inputs at real (unpadded) tokens
+    # (token, slot) pairs the router gave to zero-computation experts past the routed ones (LongCat-Flash): they
+    # are no expert's, so freq sums to n_tokens · top-k minus these
+    extra_picks: int = 0
 
     def __post_init__(self) -> None:
         e, h, i = self.num_experts, self.hidden, self.width
@@ -121,7 +124,7 @@ class Stats:
             if ls.sample is not None:
                 tensors[f"{idx}.sample"] = ls.sample
             layer_meta[str(idx)] = {"num_experts": ls.num_experts, "hidden": ls.hidden, "width": ls.width,
-                                    "n_tokens": ls.n_tokens}
+                                    "n_tokens": ls.n_tokens, "extra_picks": ls.extra_picks}
         save_bundle(path, "stats", tensors, {"meta": self.meta, "layers": layer_meta})
 
     @classmethod
@@ -132,7 +135,8 @@ class Stats:
             idx = int(key)
             sums = {n: tensors[f"{idx}.{n}"] for n in SUM_FIELDS if f"{idx}.{n}" in tensors}
             layers[idx] = LayerStats(num_experts=lm["num_experts"], hidden=lm["hidden"], width=lm["width"],
-                                     n_tokens=lm["n_tokens"], sums=sums, sample=tensors.get(f"{idx}.sample"))
+                                     n_tokens=lm["n_tokens"], sums=sums, sample=tensors.get(f"{idx}.sample"),
+                                     extra_picks=int(lm.get("extra_picks", 0)))
         return cls(layers=layers, meta=info.get("meta", {}))
 
     @staticmethod

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from moecompress.arch.adapter import decoder_layers
+from moecompress.arch.discover import text_model
 from moecompress.calib.gradients import GRAD_IMPLEMENTATION, GradStats, gradient_taps, next_token_loss
 from moecompress.engine.loop import ActivationCache, layer_output, run_layer, start_flow
 from moecompress.engine.source import REST, ModelSource
@@ -36,7 +37,7 @@ def _head_grad(source: ModelSource, batch: tuple[torch.Tensor, torch.Tensor], hi
     try:
         ids, mask = (t.to(source.device) for t in batch)
         with torch.enable_grad():
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logits = text_model(model)(input_ids=ids, attention_mask=mask, use_cache=False).logits
             loss = next_token_loss(logits, ids, mask)
             del logits
             loss.backward()

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from moecompress.arch.adapter import decoder_layers
+from moecompress.arch.discover import text_model
 from moecompress.engine.source import REST, ModelSource
 
 
@@ -123,7 +124,7 @@ def _capture(model: torch.nn.Module, layers: torch.nn.ModuleList, ids: torch.Ten
     try:
         with _layer_forwards(model, layers, [_catcher(i, len(layers), captured, store, shift)
                                              for i in range(len(layers))]), torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            text_model(model)(input_ids=ids, attention_mask=mask, use_cache=False)
     except _Stop:
         pass
     return captured, store
@@ -176,7 +177,7 @@ def _head_reads_last_only(model: torch.nn.Module, layers: torch.nn.ModuleList, i
     for shifted in (0, n - 1):
         forwards = [(lambda h, *a, **k: h + 1.0) if i == shifted else (lambda h, *a, **k: h) for i in range(n)]
         with _layer_forwards(model, layers, forwards):
-            out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+            out = text_model(model)(input_ids=ids, attention_mask=mask, use_cache=False)
         logits.append(out.logits.float())
     # the same computation twice: equal up to kernel nondeterminism; a real dependency moves logits far more
     tol = 1e-5 * float(logits[0].abs().max().clamp_min(1.0))
@@ -229,7 +230,7 @@ def head_logits(source: ModelSource, batch: tuple[torch.Tensor, torch.Tensor], h
         layer.forward = (lambda h, *a, **k: hidden) if i == 0 else (lambda h, *a, **k: h)
     try:
         ids, mask = batch
-        out = model(input_ids=ids.to(source.device), attention_mask=mask.to(source.device), use_cache=False)
+        out = text_model(model)(input_ids=ids.to(source.device), attention_mask=mask.to(source.device), use_cache=False)
     except (ValueError, TypeError) as exc:  # the model unpacked more than hidden states from a layer
         raise NotStreamable(f"{type(model).__name__}: its decoder layers return more than hidden states "
                             f"({str(exc).splitlines()[0][:80]})") from exc

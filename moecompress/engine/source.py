@@ -146,6 +146,13 @@ class ModelSource:
         self.dtype = dtype or checkpoint_dtype(self.config, self.reader)
         self.device = torch.device(device)
         self.model = skeleton(self.config, self.dtype)
+        from moecompress.arch.flat_experts import has_flat_experts
+
+        if has_flat_experts(self.model):
+            from moecompress.engine.loop import NotStreamable
+
+            raise NotStreamable(f"{type(self.model).__name__}: its experts are flattened [E*I, H] matrices (viewed fused "
+                                "only when the model is loaded whole)")
         self._layers_path = self._find_layers_path()
         self._parts = self._assign_keys()
         from moecompress.engine.chunks import ChunkMeter

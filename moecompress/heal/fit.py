@@ -102,8 +102,9 @@ def fit_router(ref_layer: MoELayer, layer: MoELayer, data: BlockData, groups: li
     ref_logits = router_logits(ref_layer, data.x_ref[fit])
     bias = getattr(layer.router, _LOGIT_BIAS, None)
     has_bias = any(v.path == _LOGIT_BIAS for v in layer.adapter.router_vectors) and bias is not None
-    rows, new_bias, targets = M.refit_to_groups(data.x[fit].double(), ref_logits, groups, layer.router.weight.detach(),
-                                                kind, ridge, init_bias=bias.detach() if has_bias else None)
+    rows, new_bias, targets = M.refit_to_groups(data.x[fit].double(), ref_logits, groups,
+                                                layer.routed_router_weight.detach(), kind, ridge,
+                                                init_bias=bias.detach() if has_bias else None)
     set_router_rows(layer, rows, {_LOGIT_BIAS: new_bias} if new_bias is not None else None)
     return {}
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from moecompress.arch.adapter import moe_layers
+from moecompress.arch.discover import text_model
 from moecompress.errors import UserError
 from moecompress.heal.fit import heal_block
 from moecompress.heal.select import HealedReconstruction, select_reconstruct
@@ -46,8 +47,8 @@ def calibration_kl(ref_model: torch.nn.Module, model: torch.nn.Module, batches: 
     total, count = 0.0, 0
     for ids, mask in batches:
         m = mask.bool()
-        ref_logits = ref_model(input_ids=ids, attention_mask=mask).logits[m]  # real tokens only: [n, vocab]
-        total += kl_sum(ref_logits, model(input_ids=ids, attention_mask=mask).logits[m])
+        ref_logits = text_model(ref_model)(input_ids=ids, attention_mask=mask).logits[m]  # real tokens only: [n, vocab]
+        total += kl_sum(ref_logits, text_model(model)(input_ids=ids, attention_mask=mask).logits[m])
         count += int(m.sum())
     return total / max(count, 1)
 

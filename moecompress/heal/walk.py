@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from moecompress.arch.adapter import MoELayer, adapter_for, decoder_layers, moe_layers
+from moecompress.arch.discover import text_model
 from moecompress.calib.layers import StopForward, capture_layer_inputs, layer_output
 from moecompress.heal.fit import BlockData
 
@@ -133,7 +134,7 @@ def _walk(ref_model, model, batches, on_layer, ref_moe, cmp_moe, masks, held, pr
 def _same_embeddings(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     """Same embedding weights and the same config apart from expert count/width: the layer-0 inputs and every
     layer's keyword arguments (positions, masks) are then identical."""
-    ea, eb = a.get_input_embeddings().weight, b.get_input_embeddings().weight
+    ea, eb = text_model(a).get_input_embeddings().weight, text_model(b).get_input_embeddings().weight
     if ea.shape != eb.shape or not bool(torch.equal(ea, eb)):
         return False
     adapter = adapter_for(b)

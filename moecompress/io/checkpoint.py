@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 import moecompress
 from moecompress.arch.adapter import MoEAdapter, adapter_for_config_dict
+from moecompress.arch.discover import text_model
 from moecompress.errors import UserError
 
 PROVENANCE = "moecompress.json"
@@ -187,6 +188,9 @@ def load_model(path: Path, *, dtype: torch.dtype | str | None = None, tokenizer:
             raise UserError(f"could not load weights from {path}: {_short(exc)}. Is a weight file corrupt?") from exc
         raise
     model.eval()
+    from moecompress.arch.flat_experts import fuse_flat_experts
+
+    fuse_flat_experts(model)  # DBRX: fused view of flattened experts; saved back in its own layout
     tok = None
     if tokenizer:
         try:
@@ -320,7 +324,7 @@ def write_count_aliases(folder: Path) -> None:
 
 def verify_model_reload(model: torch.nn.Module, path: Path, *, atol: float | None = None) -> dict[str, Any]:
     """`verify_reload` against the logits `model` gives now on a fixed probe input."""
-    ids = probe_input(min(model.get_input_embeddings().num_embeddings, 320))
+    ids = probe_input(min(text_model(model).get_input_embeddings().num_embeddings, 320))
     return verify_reload(path, logits_of(model, ids), ids, atol=atol)
 
 
@@ -331,7 +335,7 @@ def probe_input(vocab_size: int, seq: int = 24, batch: int = 2, seed: int = 1234
 
 @torch.no_grad()
 def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids.to(model.device)).logits.float().cpu()
+    return text_model(model)(input_ids=ids.to(model.device)).logits.float().cpu()
 
 
 @contextlib.contextmanager

@@ -87,11 +87,11 @@ def prob_kind(adapter: MoEAdapter) -> M.ProbKind:
 
 def router_logits(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
     """Raw router logits [N, E] on block inputs (the additive router bias included where the family has one)."""
-    w = layer.router.weight.detach().double()
+    w = layer.routed_router_weight.detach().double()  # extra router rows (shared gates, skip class) left out
     z = x.double() @ w.T
     bias = getattr(layer.router, _LOGIT_BIAS, None)
     if any(v.path == _LOGIT_BIAS for v in layer.adapter.router_vectors) and bias is not None:
-        z = z + bias.detach().double()
+        z = z + bias.detach().double()[: layer.num_experts]
     return z
 
 
@@ -143,7 +143,7 @@ def merge_groups(cfg: MergeExpertsConfig, w: ExpertWeights, groups: list[M.Group
 def router_for(cfg: MergeExpertsConfig, layer: MoELayer, groups: list[M.Group], ls: LayerStats,
                sample: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
     """Router rows [n, H] and router vectors for the merged experts, under the chosen rule."""
-    weight = layer.router.weight.detach()
+    weight = layer.routed_router_weight.detach()
     freq = ls.sums["freq"].double()
     coef = [M.normalise(freq[g.members]) for g in groups]
     anchors = [g.anchor for g in groups]
@@ -192,6 +192,9 @@ def _target_error(fitted: torch.Tensor, targets: torch.Tensor, kind: str) -> flo
 @torch.no_grad()
 def block_output(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
     """The MoE block's output on tokens x [N, H] (shared experts included)."""
+    if layer.hash_routed:
+        raise UserError(f"layer {layer.index} of {layer.adapter.model_type} routes by token id (a hash table), so its "
+                        "output on sampled hidden states is undefined; reconstruction-based steps cannot run on it")
     dtype = layer.experts.down_proj.dtype  # the block's dtype (DeepSeek-V3 keeps its router in float32)
     if not layer.adapter.block_attr:  # the decoder layer is the block (gemma-4): routed output alone
         from moecompress.arch.discover import routed_output
@@ -252,7 +255,8 @@ def _apply_layer(ctx: PassContext, plan: dict[str, Any], index: int, _decoder_la
     outputs = acts = None
     if x_feat is not None and (cfg.method != "msmoe" or cfg.align in ("activation", "both")):
         outputs, acts = M.expert_outputs(layer.experts, adapter.layout, w, expert_inputs(layer, x_feat))
-    before = block_output(layer, x_feat) if x_feat is not None else None
+    # hash-routed layers (DeepSeek-V4) choose experts by token id, which sampled hidden states do not carry
+    before = block_output(layer, x_feat) if x_feat is not None and not layer.hash_routed else None
     groups = plan_groups(cfg, ls, n_keep, n_groups, outputs)
     merged, group_info = merge_groups(cfg, w, groups, ls, acts if cfg.align in ("activation", "both") else None)
     rows, vectors, router_info = router_for(cfg, layer, groups, ls, sample)

@@ -275,7 +275,7 @@ def layer_scores(cfg: PruneAtomicConfig, layer: MoELayer, grad: GradStats | None
         scores = random_scores(tuple(w.up.shape[:2]), cfg.seed, idx)
     shared: dict[str, torch.Tensor] = {}
     for name, mlp in layer.shared():
-        if not hasattr(mlp, "gate_proj"):
+        if not isinstance(getattr(mlp, "gate_proj", None), torch.nn.Linear):  # Inkling: stacked 3-D shared experts
             continue
         if grad is not None and name in grad.layers[idx].shared:
             sg, n = grad.layers[idx].shared[name], max(grad.layers[idx].n_tokens, 1)

@@ -83,6 +83,10 @@ class QuantizeConfig(PassConfig):
             raise UserError(f"quantize: {adapter.model_type} checkpoints store routed experts fused, which the "
                             "compressed-tensors per-linear format cannot describe; supported families store per-expert "
                             "linears (qwen*_moe, mixtral, deepseek_v2/v3, olmoe, phimoe, glm4_moe, dots1, ernie4_5_moe)")
+        if adapter.other_expert_stacks:
+            raise UserError(f"quantize: {adapter.model_type} checkpoints hold routed experts outside the language "
+                            f"model ({', '.join(adapter.other_expert_stacks)}), which moecompress carries unchanged; "
+                            "transformers loads quantized experts only if every routed expert is quantized")
         merged = load_time_merges_outside_experts(hf_config)
         if merged:
             raise UserError(f"quantize: {adapter.model_type} checkpoints convert {merged[0]} at load (outside the "
@@ -143,6 +147,9 @@ class ExpertHessians:
     def observe_router(self, logits: torch.Tensor) -> None:
         lg = logits.reshape(-1, logits.shape[-1]).float()
         self.probs = lg.sigmoid() if self.sigmoid else lg.softmax(-1)
+
+    def observe_extra(self, tok: torch.Tensor) -> None:
+        """Zero-computation experts (LongCat-Flash) have no weights to quantize: nothing to accumulate."""
 
     def observe_experts(self, hidden, out, tok, eid, w, y, act) -> None:  # noqa: ANN001 - tap protocol
         keep = self.mask[tok] if self.mask is not None else torch.ones_like(tok, dtype=torch.bool)
@@ -426,7 +433,28 @@ def _quantize_experts(moe: Any, tap: ExpertHessians, cfg: QuantizeConfig, adapte
             quantized[name] = r
             errors[name] = err[(p, b)][e]
     view.set_all(new)
+    _quantize_unused_rows(moe, cfg, adapter, quantized, max(bits))
     return bits
+
+
+@torch.no_grad()
+def _quantize_unused_rows(moe: Any, cfg: QuantizeConfig, adapter: MoEAdapter, quantized: dict[str, QuantResult],
+                          bits: int) -> None:
+    """LongCat-Flash allocates gate/up rows for its zero-computation experts too, and saves them as experts
+    E…E+Z−1 (without a down projection). They are never computed, but transformers loads quantized experts only
+    when every routed expert linear on disk is quantized: round them (RTN, no Hessian to use) at the widest bits."""
+    gu = getattr(moe.experts, "gate_up_proj", None)
+    n = moe.num_experts
+    if gu is None or gu.shape[0] <= n:
+        return
+    if adapter.layout != "concat":
+        raise UserError(f"quantize: {adapter.model_type} keeps extra gate/up rows in a {adapter.layout} layout")
+    width = gu.shape[1] // 2
+    for j in range(n, gu.shape[0]):
+        for proj, rows in (("gate", slice(0, width)), ("up", slice(width, 2 * width))):
+            r = quantize_rtn(gu[j, rows].detach(), bits, cfg.group_size)
+            gu[j, rows] = r.dequant.to(gu.dtype)
+            quantized[adapter.expert_checkpoint_name(moe.index, j, proj)] = r
 
 
 def _mean_by_kind(errors: dict[str, float]) -> dict[str, float]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from moecompress.arch.discover import text_model
 from moecompress.calib.data import jsonl_values
 from moecompress.errors import UserError
 
@@ -85,7 +86,7 @@ def text_logprobs(model: Any, tokenizer: Any, texts: Sequence[str], seqlen: int 
     device = next(model.parameters()).device
     for idx, ids, mask in _batches(windows, batch_size, _pad_id(tokenizer)):
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits.float()
+        logits = text_model(model)(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits.float()
         lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
         keep = mask[:, 1:].bool()
         per_row = (lp * keep).sum(-1).tolist()
@@ -182,7 +183,7 @@ def expert_usage(model: Any, tokenizer: Any, texts: Sequence[str], top_k: int, s
     model.eval()
     try:
         for _, ids, mask in _batches(windows, batch_size, _pad_id(tokenizer)):
-            out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], output_router_logits=True)
+            out = text_model(model)(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], output_router_logits=True)
             keep = mask[:, :-1].reshape(-1).bool()
             for layer, logits in enumerate(out.router_logits):
                 idx = logits[keep.to(logits.device)].topk(top_k, -1).indices.reshape(-1).cpu()

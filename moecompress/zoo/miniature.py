@@ -457,6 +457,9 @@ def build_miniature(config: dict[str, Any], *, seed: int = 0, dtype: torch.dtype
 
     give_signal(model)
     model.eval()
+    from moecompress.arch.flat_experts import fuse_flat_experts
+
+    fuse_flat_experts(model)  # as load_model does: DBRX's flattened experts as a fused view (saved flattened)
     return model
 
 

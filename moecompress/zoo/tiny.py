@@ -100,6 +100,12 @@ def give_signal(model: torch.nn.Module) -> None:
     for name, buf in model.named_buffers():
         if "e_score_correction_bias" in name and buf.is_floating_point():
             buf.normal_(0, 0.05)
+    for mod in model.modules():  # hash routing tables (DeepSeek-V4 tid2eid [vocab, k]): k distinct experts per token
+        w = getattr(mod, "weight", None)
+        for buf in mod.buffers(recurse=False):
+            if (isinstance(w, torch.Tensor) and w.dim() == 2 and not buf.is_floating_point() and buf.dim() == 2
+                    and 0 < buf.shape[1] <= w.shape[0] and not bool(buf.any())):
+                buf.copy_(torch.rand(buf.shape[0], w.shape[0]).argsort(dim=1)[:, : buf.shape[1]])
 
 
 def tiny(family: str, seed: int = 0, **overrides: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
