@@ -122,13 +122,20 @@ def run_reference(path: Path, steps: int, lr: float, out: dict[str, Any], only: 
         print(f"\n# {path}: cost only, calibration {sum(int(m.sum()) for _, m in hb.batches):,} tokens")
         out[str(path)] = {"cost": run_cost(hb, repeats)}
         return
-    b = hb.b
     res: dict[str, Any] = {"base_ppl": hb.base_ppl, "base_mc": hb.base_mc, "rows": {}, "selection": {}}
     out[str(path)] = res
     print(f"\n# {path}: base val ppl {hb.base_ppl:.3f}, mc acc {hb.base_mc:.3f}, calibration "
           f"{sum(int(m.sum()) for _, m in hb.batches):,} tokens ({len(hb.batches)} batches), heal steps {steps}")
 
-    # (1) heal steps alone and combined
+    if only != "selection":
+        run_heal_rows(hb, res)
+        res["cost"] = run_cost(hb, repeats)  # (2) heal (a+b) vs one statistics pass over the same tokens
+    run_selection(hb, res)
+
+
+def run_heal_rows(hb: HealBench, res: dict[str, Any]) -> None:
+    """(1) heal steps alone and combined, every compression row."""
+    b = hb.b
     rows = []
     for label, cfg in compressions():
         model, det = b.variant(cfg)
@@ -160,10 +167,11 @@ def run_reference(path: Path, steps: int, lr: float, out: dict[str, Any], only: 
             print(f"check {label} {h}: (ppl − base) shrinks by {100 * cut:.1f}% → "
                   f"{'PASS' if cut >= 0.30 else 'FAIL'} (goal ≥ 30%)")
 
-    # (2) cost: heal (a+b) vs one statistics pass over the same tokens
-    res["cost"] = run_cost(hb, repeats)
 
-    # (3) selection at 75%: every candidate healed (a+b); the reconstruct pick and the best rival also (a+b+c)
+
+def run_selection(hb: HealBench, res: dict[str, Any]) -> None:
+    """(3) selection at 75%: every candidate healed (a+b); the reconstruct pick and the best rival also (a+b+c)."""
+    b = hb.b
     srows = []
     cands: list[tuple[str, PruneExpertsConfig]] = [
         ("select reconstruct (seed reap)", PruneExpertsConfig(ratio=0.75, criterion="reap", select="reconstruct")),
@@ -208,7 +216,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--only", choices=["all", "cost"], default="all", help="cost: only heal (a+b) vs a statistics pass")
+    ap.add_argument("--only", choices=["all", "cost", "selection"], default="all",
+                    help="cost: only heal (a+b) vs a statistics pass; selection: only the 75%% selection table")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs for the cost (after one warm-up); min reported")
     args = ap.parse_args()
     torch.manual_seed(0)

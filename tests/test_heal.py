@@ -105,9 +105,12 @@ def test_reconstruct_selection_never_worse_than_its_seed():
     layer, data = seen[0]
     rec = HealedReconstruction(layer, data, HealSpec())
     seed = [1, 3, 5, 7]
-    keep, info = select_reconstruct(rec, 4, seed_keep=seed)
+    rivals = {"evens": [0, 2, 4, 6], "low": [0, 1, 2, 3]}
+    keep, info = select_reconstruct(rec, 4, seed_keep=seed, rivals=rivals)
     assert len(keep) == 4 and len(set(keep)) == 4
-    assert rec.error(keep) <= rec.error(seed) * (1 + 1e-12)
+    for subset in (seed, *rivals.values()):  # the same arithmetic on a cached subset: never worse than a rival
+        assert rec.error(keep) <= rec.error(subset) * (1 + 1e-12)
+    assert set(info["rival_healed_error"]) == set(rivals)
     assert info["candidates"] < info["exhaustive_would_be"] + 10
     kept, _ = reconstruct_selection(model, batches, 4, 1, HealSpec(), seed_keep={0: seed, 1: seed})
     assert set(kept) == {ly.index for ly in moe_layers(model)}

@@ -113,7 +113,8 @@ def heal_model(ref_model: torch.nn.Module, model: torch.nn.Module, batches: Batc
 
 def reconstruct_selection(model: torch.nn.Module, batches: Batches, n_keep: int, n_groups: int, spec: HealSpec,
                           beam: int = 1, seed_keep: dict[int, list[int]] | None = None,
-                          protect: dict[int, list[int]] | None = None, progress: Callable[[], None] | None = None
+                          protect: dict[int, list[int]] | None = None, progress: Callable[[], None] | None = None,
+                          rivals: dict[int, dict[str, list[int]]] | None = None
                           ) -> tuple[dict[int, list[int]], dict[str, Any]]:
     """Kept experts per layer chosen on the healed block error; `model` is not changed.
 
@@ -127,7 +128,8 @@ def reconstruct_selection(model: torch.nn.Module, batches: Batches, n_keep: int,
 
     def on_layer(i: int, ref_layer: Any, layer: Any, data: Any) -> None:
         rec = HealedReconstruction(layer, data, closed)
-        keep, sinfo = select_reconstruct(rec, n_keep, n_groups, beam, (seed_keep or {}).get(i), (protect or {}).get(i))
+        keep, sinfo = select_reconstruct(rec, n_keep, n_groups, beam, (seed_keep or {}).get(i), (protect or {}).get(i),
+                                         (rivals or {}).get(i))
         keep_experts(layer, keep)
         heal_block(ref_layer, layer, data, [Group([k]) for k in keep], closed)
         kept[i] = keep

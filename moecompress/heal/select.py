@@ -4,8 +4,8 @@ Per-expert scores rank experts one at a time; at high removal what matters is ho
 repaired, reproduces the block. NAEE searches subsets on the unhealed error; here every candidate subset is
 healed in closed form first — (a) router least squares, (b) ridge down projections, on the fitted tokens —
 and scored on the held-out tokens, so selection and repair optimise one objective. Greedy backward
-elimination (beam width 1) or a beam; the seed criterion's own subset competes too, so the search never
-returns a subset worse (on this objective) than the criterion it was seeded with.
+elimination (beam width 1) or a beam; the seed criterion's own subset and every other score criterion's subset
+compete too, so the search never returns a subset worse (on this objective) than any per-expert criterion.
 """
 
 from __future__ import annotations
@@ -92,9 +92,11 @@ class HealedReconstruction:
 
 
 def select_reconstruct(rec: HealedReconstruction, n_keep: int, n_groups: int = 1, beam: int = 1,
-                       seed_keep: list[int] | None = None, protect: list[int] | None = None
-                       ) -> tuple[list[int], dict[str, Any]]:
-    """Backward elimination (beam search) of experts on the healed held-out block error."""
+                       seed_keep: list[int] | None = None, protect: list[int] | None = None,
+                       rivals: dict[str, list[int]] | None = None) -> tuple[list[int], dict[str, Any]]:
+    """Backward elimination (beam search) of experts on the healed held-out block error; the seed's subset and
+    every rival subset (other criteria's picks) compete with the search's, so the result is never worse on this
+    objective than any of them."""
     t0 = time.perf_counter()
     e = rec.layer.num_experts
     protect = protect or []
@@ -127,6 +129,12 @@ def select_reconstruct(rec: HealedReconstruction, n_keep: int, n_groups: int = 1
         if err(seed) < err(best):
             best = seed
             info["picked"] = "seed"
+    for name, keep in (rivals or {}).items():
+        cand = tuple(sorted(keep))
+        info.setdefault("rival_healed_error", {})[name] = round(err(cand), 6)
+        if err(cand) < err(best):
+            best = cand
+            info["picked"] = name
     info.update({"candidates": len(cache), "exhaustive_would_be": math.comb(e, n_keep),
                  "seconds": round(time.perf_counter() - t0, 2)})
     return list(best), info

@@ -90,6 +90,10 @@ def _criterion_keep(cfg: PruneExpertsConfig, layer: Any, e: int, n_keep: int, gr
     return keep, info
 
 
+# per-expert criteria whose kept sets compete with the reconstruct search in every layer
+RIVAL_CRITERIA = ("reap", "ean", "easy_ep", "soft_frequency", "frequency")
+
+
 def _reconstructed(ctx: PassContext, cfg: PruneExpertsConfig, layers: list[Any], e: int,
                    stats: Any) -> dict[int, tuple[list[int], dict[str, Any]]]:
     """`select: reconstruct`: every layer's kept set searched on the healed block-output error, seeded by the
@@ -97,12 +101,18 @@ def _reconstructed(ctx: PassContext, cfg: PruneExpertsConfig, layers: list[Any],
     from moecompress.heal.run import calibration_batches, reconstruct_selection
 
     n_keep, groups = cfg.n_keep(e), ctx.adapter.num_groups(ctx.model.config)
-    seeds, infos = {}, {}
+    seeds, infos, rivals = {}, {}, {}
     for layer in layers:
         seeds[layer.index], infos[layer.index] = _criterion_keep(cfg, layer, e, n_keep, groups, stats)
+        if stats is not None:  # every score criterion's subset competes with the search (cheap: sums already there)
+            protect_i = infos[layer.index]["protected"]
+            rivals[layer.index] = {
+                c: criteria.select_by_score(criteria.expert_scores(stats.layers[layer.index], c), n_keep, groups,
+                                            protect_i)
+                for c in RIVAL_CRITERIA if c != cfg.criterion}
     protect = {i: info["protected"] for i, info in infos.items() if info["protected"]}
     chosen, search = reconstruct_selection(ctx.model, calibration_batches(ctx.get_calibration()), n_keep, groups,
-                                           cfg.heal or HealSpec(), cfg.beam, seeds, protect)
+                                           cfg.heal or HealSpec(), cfg.beam, seeds, protect, rivals=rivals)
     return {i: (chosen[i], {**infos[i], "reconstruct": search[str(i)]}) for i in chosen}
 
 
