@@ -78,6 +78,7 @@ def calib(path: Path, n: int = 400) -> Path:
 
 COMMANDS = {
     "prune": ["prune", "--ratio", "0.25", "--criterion", "reap"],
+    "prune-heal": ["prune", "--ratio", "0.25", "--criterion", "reap", "--heal"],
     "heapr": ["prune", "--neuron-ratio", "0.25", "--criterion", "heapr"],
     "gptq": ["quantize", "--method", "gptq", "--bits", "4", "--group-size", "128"],
     "merge": ["merge", "--ratio", "0.25", "--method", "msmoe", "--merge", "freq", "--router", "average",
