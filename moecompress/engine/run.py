@@ -142,6 +142,7 @@ def compress_streamed(lp: LayerwisePass, ctx: PassContext, source: ModelSource, 
     Returns (details, probe ids, probe logits of the compressed model, config keys to add).
     """
     plan = lp.plan(ctx)
+    source.hold = False  # layers held by the sweeps before (statistics, gradients) are released once written
     text_config = source.config.get_text_config() if hasattr(source.config, "get_text_config") else source.config
     ids = probe_input(text_config.vocab_size)
     probe = [(ids, torch.ones_like(ids))]
@@ -200,9 +201,13 @@ def write_metadata(source: ModelSource, tokenizer: Any, tmp: Path, *, src: Path,
 
 
 def verify_streamed(folder: Path, ids: torch.Tensor, reference: torch.Tensor, *, budget: int, device: str,
-                    atol: float | None = None, full_reload: bool | None = None, console: Any = None) -> dict[str, Any]:
+                    atol: float | None = None, full_reload: bool | None = None, console: Any = None,
+                    reloaded: list[Any] | None = None) -> dict[str, Any]:
     """Written keys/shapes/dtypes equal the meta model of the written config, and a streamed forward of the
-    written checkpoint gives the compressed model's logits; plus a vanilla reload when the model fits."""
+    written checkpoint gives the compressed model's logits; plus a vanilla reload when the model fits.
+
+    `reloaded`: when given and the vanilla reload runs, the reloaded model is appended to it (the runner measures
+    the calibration KL on it instead of loading the output a second time)."""
     reader = None
     if json.loads((Path(folder) / "config.json").read_text()).get("quantization_config"):
         from moecompress.engine.reader import PackedDequantReader
@@ -226,7 +231,7 @@ def verify_streamed(folder: Path, ids: torch.Tensor, reference: torch.Tensor, *,
         summary["expert_chunks"] = {"layers": len(vsrc.chunked_layers), **vsrc.meter.summary()}
     size = checkpoint_bytes(folder)
     if full_reload if full_reload is not None else size * 3 < budget:
-        summary.update(verify_reload(folder, reference, ids, atol=atol))
+        summary.update(verify_reload(folder, reference, ids, atol=atol, keep=reloaded))
         summary["full_reload"] = True
     else:
         summary["full_reload"] = False

@@ -152,6 +152,10 @@ class ModelSource:
 
         self.meter = ChunkMeter()
         self._chunks: dict[int, int] = self._plan_chunks(budget) if budget is not None else {}
+        self._loaded: set[Any] = set()  # parts whose tensors are in memory now
+        # True: `release` keeps the part in memory, so the next sweep finds it read (set by the runner while the
+        # sweeps before compression run on a model small next to the budget: no tensor is read twice)
+        self.hold = False
 
     # -- structure -----------------------------------------------------------------------------------
     def _find_layers_path(self) -> str:
@@ -276,6 +280,10 @@ class ModelSource:
     def chunked_layers(self) -> list[int]:
         return sorted(self._chunks)
 
+    def memory_bytes(self) -> int:
+        """Bytes of the whole model once read (dequantized sources counted as read)."""
+        return sum(self.part_bytes(p) for p in [REST, *range(self.num_layers)])
+
     def min_unchunked_budget(self) -> int:
         """The smallest --max-memory at which every decoder layer is read whole."""
         return max(self.part_bytes(i) for i in range(self.num_layers)) * 2 * LAYER_COPIES
@@ -334,6 +342,8 @@ class ModelSource:
 
         A chunked layer is read without its routed experts; an ``ExpertChunks`` reader on the experts module
         loads them a chunk at a time when the layer runs or is written."""
+        if part in self._loaded:  # read by an earlier sweep and held (see `hold`), or REST read again
+            return self.module_of(part)
         keys = self.keys_of(part)
         expected = self.expected_keys(part)
         per_chunk = self.chunked(part)
@@ -351,6 +361,7 @@ class ModelSource:
             moe.experts.expert_chunks = ExpertChunks(lambda ids, i=part: self.load_experts(i, ids),
                                                      moe.num_experts, per_chunk, self.meter)
         self._tie()
+        self._loaded.add(part)
         return self.module_of(part)
 
     def _load(self, state: dict[str, Any], expected: set[str], what: str) -> None:
@@ -363,7 +374,7 @@ class ModelSource:
             dtype_plan = self.model._get_dtype_plan(self.dtype)
         load_config = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype, dtype_plan=dtype_plan,
                                           weight_mapping=self.conversion())
-        with _quiet_transformers():
+        with _quiet_transformers(), _loading_allocations():
             info, _ = convert_and_load_state_dict_in_model(self.model, state, load_config)
         self._remember_used_conversions()
         missing = sorted(k for k in info.missing_keys if k in expected)
@@ -397,7 +408,11 @@ class ModelSource:
                 setattr(self.model.get_submodule(dst_mod), dst_name, value)
 
     def release(self, part: Any) -> None:
-        """Drop the part's tensors (back to meta; shapes are kept, so surgery done on it stays visible)."""
+        """Drop the part's tensors (back to meta; shapes are kept, so surgery done on it stays visible); with
+        `hold`, keep them for the next sweep."""
+        if self.hold:
+            return
+        self._loaded.discard(part)
         module = self.module_of(part)
         if part == REST:
             inside = {id(m) for m in decoder_layers(self.model).modules()}
@@ -425,18 +440,45 @@ def _module_bytes(module: torch.nn.Module) -> int:
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_LOADING_THRESHOLD = 1 << 20  # while a part's tensors are read and converted: MiB-size blocks from mmap
+_COMPUTE_THRESHOLD = 32 << 20  # otherwise: glibc's own ceiling for its dynamic threshold (64-bit)
+_engine_mallopt = False  # set by prefer_mmap_for_large_blocks (the engine opened a source in this process)
 
 
-def prefer_mmap_for_large_blocks(threshold: int = 1 << 20) -> None:
-    """Serve allocations of ≥ `threshold` bytes (a layer's tensors) from mmap, so a released layer goes back to the
-    OS at once: glibc's dynamic threshold otherwise rises (up to 32 MiB) after the first freed block, and the MiB-size
-    per-expert tensors of later layers land in a heap that keeps their pages (bench/README.md: layer streaming)."""
+def _mmap_threshold(threshold: int) -> None:
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
+
+
+def prefer_mmap_for_large_blocks() -> None:
+    """Let the engine steer glibc's mmap threshold from now on (see ``_loading_allocations``).
+
+    glibc's dynamic threshold rises (up to 32 MiB) after the first freed mmapped block, after which the MiB-size
+    per-expert tensors the loader creates for later layers land in a heap that keeps their pages (bench/README.md:
+    layer streaming). Outside the loader the threshold is glibc's ceiling, so activations and other compute
+    temporaries reuse heap blocks instead of paying an mmap + page faults + munmap per tensor (which made the
+    streamed passes up to ~20% slower on a small model when the 1 MiB threshold applied everywhere)."""
+    global _engine_mallopt
+    _engine_mallopt = True
+    _mmap_threshold(_COMPUTE_THRESHOLD)
+
+
+@contextlib.contextmanager
+def _loading_allocations() -> Iterator[None]:
+    """While transformers' loader reads and converts a part: blocks of ≥ 1 MiB come from mmap, so the layer's
+    tensors (and the loader's per-expert temporaries) go back to the OS as soon as they are freed."""
+    if not _engine_mallopt:
+        yield
+        return
+    _mmap_threshold(_LOADING_THRESHOLD)
+    try:
+        yield
+    finally:
+        _mmap_threshold(_COMPUTE_THRESHOLD)
 
 
 def _return_freed_memory() -> None:

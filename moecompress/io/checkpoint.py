@@ -326,8 +326,11 @@ def quiet_loading() -> Iterator[None]:
             lg.setLevel(lv)
 
 
-def verify_reload(path: Path, reference_logits: torch.Tensor, ids: torch.Tensor, *, atol: float | None = None) -> dict[str, Any]:
-    """Reload with vanilla transformers; fail loudly on any loading-info entry or logit mismatch."""
+def verify_reload(path: Path, reference_logits: torch.Tensor, ids: torch.Tensor, *, atol: float | None = None,
+                  keep: list[Any] | None = None) -> dict[str, Any]:
+    """Reload with vanilla transformers; fail loudly on any loading-info entry or logit mismatch.
+
+    `keep`: the verified model is appended to it (a caller that needs the output in memory reuses this load)."""
     with quiet_loading():
         model, info = auto_class(read_config(path)).from_pretrained(path, output_loading_info=True)
     problems = {k: v for k, v in info.items() if v}
@@ -341,6 +344,8 @@ def verify_reload(path: Path, reference_logits: torch.Tensor, ids: torch.Tensor,
     tol = atol if atol is not None else 1e-4 * max(1.0, scale)
     if not diff <= tol:
         raise RuntimeError(f"reloaded logits differ from the in-memory model by {diff:.3g} (tolerance {tol:.3g})")
+    if keep is not None:
+        keep.append(model)
     return {"max_abs_logit_diff": diff, "loading_info": {k: len(v) for k, v in info.items()}}
 
 
