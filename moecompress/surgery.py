@@ -102,8 +102,7 @@ def keep_experts(layer: MoELayer, keep: Sequence[int]) -> None:
     for vec in layer.adapter.block_vectors:
         owner, leaf = _resolve(layer.block, vec.path)
         _set_tensor(owner, leaf, getattr(owner, leaf).detach().index_select(vec.axis, idx))
-    view = ExpertView(layer)
-    view.set_all(view.get_all().select(idx))
+    ExpertView(layer).select_experts(idx)
     chunks = layer.experts.__dict__.get("expert_chunks")
     if chunks is not None:  # experts read in chunks by the engine (weights on meta): keep their source ids
         chunks.select(idx.tolist())

@@ -358,6 +358,9 @@ def _dense_targets(layer: torch.nn.Module, cfg: QuantizeConfig, names: dict[int,
     return out
 
 
+HESSIAN_GROUP_BYTES = 64 << 20  # float32 Hessian bytes of the experts GPTQ quantizes in one batched stack
+
+
 def _quantize_experts(moe: Any, tap: ExpertHessians, cfg: QuantizeConfig, adapter: MoEAdapter,
                       quantized: dict[str, QuantResult], errors: dict[str, float]) -> list[int]:
     """Quantize one layer's routed experts in place; returns the width chosen for each expert.
@@ -369,13 +372,28 @@ def _quantize_experts(moe: Any, tap: ExpertHessians, cfg: QuantizeConfig, adapte
 
     view = ExpertView(moe)
     w = view.get_all()
-    gate_h = [h.hessian() for h in tap.x]
-    hessians = {"gate": gate_h, "up": gate_h, "down": [h.hessian() for h in tap.a]}
     cands = sorted(cfg.candidate_bits) if cfg.bits_budget is not None else [cfg.bits]
-    results = {(p, b): _quantize_stack(getattr(w, p), hessians[p], b, cfg.group_size, cfg)
-               for b in cands for p in w.projections}
-    err = {key: [output_error(getattr(w, key[0])[e], r.dequant, hessians[key[0]][e]) for e, r in enumerate(rs)]
-           for key, rs in results.items()}
+    results: dict[tuple[str, int], list[QuantResult]] = {(p, b): [] for b in cands for p in w.projections}
+    err: dict[tuple[str, int], list[float]] = {key: [] for key in results}
+    # experts in groups whose float32 Hessians take about HESSIAN_GROUP_BYTES: GPTQ's per-stack temporaries
+    # (stacked Hessians, their Cholesky factors and inverses, float32 weights and codes: ~10 Hessian-sized
+    # tensors per expert) then scale with the group, not with the layer's expert count
+    n = moe.num_experts
+    per = max(1, HESSIAN_GROUP_BYTES // (4 * max(w.hidden, w.width) ** 2))
+    for start in range(0, n, per):
+        ids = range(start, min(n, start + per))
+        gate_h = [tap.x[e].hessian() for e in ids]
+        hessians = {"gate": gate_h, "up": gate_h, "down": [tap.a[e].hessian() for e in ids]}
+        for b in cands:
+            for p in w.projections:
+                rs = _quantize_stack(getattr(w, p)[ids.start : ids.stop], hessians[p], b, cfg.group_size, cfg)
+                results[(p, b)] += rs
+                err[(p, b)] += [output_error(getattr(w, p)[e], r.dequant, hessians[p][j])
+                                for j, (e, r) in enumerate(zip(ids, rs, strict=True))]
+        for e in ids:  # these experts' sums are spent: free them before the next group's work
+            tap.x[e].release()
+            tap.a[e].release()
+        del gate_h, hessians
     if cfg.bits_budget is None:
         bits = [cfg.bits] * moe.num_experts
     else:
