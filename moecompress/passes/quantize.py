@@ -358,7 +358,7 @@ def _dense_targets(layer: torch.nn.Module, cfg: QuantizeConfig, names: dict[int,
     return out
 
 
-HESSIAN_GROUP_BYTES = 64 << 20  # float32 Hessian bytes of the experts GPTQ quantizes in one batched stack
+HESSIAN_GROUP_BYTES = 32 << 20  # float32 Hessian bytes of the experts GPTQ quantizes in one batched stack
 
 
 def _quantize_experts(moe: Any, tap: ExpertHessians, cfg: QuantizeConfig, adapter: MoEAdapter,
@@ -404,15 +404,14 @@ def _quantize_experts(moe: Any, tap: ExpertHessians, cfg: QuantizeConfig, adapte
         n_params = [len(w.projections) * w.width * w.hidden] * moe.num_experts
         alloc = allocate_bits(importance_scores(tap.routed.double().numpy()), table, n_params, cands, cfg.bits_budget)
         bits = [int(b) for b in alloc.bits]
-    new = w.clone()
-    for p in w.projections:
+    for p in w.projections:  # the original weights are no longer needed: `w` takes the dequantized ones in place
         for e, b in enumerate(bits):
             r = results[(p, b)][e]
-            getattr(new, p)[e] = r.dequant
+            getattr(w, p)[e] = r.dequant
             name = adapter.expert_checkpoint_name(moe.index, e, p)
             quantized[name] = r
             errors[name] = err[(p, b)][e]
-    view.set_all(new)
+    view.set_all(w)
     return bits
 
 
