@@ -524,17 +524,28 @@ def _frugal_loading() -> Iterator[None]:
 
     saved = os.environ.get(_ASYNC_OFF)
     os.environ[_ASYNC_OFF] = "1"
-    if _engine_mallopt:
-        _mmap_threshold(_LOADING_THRESHOLD)
     try:
-        yield
+        with weight_allocations():
+            yield
     finally:
-        if _engine_mallopt:
-            _mmap_threshold(_COMPUTE_THRESHOLD)
         if saved is None:
             del os.environ[_ASYNC_OFF]
         else:
             os.environ[_ASYNC_OFF] = saved
+
+
+@contextlib.contextmanager
+def weight_allocations(active: bool = True) -> Iterator[None]:
+    """Blocks of >= 1 MiB from mmap while weights are read or rewritten (the loader, surgery), so what is freed
+    goes back to the OS at once; outside, the compute threshold. No-op unless the engine steers glibc."""
+    if not (active and _engine_mallopt):
+        yield
+        return
+    _mmap_threshold(_LOADING_THRESHOLD)
+    try:
+        yield
+    finally:
+        _mmap_threshold(_COMPUTE_THRESHOLD)
 
 
 _ASYNC_OFF = "HF_DEACTIVATE_ASYNC_LOAD"
