@@ -67,6 +67,13 @@ def generate(folder: Path, layers: int, hidden: int, width: int, experts: int, s
     return writer.total, layer_bytes
 
 
+def _layer_bytes(src: Path) -> int:
+    from moecompress.engine.source import ModelSource
+
+    source = ModelSource(src)
+    return source.part_bytes(0)
+
+
 def calib(path: Path, n: int = 400) -> Path:
     import random
 
@@ -182,6 +189,7 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=128)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/moecompress-stream-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
+    ap.add_argument("--src", type=Path, default=None, help="use this generated checkpoint (not deleted)")
     args = ap.parse_args()
     work = args.workdir
     shutil.rmtree(work, ignore_errors=True)
@@ -191,10 +199,17 @@ def main() -> None:
             speed(work, args)
             return
         src = work / "src"
+        work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        nbytes, layer_bytes = generate(src, args.layers, args.hidden, args.width, args.experts, "1GB")
+        if args.src is not None:  # a checkpoint generated earlier (`--keep`), e.g. to rerun single passes
+            src = args.src
+            nbytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+            layer_bytes = _layer_bytes(src)
+        else:
+            nbytes, layer_bytes = generate(src, args.layers, args.hidden, args.width, args.experts, "1GB")
         sys.stdout.flush()
-        print(f"checkpoint: {args.layers} layers x {args.experts} experts, hidden {args.hidden}, width {args.width}: "
+        layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+        print(f"checkpoint: {layers} layers x {args.experts} experts, hidden {args.hidden}, width {args.width}: "
               f"{nbytes / 2**30:.2f} GiB bf16 in {len(list(src.glob('*.safetensors')))} shards, one decoder layer "
               f"{layer_bytes / 2**20:.0f} MiB (generated in {time.perf_counter() - t0:.0f}s)", flush=True)
         data = calib(work / "calib.jsonl")

@@ -12,6 +12,10 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")  # library progress bars (compressed-tensors, datasets); ours are rich
+# MKL's own memory manager keeps the buffers of large LAPACK/BLAS calls for reuse and never gives them back: GPTQ's
+# batched Cholesky/triangular solves left ~1 GB resident between decoder layers of a 0.8 GB model (bench/README.md,
+# layer streaming). Read once, when MKL first allocates, so it must be set before any torch op runs.
+os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402

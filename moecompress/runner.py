@@ -307,15 +307,25 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
 
     get_calibration = calibration_loader(cache, tok, calibration, src)
 
-    def collector(batches: Any, total: int, meta: dict[str, Any], first_token: int = 0) -> Stats:
-        stats_src = engine.open_source(src, dtype=opts.dtype, device=opts.device, budget=budget)
-        meters["statistics"] = stats_src.meter
+    # the sweeps before compression (statistics, gradients) run on the same source: one skeleton, and a model
+    # small next to the budget keeps the layers they read for the compress sweep (the rule of the full reload)
+    source.hold = not source.chunked_layers and 3 * source.memory_bytes() < budget
+
+    @contextlib.contextmanager
+    def sweep_meter(name: str) -> Iterator[None]:
+        from moecompress.engine.chunks import ChunkMeter
+
+        source.meter = meters[name] = ChunkMeter()
         try:
-            return engine.stream_stats(stats_src, batches, total_tokens=total, sample_tokens=opts.sample_tokens,
+            yield
+        finally:
+            source.meter = meters["compress"]
+
+    def collector(batches: Any, total: int, meta: dict[str, Any], first_token: int = 0) -> Stats:
+        with sweep_meter("statistics"):
+            return engine.stream_stats(source, batches, total_tokens=total, sample_tokens=opts.sample_tokens,
                                        budget=budget // 2, spill_dir=spill, console=console, meta=meta,
                                        first_token=first_token)
-        finally:
-            stats_src.close()
 
     def get_stats() -> Stats:
         if "stats" not in cache:
@@ -327,13 +337,10 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
         from moecompress.calib.gradients import collect_grad_sharded
         from moecompress.engine.grad import stream_gradient_stats
 
-        grad_src = engine.open_source(src, dtype=opts.dtype, device=opts.device, budget=budget)
-        try:
+        with sweep_meter("gradients"):
             return collect_grad_sharded(
-                lambda own: stream_gradient_stats(grad_src, own, budget=budget // 2, spill_dir=spill, console=console),
+                lambda own: stream_gradient_stats(source, own, budget=budget // 2, spill_dir=spill, console=console),
                 get_calibration().batches(batch_size))
-        finally:
-            grad_src.close()
 
     params_before = engine.count_params(source.model)
     ctx = PassContext(model=source.model, tokenizer=tok, adapter=source.adapter, config=cfg, get_stats=get_stats,
@@ -356,9 +363,10 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
                               hub=resolved.hub_ref() if resolved is not None else None,
                               config_update=config_update, mtp=mtp_request(cfg, get_calibration, opts))
         verify: dict[str, Any] = {}
+        reloaded: list[Any] = []  # the vanilla reload of the output, reused for the calibration KL below
         if opts.verify:
             verify = engine.verify_streamed(tmp, ids, logits, budget=budget, device=str(source.device),
-                                            atol=ctx.extras.get("verify_atol"), console=console)
+                                            atol=ctx.extras.get("verify_atol"), console=console, reloaded=reloaded)
         publish(tmp, out)
         w.barrier()  # the other ranks may now read `out` (the next recipe step)
     except BaseException:
@@ -393,13 +401,16 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
     }
     if entry.get("mtp"):
         report["mtp"] = entry["mtp"]
+    written = reloaded[0] if reloaded and next(reloaded[0].parameters()).dtype == source.dtype else None
+    reloaded.clear()
     healed_kl = details.pop("calibration_kl", None)  # a heal inside the engine measured it on its own flows
     if "heal" in type(cfg).model_fields and "stats" in cache:  # what the removed experts carried
         details.update(streamed_removal_cost(cfg.name, details, cache["stats"]))
     if healed_kl is not None:
         details["calibration_kl"] = healed_kl
     elif "heal" in type(cfg).model_fields and 3 * (report["bytes_before"] + report["bytes_after"]) < budget:
-        details.update(streamed_pair_quality(cfg, details, src, out, opts, get_calibration, console))
+        details.update(streamed_pair_quality(cfg, details, src, out, opts, get_calibration, console, written))
+    del written
     if eval_spec is not None:  # a checkpoint larger than the budget is placed by accelerate, offloaded to disk
         offload = engine.spill_dir_beside(out)
         try:
@@ -435,9 +446,13 @@ def streamed_removal_cost(pass_name: str, details: dict[str, Any], stats: Stats)
 
 
 def streamed_pair_quality(cfg: PassConfig, details: dict[str, Any], src: Path, out: Path, opts: RunOptions,
-                          get_calibration: Callable[[], Any], console: Any = None) -> dict[str, Any]:
-    """Calibration KL of a streamed run, measured as the in-memory path does, when input and output both fit."""
-    written = load_model(out, dtype=opts.dtype, tokenizer=False).model
+                          get_calibration: Callable[[], Any], console: Any = None, written: Any = None
+                          ) -> dict[str, Any]:
+    """Calibration KL of a streamed run, measured as the in-memory path does, when input and output both fit.
+
+    `written`: the output already in memory (the verification's vanilla reload), else it is loaded from `out`."""
+    if written is None:
+        written = load_model(out, dtype=opts.dtype, tokenizer=False).model
     quality = structural_pass_quality(cfg, details, written, src, opts, get_calibration, None, console)
     del written
     return quality  # no statistics given: the routed mass already in `details` stays as computed

@@ -140,8 +140,7 @@ def keep_experts(layer: MoELayer, keep: Sequence[int]) -> None:
         table = getattr(owner, leaf, None)
         if table is not None:  # hash-routed layers only; top-k layers of the same model have none
             _set_tensor(owner, leaf, remap_expert_ids(table, idx, rows_before))
-    view = ExpertView(layer)
-    view.set_all(view.get_all().select(idx))
+    ExpertView(layer).select_experts(idx)
     chunks = layer.experts.__dict__.get("expert_chunks")
     if chunks is not None:  # experts read in chunks by the engine (weights on meta): keep their source ids
         chunks.select(idx.tolist())
@@ -359,13 +358,6 @@ def merge_into(layer: MoELayer, anchors: Sequence[int], merged: ExpertWeights, r
     if merged.num_experts != idx.numel() or router_weight.shape[0] != idx.numel():
         raise UserError(f"layer {layer.index}: {idx.numel()} anchors but {merged.num_experts} merged experts "
                         f"and {router_weight.shape[0]} router rows")
-    view = ExpertView(layer)
-    full = view.get_all().clone()
-    for name, value in merged.__dict__.items():
-        target = getattr(full, name)
-        if target is not None and value is not None:
-            target[idx] = value.to(target.dtype)
-    view.set_all(full)
     weight = layer.router.weight.detach().clone()
     weight[idx] = router_weight.to(weight.dtype)
     new_vectors: dict[str, torch.Tensor] = {}
@@ -377,8 +369,17 @@ def merge_into(layer: MoELayer, anchors: Sequence[int], merged: ExpertWeights, r
         old = getattr(owner, leaf).detach().clone()
         new_vectors[path] = old.index_copy(axes[path], idx, value.to(old.dtype))
     set_router_rows(layer, weight, new_vectors)
-    order = idx.sort().values.tolist()
-    keep_experts(layer, order)
+    order = idx.sort()
+    keep_experts(layer, order.values.tolist())
+    # the kept experts are the anchors, each replaced by its merged expert: write them into the (now smaller)
+    # layer rather than into a copy of the whole layer
+    view = ExpertView(layer)
+    kept = view.get_all()
+    for name, value in merged.__dict__.items():
+        target = getattr(kept, name)
+        if target is not None and value is not None:
+            setattr(kept, name, value[order.indices].to(target.dtype))
+    view.set_all(kept)
 
 
 def mask_neurons(layer: MoELayer, keep_mask: torch.Tensor, shared_keep: dict[str, torch.Tensor] | None = None) -> None:

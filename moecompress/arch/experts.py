@@ -153,6 +153,22 @@ class ExpertView:
             m.gate_up_proj_bias = _param(gub, dtype, device)
             m.down_proj_bias = _param(w.down_bias, dtype, device)
 
+    def select_experts(self, index: torch.Tensor) -> None:
+        """Keep experts `index` (in that order): ``set_all(get_all().select(index))`` without the canonical round
+        trip. The expert axis is first in every layout, so each fused tensor is indexed directly and replaced
+        before the next is copied: a layer's surgery holds one tensor's copy, not split, selected and re-joined
+        copies of all of them (the streamed engine's peak memory is set by such copies)."""
+        m = self.module
+        if self.gated and m.gate_up_proj.shape[0] != m.down_proj.shape[0]:  # zero-computation experts' rows stay
+            self.set_all(self.get_all().select(index))
+            return
+        dtype, device = m.down_proj.dtype, m.down_proj.device
+        names = ["gate_up_proj", "down_proj"] if self.gated else ["up_proj", "down_proj"]
+        if self.layer.adapter.has_expert_bias:
+            names += [f"{n}_bias" for n in names]
+        for name in names:
+            setattr(m, name, _param(getattr(m, name).detach()[index], dtype, device))
+
     def set(self, e: int, w: ExpertWeights) -> None:
         """Overwrite expert `e` in place with single-expert canonical weights of the same width."""
         all_w = self.get_all().clone()

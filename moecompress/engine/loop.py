@@ -91,6 +91,9 @@ class Flow:
         self.acts.close()
 
 
+_CHECKED = "_moecompress_streamable"  # set on a model once its layers were found to read only hidden states
+
+
 def start_flow(source: ModelSource, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *, budget: int,
                spill_dir: Path | None = None) -> Flow:
     """Embed every batch (REST must be materialised) and capture each layer's call arguments."""
@@ -99,12 +102,13 @@ def start_flow(source: ModelSource, batches: Sequence[tuple[torch.Tensor, torch.
     shapes, kwargs_all, first = [], [], []
     for b, (ids, mask) in enumerate(batches):
         captured, store = _capture(model, layers, ids.to(source.device), mask.to(source.device))
-        if b == 0:  # once: do the layers' arguments depend on earlier layers' outputs?
+        if b == 0 and not model.__dict__.get(_CHECKED):  # once per model: do the layers' arguments depend
             shifted, _ = _capture(model, layers, ids.to(source.device), mask.to(source.device), shift=1.0)
             if not _same(captured, shifted) or not _head_reads_last_only(model, layers, ids.to(source.device),
                                                                           mask.to(source.device)):
                 raise NotStreamable(f"{type(model).__name__}: its decoder layers or head receive state built from "
                                     "earlier layers' outputs, not only the previous layer's hidden states")
+            model.__dict__[_CHECKED] = True  # a property of the architecture: later flows of this model skip it
         h = store["h0"]
         shapes.append(tuple(h.shape))
         first.append(h)

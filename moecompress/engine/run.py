@@ -25,7 +25,7 @@ from moecompress.engine.chunks import write_chunked_experts
 from moecompress.engine.loop import head_logits, run_layer, start_flow, stream_forward
 from moecompress.engine.reader import reader_for
 from moecompress.engine.sink import ShapeRecorder, ShardWriter, on_disk_state, parse_size
-from moecompress.engine.source import REST, ModelSource, prefer_mmap_for_large_blocks
+from moecompress.engine.source import REST, ModelSource, prefer_mmap_for_large_blocks, weight_allocations
 from moecompress.errors import UserError
 from moecompress.io.checkpoint import (
     checkpoint_bytes,
@@ -146,6 +146,7 @@ def compress_streamed(lp: LayerwisePass, ctx: PassContext, source: ModelSource, 
     ``details["heal"]``.
     """
     plan = lp.plan(ctx)
+    source.hold = False  # layers held by the sweeps before (statistics, gradients) are released once written
     text_config = source.config.get_text_config() if hasattr(source.config, "get_text_config") else source.config
     ids = probe_input(text_config.vocab_size)
     probe = [(ids, torch.ones_like(ids))]
@@ -163,7 +164,11 @@ def compress_streamed(lp: LayerwisePass, ctx: PassContext, source: ModelSource, 
                 layer = source.materialise(i)
                 if healer is not None:
                     healer.before_surgery(i, layer)
-                info = observe_and_apply(lp, ctx, plan, i, layer, calib)
+                # surgery with mmap-backed blocks (merge's apply left ~0.3 GiB in glibc's heap on a 198 MiB
+                # layer otherwise); a pass that observes the calibration flow (GPTQ) does its numerics here, whose
+                # per-column MiB-size temporaries would each pay an mmap, so it keeps the compute threshold
+                with weight_allocations(lp.observe is None):
+                    info = observe_and_apply(lp, ctx, plan, i, layer, calib)
                 if healer is not None:
                     healer.after_surgery(i, layer, info)
                 if info is not None:
@@ -216,9 +221,13 @@ def write_metadata(source: ModelSource, tokenizer: Any, tmp: Path, *, src: Path,
 
 
 def verify_streamed(folder: Path, ids: torch.Tensor, reference: torch.Tensor, *, budget: int, device: str,
-                    atol: float | None = None, full_reload: bool | None = None, console: Any = None) -> dict[str, Any]:
+                    atol: float | None = None, full_reload: bool | None = None, console: Any = None,
+                    reloaded: list[Any] | None = None) -> dict[str, Any]:
     """Written keys/shapes/dtypes equal the meta model of the written config, and a streamed forward of the
-    written checkpoint gives the compressed model's logits; plus a vanilla reload when the model fits."""
+    written checkpoint gives the compressed model's logits; plus a vanilla reload when the model fits.
+
+    `reloaded`: when given and the vanilla reload runs, the reloaded model is appended to it (the runner measures
+    the calibration KL on it instead of loading the output a second time)."""
     reader = None
     if json.loads((Path(folder) / "config.json").read_text()).get("quantization_config"):
         from moecompress.engine.reader import PackedDequantReader
@@ -245,7 +254,7 @@ def verify_streamed(folder: Path, ids: torch.Tensor, reference: torch.Tensor, *,
         summary["expert_chunks"] = {"layers": len(vsrc.chunked_layers), **vsrc.meter.summary()}
     size = checkpoint_bytes(folder)
     if full_reload if full_reload is not None else size * 3 < budget:
-        summary.update(verify_reload(folder, reference, ids, atol=atol))
+        summary.update(verify_reload(folder, reference, ids, atol=atol, keep=reloaded))
         summary["full_reload"] = True
     else:
         summary["full_reload"] = False

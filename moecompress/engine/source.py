@@ -31,6 +31,7 @@ REST = "rest"  # the part holding everything outside the decoder layers (embeddi
 
 
 _EXPERT_NUMBER = re.compile(r"\.experts\.(\d+)\.")  # per-expert on-disk keys: ...experts.<e>.gate_proj...
+FILL_BYTES = 32 << 20  # a whole layer's routed experts larger than twice this are read this much at a time
 LAYER_COPIES = 3  # a layer is in memory up to ~3x while transformers' loader stacks/concatenates and surgery copies
 
 
@@ -159,6 +160,11 @@ class ModelSource:
 
         self.meter = ChunkMeter()
         self._chunks: dict[int, int] = self._plan_chunks(budget) if budget is not None else {}
+        self._loaded: set[Any] = set()  # parts whose tensors are in memory now
+        self._fill: dict[Any, int] = {}  # layer → experts per read when read whole (see `_fill_plan`)
+        # True: `release` keeps the part in memory, so the next sweep finds it read (set by the runner while the
+        # sweeps before compression run on a model small next to the budget: no tensor is read twice)
+        self.hold = False
 
     # -- structure -----------------------------------------------------------------------------------
     def _find_layers_path(self) -> str:
@@ -289,6 +295,10 @@ class ModelSource:
     def chunked_layers(self) -> list[int]:
         return sorted(self._chunks)
 
+    def memory_bytes(self) -> int:
+        """Bytes of the whole model once read (dequantized sources counted as read)."""
+        return sum(self.part_bytes(p) for p in [REST, *range(self.num_layers)])
+
     def min_unchunked_budget(self) -> int:
         """The smallest --max-memory at which every decoder layer is read whole."""
         return max(self.part_bytes(i) for i in range(self.num_layers)) * 2 * LAYER_COPIES
@@ -347,24 +357,69 @@ class ModelSource:
 
         A chunked layer is read without its routed experts; an ``ExpertChunks`` reader on the experts module
         loads them a chunk at a time when the layer runs or is written."""
+        if part in self._loaded:  # read by an earlier sweep and held (see `hold`), or REST read again
+            return self.module_of(part)
         keys = self.keys_of(part)
         expected = self.expected_keys(part)
         per_chunk = self.chunked(part)
-        if per_chunk:
-            from moecompress.engine.chunks import ExpertChunks
-
+        fill = 0 if per_chunk else self._fill_plan(part)
+        if per_chunk or fill:
             experts = {k for k, _ in self.expert_keys(part)}
             keys = [k for k in keys if k not in experts]
             prefix = self.experts_prefix(part)
             expected = {k for k in expected if not k.startswith(prefix)}
         what = "the decoder layer" if part != REST else "embeddings/head"
         self._load({k: _Lazy(self.reader, k) for k in keys}, expected, f"{what} {part}")
+        if fill:
+            self._fill_experts(part, fill)
         if per_chunk:
+            from moecompress.engine.chunks import ExpertChunks
+
             moe = self.moe_layer(part)
             moe.experts.expert_chunks = ExpertChunks(lambda ids, i=part: self.load_experts(i, ids),
                                                      moe.num_experts, per_chunk, self.meter)
         self._tie()
+        self._loaded.add(part)
         return self.module_of(part)
+
+    def _fill_plan(self, part: Any) -> int:
+        """Experts per read when a whole layer's routed experts are read a few at a time (0: in one go).
+
+        transformers' loader holds a part's per-expert tensors, their stacks and the joined result at once (~1.7x
+        the layer measured on a 198 MiB Qwen3-MoE layer); read in pieces of ``FILL_BYTES`` the transient is that
+        of one piece. Small layers are read in one go (every loader call costs fixed time). Only layouts whose
+        experts can be read by id (those ``chunk_plan`` may chunk) are filled this way."""
+        if part == REST or part in self._fill:
+            return self._fill.get(part, 0)
+        n = 0
+        moe = self.moe_layer(part)
+        if moe is not None and moe.num_experts > 1:
+            expert_bytes = _module_bytes(moe.experts)
+            keys = self.expert_keys(part)
+            plain = getattr(self.reader, "fmt", None) is None
+            fused = [k for k, idx in keys if idx is None]
+            if expert_bytes > 2 * FILL_BYTES and keys and (not fused or plain) and all(
+                    self.reader.get_slice(k).get_shape()[0] == moe.num_experts for k in fused):
+                n = max(1, FILL_BYTES // max(1, expert_bytes // moe.num_experts))
+        self._fill[part] = n
+        return n
+
+    def _fill_experts(self, part: int, per_read: int) -> None:
+        """Read layer `part`'s routed experts `per_read` at a time (``load_experts``: the family's own
+        conversion, as for a chunked layer) into whole tensors, which replace the module's meta parameters."""
+        prefix = self.experts_prefix(part)
+        assert prefix is not None
+        module = self.model.get_submodule(prefix[:-1])
+        n = self.moe_layer(part).num_experts
+        full: dict[str, torch.Tensor] = {}
+        for start in range(0, n, per_read):
+            ids = list(range(start, min(n, start + per_read)))
+            for name, t in self.load_experts(part, ids).items():
+                if name not in full:
+                    full[name] = torch.empty((n, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                full[name][start : start + len(ids)].copy_(t)
+        for name, t in full.items():  # as the loader sets parameters (set_param_for_module)
+            module._parameters[name] = torch.nn.Parameter(t, requires_grad=t.is_floating_point())
 
     def _load(self, state: dict[str, Any], expected: set[str], what: str) -> None:
         """transformers' loader on `state` (lazy on-disk tensors); every key of `expected` must arrive cleanly."""
@@ -376,7 +431,7 @@ class ModelSource:
             dtype_plan = self.model._get_dtype_plan(self.dtype)
         load_config = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype, dtype_plan=dtype_plan,
                                           weight_mapping=self.conversion())
-        with _quiet_transformers():
+        with _quiet_transformers(), _frugal_loading():
             info, _ = convert_and_load_state_dict_in_model(self.model, state, load_config)
         self._remember_used_conversions()
         missing = sorted(k for k in info.missing_keys if k in expected)
@@ -410,7 +465,11 @@ class ModelSource:
                 setattr(self.model.get_submodule(dst_mod), dst_name, value)
 
     def release(self, part: Any) -> None:
-        """Drop the part's tensors (back to meta; shapes are kept, so surgery done on it stays visible)."""
+        """Drop the part's tensors (back to meta; shapes are kept, so surgery done on it stays visible); with
+        `hold`, keep them for the next sweep."""
+        if self.hold:
+            return
+        self._loaded.discard(part)
         module = self.module_of(part)
         if part == REST:
             inside = {id(m) for m in decoder_layers(self.model).modules()}
@@ -438,18 +497,71 @@ def _module_bytes(module: torch.nn.Module) -> int:
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_LOADING_THRESHOLD = 1 << 20  # while a part's tensors are read and converted: MiB-size blocks from mmap
+_COMPUTE_THRESHOLD = 32 << 20  # otherwise: glibc's own ceiling for its dynamic threshold (64-bit)
+_engine_mallopt = False  # set by prefer_mmap_for_large_blocks (the engine opened a source in this process)
 
 
-def prefer_mmap_for_large_blocks(threshold: int = 1 << 20) -> None:
-    """Serve allocations of ≥ `threshold` bytes (a layer's tensors) from mmap, so a released layer goes back to the
-    OS at once: glibc's dynamic threshold otherwise rises (up to 32 MiB) after the first freed block, and the MiB-size
-    per-expert tensors of later layers land in a heap that keeps their pages (bench/README.md: layer streaming)."""
+def _mmap_threshold(threshold: int) -> None:
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
+
+
+def prefer_mmap_for_large_blocks() -> None:
+    """Let the engine steer glibc's mmap threshold from now on (see ``_frugal_loading``).
+
+    glibc's dynamic threshold rises (up to 32 MiB) after the first freed mmapped block, after which the MiB-size
+    per-expert tensors the loader creates for later layers land in a heap that keeps their pages (bench/README.md:
+    layer streaming). Outside the loader the threshold is glibc's ceiling, so activations and other compute
+    temporaries reuse heap blocks instead of paying an mmap + page faults + munmap per tensor (0.4 s of a 2.7 s
+    streamed prune of the trained reference when the 1 MiB threshold applied everywhere)."""
+    global _engine_mallopt
+    _engine_mallopt = True
+    _mmap_threshold(_COMPUTE_THRESHOLD)
+
+
+@contextlib.contextmanager
+def _frugal_loading() -> Iterator[None]:
+    """While transformers' loader reads and converts a part.
+
+    * Tensors are read when their conversion needs them, not all at once: the loader's default thread pool
+      submits every read of the part up front, so a whole layer of per-expert tensors sits in memory before the
+      first stack/concatenate starts (``HF_DEACTIVATE_ASYNC_LOAD``, read by the loader at each call).
+    * Blocks of ≥ 1 MiB come from mmap (once the engine steers glibc, ``prefer_mmap_for_large_blocks``), so the
+      layer's tensors and the loader's per-expert temporaries go back to the OS as soon as they are freed."""
+    import os
+
+    saved = os.environ.get(_ASYNC_OFF)
+    os.environ[_ASYNC_OFF] = "1"
+    try:
+        with weight_allocations():
+            yield
+    finally:
+        if saved is None:
+            del os.environ[_ASYNC_OFF]
+        else:
+            os.environ[_ASYNC_OFF] = saved
+
+
+@contextlib.contextmanager
+def weight_allocations(active: bool = True) -> Iterator[None]:
+    """Blocks of >= 1 MiB from mmap while weights are read or rewritten (the loader, surgery), so what is freed
+    goes back to the OS at once; outside, the compute threshold. No-op unless the engine steers glibc."""
+    if not (active and _engine_mallopt):
+        yield
+        return
+    _mmap_threshold(_LOADING_THRESHOLD)
+    try:
+        yield
+    finally:
+        _mmap_threshold(_COMPUTE_THRESHOLD)
+
+
+_ASYNC_OFF = "HF_DEACTIVATE_ASYNC_LOAD"
 
 
 def _return_freed_memory() -> None:

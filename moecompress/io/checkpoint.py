@@ -356,8 +356,11 @@ def quiet_loading() -> Iterator[None]:
             lg.setLevel(lv)
 
 
-def verify_reload(path: Path, reference_logits: torch.Tensor, ids: torch.Tensor, *, atol: float | None = None) -> dict[str, Any]:
-    """Reload with vanilla transformers; fail loudly on any loading-info entry or logit mismatch."""
+def verify_reload(path: Path, reference_logits: torch.Tensor, ids: torch.Tensor, *, atol: float | None = None,
+                  keep: list[Any] | None = None) -> dict[str, Any]:
+    """Reload with vanilla transformers; fail loudly on any loading-info entry or logit mismatch.
+
+    `keep`: the verified model is appended to it (a caller that needs the output in memory reuses this load)."""
     with quiet_loading():
         model, info = auto_class(read_config(path)).from_pretrained(path, output_loading_info=True)
     from moecompress.io.mtp import unexpected_mtp
@@ -377,6 +380,8 @@ def verify_reload(path: Path, reference_logits: torch.Tensor, ids: torch.Tensor,
     summary: dict[str, Any] = {"max_abs_logit_diff": diff, "loading_info": {k: len(v) for k, v in info.items()}}
     if mtp_keys:  # announced MTP keys transformers' depth-specific ignore pattern does not name (miniatures)
         summary["mtp_keys_not_loaded"] = len(mtp_keys)
+    if keep is not None:
+        keep.append(model)
     return summary
 
 

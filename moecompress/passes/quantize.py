@@ -396,6 +396,9 @@ def _dense_targets(layer: torch.nn.Module, cfg: QuantizeConfig, names: dict[int,
     return out
 
 
+HESSIAN_GROUP_BYTES = 32 << 20  # float32 Hessian bytes of the experts GPTQ quantizes in one batched stack
+
+
 def _quantize_experts(moe: Any, tap: ExpertHessians, cfg: QuantizeConfig, adapter: MoEAdapter,
                       quantized: dict[str, QuantResult], errors: dict[str, float]) -> list[int]:
     """Quantize one layer's routed experts in place; returns the width chosen for each expert.
@@ -407,13 +410,27 @@ def _quantize_experts(moe: Any, tap: ExpertHessians, cfg: QuantizeConfig, adapte
 
     view = ExpertView(moe)
     w = view.get_all()
-    gate_h = [h.hessian() for h in tap.x]
-    hessians = {"gate": gate_h, "up": gate_h, "down": [h.hessian() for h in tap.a]}
     cands = sorted(cfg.candidate_bits) if cfg.bits_budget is not None else [cfg.bits]
-    solved = {(p, b): _quantize_stack(getattr(w, p), hessians[p], b, cfg.group_size, cfg)
-              for b in cands for p in w.projections}
-    results = {key: [r for r, _ in pairs] for key, pairs in solved.items()}
-    err = {key: [e for _, e in pairs] for key, pairs in solved.items()}
+    results: dict[tuple[str, int], list[QuantResult]] = {(p, b): [] for b in cands for p in w.projections}
+    err: dict[tuple[str, int], list[float]] = {key: [] for key in results}
+    # experts in groups whose float32 Hessians take about HESSIAN_GROUP_BYTES: GPTQ's per-stack temporaries
+    # (stacked Hessians, their Cholesky factors and inverses, float32 weights and codes: ~10 Hessian-sized
+    # tensors per expert) then scale with the group, not with the layer's expert count
+    n = moe.num_experts
+    per = max(1, HESSIAN_GROUP_BYTES // (4 * max(w.hidden, w.width) ** 2))
+    for start in range(0, n, per):
+        ids = range(start, min(n, start + per))
+        gate_h = [tap.x[e].hessian() for e in ids]
+        hessians = {"gate": gate_h, "up": gate_h, "down": [tap.a[e].hessian() for e in ids]}
+        for b in cands:
+            for p in w.projections:  # each group spread over data-parallel ranks (results and errors gathered)
+                pairs = _quantize_stack(getattr(w, p)[ids.start : ids.stop], hessians[p], b, cfg.group_size, cfg)
+                results[(p, b)] += [r for r, _ in pairs]
+                err[(p, b)] += [e for _, e in pairs]
+        for e in ids:  # these experts' sums are spent: free them before the next group's work
+            tap.x[e].release()
+            tap.a[e].release()
+        del gate_h, hessians
     if cfg.bits_budget is None:
         bits = [cfg.bits] * moe.num_experts
     else:
@@ -424,15 +441,14 @@ def _quantize_experts(moe: Any, tap: ExpertHessians, cfg: QuantizeConfig, adapte
         n_params = [len(w.projections) * w.width * w.hidden] * moe.num_experts
         alloc = allocate_bits(importance_scores(tap.routed.double().numpy()), table, n_params, cands, cfg.bits_budget)
         bits = [int(b) for b in alloc.bits]
-    new = w.clone()
-    for p in w.projections:
+    for p in w.projections:  # the original weights are no longer needed: `w` takes the dequantized ones in place
         for e, b in enumerate(bits):
             r = results[(p, b)][e]
-            getattr(new, p)[e] = r.dequant
+            getattr(w, p)[e] = r.dequant
             name = adapter.expert_checkpoint_name(moe.index, e, p)
             quantized[name] = r
             errors[name] = err[(p, b)][e]
-    view.set_all(new)
+    view.set_all(w)
     _quantize_unused_rows(moe, cfg, adapter, quantized, max(bits))
     return bits
 

@@ -75,6 +75,10 @@ class HessianAccumulator:
         self.n_tokens += n
         self.weight_sum += wsum
 
+    def release(self) -> None:
+        """Free the sum once its Hessian is used (a layer's experts hold one [in, in] float32 sum each)."""
+        self.sum = torch.empty(0, 0, dtype=self.sum.dtype, device=self.sum.device)
+
     def hessian(self) -> torch.Tensor:
         """Weighted mean of ``x xᵀ``; all zeros when no token was seen (GPTQ then falls back to identity)."""
         if self.weight_sum <= 0:
