@@ -11,15 +11,16 @@ function the in-memory walk calls.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from moecompress.arch.adapter import _sub
 from moecompress.calib.layers import StopForward
 from moecompress.engine.loop import Flow, layer_output, start_flow
 from moecompress.engine.source import ModelSource
@@ -76,10 +77,11 @@ class StreamedHeal:
             _run(self.original, index, layer)
         else:
             ins, outs = _run(self.original, index, layer, moe.block, capture=True)
-            original_view = copy.copy(moe)
-            original_view.block = copy.deepcopy(moe.block)
-            original_view.router = _sub(original_view.block, moe.adapter.router_attr)
-            original_view.experts = _sub(original_view.block, moe.adapter.experts_attr)
+            # heal reads the original layer's router alone (its logits are the router fit's target): a copy of the
+            # router and the original expert count, not of the whole block
+            original_view = dataclasses.replace(
+                moe, router=copy.deepcopy(moe.router),
+                experts=SimpleNamespace(down_proj=torch.empty((moe.num_experts, 0), device="meta")))
             self._targets = (original_view, self._flat(ins), self._flat(outs).double(), moe.num_experts)
         self.seconds += time.perf_counter() - t0
 

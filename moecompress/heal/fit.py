@@ -275,8 +275,15 @@ def fit_adam(layer: MoELayer, data: BlockData, steps: int, lr: float, batch_toke
 
 
 # ---- all steps --------------------------------------------------------------------------------------
-def _snapshot(layer: MoELayer) -> dict[str, torch.Tensor]:
-    keep = set(trainable_names(layer))
+def _snapshot(layer: MoELayer, step: str) -> dict[str, torch.Tensor]:
+    """Copies of the tensors `step` may change (to undo it): the router's for (a), the down projections' for (b),
+    every trainable one for (c) — not the whole block, whose gate/up copies would double a layer in memory."""
+    names = trainable_names(layer)
+    if step == "router":
+        names = [n for n in names if n.startswith(layer.adapter.router_attr + ".")]
+    elif step == "down":
+        names = [n for n in names if ".down_proj" in n]
+    keep = set(names)
     return {n: p.detach().clone() for n, p in layer.block.named_parameters() if n in keep}
 
 
@@ -296,7 +303,7 @@ def heal_block(ref_layer: MoELayer, layer: MoELayer, data: BlockData, groups: li
         steps.append(("adam", lambda: fit_adam(layer, data, spec.steps, spec.lr, spec.batch_tokens, spec.eval_every,
                                                spec.patience, spec.seed)))
     for name, fn in steps:
-        before = _snapshot(layer)
+        before = _snapshot(layer, name)
         t0 = time.perf_counter()
         info = fn()
         seconds = time.perf_counter() - t0
