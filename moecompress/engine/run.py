@@ -162,15 +162,17 @@ def compress_streamed(lp: LayerwisePass, ctx: PassContext, source: ModelSource, 
         with sweep_progress(console, f"{ctx.config.name}: compress + write", source.num_layers) as advance:
             for i in range(source.num_layers):
                 layer = source.materialise(i)
-                if healer is not None:
-                    healer.before_surgery(i, layer)
+                if healer is not None:  # heal's fits rewrite the layer's weights too: the surgery allocation rule
+                    with weight_allocations(True):
+                        healer.before_surgery(i, layer)
                 # surgery with mmap-backed blocks (merge's apply left ~0.3 GiB in glibc's heap on a 198 MiB
                 # layer otherwise); a pass that observes the calibration flow (GPTQ) does its numerics here, whose
                 # per-column MiB-size temporaries would each pay an mmap, so it keeps the compute threshold
                 with weight_allocations(lp.observe is None):
                     info = observe_and_apply(lp, ctx, plan, i, layer, calib)
                 if healer is not None:
-                    healer.after_surgery(i, layer, info)
+                    with weight_allocations(True):
+                        healer.after_surgery(i, layer, info)
                 if info is not None:
                     per_layer[i] = info
                 run_layer(flow, i, layer)
