@@ -157,7 +157,7 @@ def speed(work: Path, args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         loaded = load_model(src)
         batch = load_calibration(spec, loaded.tokenizer)
-        batches = list(batch.batches(max(1, min(8, 8192 // batch.input_ids.shape[1]))))
+        batches = batch.forward_batches()
         stats = collect_stats(loaded.model, batches, total_tokens=int(batch.attention_mask.sum()), sample_tokens=2048)
         ctx = PassContext(model=loaded.model, tokenizer=loaded.tokenizer, adapter=loaded.adapter, config=cfg,
                           get_stats=lambda stats=stats: stats, get_calibration=lambda batch=batch: batch)

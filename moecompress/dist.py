@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -78,11 +78,11 @@ class World:
         each rank calibrates on are recorded under `what` for the report and provenance.
         """
         batches = list(batches)
-        own = self.block(len(batches))
         blocks = [self.block(len(batches), r) for r in range(self.size)]
         tokens = [sum(int(m.sum()) for _, m in batches[b.start : b.stop]) for b in blocks]
         self.calibrated[what] = tokens
-        return batches[own.start:own.stop], sum(tokens[: self.rank])
+        own = blocks[self.rank]
+        return batches[own.start : own.stop], sum(tokens[: self.rank])
 
     # ---- collectives --------------------------------------------------------------------------------------
     def _comm_device(self) -> torch.device:
@@ -107,21 +107,13 @@ class World:
     def _reduce_groups(self, groups: list[list[torch.Tensor]], red: Any, dev: torch.device) -> None:
         import torch.distributed as dist
 
-        for group in groups:
-            bucket: list[torch.Tensor] = []
-            size = 0
-            for t in [*group, None]:
-                if t is not None and (not bucket or size + t.numel() <= BUCKET):
-                    bucket.append(t)
-                    size += t.numel()
-                    continue
-                flat = torch.cat([b.detach().reshape(-1).to(dev) for b in bucket])
-                self._call(dist.all_reduce, flat, op=red)
-                start = 0
-                for b in bucket:
-                    b.copy_(flat[start : start + b.numel()].view(b.shape).to(b.device))
-                    start += b.numel()
-                bucket, size = ([t], t.numel()) if t is not None else ([], 0)
+        for bucket in (b for group in groups for b in _buckets(group)):
+            flat = torch.cat([t.detach().reshape(-1).to(dev) for t in bucket])
+            self._call(dist.all_reduce, flat, op=red)
+            start = 0
+            for t in bucket:
+                t.copy_(flat[start : start + t.numel()].view(t.shape).to(t.device))
+                start += t.numel()
 
     def gather(self, obj: T) -> list[T]:
         """Every rank's `obj`, in rank order, on every rank (pickled: for small or irregular things)."""
@@ -187,6 +179,20 @@ class World:
             import torch.distributed as dist
 
             self._call(dist.barrier)
+
+
+def _buckets(tensors: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """Consecutive runs of `tensors` of at most BUCKET elements together (a larger tensor travels alone)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for t in tensors:
+        if bucket and size + t.numel() > BUCKET:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(t)
+        size += t.numel()
+    if bucket:
+        yield bucket
 
 
 _WORLD = World()

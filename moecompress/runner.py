@@ -86,7 +86,7 @@ def mtp_request(cfg: PassConfig, get_calibration: Callable[[], Any], opts: RunOp
             batch = get_calibration()
         except UserError:  # no calibration data: the data-free criterion, said so in the report
             return None
-        return list(batch.batches(max(1, min(8, 8192 // batch.input_ids.shape[1]))))
+        return batch.forward_batches()
 
     from moecompress.engine.run import memory_budget
 
@@ -131,7 +131,7 @@ def obtain_stats(model: Any, get_calibration: Any, model_dir: Path, calib_spec: 
         stats.meta["cache"] = "hit"
         return stats
     batch = get_calibration()  # tokenized once per pass, shared with passes that also read the tokens
-    batches = list(batch.batches(max(1, min(8, 8192 // batch.input_ids.shape[1]))))
+    batches = batch.forward_batches()
     total = int(batch.attention_mask.sum())
     meta = {"model": str(model_dir), "calibration": calib_spec.model_dump(mode="json"), "tokens": total}
     if collector is not None:

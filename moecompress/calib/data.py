@@ -80,6 +80,11 @@ class CalibBatch:
         for i in range(0, len(self), max(1, batch_size)):
             yield self.input_ids[i : i + batch_size], self.attention_mask[i : i + batch_size]
 
+    def forward_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The batching every forward-only sweep uses (statistics, MTP ranking): up to 8 sequences and about 8k
+        tokens per batch, so long sequences do not make one batch's activations large."""
+        return list(self.batches(max(1, min(8, 8192 // self.input_ids.shape[1]))))
+
 
 # ----------------------------------------------------------------------------------------- sources
 

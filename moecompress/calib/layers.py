@@ -6,7 +6,9 @@ sees is what the already-processed layers below it produce (error propagation).
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -17,6 +19,30 @@ from moecompress.arch.discover import text_model
 
 class StopForward(Exception):
     """Raised by a hook to end a forward early (everything needed has been recorded)."""
+
+
+@contextlib.contextmanager
+def block_io(block: torch.nn.Module, *, stop: bool = False) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Record `block`'s inputs and outputs over the forwards run inside (one entry per call). With `stop`, each
+    forward ends where the block would start (``StopForward`` after its input is recorded; no outputs): for a
+    block about to be changed, whose outputs now would be thrown away."""
+    ins: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+
+    def pre(mod: Any, args: tuple, kw: dict) -> None:
+        ins.append((args[0] if args else kw["hidden_states"]).detach())
+        if stop:
+            raise StopForward
+
+    handles = [block.register_forward_pre_hook(pre, with_kwargs=True)]
+    if not stop:
+        handles.append(block.register_forward_hook(
+            lambda mod, args, out: outs.append((out[0] if isinstance(out, tuple) else out).detach())))
+    try:
+        yield ins, outs
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def capture_layer_inputs(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],

@@ -10,6 +10,7 @@ function the in-memory walk calls.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
@@ -21,12 +22,12 @@ from typing import Any
 
 import torch
 
-from moecompress.calib.layers import StopForward
-from moecompress.engine.loop import Flow, layer_output, start_flow
+from moecompress.calib.layers import StopForward, block_io
+from moecompress.engine.loop import Flow, run_layer, start_flow
 from moecompress.engine.source import ModelSource
 from moecompress.heal.fit import BlockData, heal_block
 from moecompress.heal.spec import HealSpec
-from moecompress.heal.walk import holdout_rows
+from moecompress.heal.walk import held_out, real_tokens
 from moecompress.passes.merging import Group
 
 # (layer index, the pass's report of that layer, experts before the pass) → which original experts each kept one
@@ -53,30 +54,23 @@ class StreamedHeal:
     @classmethod
     def start(cls, source: ModelSource, batches: list[tuple[torch.Tensor, torch.Tensor]], spec: HealSpec,
               groups_of: GroupsOf, *, budget: int, spill_dir: Path | None) -> StreamedHeal:
-        n_rows = sum(int(ids.shape[0]) for ids, _ in batches)
-        first_held = n_rows - holdout_rows(n_rows, spec.holdout)
-        parts, held_rows, row = [], [], 0
-        for ids, mask in batches:
-            rows = torch.arange(row, row + ids.shape[0])
-            held_rows.append(torch.nonzero(rows >= first_held).flatten())
-            parts.append((rows[:, None].expand_as(mask) >= first_held).reshape(-1)[mask.reshape(-1).bool()])
-            row += ids.shape[0]
+        held, held_rows = held_out(batches, spec.holdout)
         held_batches = [(ids[r], mask[r]) for (ids, mask), r in zip(batches, held_rows, strict=True) if len(r)]
         original = start_flow(source, batches, budget=budget // 3, spill_dir=spill_dir)
         compressed = start_flow(source, batches, budget=budget // 3, spill_dir=spill_dir)
         unhealed = start_flow(source, held_batches, budget=budget // 3, spill_dir=spill_dir)
         return cls(source=source, spec=spec, groups_of=groups_of, original=original, compressed=compressed,
-                   unhealed=unhealed, held=torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool),
-                   held_rows=held_rows)
+                   unhealed=unhealed, held=held, held_rows=held_rows)
 
     def before_surgery(self, index: int, layer: torch.nn.Module) -> None:
         """Run the original flow through the untouched layer, keeping its MoE block's inputs and outputs."""
         t0 = time.perf_counter()
         moe = self.source.moe_layer(index)
         if moe is None:
-            _run(self.original, index, layer)
+            run_layer(self.original, index, layer)
         else:
-            ins, outs = _run(self.original, index, layer, moe.block, capture=True)
+            with block_io(moe.block) as (ins, outs):
+                run_layer(self.original, index, layer)
             # heal reads the original layer's router alone (its logits are the router fit's target): a copy of the
             # router and the original expert count, not of the whole block
             original_view = dataclasses.replace(
@@ -88,7 +82,7 @@ class StreamedHeal:
     def after_surgery(self, index: int, layer: torch.nn.Module, info: dict[str, Any] | None) -> None:
         """Fit the compressed block to the original's outputs on the compressed flow's inputs, then propagate."""
         t0 = time.perf_counter()
-        _run(self.unhealed, index, layer)  # compressed, not yet healed
+        run_layer(self.unhealed, index, layer)  # compressed, not yet healed
         moe = self.source.moe_layer(index)
         if moe is not None and self._targets is not None:
             original_view, x_ref, y_ref, n_before = self._targets
@@ -98,12 +92,11 @@ class StreamedHeal:
             self.layers[str(index)] = heal_block(original_view, moe, data, self.groups_of(index, info or {}, n_before),
                                                  self.spec)
             del original_view
-        _run(self.compressed, index, layer)
+        run_layer(self.compressed, index, layer)
         self.seconds += time.perf_counter() - t0
 
     def _flat(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        masks = self.original.masks()
-        return torch.cat([p.reshape(-1, p.shape[-1])[m.to(p.device)] for p, m in zip(parts, masks, strict=True)])
+        return real_tokens(parts, self.original.masks())
 
     @torch.no_grad()
     def calibration_kl(self) -> dict[str, Any]:
@@ -146,48 +139,13 @@ class StreamedHeal:
 
 
 @torch.no_grad()
-def _run(flow: Flow, index: int, layer: torch.nn.Module, block: torch.nn.Module | None = None,
-         capture: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Every batch of `flow` through decoder layer `index` (the cache advances); with `capture`, the MoE
-    block's inputs and outputs on the way."""
-    ins: list[torch.Tensor] = []
-    outs: list[torch.Tensor] = []
-    handles = []
-    if capture and block is not None:
-        handles.append(block.register_forward_pre_hook(
-            lambda m, a, kw: ins.append((a[0] if a else kw["hidden_states"]).detach()), with_kwargs=True))
-        handles.append(block.register_forward_hook(
-            lambda m, a, o: outs.append((o[0] if isinstance(o, tuple) else o).detach())))
-    try:
-        for b in range(len(flow.acts)):
-            args, kwargs = flow.layer_kwargs[b][index]
-            flow.acts.set(b, layer_output(layer(flow.acts.get(b).to(flow.device), *args, **kwargs)))
-    finally:
-        for h in handles:
-            h.remove()
-    flow.position = index + 1
-    return ins, outs
-
-
-@torch.no_grad()
 def _block_inputs(flow: Flow, index: int, layer: torch.nn.Module, block: torch.nn.Module) -> list[torch.Tensor]:
     """The MoE block's inputs for every batch, each forward stopped where the block starts (the cache stays)."""
-    ins: list[torch.Tensor] = []
-
-    def pre(mod: Any, a: tuple, kw: dict) -> None:
-        ins.append((a[0] if a else kw["hidden_states"]).detach())
-        raise StopForward
-
-    handle = block.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
+    with block_io(block, stop=True) as (ins, _):
         for b in range(len(flow.acts)):
             args, kwargs = flow.layer_kwargs[b][index]
-            try:
+            with contextlib.suppress(StopForward):
                 layer(flow.acts.get(b).to(flow.device), *args, **kwargs)
-            except StopForward:
-                pass
-    finally:
-        handle.remove()
     if len(ins) != len(flow.acts):
         raise RuntimeError("heal: the MoE block was not reached in a decoder layer's forward")
     return ins

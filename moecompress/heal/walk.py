@@ -12,6 +12,7 @@ will really see; the original stream provides the targets.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 
 from moecompress.arch.adapter import MoELayer, adapter_for, decoder_layers, moe_layers
 from moecompress.arch.discover import text_model
-from moecompress.calib.layers import StopForward, capture_layer_inputs, layer_output
+from moecompress.calib.layers import StopForward, block_io, capture_layer_inputs, layer_output
 from moecompress.heal.fit import BlockData
 
 OnLayer = Callable[[int, MoELayer, MoELayer, BlockData], None]
@@ -34,22 +35,8 @@ def holdout_rows(n_rows: int, holdout: float) -> int:
 def _run_block_layer(layer: torch.nn.Module, block: torch.nn.Module, hidden: list[torch.Tensor],
                      kwargs: list[dict[str, Any]]):
     """Run one decoder layer over every batch; returns (block inputs, block outputs, layer outputs)."""
-    ins: list[torch.Tensor] = []
-    outs: list[torch.Tensor] = []
-
-    def pre(mod, args, kw):  # noqa: ANN001
-        ins.append((args[0] if args else kw["hidden_states"]).detach())
-
-    def post(mod, args, out):  # noqa: ANN001
-        outs.append((out[0] if isinstance(out, tuple) else out).detach())
-
-    handles = [block.register_forward_pre_hook(pre, with_kwargs=True), block.register_forward_hook(post)]
-    try:
-        with torch.no_grad():
-            nxt = [layer_output(layer(h, **kwargs[b])) for b, h in enumerate(hidden)]
-    finally:
-        for h in handles:
-            h.remove()
+    with block_io(block) as (ins, outs), torch.no_grad():
+        nxt = [layer_output(layer(h, **kwargs[b])) for b, h in enumerate(hidden)]
     return ins, outs, nxt
 
 
@@ -57,29 +44,33 @@ def _block_inputs(layer: torch.nn.Module, block: torch.nn.Module, hidden: list[t
                   kwargs: list[dict[str, Any]]) -> list[torch.Tensor]:
     """The block's inputs over every batch, each forward stopped where the block would start: the block
     is about to be healed, so its outputs here would be thrown away (the healed layer is run afterwards)."""
-    ins: list[torch.Tensor] = []
-
-    def pre(mod, args, kw):  # noqa: ANN001
-        ins.append((args[0] if args else kw["hidden_states"]).detach())
-        raise StopForward
-
-    handle = block.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for b, h in enumerate(hidden):
-                try:
-                    layer(h, **kwargs[b])
-                except StopForward:
-                    pass
-    finally:
-        handle.remove()
+    with block_io(block, stop=True) as (ins, _), torch.no_grad():
+        for b, h in enumerate(hidden):
+            with contextlib.suppress(StopForward):
+                layer(h, **kwargs[b])
     if len(ins) != len(hidden):
         raise RuntimeError("heal: the MoE block was not reached in a decoder layer's forward")
     return ins
 
 
-def _flat(parts: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([p.reshape(-1, p.shape[-1])[m] for p, m in zip(parts, masks, strict=True)])
+def real_tokens(parts: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
+    """Per-batch [B, L, H] tensors flattened to the real (unpadded) tokens, [N, H]."""
+    return torch.cat([p.reshape(-1, p.shape[-1])[m.to(p.device)] for p, m in zip(parts, masks, strict=True)])
+
+
+def held_out(batches: list[tuple[torch.Tensor, torch.Tensor]], holdout: float
+             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Which real tokens belong to held-out sequences (the last ones, ``holdout_rows``), [N] bool, and each batch's
+    held-out row indices."""
+    n_rows = sum(int(ids.shape[0]) for ids, _ in batches)
+    first_held = n_rows - holdout_rows(n_rows, holdout)
+    parts, rows_held, row = [], [], 0
+    for ids, mask in batches:
+        rows = torch.arange(row, row + ids.shape[0])
+        rows_held.append(torch.nonzero(rows >= first_held).flatten())
+        parts.append((rows[:, None].expand_as(mask) >= first_held).reshape(-1)[mask.reshape(-1).bool()])
+        row += ids.shape[0]
+    return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)), rows_held
 
 
 def walk_two_streams(ref_model: torch.nn.Module, model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -90,14 +81,7 @@ def walk_two_streams(ref_model: torch.nn.Module, model: torch.nn.Module, batches
     ref_moe = {ly.index: ly for ly in moe_layers(ref_model, adapter)}
     cmp_moe = {ly.index: ly for ly in moe_layers(model, adapter)}
     masks = [m.reshape(-1).bool() for _, m in batches]
-    n_rows = sum(int(ids.shape[0]) for ids, _ in batches)
-    first_held = n_rows - holdout_rows(n_rows, holdout)
-    held_parts, row = [], 0
-    for ids, mask in batches:
-        rows = torch.arange(row, row + ids.shape[0])[:, None].expand_as(mask)
-        held_parts.append((rows >= first_held).reshape(-1)[mask.reshape(-1).bool()])
-        row += ids.shape[0]
-    held = torch.cat(held_parts)
+    held, _ = held_out(batches, holdout)
     previous = [getattr(m.config, "_experts_implementation", None) for m in (ref_model, model)]
     for m in (ref_model, model):  # on CPU the per-expert loop beats grouped_mm at these sizes, and it is exact
         m.set_experts_implementation("eager")
@@ -119,8 +103,8 @@ def _walk(ref_model, model, batches, on_layer, ref_moe, cmp_moe, masks, held, pr
         if i in cmp_moe:
             x_ref, y_ref, h_ref = _run_block_layer(lr, ref_moe[i].block, h_ref, kw_ref[i])
             x_cmp = _block_inputs(lc, cmp_moe[i].block, h_cmp, kw_cmp[i])
-            data = BlockData(x=_flat(x_cmp, masks), x_ref=_flat(x_ref, masks),
-                             y=_flat(y_ref, masks).double(), held=held)
+            data = BlockData(x=real_tokens(x_cmp, masks), x_ref=real_tokens(x_ref, masks),
+                             y=real_tokens(y_ref, masks).double(), held=held)
             on_layer(i, ref_moe[i], cmp_moe[i], data)
         else:
             with torch.no_grad():

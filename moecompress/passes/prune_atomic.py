@@ -254,10 +254,9 @@ def _fresh_stats(ctx: PassContext) -> Stats:
     from moecompress.calib.collect import collect_sharded, collect_stats
 
     calib = ctx.get_calibration()
-    bs = max(1, min(8, 8192 // calib.input_ids.shape[1]))
     return collect_sharded(lambda own, first: collect_stats(ctx.model, own, total_tokens=calib.n_tokens,
                                                             sample_tokens=0, first_token=first),
-                           list(calib.batches(bs)), 0)
+                           calib.forward_batches(), 0)
 
 
 def layer_scores(cfg: PruneAtomicConfig, layer: MoELayer, grad: GradStats | None, stats: Stats | None
