@@ -290,7 +290,7 @@ def sync_config(model: torch.nn.Module, adapter: MoEAdapter | None = None) -> di
     layers = moe_layers(model, adapter)
     adapter = layers[0].adapter
     counts = {layer.num_experts for layer in layers}
-    widths = {ExpertView(layer).get_all().width for layer in layers}
+    widths = {ExpertView(layer).dims()[2] for layer in layers}
     if len(counts) != 1 or len(widths) != 1:
         raise UserError(
             f"MoE layers disagree (experts {sorted(counts)}, widths {sorted(widths)}); vanilla transformers needs "
@@ -343,21 +343,24 @@ def sliced_router(layer: MoELayer, keep: Sequence[int]) -> torch.nn.Module:
     return router
 
 
-def merge_into(layer: MoELayer, anchors: Sequence[int], merged: ExpertWeights, router_weight: torch.Tensor,
-               vectors: dict[str, torch.Tensor] | None = None) -> None:
+def merge_into(layer: MoELayer, anchors: Sequence[int], merged: ExpertWeights | None, router_weight: torch.Tensor,
+               vectors: dict[str, torch.Tensor] | None = None, replaced: Sequence[int] | None = None) -> None:
     """Replace expert `anchors[j]` by merged expert j (and its router row / vectors), then keep only the anchors.
 
-    `merged` stacks one expert per anchor (same width as the layer); `router_weight` is [n, H]; `vectors`
-    maps a router-vector path to its values for the n merged experts (along the vector's expert axis).
+    `merged` stacks one expert per entry of `replaced` (positions in `anchors`; default: every anchor; None when
+    there are none) — a group of one is its anchor unchanged, so callers need not build it; `router_weight` is [n, H]; `vectors` maps a
+    router-vector path to its values for the n merged experts (along the vector's expert axis).
     The merged experts end up in ascending anchor order, so group-limited routers keep their blocks.
     """
     idx = torch.as_tensor(list(anchors), dtype=torch.long)
+    replaced = list(range(idx.numel())) if replaced is None else list(replaced)
     n_old = layer.num_experts
     if idx.numel() == 0 or idx.unique().numel() != idx.numel() or int(idx.min()) < 0 or int(idx.max()) >= n_old:
         raise UserError(f"layer {layer.index}: invalid merge anchors {list(anchors)} for {n_old} experts")
-    if merged.num_experts != idx.numel() or router_weight.shape[0] != idx.numel():
-        raise UserError(f"layer {layer.index}: {idx.numel()} anchors but {merged.num_experts} merged experts "
-                        f"and {router_weight.shape[0]} router rows")
+    n_merged = 0 if merged is None else merged.num_experts
+    if n_merged != len(replaced) or router_weight.shape[0] != idx.numel():
+        raise UserError(f"layer {layer.index}: {idx.numel()} anchors, {len(replaced)} to replace, but "
+                        f"{n_merged} merged experts and {router_weight.shape[0]} router rows")
     weight = layer.router.weight.detach().clone()
     weight[idx] = router_weight.to(weight.dtype)
     new_vectors: dict[str, torch.Tensor] = {}
@@ -371,15 +374,12 @@ def merge_into(layer: MoELayer, anchors: Sequence[int], merged: ExpertWeights, r
     set_router_rows(layer, weight, new_vectors)
     order = idx.sort()
     keep_experts(layer, order.values.tolist())
-    # the kept experts are the anchors, each replaced by its merged expert: write them into the (now smaller)
-    # layer rather than into a copy of the whole layer
-    view = ExpertView(layer)
-    kept = view.get_all()
-    for name, value in merged.__dict__.items():
-        target = getattr(kept, name)
-        if target is not None and value is not None:
-            setattr(kept, name, value[order.indices].to(target.dtype))
-    view.set_all(kept)
+    # the kept experts are the anchors; each replaced one is written into its slot of the (now smaller) fused
+    # tensors in place: no copy of the layer
+    slot = torch.empty_like(order.indices)
+    slot[order.indices] = torch.arange(idx.numel())
+    if merged is not None:
+        ExpertView(layer).write([int(slot[j]) for j in replaced], merged)
 
 
 def mask_neurons(layer: MoELayer, keep_mask: torch.Tensor, shared_keep: dict[str, torch.Tensor] | None = None) -> None:

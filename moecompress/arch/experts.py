@@ -9,6 +9,7 @@ family's storage layout (concatenated, gpt-oss interleaved + transposed, Llama4 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -79,17 +80,23 @@ class ExpertView:
     def gated(self) -> bool:
         return bool(getattr(self.module, "has_gate", True))
 
-    def get_all(self) -> ExpertWeights:
+    def get_all(self, index: Sequence[int] | torch.Tensor | None = None, copy: bool = True) -> ExpertWeights:
+        """Canonical weights of every expert, or of experts `index` (selected from the fused tensors first, so
+        only those are copied). ``copy=False`` returns views of the live tensors (no memory; do not keep them
+        past surgery that replaces the tensors)."""
         m = self.module
+        pick = (lambda t: t) if index is None else (lambda t: t[torch.as_tensor(index, dtype=torch.long)])
+        finish = (lambda t: t.contiguous()) if copy else (lambda t: t)
         if not self.gated:  # up [E, I, H] (or [E, H, I] transposed), down [E, H, I] (or [E, I, H])
             t = bool(getattr(m, "is_transposed", False))
-            up, down = m.up_proj.detach(), m.down_proj.detach()
+            up, down = pick(m.up_proj.detach()), pick(m.down_proj.detach())
             w = ExpertWeights(gate=None, up=up.transpose(1, 2) if t else up, down=down.transpose(1, 2) if t else down)
             if self.layer.adapter.has_expert_bias:
-                w.up_bias, w.down_bias = m.up_proj_bias.detach(), m.down_proj_bias.detach()
-            return w.map(lambda x: x.contiguous())
-        gu, down = m.gate_up_proj.detach(), m.down_proj.detach()
-        gu = gu[: down.shape[0]]  # rows past the routed experts (LongCat's zero-computation experts) are not experts
+                w.up_bias, w.down_bias = pick(m.up_proj_bias.detach()), pick(m.down_proj_bias.detach())
+            return w.map(finish)
+        down = m.down_proj.detach()
+        gu = m.gate_up_proj.detach()[: down.shape[0]]  # rows past the routed experts (LongCat's zero-computation
+        gu, down = pick(gu), pick(down)                 # experts) are not experts
         if self.layout == "concat":  # gate_up [E, 2I, H], down [E, H, I]
             i = gu.shape[1] // 2
             w = ExpertWeights(gate=gu[:, :i], up=gu[:, i:], down=down)
@@ -101,14 +108,31 @@ class ExpertView:
             w = ExpertWeights(gate=gu[:, :, ::2].transpose(1, 2), up=gu[:, :, 1::2].transpose(1, 2),
                               down=down.transpose(1, 2))
         if self.layer.adapter.has_expert_bias:
-            gub = m.gate_up_proj_bias.detach()
+            gub = pick(m.gate_up_proj_bias.detach()[: m.down_proj.shape[0]])
             if self.layout == "interleaved_transposed":
                 w.gate_bias, w.up_bias = gub[:, ::2], gub[:, 1::2]
             else:
                 i = gub.shape[1] // 2
                 w.gate_bias, w.up_bias = gub[:, :i], gub[:, i:]
-            w.down_bias = m.down_proj_bias.detach()
-        return w.map(lambda t: t.contiguous())
+            w.down_bias = pick(m.down_proj_bias.detach())
+        return w.map(finish)
+
+    def dims(self) -> tuple[int, int, int]:
+        """(experts, hidden, width) read from the tensors' shapes, without copying any."""
+        w = self.get_all(copy=False)
+        return w.num_experts, w.hidden, w.width
+
+    @torch.no_grad()
+    def write(self, positions: Sequence[int], w: ExpertWeights) -> None:
+        """Overwrite experts `positions` in place with canonical weights stacked in that order (same width):
+        only those experts' slices of the fused tensors are written, nothing else is copied."""
+        live = self.get_all(copy=False)  # views of the fused storage in canonical orientation
+        for name in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"):
+            src, dst = getattr(w, name), getattr(live, name)
+            if src is None or dst is None:
+                continue
+            for j, e in enumerate(positions):
+                dst[e].copy_(src[j])
 
     def get(self, e: int) -> ExpertWeights:
         return self.get_all().select(e)
@@ -171,12 +195,7 @@ class ExpertView:
 
     def set(self, e: int, w: ExpertWeights) -> None:
         """Overwrite expert `e` in place with single-expert canonical weights of the same width."""
-        all_w = self.get_all().clone()
-        for name in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"):
-            src = getattr(w, name)
-            if src is not None and getattr(all_w, name) is not None:
-                getattr(all_w, name)[e] = src
-        self.set_all(all_w)
+        self.write([e], w.map(lambda t: t[None]))
 
     def forward_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Output of expert `e` alone on inputs x [T, H] (no routing weight), using the module's activation."""

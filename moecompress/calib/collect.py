@@ -204,10 +204,9 @@ class LayerTap:
     """Accumulates statistics for one MoE layer during collection."""
 
     def __init__(self, layer: MoELayer, sample_every: int, sample_cap: int) -> None:
-        view = ExpertView(layer)
-        w = view.get_all()
+        _, hidden, width = ExpertView(layer).dims()
         self.layer = layer
-        self.stats = LayerStats(num_experts=layer.num_experts, hidden=w.hidden, width=w.width)
+        self.stats = LayerStats(num_experts=layer.num_experts, hidden=hidden, width=width)
         self.mask: torch.Tensor | None = None  # [T] bool, real tokens of the current batch
         self.sample_every = sample_every
         self.sample_cap = sample_cap

@@ -114,14 +114,21 @@ def plan_groups(cfg: MergeExpertsConfig, ls: LayerStats, n_keep: int, n_groups: 
 
 
 def merge_groups(cfg: MergeExpertsConfig, w: ExpertWeights, groups: list[M.Group], ls: LayerStats,
-                 acts: torch.Tensor | None) -> tuple[ExpertWeights, list[dict[str, Any]]]:
-    """Align and merge each group's members; returns the stacked merged experts and per-group details."""
+                 acts: torch.Tensor | None) -> tuple[ExpertWeights | None, list[int], list[dict[str, Any]]]:
+    """Align and merge each group's members; returns the merged experts of the groups with more than one member
+    (stacked), those groups' positions, and per-group details. A group of one is its anchor as is (averaging
+    one member with coefficient 1 is the identity), so it is neither computed nor copied."""
     freq = ls.sums["freq"].double()
     weight_src = ls.sums["reap_sum"].double() if cfg.merge == "saliency" else freq
     merged: list[ExpertWeights] = []
+    replaced: list[int] = []
     info: list[dict[str, Any]] = []
-    for g in groups:
+    for j, g in enumerate(groups):
         coef = M.normalise(weight_src[g.members])
+        entry: dict[str, Any] = {"members": g.members, "coef": [round(float(c), 4) for c in coef]}
+        info.append(entry)
+        if len(g.members) == 1:
+            continue
         anchor = w.select(g.anchor)
         members = [anchor]
         for m in g.members[1:]:
@@ -129,15 +136,14 @@ def merge_groups(cfg: MergeExpertsConfig, w: ExpertWeights, groups: list[M.Group
                                        acts[m] if acts is not None else None, cfg.align)
             members.append(M.permute_neurons(w.select(m), perm))
         stacked = M.stack(members)
-        entry: dict[str, Any] = {"members": g.members, "coef": [round(float(c), 4) for c in coef]}
-        if cfg.merge == "subspace" and len(members) > 1:
+        if cfg.merge == "subspace":
             one, ranks = M.merge_subspace(stacked, coef, cfg.rank, cfg.energy)
             entry["ranks"] = ranks
         else:
             one = M.merge_average(stacked, coef)
         merged.append(one)
-        info.append(entry)
-    return M.stack(merged), info
+        replaced.append(j)
+    return (M.stack(merged) if merged else None), replaced, info
 
 
 def router_for(cfg: MergeExpertsConfig, layer: MoELayer, groups: list[M.Group], ls: LayerStats,
@@ -250,17 +256,18 @@ def _apply_layer(ctx: PassContext, plan: dict[str, Any], index: int, _decoder_la
     if sample is not None:
         sample = sample.to(layer.router.weight.device)
     x_feat = sample[: cfg.feature_tokens] if sample is not None and sample.shape[0] else None
-    view = ExpertView(layer)
-    w = view.get_all()
+    w = ExpertView(layer).get_all(copy=False)  # views: merging reads a few experts, surgery replaces the tensors
     outputs = acts = None
     if x_feat is not None and (cfg.method != "msmoe" or cfg.align in ("activation", "both")):
         outputs, acts = M.expert_outputs(layer.experts, adapter.layout, w, expert_inputs(layer, x_feat))
     # hash-routed layers (DeepSeek-V4) choose experts by token id, which sampled hidden states do not carry
     before = block_output(layer, x_feat) if x_feat is not None and not layer.hash_routed else None
     groups = plan_groups(cfg, ls, n_keep, n_groups, outputs)
-    merged, group_info = merge_groups(cfg, w, groups, ls, acts if cfg.align in ("activation", "both") else None)
+    merged, replaced, group_info = merge_groups(cfg, w, groups, ls,
+                                                acts if cfg.align in ("activation", "both") else None)
     rows, vectors, router_info = router_for(cfg, layer, groups, ls, sample)
-    merge_into(layer, [g.anchor for g in groups], merged, rows, vectors)
+    del w
+    merge_into(layer, [g.anchor for g in groups], merged, rows, vectors, replaced)
     info: dict[str, Any] = {"groups": group_info, **router_info}
     if before is not None:
         after = block_output(layer, x_feat)

@@ -320,7 +320,7 @@ def _plan(ctx: PassContext) -> dict[str, Any]:
     if sub is not None:
         details["experts"] = prune_experts(dataclasses.replace(ctx, config=sub))
     layers = moe_layers(model, adapter)
-    width = ExpertView(layers[0]).get_all().width
+    width = ExpertView(layers[0]).dims()[2]
     new_width = cfg.new_width(width)
     scores, shared_scores, info = compute_scores(ctx, cfg, fresh=sub is not None)
     n_keep_total = new_width * sum(ly.num_experts for ly in layers)
