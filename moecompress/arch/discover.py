@@ -175,19 +175,9 @@ def router_choice(out: object, num_experts: int) -> tuple[torch.Tensor, torch.Te
     return index, weights
 
 
-def grouped_choice(out: tuple, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top_k_index [T, k], top_k_weights [T, k]) from a router that returns its (token, slot) pairs grouped by
-    expert (JetMoE's top-k gating: slot ids sorted by expert, token ids, gates, tokens per expert, logits)."""
-    slots, _tokens, gates, sizes = out[0], out[1], out[2], out[3]
-    sizes = torch.as_tensor(sizes, dtype=torch.long, device=slots.device)
-    expert = torch.repeat_interleave(torch.arange(sizes.numel(), device=slots.device), sizes)
-    index = torch.empty_like(slots).index_copy_(0, slots, expert)
-    weights = torch.empty_like(gates).index_copy_(0, slots, gates)
-    return index.view(-1, k), weights.view(-1, k)
-
-
 def grouped_pairs(out: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(token ids, expert ids, gates) of every routed pair of a grouped router's output (see `grouped_choice`)."""
+    """(token ids, expert ids, gates) of every routed pair from a router that returns them grouped by expert
+    (JetMoE's top-k gating: slot ids sorted by expert, token ids, gates, tokens per expert, logits)."""
     tokens, gates, sizes = out[1], out[2], out[3]
     sizes = torch.as_tensor(sizes, dtype=torch.long, device=tokens.device)
     return tokens, torch.repeat_interleave(torch.arange(sizes.numel(), device=tokens.device), sizes), gates

@@ -7,8 +7,8 @@ with the width first) and no expert axis. JetMoE's MLP block (``JetMoeMoE``) kee
 grouped by expert, tokens per expert)`` after a router that returns that grouping. Everything in moecompress reads
 fused experts (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``) called as ``(hidden, top_k_index,
 top_k_weights)``, so a model loaded for compression gets such experts swapped for a fused view: the same weights
-with an expert axis, the same forward (JetMoE: the family's own router module, its grouped output read back as
-top-k ids and weights), and a state-dict hook that writes the family's tensor names back, so a saved checkpoint
+with an expert axis, the same forward (JetMoE: its top-k gating returning top-k ids and weights instead of tokens
+grouped by expert), and a state-dict hook that writes the family's tensor names back, so a saved checkpoint
 is the family's own layout and reloads in vanilla transformers. Only the in-memory path does this: the
 layer-streaming engine refuses these models.
 """
@@ -102,30 +102,46 @@ def is_grouped_moe(module: torch.nn.Module) -> bool:
                                                                               torch.nn.Parameter))
 
 
+class TopKSoftmaxRouter(torch.nn.Module):
+    """JetMoE's top-k gating with the router call of transformers 5: ``x [T, H] → (logits [T, E] in float32,
+    top-k weights [T, k] = softmax over the k largest logits, in x's dtype, top-k ids [T, k])``, the same arithmetic
+    as ``JetMoeTopKGating`` without its grouping of tokens by expert. Owns the router rows as ``weight`` like every
+    router moecompress slices; saved as ``router.layer.weight``."""
+
+    def __init__(self, weight: torch.Tensor, top_k: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.top_k = top_k
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = torch.nn.functional.linear(hidden_states, self.weight).float()
+        top, index = logits.topk(self.top_k, dim=-1)
+        return logits, torch.softmax(top, dim=-1).type_as(hidden_states), index
+
+
 class GroupedMoE(torch.nn.Module):
-    """JetMoE's MLP block as compression sees it: its own router module (unchanged), the experts as a fused view,
-    its output bias. The router's grouped output is read back as top-k ids and weights (``grouped_choice``), so
-    routing is the family's own; saved as ``input_linear.weight`` / ``output_linear.weight``."""
+    """JetMoE's MLP block as compression sees it: its router (``TopKSoftmaxRouter``), the experts as a fused view,
+    its output bias; saved as ``router.layer.weight`` / ``input_linear.weight`` / ``output_linear.weight``."""
 
     def __init__(self, block: torch.nn.Module, config: Any) -> None:
         super().__init__()
-        self.router = block.router
+        self.router = TopKSoftmaxRouter(block.router.layer.weight.detach(), int(block.router.top_k))
         self.experts = FusedExpertsView(block.input_linear.weight.detach(), block.output_linear.weight.detach(),
                                         block.activation, config)
         self.bias = block.bias
         self._register_state_dict_hook(_grouped_on_save)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        from moecompress.arch.discover import grouped_choice
-
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        index, weights = grouped_choice(self.router(x), int(self.router.top_k))
+        _, weights, index = self.router(x)
         return (self.experts(x, index, weights) + self.bias).view(shape)
 
 
 def _grouped_on_save(module: GroupedMoE, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """Write JetMoE's own tensor names: input_linear.weight [E, 2I, H], output_linear.weight [E, H, I]."""
+    """Write JetMoE's own tensor names: router.layer.weight [E, H], input_linear.weight [E, 2I, H],
+    output_linear.weight [E, H, I]."""
+    state_dict[prefix + "router.layer.weight"] = state_dict.pop(prefix + "router.weight")
     state_dict[prefix + "input_linear.weight"] = state_dict.pop(prefix + "experts.gate_up_proj")
     state_dict[prefix + "output_linear.weight"] = state_dict.pop(prefix + "experts.down_proj")
 
