@@ -366,6 +366,7 @@ def test_attention_experts_cut_by_their_own_routing(pass_name, tmp_path):
     both); the kept attention experts are those their own router used on the calibration tokens, whatever the MLP
     criterion keeps, and the checkpoint reloads in vanilla transformers with that count everywhere."""
     from moecompress.calib.collect import collect_stats
+    from moecompress.calib.stats import Stats
     from moecompress.passes.base import PassContext
     from moecompress.passes.merge_experts import MergeExpertsConfig, merge_experts
     from moecompress.passes.prune_experts import PruneExpertsConfig, prune_experts
@@ -378,6 +379,10 @@ def test_attention_experts_cut_by_their_own_routing(pass_name, tmp_path):
     for ls in stats.layers.values():  # every real token picked two attention experts, all among the routed four
         assert float(ls.sums["coupled_freq"].sum()) == 2 * ids.numel()
         assert float(ls.sums["coupled_freq"][idle].sum()) == 0 and float(ls.sums["coupled_freq"][ROUTED_MOA].min()) > 0
+    stats.save(tmp_path / "stats")  # the attention experts' statistics survive the statistics cache
+    stats = Stats.load(tmp_path / "stats")
+    assert all(torch.equal(ls.sums["coupled_freq"].sum(), torch.tensor(2.0 * ids.numel(), dtype=torch.float64))
+               for ls in stats.layers.values())
     before = {i: _moa(ly).router.layer.weight.detach().clone() for i, ly in enumerate(decoder_layers(model))}
     cfg = (PruneExpertsConfig(ratio=0.5, criterion="frequency") if pass_name == "prune_experts"
            else MergeExpertsConfig(ratio=0.5))
@@ -390,7 +395,8 @@ def test_attention_experts_cut_by_their_own_routing(pass_name, tmp_path):
         assert ly.num_experts == moa.num_experts == moa.router.num_experts == moa.input_linear.num_experts == 4
         assert moa.input_linear.weight.shape[0] == moa.output_linear.weight.shape[0] == 4
         assert torch.equal(moa.router.layer.weight, before[ly.index][ROUTED_MOA])
-        assert details["layers"][str(ly.index)]["attention_experts"]["kept"] == ROUTED_MOA
+        moa_info = details["layers"][str(ly.index)]["attention_experts"]
+        assert moa_info["kept"] == ROUTED_MOA and moa_info["removed_gate_mass"] == 0.0
     write_checkpoint(model, None, tmp_path / "out", source=None)  # vanilla reload: no key missing, same logits
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["num_local_experts"] == 4

@@ -69,8 +69,9 @@ def coupled_keep(stats: LayerStats | None, n_keep: int) -> tuple[list[int], dict
     mass, freq = stats.sums["coupled_mass"].double(), stats.sums["coupled_freq"].double()
     order = sorted(range(mass.numel()), key=lambda e: (-float(mass[e]), -float(freq[e]), e))
     keep = sorted(order[:n_keep])
-    return keep, {"kept": keep, "gate_mass": [round(float(v), 6) for v in mass],
-                  "tokens": [int(v) for v in freq]}
+    removed = float(mass[order[n_keep:]].sum() / mass.sum().clamp_min(1e-30))
+    return keep, {"kept": keep, "removed_gate_mass": round(removed, 5),
+                  "gate_mass": [round(float(v), 6) for v in mass], "tokens": [int(v) for v in freq]}
 
 
 def coupled_summary(label: str, before: int, after: int) -> str:
