@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moecompress.errors import UserError
+
 _LAYER_RE = re.compile(r"^(?P<layers>(?:.+\.)?layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
 # decoder layers named `blocks` (DBRX), tried only when no `layers` hold experts: vision towers name theirs
 # `blocks` too, and some hold experts of their own (dots3_note)
@@ -178,6 +180,10 @@ def router_choice(out: object, num_experts: int) -> tuple[torch.Tensor, torch.Te
 def grouped_pairs(out: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(token ids, expert ids, gates) of every routed pair from a router that returns them grouped by expert
     (JetMoE's top-k gating: slot ids sorted by expert, token ids, gates, tokens per expert, logits)."""
+    if not (isinstance(out, tuple) and len(out) >= 4 and isinstance(out[3], (list, tuple))
+            and isinstance(out[1], torch.Tensor) and isinstance(out[2], torch.Tensor)):
+        raise UserError("the second expert set's router does not return (slots, tokens, gates, tokens per expert, …) "
+                        "as JetMoE's does: its calibration statistics cannot be read")
     tokens, gates, sizes = out[1], out[2], out[3]
     sizes = torch.as_tensor(sizes, dtype=torch.long, device=tokens.device)
     return tokens, torch.repeat_interleave(torch.arange(sizes.numel(), device=tokens.device), sizes), gates
