@@ -306,6 +306,8 @@ def print_report(report: dict) -> None:
                       + ", ".join(f"L{k} {100 * v:.1f}%" for k, v in mass.items()))
     if details.get("bytes_note"):
         console.print(f"[yellow]{details['bytes_note']}[/]")
+    if details.get("coupled"):  # JetMoE: its attention experts were cut to the same count
+        console.print(f"[yellow]{details['coupled']}[/]")
     if report.get("mtp"):
         console.print(f"multi-token prediction: {report['mtp']}")
     console.print(f"time {report['seconds']:.1f}s · peak RSS {report['peak_rss_mb']:.0f} MiB · reload verified "

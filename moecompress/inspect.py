@@ -108,12 +108,15 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         raise UserError(f"{path} is not a valid safetensors file ({exc}); the checkpoint looks corrupt") from exc
 
 
-def classify(name: str, adapter: MoEAdapter) -> str:
+def classify(name: str, adapter: MoEAdapter, shape: list[int] | None = None, num_experts: int = 0) -> str:
     blocks = {f".{b}." if b else "." for b in (adapter.block_attr, adapter.checkpoint_block or adapter.block_attr)}
     if any(f"{b}{adapter.experts_attr}." in name for b in blocks):
         return "routed_experts"
     if any(f"{b}{s}." in name or f"{b}{s}_" in name for b in blocks for s in adapter.shared_attrs):
         return "shared_experts"
+    if (adapter.checkpoint_expert_linears is None and shape is not None and len(shape) == 3 and num_experts
+            and shape[0] == num_experts and any(b != "." and b in name for b in blocks)):
+        return "routed_experts"  # fused on disk under names of the family's own (JetMoE: mlp.input_linear.weight)
     if any(f"{b}{adapter.router_attr}." in name for b in blocks):
         return "router"
     if attention_like(name):  # not `post_attention_layernorm`: a norm, not attention
@@ -250,7 +253,7 @@ def _inspect_headers(path: Path) -> Inspection:
                 continue
             nbytes = meta["data_offsets"][1] - meta["data_offsets"][0]
             shape = list(meta["shape"])
-            group = classify(name, adapter)
+            group = classify(name, adapter, list(meta["shape"]), adapter.num_experts(config))
             params = _numel(shape)
             if name.endswith(("weight_shape", "weight_zero_point", "weight_g_idx")):
                 params = 0

@@ -56,6 +56,8 @@ def removal_lines(details: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     if details.get("bytes_note"):
         lines += [f"**{details['bytes_note']}**", ""]
+    if details.get("coupled"):  # JetMoE: the attention experts were cut too (one config key sizes both sets)
+        lines += [f"**{details['coupled']}**", ""]
     mass = details.get("removed_routed_mass")
     if mass:
         lines += ["routed probability mass the removed experts carried (calibration data): "

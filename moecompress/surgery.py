@@ -147,6 +147,33 @@ def keep_experts(layer: MoELayer, keep: Sequence[int]) -> None:
     _set_counts(list(layer.block.modules()), n_old, len(idx), extra)
 
 
+def keep_coupled(decoder_layer: torch.nn.Module, adapter: MoEAdapter, keep: Sequence[int]) -> None:
+    """Keep experts `keep` (in that order) of the layer's coupled expert set (JetMoE's attention experts, sized by
+    the same config key as the MLP experts): router rows, per-expert tensors, cached counts. A no-op for families
+    without one."""
+    spec = adapter.coupled
+    if spec is None:
+        return
+    module = decoder_layer.get_submodule(spec.path)
+    router = module.get_submodule(spec.router)
+    n_old = int(router.weight.shape[0])
+    idx = torch.as_tensor(list(keep), dtype=torch.long)
+    if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n_old or idx.unique().numel() != idx.numel():
+        raise UserError(f"{spec.label}: invalid expert indices {list(keep)} for {n_old} experts")
+    _set_tensor(router, "weight", router.weight.detach()[idx])
+    for path in spec.tensors:
+        owner, leaf = _resolve(module, path)
+        _set_tensor(owner, leaf, getattr(owner, leaf).detach()[idx])
+    _set_counts(list(module.modules()), n_old, len(idx), 0)
+
+
+def coupled_count(decoder_layer: torch.nn.Module, adapter: MoEAdapter) -> int | None:
+    """Experts in the layer's coupled set now (None: the family has none)."""
+    if adapter.coupled is None:
+        return None
+    return int(decoder_layer.get_submodule(f"{adapter.coupled.path}.{adapter.coupled.router}").weight.shape[0])
+
+
 @torch.no_grad()
 def remap_expert_ids(table: torch.Tensor, keep: torch.Tensor, router_rows: torch.Tensor,
                      chunk: int = 16384) -> torch.Tensor:
@@ -297,6 +324,14 @@ def sync_config(model: torch.nn.Module, adapter: MoEAdapter | None = None) -> di
             "one expert count and one expert width for the whole model"
         )
     n, width = counts.pop(), widths.pop()
+    if adapter.coupled is not None:
+        from moecompress.arch.adapter import decoder_layers
+
+        stack = decoder_layers(model, adapter)
+        other = {coupled_count(stack[layer.index], adapter) for layer in layers}
+        if other != {n}:
+            raise UserError(f"{adapter.model_type}: the {adapter.coupled.label} hold {sorted(other)} experts but the "
+                            f"MLP experts {n}; one config key sizes both, so both must be cut to the same count")
     cfg = model.config
     old_n = adapter.num_experts(cfg)
     adapter.set_counts(cfg, n)
@@ -305,14 +340,23 @@ def sync_config(model: torch.nn.Module, adapter: MoEAdapter | None = None) -> di
     return {"num_experts": n, "expert_width": width}
 
 
-def keep_experts_everywhere(model: torch.nn.Module, keep: dict[int, Sequence[int]]) -> None:
-    """Apply `keep_experts` to several layers (by decoder index), then sync the config."""
+def keep_experts_everywhere(model: torch.nn.Module, keep: dict[int, Sequence[int]],
+                            coupled: dict[int, Sequence[int]] | None = None) -> None:
+    """Apply `keep_experts` to several layers (by decoder index), and `keep_coupled` with `coupled` (families with a
+    coupled expert set), then sync the config."""
     layers = {layer.index: layer for layer in moe_layers(model)}
     missing = set(keep) - set(layers)
     if missing:
         raise UserError(f"layers {sorted(missing)} are not MoE layers; MoE layers: {sorted(layers)}")
     for idx, kept in keep.items():
         keep_experts(layers[idx], kept)
+    if coupled:
+        from moecompress.arch.adapter import decoder_layers
+
+        adapter = next(iter(layers.values())).adapter
+        stack = decoder_layers(model, adapter)
+        for idx, kept in coupled.items():
+            keep_coupled(stack[idx], adapter, kept)
     sync_config(model)
 
 

@@ -8,6 +8,7 @@ import torch
 
 from moecompress import surgery
 from moecompress.arch import adapter_for, moe_layers
+from moecompress.arch.adapter import decoder_layers
 from moecompress.arch.families import (
     derived_adapter,
     reference_config,
@@ -59,7 +60,10 @@ def test_roundtrip_prune_reload(model_type, tmp_path):
     layers = moe_layers(model)
     n = layers[0].num_experts
     keep = half_keep(adapter, model.config, n)
-    surgery.keep_experts_everywhere(model, {ly.index: keep for ly in layers})
+    # a coupled expert set (JetMoE's attention experts) must reach the same count: the passes rank it by its own
+    # routing statistics (test_attention_experts_cut_by_their_own_routing); here, with none, the same positions
+    coupled = {ly.index: keep for ly in layers} if adapter.coupled is not None else None
+    surgery.keep_experts_everywhere(model, {ly.index: keep for ly in layers}, coupled)
     write_checkpoint(model, None, tmp_path / "out", source=None)  # verifies reload: no missing keys, same logits
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert adapter.num_experts(saved) == len(keep)
@@ -323,3 +327,109 @@ def test_stacked_shared_experts_narrow_with_the_routed_width(tmp_path):
     write_checkpoint(model, None, tmp_path / "out", source=None)  # vanilla reload, same logits
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert adapter.expert_width(saved) == new
+
+
+# ---- JetMoE: one num_local_experts sizes the MLP experts and the attention experts (MoA) ------------------------
+ROUTED_MOA = [1, 2, 5, 6]
+
+
+MOA_IDS = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _jetmoe_with_idle_attention_experts():
+    """A JetMoE miniature whose attention router can only ever pick experts 1, 2, 5, 6: each layer's attention input
+    keeps two coordinates a, b (the input norm's other weights zeroed; chosen where the tokens of MOA_IDS take both
+    signs), and only rows 1, 2 (±10 on a) and 5, 6 (±10 on b) of the attention router read them: every token goes
+    to one of {1, 2} and one of {5, 6}, the other four experts score 0 and are never in its top 2."""
+    model = build_miniature(_default_config("jetmoe")).float()
+    spec = adapter_for(model).coupled
+    assert spec is not None
+    with torch.no_grad():
+        for i, layer in enumerate(decoder_layers(model)):
+            hidden = model(MOA_IDS, output_hidden_states=True).hidden_states[i]  # this layer's input, as built so far
+            a, b = ((hidden > 0).double().mean((0, 1)) - 0.5).abs().argsort()[:2].tolist()
+            layer.input_layernorm.weight.zero_()
+            layer.input_layernorm.weight[[a, b]] = 1.0
+            rows = layer.get_submodule(f"{spec.path}.{spec.router}").weight
+            rows.zero_()
+            rows[ROUTED_MOA, [a, a, b, b]] = torch.tensor([10.0, -10.0, 10.0, -10.0])
+    return model
+
+
+def _moa(layer):
+    return layer.self_attention.experts
+
+
+@pytest.mark.parametrize("pass_name", ["prune_experts", "merge_experts"])
+def test_attention_experts_cut_by_their_own_routing(pass_name, tmp_path):
+    """Pruning or merging JetMoE's MLP experts cuts its attention experts to the same count (one config key sizes
+    both); the kept attention experts are those their own router used on the calibration tokens, whatever the MLP
+    criterion keeps, and the checkpoint reloads in vanilla transformers with that count everywhere."""
+    from moecompress.calib.collect import collect_stats
+    from moecompress.calib.stats import Stats
+    from moecompress.passes.base import PassContext
+    from moecompress.passes.merge_experts import MergeExpertsConfig, merge_experts
+    from moecompress.passes.prune_experts import PruneExpertsConfig, prune_experts
+
+    model = _jetmoe_with_idle_attention_experts()
+    adapter = adapter_for(model)
+    ids = MOA_IDS
+    stats = collect_stats(model, [(ids, torch.ones_like(ids))], total_tokens=ids.numel(), sample_tokens=64)
+    idle = [e for e in range(8) if e not in ROUTED_MOA]
+    for ls in stats.layers.values():  # every real token picked two attention experts, all among the routed four
+        assert float(ls.sums["coupled_freq"].sum()) == 2 * ids.numel()
+        assert float(ls.sums["coupled_freq"][idle].sum()) == 0 and float(ls.sums["coupled_freq"][ROUTED_MOA].min()) > 0
+    stats.save(tmp_path / "stats")  # the attention experts' statistics survive the statistics cache
+    stats = Stats.load(tmp_path / "stats")
+    assert all(torch.equal(ls.sums["coupled_freq"].sum(), torch.tensor(2.0 * ids.numel(), dtype=torch.float64))
+               for ls in stats.layers.values())
+    before = {i: _moa(ly).router.layer.weight.detach().clone() for i, ly in enumerate(decoder_layers(model))}
+    cfg = (PruneExpertsConfig(ratio=0.5, criterion="frequency") if pass_name == "prune_experts"
+           else MergeExpertsConfig(ratio=0.5))
+    ctx = PassContext(model=model, tokenizer=None, adapter=adapter, config=cfg, get_stats=lambda: stats,
+                      get_calibration=lambda: None)
+    details = (prune_experts if pass_name == "prune_experts" else merge_experts)(ctx)
+    assert "attention experts reduced too" in details["coupled"] and "attention experts" in details["summary"]
+    for ly in moe_layers(model):
+        moa = _moa(decoder_layers(model)[ly.index])
+        assert ly.num_experts == moa.num_experts == moa.router.num_experts == moa.input_linear.num_experts == 4
+        assert moa.input_linear.weight.shape[0] == moa.output_linear.weight.shape[0] == 4
+        assert torch.equal(moa.router.layer.weight, before[ly.index][ROUTED_MOA])
+        moa_info = details["layers"][str(ly.index)]["attention_experts"]
+        assert moa_info["kept"] == ROUTED_MOA and moa_info["removed_gate_mass"] == 0.0
+    write_checkpoint(model, None, tmp_path / "out", source=None)  # vanilla reload: no key missing, same logits
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["num_local_experts"] == 4
+    again = auto_class(saved).from_pretrained(tmp_path / "out")
+    for layer in again.model.layers:
+        assert layer.mlp.input_linear.weight.shape[0] == layer.self_attention.experts.input_linear.weight.shape[0] == 4
+
+
+def test_attention_experts_left_uncut_are_refused():
+    """A JetMoE model whose MLP experts were cut but not its attention experts cannot be written as one config."""
+    from moecompress.errors import UserError
+
+    model = build_miniature(_default_config("jetmoe"))
+    layers = moe_layers(model)
+    with pytest.raises(UserError, match="attention experts hold"):
+        surgery.keep_experts_everywhere(model, {ly.index: [0, 2, 4, 6] for ly in layers})
+
+
+def test_jetmoe_view_is_the_vanilla_model(tmp_path):
+    """The fused view of JetMoE's MLP experts (top-k router, fused experts) gives vanilla JetMoE's logits and saves
+    its tensor names; narrowing the MLP experts (HEAPr's surgery) leaves the attention experts' width alone."""
+    model = build_miniature(_default_config("jetmoe"))
+    cfg = model.config
+    vanilla = type(model)(cfg).eval()
+    assert vanilla.load_state_dict(model.state_dict(), strict=True)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = vanilla(ids).logits, model(ids).logits
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    width, attn = cfg.intermediate_size, cfg.kv_channels * cfg.num_key_value_heads
+    for ly in moe_layers(model):
+        surgery.shrink_neurons(ly, torch.arange(width // 2).repeat(ly.num_experts, 1))
+    surgery.sync_config(model)
+    write_checkpoint(model, None, tmp_path / "out", source=None)  # vanilla reload, same logits
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["intermediate_size"] == width // 2 and saved["kv_channels"] * saved["num_key_value_heads"] == attn

@@ -44,6 +44,19 @@ class RouterVector(BaseModel):
     axis: int = 0
 
 
+class CoupledExperts(BaseModel):
+    """A second routed expert set in every decoder layer, outside the MoE block, sized by the same config key
+    (JetMoE's attention experts, read from num_local_experts like the MLP experts). A vanilla config cannot hold
+    two counts, so whatever changes the MLP expert count cuts this set to the same count (``surgery.keep_coupled``),
+    ranked by its own router's calibration statistics (``coupled_freq`` / ``coupled_mass``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    path: str  # from the decoder layer to the module holding the set ("self_attention.experts")
+    router: str  # from `path` to the router's linear [E, H] ("router.layer"); its parent returns the grouped routing
+    tensors: tuple[str, ...]  # from `path`: per-expert tensors, expert axis first
+    label: str = "attention experts"
+
+
 class MoEAdapter(BaseModel):
     """Where a family keeps its MoE pieces and which config keys describe them."""
 
@@ -89,6 +102,7 @@ class MoEAdapter(BaseModel):
     # On-disk layer prefixes of routed experts outside the compressed stack (Qwen3-Omni's talker, dots3_note's
     # vision tower): carried unchanged, but transformers loads quantized experts only if all of them are quantized.
     other_expert_stacks: tuple[str, ...] = ()
+    coupled: CoupledExperts | None = None  # another expert set sized by count_keys (JetMoE's attention experts)
     derived: bool = False  # True when introspection of the modeling code produced this adapter
 
     @property

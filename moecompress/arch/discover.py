@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moecompress.errors import UserError
+
 _LAYER_RE = re.compile(r"^(?P<layers>(?:.+\.)?layers)\.(?P<index>\d+)\.(?P<rest>.+)$")
 # decoder layers named `blocks` (DBRX), tried only when no `layers` hold experts: vision towers name theirs
 # `blocks` too, and some hold experts of their own (dots3_note)
@@ -173,6 +175,44 @@ def router_choice(out: object, num_experts: int) -> tuple[torch.Tensor, torch.Te
     if weights is None:
         raise ValueError("router output holds no top-k weights")
     return index, weights
+
+
+def grouped_pairs(out: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token ids, expert ids, gates) of every routed pair from a router that returns them grouped by expert
+    (JetMoE's top-k gating: slot ids sorted by expert, token ids, gates, tokens per expert, logits)."""
+    if not (isinstance(out, tuple) and len(out) >= 4 and isinstance(out[3], (list, tuple))
+            and isinstance(out[1], torch.Tensor) and isinstance(out[2], torch.Tensor)):
+        raise UserError("the second expert set's router does not return (slots, tokens, gates, tokens per expert, …) "
+                        "as JetMoE's does: its calibration statistics cannot be read")
+    tokens, gates, sizes = out[1], out[2], out[3]
+    sizes = torch.as_tensor(sizes, dtype=torch.long, device=tokens.device)
+    return tokens, torch.repeat_interleave(torch.arange(sizes.numel(), device=tokens.device), sizes), gates
+
+
+def coupled_expert_set(layer: torch.nn.Module, block_attr: str, n: int, hidden: int
+                       ) -> tuple[str, str, tuple[str, ...]] | None:
+    """Another routed expert set of a decoder layer, outside its MoE block, with the same number of experts
+    (JetMoE's attention experts): (its path from the decoder layer, its router's linear [n, hidden] from there, its
+    per-expert 3-D tensors [n, …] from there), or None. One router linear and the 3-D tensors under one module make
+    a set; anything less is not one."""
+    if not block_attr:
+        return None
+    outside = [(k, t) for k, t in layer.named_parameters() if not k.startswith(block_attr + ".")]
+    routers = [k for k, t in outside if t.dim() == 2 and tuple(t.shape) == (n, hidden) and k.endswith(".weight")]
+    stacks = [k for k, t in outside if t.dim() == 3 and t.shape[0] == n]
+    if len(routers) != 1 or not stacks:
+        return None
+    parts = [k.split(".")[:-1] for k in (*routers, *stacks)]
+    common: list[str] = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    if not common:
+        return None
+    path = ".".join(common)
+    cut = len(path) + 1
+    return path, routers[0][cut:].removesuffix(".weight"), tuple(k[cut:] for k in stacks)
 
 
 def routed_output(router: torch.nn.Module, experts: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

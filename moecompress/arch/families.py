@@ -36,11 +36,6 @@ _NON_FUSED_REASON = {
                        "calibration routes no token to the vision experts to rank them (moe_intermediate_size "
                        "is a per-modality list, so narrowing the text experts alone would fit a vanilla config, "
                        "but an adapter holds one expert set per layer)",
-    "jetmoe": "JetMoeConfig has one num_local_experts (and one num_experts_per_tok) read by both the MLP "
-              "experts (JetMoeMoE) and the attention experts (JetMoeMoA) of every layer, and no other key sizes "
-              "either set: a vanilla config cannot hold fewer MLP experts than attention experts, and cutting "
-              "the attention experts too would prune attention, not expert FFNs; its experts are also "
-              "ParallelExperts called as (inputs, expert_size)",
 }
 
 
@@ -189,8 +184,14 @@ def adapter_from_config(config: dict[str, Any]):
 
 def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
     """Describe a live model's MoE blocks as an MoEAdapter (None if it has no recognisable routed experts)."""
-    from moecompress.arch.adapter import ADAPTERS, MoEAdapter, RouterVector
-    from moecompress.arch.discover import experts_layout, find_moe_blocks, router_vectors, shared_children
+    from moecompress.arch.adapter import ADAPTERS, CoupledExperts, MoEAdapter, RouterVector
+    from moecompress.arch.discover import (
+        coupled_expert_set,
+        experts_layout,
+        find_moe_blocks,
+        router_vectors,
+        shared_children,
+    )
 
     blocks = [b for b in find_moe_blocks(model) if b.router is not None]
     if not blocks:
@@ -246,6 +247,9 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
     if layout == "interleaved" or not _own_forward_reproduced(b.block.get_submodule(root_router), experts):
         return None
     routing = _probe_routing(b.router, int(b.router.weight.shape[-1]), n)  # the router reads the full hidden state
+    layer = model.get_submodule(f"{b.layers_path}.{b.index}")
+    found = coupled_expert_set(layer, b.block_attr, n, int(b.router.weight.shape[-1]))
+    coupled = CoupledExperts(path=found[0], router=found[1], tensors=found[2]) if found else None
     disk = _on_disk_experts(model, b.experts_attr, b.layers_path)
     fields: dict[str, Any] = dict(
         model_type=model_type, block_attr=b.block_attr, router_attr=b.router_attr, experts_attr=b.experts_attr,
@@ -257,7 +261,7 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
         checkpoint_block=disk[1] if disk else None, checkpoint_expert_linears=disk[2] if disk else None,
         checkpoint_layers_path=disk[0] if disk else None, other_expert_stacks=disk[3] if disk else (),
         layers_path=b.layers_path, text_config_key=text_key, has_gate=bool(getattr(experts, "has_gate", True)),
-        router_extra_rows=extra, expert_id_tables=id_tables, derived=True,
+        router_extra_rows=extra, expert_id_tables=id_tables, coupled=coupled, derived=True,
     )
     if base is not None:  # the language model is a declared family: keep its routing knowledge
         fields.update(routing=base.routing, renorm_key=base.renorm_key, always_renorm=base.always_renorm)

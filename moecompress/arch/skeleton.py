@@ -187,7 +187,8 @@ def _mixer(layer: torch.nn.Module, index: int, text_cfg: Any) -> str:
     if isinstance(types, (list, tuple)) and index < len(types):
         return str(types[index])
     names = {n for n, _ in layer.named_children()}
-    for name, label in (("self_attn", "attention"), ("linear_attn", "linear_attention"), ("mamba", "mamba"),
+    for name, label in (("self_attn", "attention"), ("self_attention", "attention"),
+                        ("linear_attn", "linear_attention"), ("mamba", "mamba"),
                         ("mixer", "mixer"), ("attention", "attention"), ("norm_attn_norm", "attention")):
         if name in names:
             return label
@@ -258,6 +259,8 @@ def analyse(model: torch.nn.Module, config: dict[str, Any] | None = None) -> Ske
                 group = "router"
             elif under(name, embed_names):
                 group = "embeddings"
+            elif name.rsplit(".", 1)[0] in block_of and p.ndim == 1:  # an MoE block's own bias (JetMoE's output bias)
+                group = "other"
             elif attention_like(name):
                 group = "attention"
             elif re.search(r"\.(mlp|feed_forward|ffn)\.", name + "."):

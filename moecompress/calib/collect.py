@@ -24,10 +24,10 @@ try:  # transformers' grouped matmul helper (private; the per-expert loop below 
 except ImportError:  # pragma: no cover - depends on the transformers version
     _grouped_linear = None
 
-from moecompress.arch.adapter import MoELayer, moe_layers
+from moecompress.arch.adapter import MoELayer, decoder_layers, moe_layers
 from moecompress.arch.discover import text_model
 from moecompress.arch.experts import ExpertView
-from moecompress.calib.stats import LayerStats, Stats, reduce_stats
+from moecompress.calib.stats import COUPLED_FIELDS, LayerStats, Stats, reduce_stats
 
 TAP_IMPLEMENTATION = "moecompress_tap"
 _ACTIVE: dict[int, LayerTap] = {}
@@ -207,6 +207,9 @@ class LayerTap:
         _, hidden, width = ExpertView(layer).dims()
         self.layer = layer
         self.stats = LayerStats(num_experts=layer.num_experts, hidden=hidden, width=width)
+        if layer.adapter.coupled is not None:  # one config key sizes both sets: as many coupled experts as routed
+            for name in COUPLED_FIELDS:
+                self.stats.sums[name] = torch.zeros(layer.num_experts, dtype=torch.float64)
         self.mask: torch.Tensor | None = None  # [T] bool, real tokens of the current batch
         self.sample_every = sample_every
         self.sample_cap = sample_cap
@@ -238,6 +241,20 @@ class LayerTap:
         s["prob_sum"] += logits.softmax(-1).sum(0).cpu()
         s["logit_gram"] += (logits.T @ logits).cpu()
         self.stats.n_tokens += logits.shape[0]
+
+    def observe_coupled(self, out: tuple) -> None:
+        """Routing of the layer's coupled expert set (JetMoE's attention experts) by its own router: per expert,
+        real tokens routed (``coupled_freq``) and the gate weight they carried (``coupled_mass``)."""
+        from moecompress.arch.discover import grouped_pairs
+
+        tok, eid, w = grouped_pairs(out)
+        if self.mask is not None:
+            keep = self.mask[tok]
+            eid, w = eid[keep], w[keep]
+        s = self.stats.sums
+        for name, values in (("coupled_freq", torch.ones_like(w, dtype=torch.float64)), ("coupled_mass", w.double())):
+            s[name] += torch.zeros(s[name].shape[0], dtype=torch.float64, device=w.device).index_add_(
+                0, eid, values).cpu()
 
     def observe_extra(self, tok: torch.Tensor) -> None:
         """Count picks of zero-computation experts (token ids `tok`, one per pick): no expert's statistics."""
@@ -396,6 +413,11 @@ def collecting(model: torch.nn.Module, sample_tokens: int, total_tokens: int, fi
         handles.append(layer.router.register_forward_hook(
             lambda mod, args, out, tap=tap: tap.observe_router(out[logits_pos] if isinstance(out, tuple) else out)))
         handles += _router_fallback_hooks(layer, tap)
+        if layer.adapter.coupled is not None:  # JetMoE's attention experts: ranked by their own router's choices
+            spec = layer.adapter.coupled
+            stack = decoder_layers(model, layer.adapter)
+            router = stack[layer.index].get_submodule(f"{spec.path}.{spec.router.rpartition('.')[0]}")
+            handles.append(router.register_forward_hook(lambda mod, args, out, tap=tap: tap.observe_coupled(out)))
         if llama4:
             handles.append(layer.experts.register_forward_hook(
                 lambda mod, args, out, tap=tap: tap.observe_dense(args[0], out, tap._block_in)))

@@ -60,6 +60,10 @@ SUM_FIELDS = (
     "logit_gram",  # [E, E] sum of logits logits^T (router-logit similarity between experts)
 )
 
+# Only for families with a coupled expert set (JetMoE's attention experts, `MoEAdapter.coupled`), [E] each: real
+# tokens its own router gave each of its experts, and the gate weight they carried
+COUPLED_FIELDS = ("coupled_freq", "coupled_mass")
+
 
 @dataclass
 class LayerStats:
@@ -133,7 +137,7 @@ class Stats:
         layers: dict[int, LayerStats] = {}
         for key, lm in info["layers"].items():
             idx = int(key)
-            sums = {n: tensors[f"{idx}.{n}"] for n in SUM_FIELDS if f"{idx}.{n}" in tensors}
+            sums = {n: tensors[f"{idx}.{n}"] for n in (*SUM_FIELDS, *COUPLED_FIELDS) if f"{idx}.{n}" in tensors}
             layers[idx] = LayerStats(num_experts=lm["num_experts"], hidden=lm["hidden"], width=lm["width"],
                                      n_tokens=lm["n_tokens"], sums=sums, sample=tensors.get(f"{idx}.sample"),
                                      extra_picks=int(lm.get("extra_picks", 0)))
@@ -152,7 +156,8 @@ def reduce_stats(stats: Stats, world: Any, sample_cap: int) -> Stats:
         return stats
     layers = [stats.layers[i] for i in sorted(stats.layers)]
     counts = torch.tensor([ls.n_tokens for ls in layers], dtype=torch.float64)
-    world.all_reduce_([ls.sums[n] for ls in layers for n in SUM_FIELDS if n != "max_act"] + [counts])
+    world.all_reduce_([ls.sums[n] for ls in layers for n in (*SUM_FIELDS, *COUPLED_FIELDS)
+                       if n != "max_act" and n in ls.sums] + [counts])
     world.all_reduce_([ls.sums["max_act"] for ls in layers], "max")
     for ls, n in zip(layers, counts.tolist(), strict=True):
         ls.n_tokens = int(n)

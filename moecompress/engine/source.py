@@ -152,8 +152,8 @@ class ModelSource:
         if has_flat_experts(self.model):
             from moecompress.engine.loop import NotStreamable
 
-            raise NotStreamable(f"{type(self.model).__name__}: its experts are flattened [E*I, H] matrices (viewed fused "
-                                "only when the model is loaded whole)")
+            raise NotStreamable(f"{type(self.model).__name__}: its experts are flattened [E*I, H] matrices or grouped "
+                                "ParallelExperts (viewed fused only when the model is loaded whole)")
         self._layers_path = self._find_layers_path()
         self._parts = self._assign_keys()
         from moecompress.engine.chunks import ChunkMeter

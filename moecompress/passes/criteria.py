@@ -59,6 +59,28 @@ def select_by_score(scores: torch.Tensor, n_keep: int, groups: int = 1, protect:
     return sorted(kept)
 
 
+def coupled_keep(stats: LayerStats | None, n_keep: int) -> tuple[list[int], dict[str, Any]]:
+    """The coupled set's kept experts (JetMoE's attention experts), whatever the MLP criterion: the `n_keep` their
+    own router gave the most gate weight on the calibration tokens (ties: more tokens routed, then the lower
+    index), in index order; and the numbers the report shows."""
+    if stats is None or "coupled_mass" not in stats.sums:
+        raise UserError("the statistics hold no routing of the attention experts (collected before they were "
+                        "observed); delete the statistics cache and rerun")
+    mass, freq = stats.sums["coupled_mass"].double(), stats.sums["coupled_freq"].double()
+    order = sorted(range(mass.numel()), key=lambda e: (-float(mass[e]), -float(freq[e]), e))
+    keep = sorted(order[:n_keep])
+    removed = float(mass[order[n_keep:]].sum() / mass.sum().clamp_min(1e-30))
+    return keep, {"kept": keep, "removed_gate_mass": round(removed, 5),
+                  "gate_mass": [round(float(v), 6) for v in mass], "tokens": [int(v) for v in freq]}
+
+
+def coupled_summary(label: str, before: int, after: int) -> str:
+    """The report's line for a coupled set cut with the MLP experts."""
+    return (f"{label} reduced too: one config key sizes both the MLP and the {label}, so every layer's {label} "
+            f"were also cut {before}→{after}, keeping those their own router gave the most gate weight on the "
+            "calibration tokens (ties: more tokens routed); pruned, never merged")
+
+
 def random_keep(num_experts: int, n_keep: int, groups: int, seed: int, layer_index: int) -> list[int]:
     gen = torch.Generator().manual_seed(seed * 100_003 + layer_index)
     return select_by_score(torch.rand(num_experts, generator=gen, dtype=torch.float64), n_keep, groups)

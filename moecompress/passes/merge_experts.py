@@ -22,6 +22,7 @@ from moecompress.arch.experts import ExpertView, ExpertWeights
 from moecompress.calib.stats import LayerStats
 from moecompress.errors import UserError
 from moecompress.heal.spec import HealOption
+from moecompress.passes import criteria
 from moecompress.passes import merging as M
 from moecompress.passes.base import (
     ExpertCountConfig,
@@ -30,7 +31,7 @@ from moecompress.passes.base import (
     moe_layer_at,
     register_layerwise,
 )
-from moecompress.surgery import check_expert_count, merge_into, sync_config
+from moecompress.surgery import check_expert_count, keep_coupled, merge_into, sync_config
 
 Method = Literal["msmoe", "hc", "kmeans", "ream"]
 MergeRule = Literal["freq", "saliency", "subspace"]
@@ -240,8 +241,9 @@ def _plan(ctx: PassContext) -> dict[str, Any]:
             "stats": ctx.get_stats()}
 
 
-def _apply_layer(ctx: PassContext, plan: dict[str, Any], index: int, _decoder_layer: Any) -> dict[str, Any] | None:
-    """Group this layer's experts, merge each group into its anchor and give the router the merged rows."""
+def _apply_layer(ctx: PassContext, plan: dict[str, Any], index: int, decoder_layer: Any) -> dict[str, Any] | None:
+    """Group this layer's experts, merge each group into its anchor and give the router the merged rows (and cut a
+    coupled expert set, JetMoE's attention experts, to the same count by its own routing statistics)."""
     cfg: MergeExpertsConfig = ctx.config  # type: ignore[assignment]
     layer = moe_layer_at(ctx, index)
     if layer is None:
@@ -269,6 +271,9 @@ def _apply_layer(ctx: PassContext, plan: dict[str, Any], index: int, _decoder_la
     del w
     merge_into(layer, [g.anchor for g in groups], merged, rows, vectors, replaced)
     info: dict[str, Any] = {"groups": group_info, **router_info}
+    if adapter.coupled is not None:  # attention experts: pruned by their own router's gate mass, never merged
+        coupled, info["attention_experts"] = criteria.coupled_keep(ls, n_keep)
+        keep_coupled(decoder_layer, adapter, coupled)
     if before is not None:
         after = block_output(layer, x_feat)
         info["block_rel_error"] = round(float((after - before).pow(2).sum() / before.pow(2).sum().clamp_min(1e-30)), 5)
@@ -283,8 +288,10 @@ def _finish(ctx: PassContext, plan: dict[str, Any], per_layer: dict[int, dict[st
     errors = [d["block_rel_error"] for d in details.values() if "block_rel_error" in d]
     summary = (f"merged {e}→{n_keep} experts per layer ({cfg.method}, {cfg.merge}, router {cfg.router})"
                + (f"; mean block output rel. error {sum(errors) / len(errors):.4f}" if errors else ""))
+    coupled = ({"coupled": criteria.coupled_summary(ctx.adapter.coupled.label, e, n_keep)}
+               if ctx.adapter.coupled is not None else {})
     return {
-        "summary": summary,
+        **coupled, "summary": summary + (f"; {coupled['coupled']}" if coupled else ""),
         "experts_before": e,
         "experts_after": n_keep,
         "method": cfg.method,

@@ -17,7 +17,7 @@ from moecompress.passes.base import (
     moe_layer_at,
     register_layerwise,
 )
-from moecompress.surgery import check_group_balance, keep_experts, sync_config
+from moecompress.surgery import check_group_balance, keep_coupled, keep_experts, sync_config
 
 Criterion = Literal["frequency", "soft_frequency", "reap", "ean", "easy_ep", "naee", "random"]
 
@@ -65,7 +65,9 @@ def _plan(ctx: PassContext) -> dict[str, Any]:
                 "cannot load (one count per config). List every MoE layer, or drop --layers."
             )
     e = layers[0].num_experts
-    stats = ctx.get_stats() if cfg.criterion != "random" or cfg.protect_super_experts else None
+    # a coupled expert set (JetMoE's attention experts) is ranked by its own routing statistics, whatever criterion
+    needs = cfg.criterion != "random" or cfg.protect_super_experts or ctx.adapter.coupled is not None
+    stats = ctx.get_stats() if needs else None
     return {"experts": e, "n_keep": cfg.n_keep(e), "groups": ctx.adapter.num_groups(ctx.model.config), "stats": stats,
             "chosen": _reconstructed(ctx, cfg, layers, e, stats) if cfg.select == "reconstruct" else None}
 
@@ -116,7 +118,7 @@ def _reconstructed(ctx: PassContext, cfg: PruneExpertsConfig, layers: list[Any],
     return {i: (chosen[i], {**infos[i], "reconstruct": search[str(i)]}) for i in chosen}
 
 
-def _apply_layer(ctx: PassContext, plan: dict[str, Any], index: int, _decoder_layer: Any) -> dict[str, Any] | None:
+def _apply_layer(ctx: PassContext, plan: dict[str, Any], index: int, decoder_layer: Any) -> dict[str, Any] | None:
     """Rank this layer's experts by the criterion (or take the searched set) and keep `n_keep` of them."""
     cfg: PruneExpertsConfig = ctx.config  # type: ignore[assignment]
     layer = moe_layer_at(ctx, index)
@@ -130,6 +132,9 @@ def _apply_layer(ctx: PassContext, plan: dict[str, Any], index: int, _decoder_la
     check_group_balance(ctx.adapter, ctx.model.config, e, keep)
     keep_experts(layer, keep)
     info["kept"] = keep
+    if ctx.adapter.coupled is not None:  # one count key sizes both sets: the coupled one is cut to the same count
+        coupled, info["attention_experts"] = criteria.coupled_keep(plan["stats"].layers[layer.index], n_keep)
+        keep_coupled(decoder_layer, ctx.adapter, coupled)
     return info
 
 
@@ -137,7 +142,10 @@ def _finish(ctx: PassContext, plan: dict[str, Any], per_layer: dict[int, dict[st
     cfg: PruneExpertsConfig = ctx.config  # type: ignore[assignment]
     sync_config(ctx.model, ctx.adapter)
     kept = {str(i): info.pop("kept") for i, info in per_layer.items()}
+    line = (criteria.coupled_summary(ctx.adapter.coupled.label, plan["experts"], plan["n_keep"])
+            if ctx.adapter.coupled is not None else None)
     return {
+        **({"coupled": line, "summary": line} if line else {}),
         "experts_before": plan["experts"],
         "experts_after": plan["n_keep"],
         "criterion": cfg.criterion,
