@@ -156,6 +156,23 @@ PAIRED_CRITERION = ("data-free: router-row L2 norm × Frobenius norm of the expe
                     "calibration); the highest-scoring are kept, in their original order")
 
 
+def paired_sets_note(adapter: MoEAdapter, before: dict[str, Any], after: dict[str, Any]) -> str | None:
+    """The line the report, provenance and model card carry when a pass changes a model with paired expert sets."""
+    if not adapter.paired_sets:
+        return None
+    sets = ", ".join(adapter.paired_sets)
+    n0, n1 = adapter.num_experts(before), adapter.num_experts(after)
+    if n1 != n0:
+        return (f"the {sets} experts of every MoE layer were reduced too, {n0} → {n1} like the "
+                f"{adapter.experts_attr.split('.')[0]} experts (one config key counts both sets); text-only "
+                f"calibration routes no token to them, so they were ranked {PAIRED_CRITERION} (pruned, never "
+                "merged); image/video quality was not measured")
+    if adapter.expert_width(after) != adapter.expert_width(before):
+        return (f"only the {adapter.experts_attr.split('.')[0]} experts (and the shared experts sized from them) were "
+                f"narrowed; the {sets} experts keep their count and width")
+    return None
+
+
 def paired_keep(layer: MoELayer, n: int) -> list[int]:
     """The `n` experts a paired set (ERNIE-4.5-VL's vision experts) keeps when the compressed set goes to `n`: the
     best by the data-free PAIRED_CRITERION, in ascending order (the router's rows keep their relative order)."""
