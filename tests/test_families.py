@@ -386,6 +386,17 @@ def test_ernie_vl_cli_prune_and_heapr_keep_the_vision_tower(tmp_path, capsys, mo
              "chat_template.jinja": "{% for m in messages %}{{ m.content }}{% endfor %}\n"}
     for name, text in extra.items():
         (mini / name).write_text(text)
+    from moecompress.inspect import inspect_checkpoint, inspect_config
+
+    ins, conf = inspect_checkpoint(mini), inspect_config(read_config(mini))
+    assert ins.moe_layers == [1] and ins.shared_experts and conf.shared_experts
+    assert conf.layer_pattern == "1×attention/dense, 1×attention/moe 16x2"
+    mod = build_miniature(read_config(mini))
+    (text, vis), = _ernie_vl_sets(mod)
+    routed = [sum(p.numel() for p in m.experts.parameters()) for m in (text, vis)]
+    assert ins.groups["routed_experts"].params == conf.groups["routed_experts"].params == sum(routed)
+    lm = sum(p.numel() for n, p in mod.named_parameters() if n.startswith("model.language_model."))
+    assert conf.active_params == round(lm - sum(routed) + routed[0] * 2 / 16)  # a text token: 2 of 16 text experts
     calib = calib_file(tmp_path / "c.jsonl", n=20)
     common = ["--calib", calib, "--calib-samples", "4", "--calib-seqlen", "32"]
     # the engine reads big layers' experts a few at a time by id; the on-disk list holding both sets must not be
