@@ -433,6 +433,9 @@ def test_ernie_vl_cli_prune_and_heapr_keep_the_vision_tower(tmp_path, capsys, mo
     report = json.loads((tmp_path / "p" / "report.json").read_text())["paired_experts"]
     assert "vision_moe experts" in report and "image/video quality was not measured" in report
     assert "vision_moe" in (tmp_path / "p" / "report.md").read_text()
+    from moecompress.io.model_card import build_model_card
+
+    assert report in str(build_model_card(tmp_path / "p", "me/ernie-vl-pruned"))
     widths0, widths = cfg0["text_config"]["moe_intermediate_size"], read_config(tmp_path / "h")["text_config"][
         "moe_intermediate_size"]
     assert widths[0] < widths0[0] and widths[1] == widths0[1]
