@@ -49,22 +49,25 @@ def first_layer_data(ref, cmp, batches) -> list[tuple]:
     return seen
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
-def test_down_fit_cannot_increase_the_mse_it_minimises(family: str):
+def test_down_fit_cannot_increase_the_mse_it_minimises(family: str, dtype: torch.dtype):
     """(b) is block coordinate descent with exact ridge solves: the fitted MSE is non-increasing after every
-    sweep, to within 1e-9 relative (float64 rounding), and the live block agrees to 1e-5 (fp32 forward)."""
+    sweep, to within 1e-9 relative with float64 token products, 1e-6 with the float32 products `fit_down` uses
+    (rounding of the residual), and the live block agrees to 1e-5 (fp32 forward)."""
+    tol = 1e-9 if dtype == torch.float64 else 1e-6
     extra = {"num_experts": 8} if family == "qwen3_moe" else {}
     ref, cmp, _ = pruned_pair(family, **extra)
     for _, layer, data in first_layer_data(ref, cmp, batches_for(ref)):
         from moecompress.arch.experts import ExpertView
 
         w = ExpertView(layer).get_all()
-        parts, routed = expert_tokens(layer, data.x, w)
+        parts, routed = expert_tokens(layer, data.x, w, dtype=dtype)
         other = block_output(layer, data.x) - routed
         target = data.y - other
         _, _, history = solve_down(parts, list(w.down.unbind(0)), target, data.fit, ridge=1e-2, sweeps=4)
         for before, after in zip(history, history[1:], strict=False):
-            assert after <= before * (1 + 1e-9), history
+            assert after <= before * (1 + tol), history
         assert history[-1] < history[0]
         start = block_errors(layer, data)["fit"]
         from moecompress.heal.fit import fit_down

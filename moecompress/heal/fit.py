@@ -126,20 +126,24 @@ def solve_down(parts: list[ExpertTokens], down: list[torch.Tensor], target: torc
     Each expert in turn gets the exact minimiser of that MSE plus λ‖W − W_current‖² (λ relative to its
     Gram diagonal), the others held fixed: so no update can raise the fitted MSE (it drops by at least
     λ‖ΔW‖²). Fitted on tokens where `fit` is true; the prediction is kept for all tokens.
+    The token products run in the activations' dtype (float32 from `expert_tokens` by default: they are most
+    of the work); Gram factors, solves, the MSE and the returned matrices are float64.
     Returns the new down matrices [H, I], the prediction [N, H] and the fitted MSE after each sweep
     (first entry: before).
     """
+    dt = next((p.act.dtype for p in parts), target.dtype)
+    target = target.to(dt)
     w = [d.double().clone() for d in down]
     pred = torch.zeros_like(target)
     for p, wd in zip(parts, w, strict=True):
-        c = p.act @ wd.T
+        c = p.act @ wd.to(dt).T
         if p.gbias is not None:
             c = c + p.gbias
         pred.index_add_(0, p.tok, c)
-    fit_w = fit.to(target.dtype)
+    fit_w = fit.to(torch.float64)
 
     def mse() -> float:
-        d = target - pred
+        d = (target - pred).double()
         return float(d.mul_(d).sum(1) @ fit_w)
 
     history = [mse()]
@@ -152,8 +156,8 @@ def solve_down(parts: list[ExpertTokens], down: list[torch.Tensor], target: torc
         m = fit[p.tok]
         if p.tok.numel() == 0 or not bool(m.any()):
             continue
-        mw = m.to(target.dtype)[:, None]
-        gram = (p.act * mw).T @ p.act
+        mw = m.to(dt)[:, None]
+        gram = ((p.act * mw).T @ p.act).double()
         gram.diagonal().add_(ridge * float(gram.diagonal().mean()) + 1e-12)
         fixed[e] = (mw, torch.linalg.cholesky(gram))
     for _ in range(sweeps):
@@ -161,18 +165,19 @@ def solve_down(parts: list[ExpertTokens], down: list[torch.Tensor], target: torc
             if e not in fixed:
                 continue
             mw, chol = fixed[e]
-            rhs = ((target[p.tok] - pred[p.tok]) * mw).T @ p.act
+            rhs = (((target[p.tok] - pred[p.tok]) * mw).T @ p.act).double()
             new = torch.cholesky_solve(rhs.T + chol @ (chol.T @ w[e].T), chol).T
-            pred.index_add_(0, p.tok, p.act @ (new - w[e]).T)
+            pred.index_add_(0, p.tok, p.act @ (new - w[e]).to(dt).T)
             w[e] = new
         history.append(mse())
     return w, pred, history
 
 
 @torch.no_grad()
-def expert_tokens(layer: MoELayer, x: torch.Tensor, w: ExpertWeights | None = None
+def expert_tokens(layer: MoELayer, x: torch.Tensor, w: ExpertWeights | None = None, dtype: torch.dtype = torch.float32
                   ) -> tuple[list[ExpertTokens], torch.Tensor]:
-    """Per kept expert, its routed tokens under the live router; also the routed output as the block has it."""
+    """Per kept expert, its routed tokens under the live router (gated activations in `dtype`: what the down fit
+    multiplies); also the routed output as the block has it (float64)."""
     view = ExpertView(layer)
     w = w or view.get_all()
     xd = x.to(w.down.dtype)
@@ -183,8 +188,8 @@ def expert_tokens(layer: MoELayer, x: torch.Tensor, w: ExpertWeights | None = No
         tok, slot = torch.nonzero(index == e, as_tuple=True)
         g = weights[tok, slot].double()[:, None]
         out, act = apply_expert(layer.experts, layer.adapter.layout, w.select(e), xd[tok])
-        gb = g * w.down_bias[e].double() if w.down_bias is not None else None
-        parts.append(ExpertTokens(tok=tok, act=g * act.double(), gbias=gb))
+        gb = (g * w.down_bias[e].double()).to(dtype) if w.down_bias is not None else None
+        parts.append(ExpertTokens(tok=tok, act=(g * act.double()).to(dtype), gbias=gb))
         routed.index_add_(0, tok, g * out.double())  # a token reaches an expert once
     return parts, routed
 
@@ -194,7 +199,7 @@ def fit_down(layer: MoELayer, data: BlockData, ridge: float, sweeps: int) -> dic
     w = ExpertView(layer).get_all()
     parts, routed = expert_tokens(layer, data.x, w)
     target = data.y.double() - other_output(layer, data.x, routed) if layer.shared() else data.y.double()
-    new, _, history = solve_down(parts, list(w.down.unbind(0)), target, data.fit, ridge, sweeps)
+    new, _, history = solve_down(parts, list(w.down.unbind(0)), target.float(), data.fit, ridge, sweeps)
     replace_experts(layer, w.with_(down=torch.stack(new).to(w.down.dtype)))
     norm = float(data.y[data.fit].double().pow(2).sum().clamp_min(1e-30))
     return {"fitted_rel_mse": [round(h / norm, 6) for h in history]}
