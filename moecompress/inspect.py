@@ -110,14 +110,18 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
 
 def classify(name: str, adapter: MoEAdapter, shape: list[int] | None = None, num_experts: int = 0) -> str:
     blocks = {f".{b}." if b else "." for b in (adapter.block_attr, adapter.checkpoint_block or adapter.block_attr)}
-    if any(f"{b}{adapter.experts_attr}." in name for b in blocks):
+    experts, routers = {adapter.experts_attr}, {adapter.router_attr}
+    if adapter.paired_sets:  # on disk the sets share one list, one router and its statistics (ERNIE-4.5-VL)
+        experts.add(adapter.experts_attr.rsplit(".", 1)[-1])
+        routers |= {adapter.router_attr.rsplit(".", 1)[-1], "moe_statics"}
+    if any(f"{b}{e}." in name for b in blocks for e in experts):
         return "routed_experts"
     if any(f"{b}{s}." in name or f"{b}{s}_" in name for b in blocks for s in adapter.shared_attrs):
         return "shared_experts"
     if (adapter.checkpoint_expert_linears is None and shape is not None and len(shape) == 3 and num_experts
             and shape[0] == num_experts and any(b != "." and b in name for b in blocks)):
         return "routed_experts"  # fused on disk under names of the family's own (JetMoE: mlp.input_linear.weight)
-    if any(f"{b}{adapter.router_attr}." in name for b in blocks):
+    if any(f"{b}{r}." in name for b in blocks for r in routers):
         return "router"
     if attention_like(name):  # not `post_attention_layernorm`: a norm, not attention
         return "attention"
@@ -233,7 +237,7 @@ def _skeleton_active_fraction(config: dict[str, Any]) -> tuple[float, Skeleton |
     except UserError:
         return 0.0, None
     routed = sum(ly.routed_params for ly in skel.layers)
-    used = sum(ly.routed_params * ly.top_k / ly.experts for ly in skel.moe_layers)
+    used = sum((ly.routed_params - ly.other_set_params) * ly.top_k / ly.experts for ly in skel.moe_layers)
     return (used / routed if routed else 0.0), skel
 
 

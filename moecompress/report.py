@@ -42,6 +42,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += removal_lines(report.get("details") or {})
     if report.get("mtp"):
         lines += [f"multi-token prediction: {report['mtp']}", ""]
+    if report.get("paired_experts"):
+        lines += [f"**paired expert sets: {report['paired_experts']}**", ""]
     rows = eval_rows(report)
     if rows:
         lines += ["| task | metric | base | compressed | retention |", "|---|---|---:|---:|---:|"]

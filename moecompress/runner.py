@@ -167,6 +167,9 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
     hf_config = float_view(hf_config)
     cfg.check(adapter, hf_config)
     findings = check_serving(cfg, adapter, hf_config, opts, console)
+    from moecompress.surgery import paired_sets_note
+
+    paired_note = paired_sets_note(adapter, hf_config, planned_config(cfg, adapter, hf_config))
     source_format(src)  # headers: FP8/MXFP4 scales present and well-shaped, files complete
     prepare_output(out, overwrite=opts.overwrite, source=src)
     if eval_spec is not None:  # a typo in --eval must fail before compression, not after
@@ -180,7 +183,7 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
         try:
             return run_streamed(cfg, registered.layerwise, src, out, calibration=calibration, eval_spec=eval_spec,
                                 opts=opts, console=console, recipe_text=recipe_text, resolved=resolved,
-                                findings=findings)
+                                findings=findings, paired_note=paired_note)
         except NotStreamable as exc:  # nothing was written yet: the same pass on the model in memory
             if console:
                 console.print(f"[yellow]{exc}: the layer-streaming engine cannot run it; loading the model whole[/]")
@@ -220,6 +223,8 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
     w = world()
     entry = {"pass": cfg.name, "config": cfg.model_dump(mode="json"), "summary": details.get("summary", ""),
              "distributed": w.summary()}
+    if paired_note:
+        entry["paired_experts"] = paired_note
     if not w.is_main:
         return rank_done(w, cfg, details, entry["distributed"])
     extra = {"recipe.yaml": recipe_text} if recipe_text else None
@@ -247,6 +252,8 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
     }
     if entry.get("mtp"):
         report["mtp"] = entry["mtp"]
+    if entry.get("paired_experts"):
+        report["paired_experts"] = entry["paired_experts"]
     if eval_spec is not None:
         report["eval"] = evaluate_pair(src, model, tok, eval_spec, console, out=out if verify else None)
     write_report(out, report)
@@ -280,7 +287,8 @@ def run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, **kw: Any) -> d
 
 def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration: Any, eval_spec: Any,
                   opts: RunOptions, console: Any = None, recipe_text: str | None = None,
-                  resolved: ResolvedModel | None = None, findings: list[Any] | None = None) -> dict[str, Any]:
+                  resolved: ResolvedModel | None = None, findings: list[Any] | None = None,
+                  paired_note: str | None = None) -> dict[str, Any]:
     from moecompress.engine import run as engine
     from moecompress.engine.sink import parse_size
 
@@ -347,6 +355,8 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
                       get_calibration=get_calibration, console=console, layer_visitor=engine.layer_visitor(source),
                       get_grad_stats=grad_collector)
     entry: dict[str, Any] = {"pass": cfg.name, "config": cfg.model_dump(mode="json")}
+    if paired_note:
+        entry["paired_experts"] = paired_note
     w = world()
     tmp = engine.temp_dir_beside(out) if w.is_main else None  # rank 0 alone writes
     try:
@@ -401,6 +411,8 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
     }
     if entry.get("mtp"):
         report["mtp"] = entry["mtp"]
+    if entry.get("paired_experts"):
+        report["paired_experts"] = entry["paired_experts"]
     written = reloaded[0] if reloaded and next(reloaded[0].parameters()).dtype == source.dtype else None
     reloaded.clear()
     healed_kl = details.pop("calibration_kl", None)  # a heal inside the engine measured it on its own flows

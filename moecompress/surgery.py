@@ -144,6 +144,8 @@ def keep_experts(layer: MoELayer, keep: Sequence[int]) -> None:
     chunks = layer.experts.__dict__.get("expert_chunks")
     if chunks is not None:  # experts read in chunks by the engine (weights on meta): keep their source ids
         chunks.select(idx.tolist())
+    for other in layer.paired():  # the block's other expert sets share the count key: same count, own ranking
+        keep_experts(other, paired_keep(other, len(idx)))
     _set_counts(list(layer.block.modules()), n_old, len(idx), extra)
 
 
@@ -172,6 +174,38 @@ def coupled_count(decoder_layer: torch.nn.Module, adapter: MoEAdapter) -> int | 
     if adapter.coupled is None:
         return None
     return int(decoder_layer.get_submodule(f"{adapter.coupled.path}.{adapter.coupled.router}").weight.shape[0])
+# How the experts of a paired set are chosen (recorded in the report and model card): text-only calibration routes
+# no token to them, so no routing statistic ranks them.
+PAIRED_CRITERION = ("data-free: router-row L2 norm × Frobenius norm of the expert's down projection × geometric "
+                    "mean of its gate/up Frobenius norms (the score moecompress uses for MTP experts without "
+                    "calibration); the highest-scoring are kept, in their original order")
+
+
+def paired_sets_note(adapter: MoEAdapter, before: dict[str, Any], after: dict[str, Any]) -> str | None:
+    """The line the report, provenance and model card carry when a pass changes a model with paired expert sets."""
+    if not adapter.paired_sets:
+        return None
+    sets = ", ".join(adapter.paired_sets)
+    n0, n1 = adapter.num_experts(before), adapter.num_experts(after)
+    if n1 != n0:
+        return (f"the {sets} experts of every MoE layer were reduced too, {n0} → {n1} like the "
+                f"{adapter.experts_attr.split('.')[0]} experts (one config key counts both sets); text-only "
+                f"calibration routes no token to them, so they were ranked {PAIRED_CRITERION} (pruned, never "
+                "merged); image/video quality was not measured")
+    if adapter.expert_width(after) != adapter.expert_width(before):
+        return (f"only the {adapter.experts_attr.split('.')[0]} experts (and the shared experts sized from them) were "
+                f"narrowed; the {sets} experts keep their count and width")
+    return None
+
+
+def paired_keep(layer: MoELayer, n: int) -> list[int]:
+    """The `n` experts a paired set (ERNIE-4.5-VL's vision experts) keeps when the compressed set goes to `n`: the
+    best by the data-free PAIRED_CRITERION, in ascending order (the router's rows keep their relative order)."""
+    from moecompress.io.mtp import expert_scores
+
+    if n >= layer.num_experts:
+        return list(range(layer.num_experts))
+    return sorted(expert_scores(layer).topk(n).indices.tolist())
 
 
 @torch.no_grad()
@@ -316,7 +350,7 @@ def sync_config(model: torch.nn.Module, adapter: MoEAdapter | None = None) -> di
     """
     layers = moe_layers(model, adapter)
     adapter = layers[0].adapter
-    counts = {layer.num_experts for layer in layers}
+    counts = {layer.num_experts for layer in layers} | {p.num_experts for layer in layers for p in layer.paired()}
     widths = {ExpertView(layer).dims()[2] for layer in layers}
     if len(counts) != 1 or len(widths) != 1:
         raise UserError(
@@ -335,7 +369,7 @@ def sync_config(model: torch.nn.Module, adapter: MoEAdapter | None = None) -> di
     cfg = model.config
     old_n = adapter.num_experts(cfg)
     adapter.set_counts(cfg, n)
-    adapter.set_config_value(cfg, adapter.width_key, width)
+    adapter.set_width(cfg, width)
     _set_ints([model], _COUNT_ATTRS, old_n, n)
     return {"num_experts": n, "expert_width": width}
 

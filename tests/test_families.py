@@ -16,7 +16,7 @@ from moecompress.arch.families import (
     unsupported_reason,
 )
 from moecompress.arch.flat_experts import fuse_flat_experts
-from moecompress.io.checkpoint import auto_class, write_checkpoint
+from moecompress.io.checkpoint import auto_class, read_config, write_checkpoint
 from moecompress.zoo.miniature import build_miniature
 
 ALL_TYPES = routed_expert_model_types()
@@ -433,3 +433,119 @@ def test_jetmoe_view_is_the_vanilla_model(tmp_path):
     write_checkpoint(model, None, tmp_path / "out", source=None)  # vanilla reload, same logits
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["intermediate_size"] == width // 2 and saved["kv_channels"] * saved["num_key_value_heads"] == attn
+def _ernie_vl_sets(model) -> list[tuple]:
+    """(text_moe, vision_moe) of each MoE layer of an ERNIE-4.5-VL model."""
+    return [(ly.block.text_moe, ly.block.vision_moe) for ly in moe_layers(model)]
+
+
+def test_ernie_vl_vision_experts_follow_the_text_count(tmp_path):
+    """ERNIE-4.5-VL: one moe_num_experts counts both expert sets, so pruning the text experts takes the vision
+    experts (their router rows and e_score_correction_bias entries too) to the same count, ranked by the stated
+    data-free score; the checkpoint reloads with the same logits on a sequence with image tokens, which run
+    the vision experts."""
+    model = build_miniature(_default_config("ernie4_5_vl_moe"))
+    adapter = adapter_for(model)
+    assert adapter.paired_sets == ("vision_moe",) and adapter.width_index == 0
+    layers = moe_layers(model)
+    n = layers[0].num_experts
+    vision = [ly.paired()[0] for ly in layers]
+    want = {ly.index: (v.experts.down_proj.detach().clone(), v.router.weight.detach().clone(),
+                       v.router.moe_statics.e_score_correction_bias.detach().clone(), surgery.paired_keep(v, n // 2))
+            for ly, v in zip(layers, vision, strict=True)}
+    keep = list(range(0, n, 2))
+    surgery.keep_experts_everywhere(model, {ly.index: keep for ly in layers})
+    for ly, (text, vis) in zip(layers, _ernie_vl_sets(model), strict=True):
+        down, rows, bias, kept = want[ly.index]
+        assert kept != keep  # the vision set is ranked on its own, not by the text experts' indices
+        assert text.experts.down_proj.shape[0] == vis.experts.down_proj.shape[0] == len(keep)
+        assert vis.gate.weight.shape[0] == vis.experts.num_experts == vis.gate.num_experts == len(keep)
+        assert torch.equal(vis.experts.down_proj, down[kept]) and torch.equal(vis.gate.weight, rows[kept])
+        assert torch.equal(vis.gate.moe_statics.e_score_correction_bias, bias[:, kept])
+    out = tmp_path / "out"
+    write_checkpoint(model, None, out, source=None)  # vanilla reload, text logits equal
+    saved = json.loads((out / "config.json").read_text())
+    assert adapter.num_experts(saved) == len(keep)
+    again, info = auto_class(saved).from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    assert all(t.experts.down_proj.shape[0] == v.experts.down_proj.shape[0] == len(keep)
+               for t, v in _ernie_vl_sets(again))
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    kinds = torch.zeros_like(ids)
+    kinds[:, 3:9] = 1  # image tokens: routed to the vision experts
+    with torch.no_grad():
+        a = model.eval()(input_ids=ids, moe_mm_token_type_ids=kinds).logits
+        b = again.eval()(input_ids=ids, moe_mm_token_type_ids=kinds).logits
+    assert torch.allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_ernie_vl_cli_prune_and_heapr_keep_the_vision_tower(tmp_path, capsys, monkeypatch):
+    """Through the CLI: prune leaves both expert sets at the count the config says and says so in the report; the
+    vision tower, resampler and processor files come out byte for byte; HEAPr narrows only the text experts."""
+    from safetensors import safe_open
+
+    from tests.helpers import calib_file, run_cli
+
+    monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path / "cache"))
+    cfg_file = tmp_path / "config.json"
+    cfg_file.write_text(json.dumps(_default_config("ernie4_5_vl_moe")))
+    mini = tmp_path / "mini"
+    assert run_cli(["zoo", "miniature", cfg_file, "--out", mini], capsys)[0] == 0
+    extra = {"preprocessor_config.json": '{"processor_class": "Ernie4_5_VLMoeProcessor"}\n',
+             "chat_template.jinja": "{% for m in messages %}{{ m.content }}{% endfor %}\n"}
+    for name, text in extra.items():
+        (mini / name).write_text(text)
+    from moecompress.inspect import inspect_checkpoint, inspect_config
+
+    ins, conf = inspect_checkpoint(mini), inspect_config(read_config(mini))
+    assert ins.moe_layers == [1] and ins.shared_experts and conf.shared_experts
+    assert conf.layer_pattern == "1×attention/dense, 1×attention/moe 16x2"
+    mod = build_miniature(read_config(mini))
+    (text, vis), = _ernie_vl_sets(mod)
+    routed = [sum(p.numel() for p in m.experts.parameters()) for m in (text, vis)]
+    assert ins.groups["routed_experts"].params == conf.groups["routed_experts"].params == sum(routed)
+    lm = sum(p.numel() for n, p in mod.named_parameters() if n.startswith("model.language_model."))
+    assert conf.active_params == round(lm - sum(routed) + routed[0] * 2 / 16)  # a text token: 2 of 16 text experts
+    calib = calib_file(tmp_path / "c.jsonl", n=20)
+    common = ["--calib", calib, "--calib-samples", "4", "--calib-seqlen", "32"]
+    # the engine reads big layers' experts a few at a time by id; the on-disk list holding both sets must not be
+    monkeypatch.setattr("moecompress.engine.source.FILL_BYTES", 256)
+    code, _, err = run_cli(["prune", mini, "--out", tmp_path / "p", "--ratio", "0.5", *common], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["prune", mini, "--out", tmp_path / "h", "--neuron-ratio", "0.5", "--criterion", "heapr",
+                            *common], capsys)
+    assert code == 0, err
+
+    def tensors(folder) -> dict[str, bytes]:
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as fh:
+                for k in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    t = fh.get_tensor(k)
+                    out[k] = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        return out
+
+    before, after = tensors(mini), tensors(tmp_path / "p")
+    tower = {k for k in before if not k.startswith("model.layers.")}
+    assert any("vision" in k for k in tower) and any("resampler" in k for k in tower), sorted(tower)
+    assert {k: after[k] for k in tower} == {k: before[k] for k in tower}
+    for name, text in extra.items():
+        assert (tmp_path / "p" / name).read_text() == text
+    cfg0, cfg = read_config(mini), read_config(tmp_path / "p")
+    n = cfg["text_config"]["moe_num_experts"]
+    assert n == cfg0["text_config"]["moe_num_experts"] // 2
+    assert cfg["text_config"]["moe_intermediate_size"] == cfg0["text_config"]["moe_intermediate_size"]
+    model, info = auto_class(cfg).from_pretrained(tmp_path / "p", output_loading_info=True)
+    assert not any(info.values()), info
+    assert all(t.experts.down_proj.shape[0] == v.experts.down_proj.shape[0] == t.gate.weight.shape[0]
+               == v.gate.weight.shape[0] == n for t, v in _ernie_vl_sets(model))
+    report = json.loads((tmp_path / "p" / "report.json").read_text())["paired_experts"]
+    assert "vision_moe experts" in report and "image/video quality was not measured" in report
+    assert "vision_moe" in (tmp_path / "p" / "report.md").read_text()
+    from moecompress.io.model_card import build_model_card
+
+    assert report in str(build_model_card(tmp_path / "p", "me/ernie-vl-pruned"))
+    widths0, widths = cfg0["text_config"]["moe_intermediate_size"], read_config(tmp_path / "h")["text_config"][
+        "moe_intermediate_size"]
+    assert widths[0] < widths0[0] and widths[1] == widths0[1]
+    info = auto_class(cfg).from_pretrained(tmp_path / "h", output_loading_info=True)[1]
+    assert not any(info.values()), info

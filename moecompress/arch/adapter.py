@@ -103,6 +103,13 @@ class MoEAdapter(BaseModel):
     # vision tower): carried unchanged, but transformers loads quantized experts only if all of them are quantized.
     other_expert_stacks: tuple[str, ...] = ()
     coupled: CoupledExperts | None = None  # another expert set sized by count_keys (JetMoE's attention experts)
+    # The width key holds one width per expert set (ERNIE-4.5-VL: moe_intermediate_size = [text, vision]); this
+    # set's width is entry `width_index` (None: the key holds one int).
+    width_index: int | None = None
+    # Other routed-expert sets of the same block, counted by the same config key (ERNIE-4.5-VL's vision_moe next to
+    # text_moe; paths relative to the block, each holding a router and experts under the leaf names of
+    # router_attr / experts_attr). Calibration never routes to them; surgery takes them to the same count.
+    paired_sets: tuple[str, ...] = ()
     derived: bool = False  # True when introspection of the modeling code produced this adapter
 
     @property
@@ -179,7 +186,20 @@ class MoEAdapter(BaseModel):
         return int(value)
 
     def expert_width(self, config: Any) -> int:
-        return int(_get(self.text_config(config), self.width_key))
+        value = _get(self.text_config(config), self.width_key)
+        return int(value[self.width_index] if self.width_index is not None else value)
+
+    def set_width(self, config: Any, width: int) -> None:
+        """Set this set's expert width on a config (object or dict); a per-set list keeps the other entries."""
+        text = self.text_config(config)
+        value: Any = width
+        if self.width_index is not None:
+            value = list(_get(text, self.width_key))
+            value[self.width_index] = width
+        if isinstance(text, dict):
+            text[self.width_key] = value
+        else:
+            setattr(text, self.width_key, value)
 
     def num_groups(self, config: Any) -> int:
         if self.group_key is None:
@@ -353,6 +373,21 @@ class MoELayer:
 
     def shared(self) -> list[tuple[str, torch.nn.Module]]:
         return [(a, getattr(self.block, a)) for a in self.adapter.shared_attrs if getattr(self.block, a, None) is not None]
+
+    def paired(self) -> list[MoELayer]:
+        """The block's other expert sets (ERNIE-4.5-VL's vision experts), each as a layer of its own: its router and
+        experts under the same leaf names, its router vectors at the same paths, no shared experts, no pairs."""
+        if not self.adapter.paired_sets:
+            return []
+        lone = self.adapter.model_copy(update=dict(paired_sets=(), shared_attrs=(), block_vectors=(),
+                                                   expert_id_tables=(), width_index=None))
+        out = []
+        for path in self.adapter.paired_sets:
+            sub = self.block.get_submodule(path)
+            out.append(MoELayer(index=self.index, block=sub,
+                                router=sub.get_submodule(self.adapter.router_attr.rsplit(".", 1)[-1]),
+                                experts=sub.get_submodule(self.adapter.experts_attr.rsplit(".", 1)[-1]), adapter=lone))
+        return out
 
 
 def decoder_layers(model: torch.nn.Module, adapter: MoEAdapter | None = None) -> torch.nn.ModuleList:

@@ -30,12 +30,6 @@ UNSUPPORTED: dict[str, str] = {
 # Families with routed experts that do not (yet) pass the miniature round trip; the reason is what breaks.
 _NON_FUSED_REASON = {
     "diffusion_gemma": "diffusion (non-autoregressive) text model: no causal next-token head to verify against",
-    "ernie4_5_vl_moe": "every layer holds two routed expert sets (text_moe for text tokens, vision_moe for "
-                       "image/video tokens) whose count is one key (moe_num_experts, read by both blocks): "
-                       "pruning the text experts forces the vision experts to the same count, and text-only "
-                       "calibration routes no token to the vision experts to rank them (moe_intermediate_size "
-                       "is a per-modality list, so narrowing the text experts alone would fit a vanilla config, "
-                       "but an adapter holds one expert set per layer)",
 }
 
 
@@ -196,7 +190,7 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
     blocks = [b for b in find_moe_blocks(model) if b.router is not None]
     if not blocks:
         return None
-    b = blocks[0]
+    b, paired, own = _lift_paired_sets(model, blocks)
     model_type = model_type or model.config.model_type
     text_key = _text_config_path(model.config, b.num_experts)
     text = model.config
@@ -216,6 +210,12 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
     count_keys += tuple(a for a, target in aliases.items() if target in count_keys and a not in count_keys)
     topk_key = next((k for k in TOPK_KEYS if isinstance(cfg.get(k), int)), None)
     width_key = next((k for k in WIDTH_KEYS if cfg.get(k) == width), None)
+    width_index = None
+    if width_key is None and paired:  # one width per expert set, in the block's order (ERNIE-4.5-VL: [text, vision])
+        sets = sorted([own, *paired], key=lambda p: list(dict(b.block.named_children())).index(p))
+        widths = [_width(b.block.get_submodule(f"{p}.{b.experts_attr.rsplit('.', 1)[-1]}")) for p in sets]
+        width_key = next((k for k in WIDTH_KEYS if cfg.get(k) == widths), None)
+        width_index = sets.index(own) if width_key else None
     if base is not None and (experts_layout(experts) == "interleaved" or not count_keys or topk_key is None
                              or width_key is None or not _own_forward_reproduced(b.router, experts)):
         # a multimodal wrapper around a declared language model whose experts keep a call of their own (Llama-4:
@@ -226,20 +226,20 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
         return None
     group_key = next((k for k in GROUP_KEYS if k in cfg), None)
     topk_group_key = next((k for k in TOPK_GROUP_KEYS if k in cfg), None)
-    root_router = b.router_attr.split(".")[0]
-    shared = shared_children(b.block, {root_router, b.experts_attr})
+    root_router = b.router_attr.split(".")[0] if not paired else ".".join(b.router_attr.split(".")[:2])
+    shared = shared_children(b.block, {root_router.split(".")[0], b.experts_attr, *paired})
     extra = b.extra_router_rows  # router classes after the routed experts, kept in place by every surgery
     # layers may route differently (DeepSeek-V4: hash-routed first layers, top-k after): every layer's per-expert
     # router tensors count, each sliced where it exists
     vectors = tuple(RouterVector(path=p, axis=a) for p, a in dict.fromkeys(
-        va for blk in blocks if blk.router_attr == b.router_attr and blk.router is not None
+        va for blk in blocks if blk.router_attr == blocks[0].router_attr and blk.router is not None
         for va in router_vectors(blk.router, n, extra)))
     id_tables = tuple(dict.fromkeys(
-        f"{b.router_attr}.{name}" for blk in blocks if blk.router_attr == b.router_attr and blk.router is not None
+        f"{b.router_attr}.{name}" for blk in blocks if blk.router_attr == blocks[0].router_attr and blk.router is not None
         for name, t in blk.router.named_buffers()
         if not t.is_floating_point() and t.dim() == 2 and t.shape[-1] == cfg.get(topk_key or "", -1)))
-    owned = {id(t) for m in (b.router, experts, *(getattr(b.block, s) for s in shared)) for t in
-             (*m.parameters(), *m.buffers())}
+    owned = {id(t) for m in (b.router, experts, *(getattr(b.block, s) for s in shared),
+                             *(b.block.get_submodule(p) for p in paired)) for t in (*m.parameters(), *m.buffers())}
     block_vectors = tuple(RouterVector(path=p, axis=a) for p, a in router_vectors(b.block, n, extra)
                           if id(b.block.get_parameter(p) if p in dict(b.block.named_parameters()) else
                                 b.block.get_buffer(p)) not in owned)
@@ -250,7 +250,7 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
     layer = model.get_submodule(f"{b.layers_path}.{b.index}")
     found = coupled_expert_set(layer, b.block_attr, n, int(b.router.weight.shape[-1]))
     coupled = CoupledExperts(path=found[0], router=found[1], tensors=found[2]) if found else None
-    disk = _on_disk_experts(model, b.experts_attr, b.layers_path)
+    disk = _on_disk_experts(model, b.experts_attr.rsplit(".", 1)[-1], b.layers_path)
     fields: dict[str, Any] = dict(
         model_type=model_type, block_attr=b.block_attr, router_attr=b.router_attr, experts_attr=b.experts_attr,
         shared_attrs=shared, layout=layout, has_expert_bias=bool(getattr(experts, "has_bias", False)),
@@ -261,11 +261,33 @@ def adapter_from_model(model: torch.nn.Module, model_type: str | None = None):
         checkpoint_block=disk[1] if disk else None, checkpoint_expert_linears=disk[2] if disk else None,
         checkpoint_layers_path=disk[0] if disk else None, other_expert_stacks=disk[3] if disk else (),
         layers_path=b.layers_path, text_config_key=text_key, has_gate=bool(getattr(experts, "has_gate", True)),
-        router_extra_rows=extra, expert_id_tables=id_tables, coupled=coupled, derived=True,
+        router_extra_rows=extra, expert_id_tables=id_tables, coupled=coupled, width_index=width_index,
+        paired_sets=paired, derived=True,
     )
     if base is not None:  # the language model is a declared family: keep its routing knowledge
         fields.update(routing=base.routing, renorm_key=base.renorm_key, always_renorm=base.always_renorm)
     return MoEAdapter(**fields)
+
+
+def _lift_paired_sets(model: torch.nn.Module, blocks: list[Any]) -> tuple[Any, tuple[str, ...], str]:
+    """The first MoE block, lifted to the parent of its sub-block when that parent holds other expert sets of the same
+    count (ERNIE-4.5-VL: ``mlp.text_moe`` and ``mlp.vision_moe``, one ``moe_num_experts`` for both): the parent is
+    then the block (its shared experts included), router and experts are reached through the first set's
+    sub-block, and the others are paired sets. Returns (block, paired sub-block names, own sub-block name)."""
+    import dataclasses
+
+    b = blocks[0]
+    same = [o for o in blocks[1:] if o.layers_path == b.layers_path and o.index == b.index]
+    if not same or "." not in b.block_attr or b.router_attr is None:
+        return b, (), ""
+    parent, own = b.block_attr.rsplit(".", 1)
+    if any(o.num_experts != b.num_experts or o.router_attr != b.router_attr or o.experts_attr != b.experts_attr
+           or o.block_attr.rsplit(".", 1)[0] != parent for o in same):
+        return b, (), ""
+    block = model.get_submodule(f"{b.layers_path}.{b.index}.{parent}")
+    lifted = dataclasses.replace(b, block_attr=parent, block=block, experts_attr=f"{own}.{b.experts_attr}",
+                                 router_attr=f"{own}.{b.router_attr}")
+    return lifted, tuple(o.block_attr.rsplit(".", 1)[1] for o in same), own
 
 
 def _text_config_path(config: Any, num_experts: int) -> str | None:

@@ -117,6 +117,9 @@ class LayerInfo:
     top_k: int = 0
     routed_params: int = 0
     expert_width: int = 0
+    # routed parameters of the layer's other expert sets, which a text token never reaches (ERNIE-4.5-VL's vision
+    # experts); the first set is the one text tokens use
+    other_set_params: int = 0
 
 
 @dataclass
@@ -144,7 +147,8 @@ class Skeleton:
         """Parameters one token uses: every language-model parameter except the routed experts it is not sent to."""
         lm = self.parts.get("language_model", self.total_params)
         routed = sum(ly.routed_params for ly in self.layers)
-        used = sum(ly.routed_params * ly.top_k / ly.experts for ly in self.layers if ly.experts)
+        used = sum((ly.routed_params - ly.other_set_params) * ly.top_k / ly.experts for ly in self.layers
+                   if ly.experts)
         return int(round(lm - routed + used))
 
     @property
@@ -216,11 +220,17 @@ def analyse(model: torch.nn.Module, config: dict[str, Any] | None = None) -> Ske
     block_of = {name.rsplit(".", 1)[0]: (name, mod) for name, mod in experts.items()}
     router_names: dict[str, torch.nn.Module] = {}
     shared_names: set[str] = set()
-    for block_name, (exp_name, exp) in block_of.items():
+    # a block holding several expert sets, each in a sub-block of its own (ERNIE-4.5-VL: mlp.text_moe, mlp.vision_moe):
+    # the shared experts are the parent's children
+    parents = [b.rsplit(".", 1)[0] for b in block_of]
+    scan = [(b, e) for b, e in block_of.items()] + [
+        (p, (None, next(e for b, e in block_of.items() if b.startswith(p + "."))[1]))
+        for p in dict.fromkeys(parents) if parents.count(p) > 1]
+    for block_name, (exp_name, exp) in scan:
         block = model.get_submodule(block_name)
         for child, mod in block.named_children():
             full = f"{block_name}.{child}"
-            if full == exp_name:
+            if full == exp_name or full in block_of:
                 continue
             if "shared" in child:
                 shared_names.add(full)
@@ -282,6 +292,7 @@ def analyse(model: torch.nn.Module, config: dict[str, Any] | None = None) -> Ske
             info.experts = int(e.down_proj.shape[0])
             info.top_k = _top_k(router, text_cfg)
             info.routed_params = sum(p.numel() for _, e2 in exp_here for p in e2.parameters())
+            info.other_set_params = sum(p.numel() for _, e2 in exp_here[1:] for p in e2.parameters())
             down = getattr(e, "down_proj", None)
             info.expert_width = _expert_width(e, down)
             info.ffn = "moe+dense" if dense else "moe"

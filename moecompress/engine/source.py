@@ -31,6 +31,10 @@ REST = "rest"  # the part holding everything outside the decoder layers (embeddi
 
 
 _EXPERT_NUMBER = re.compile(r"\.experts\.(\d+)\.")  # per-expert on-disk keys: ...experts.<e>.gate_proj...
+# ERNIE-4.5-VL keeps text and vision experts in one on-disk list (experts.0..E-1 text, E..2E-1 vision) that
+# transformers splits in half at load: a read of some experts by id would split them wrongly, so such layers
+# are read whole
+_PAIRED_ON_DISK = "its expert sets share one on-disk expert list that transformers splits by count at load"
 FILL_BYTES = 32 << 20  # a whole layer's routed experts larger than twice this are read this much at a time
 LAYER_COPIES = 3  # a layer is in memory up to ~3x while transformers' loader stacks/concatenates and surgery copies
 
@@ -274,6 +278,8 @@ class ModelSource:
             why = None
             if self.adapter.routing == "sigmoid_input_scale":
                 why = "its experts run densely on every token"
+            elif self.adapter.paired_sets:
+                why = _PAIRED_ON_DISK
             elif plain and any(idx is None and self.reader.get_slice(k).get_shape()[0] != e for k, idx in keys):
                 why = "a fused expert tensor does not have the experts first"
             if why:
@@ -393,7 +399,7 @@ class ModelSource:
             return self._fill.get(part, 0)
         n = 0
         moe = self.moe_layer(part)
-        if moe is not None and moe.num_experts > 1:
+        if moe is not None and moe.num_experts > 1 and not self.adapter.paired_sets:  # see _PAIRED_ON_DISK
             expert_bytes = _module_bytes(moe.experts)
             keys = self.expert_keys(part)
             plain = getattr(self.reader, "fmt", None) is None

@@ -327,6 +327,8 @@ def build_model_card(checkpoint_dir: Path, repo_id: str, *, base_model: str | No
             lines.append(f"{i}. **{p.get('pass', '?')}**" + (f": {summary}" if summary else ""))
             if p.get("mtp"):
                 lines.append(f"   Multi-token prediction: {p['mtp']}.")
+            if p.get("paired_experts"):
+                lines.append(f"   Paired expert sets: {p['paired_experts']}.")
             conf = _as_dict(p.get("config"))
             if conf:
                 settings = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in conf.items())

@@ -16,6 +16,7 @@ Expert pruning (``expert_ratio``/``expert_keep``) can run first in the same pass
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -130,7 +131,8 @@ class PruneAtomicConfig(PassConfig):
         sub = self.expert_config()
         cfg = sub.planned_config(adapter, hf_config) if sub is not None else dict(hf_config)
         if self.layout == "uniform":
-            cfg[adapter.width_key] = self.new_width(adapter.expert_width(hf_config))
+            cfg = json.loads(json.dumps(cfg))  # the width may sit in a nested text_config: change a copy
+            adapter.set_width(cfg, self.new_width(adapter.expert_width(hf_config)))
         return cfg
 
 

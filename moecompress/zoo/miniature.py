@@ -239,6 +239,10 @@ def _shrink_sizes(cfg: dict[str, Any]) -> None:
         v = cfg.get(k)
         if _int(v) and v > target:
             cfg[k] = target
+        elif isinstance(v, list) and v and all(map(_int, v)) and max(v) > target:
+            # one width per expert set (ERNIE-4.5-VL moe_intermediate_size = [text, vision]): scaled together, in
+            # steps of 8 (what grouped_mm needs), so unequal widths stay unequal
+            cfg[k] = [max(8, -(-x * target // max(v) // 8) * 8) for x in v]
     for k in _DEPTH_KEYS:
         v = cfg.get(k)
         if _int(v) and v > 2:
@@ -295,6 +299,14 @@ def _shrink_rope(cfg: dict[str, Any]) -> None:
             total = sum(sec)
             new = [max(1, x * target // total) for x in sec]
             new[0] += target - sum(new)
+            if any(a == b and new[i] != new[j] for i, a in enumerate(sec) for j, b in enumerate(sec)):
+                # equal sections must stay equal (ERNIE-4.5-VL interleaves height and width: [22, 22, 20]):
+                # largest-remainder rounding does, where it leaves no section empty
+                even = [x * target // total for x in sec]
+                order = sorted(range(len(sec)), key=lambda i: -(sec[i] * target % total))
+                for i in order[:target - sum(even)]:
+                    even[i] += 1
+                new = even if min(even) > 0 else new
             r["mrope_section"] = new
 
 
