@@ -26,7 +26,7 @@ import torch
 from pydantic import Field, field_validator
 
 from moecompress.arch.adapter import MoEAdapter
-from moecompress.arch.experts import ExpertView
+from moecompress.arch.experts import ExpertView, ExpertWeights
 from moecompress.calib.collect import (
     _ACTIVE,
     TAP_IMPLEMENTATION,
@@ -409,8 +409,9 @@ def _quantize_experts(moe: Any, tap: ExpertHessians, cfg: QuantizeConfig, adapte
     import numpy as np
 
     view = ExpertView(moe)
-    w = view.get_all()
+    w = view.get_all(copy=False)  # views of the live tensors: each group reads its experts' original weights
     cands = sorted(cfg.candidate_bits) if cfg.bits_budget is not None else [cfg.bits]
+    fixed = cfg.bits_budget is None
     results: dict[tuple[str, int], list[QuantResult]] = {(p, b): [] for b in cands for p in w.projections}
     err: dict[tuple[str, int], list[float]] = {key: [] for key in results}
     # experts in groups whose float32 Hessians take about HESSIAN_GROUP_BYTES: GPTQ's per-stack temporaries
@@ -427,6 +428,13 @@ def _quantize_experts(moe: Any, tap: ExpertHessians, cfg: QuantizeConfig, adapte
                 pairs = _quantize_stack(getattr(w, p)[ids.start : ids.stop], hessians[p], b, cfg.group_size, cfg)
                 results[(p, b)] += [r for r, _ in pairs]
                 err[(p, b)] += [e for _, e in pairs]
+        if fixed:  # one width: the group's dequantized weights go into the layer now (only these experts' slices;
+            # later groups read only their own), and the results keep codes and scales, not a second copy
+            for p in w.projections:
+                done = results[(p, cfg.bits)][ids.start : ids.stop]
+                view.write(list(ids), _one_projection(p, torch.stack([r.dequant for r in done])))
+                for r in done:
+                    r.release()
         for e in ids:  # these experts' sums are spent: free them before the next group's work
             tap.x[e].release()
             tap.a[e].release()
@@ -441,16 +449,24 @@ def _quantize_experts(moe: Any, tap: ExpertHessians, cfg: QuantizeConfig, adapte
         n_params = [len(w.projections) * w.width * w.hidden] * moe.num_experts
         alloc = allocate_bits(importance_scores(tap.routed.double().numpy()), table, n_params, cands, cfg.bits_budget)
         bits = [int(b) for b in alloc.bits]
-    for p in w.projections:  # the original weights are no longer needed: `w` takes the dequantized ones in place
+    for p in w.projections:
         for e, b in enumerate(bits):
             r = results[(p, b)][e]
-            getattr(w, p)[e] = r.dequant
+            if not fixed:  # the allocation chose now: write the chosen width's weights
+                view.write([e], _one_projection(p, r.dequant[None]))
+            r.release()
             name = adapter.expert_checkpoint_name(moe.index, e, p)
             quantized[name] = r
             errors[name] = err[(p, b)][e]
-    view.set_all(w)
     _quantize_unused_rows(moe, cfg, adapter, quantized, max(bits))
     return bits
+
+
+def _one_projection(p: str, value: torch.Tensor) -> ExpertWeights:
+    """Canonical weights carrying only projection `p` (what `ExpertView.write` should touch)."""
+    fields: dict[str, torch.Tensor | None] = {"gate": None, "up": None, "down": None}
+    fields[p] = value
+    return ExpertWeights(**fields)  # type: ignore[arg-type]
 
 
 @torch.no_grad()

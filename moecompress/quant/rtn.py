@@ -9,8 +9,6 @@ dtype *before* the codes are chosen, so what we keep in memory is bit-for-bit wh
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from moecompress.errors import UserError
@@ -20,19 +18,33 @@ from moecompress.errors import UserError
 SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
 
 
-@dataclass
 class QuantResult:
     """One quantized 2-D weight: integer codes, per-group scales and the weight they stand for.
 
     ``dequant`` equals what a compressed-tensors loader rebuilds from (qweight, scale); put it into the
-    in-memory model so evaluation and the written checkpoint agree exactly.
+    in-memory model so evaluation and the written checkpoint agree exactly. Once it is in the model,
+    ``release()`` drops the held copy (a layer's worth of weights until the layer is written); ``dequant``
+    then recomputes it from the codes, with the same arithmetic.
     """
 
-    qweight: torch.Tensor  # int8 [out, in], values in [qmin(bits), qmax(bits)]
-    scale: torch.Tensor  # [out, n_groups], storage dtype
-    bits: int
-    group_size: int  # -1: one group per row (per-channel)
-    dequant: torch.Tensor  # [out, in], dtype of the original weight
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int,
+                 dequant: torch.Tensor) -> None:
+        self.qweight = qweight  # int8 [out, in], values in [qmin(bits), qmax(bits)]
+        self.scale = scale  # [out, n_groups], storage dtype
+        self.bits = bits
+        self.group_size = group_size  # -1: one group per row (per-channel)
+        self.dtype = dequant.dtype  # of the original weight
+        self._dequant: torch.Tensor | None = dequant
+
+    @property
+    def dequant(self) -> torch.Tensor:
+        """[out, in] in the original weight's dtype."""
+        if self._dequant is not None:
+            return self._dequant
+        return dequantize(self.qweight, self.scale, self.group_size, self.dtype)
+
+    def release(self) -> None:
+        self._dequant = None
 
     @property
     def n_groups(self) -> int:
