@@ -121,6 +121,30 @@ def test_reconstruct_selection_never_worse_than_its_seed():
     assert moe_layers(model)[0].num_experts == 8  # the input model is untouched
 
 
+def test_whole_model_choice_measures_each_candidate_healed():
+    """`choose_whole_model` heals each candidate selection on a scratch copy and picks the lowest held-out
+    calibration KL; each KL is what healing that selection and measuring it directly gives (same arithmetic,
+    1e-9 relative), duplicates are measured once, and the input model is untouched."""
+    from moecompress.heal.run import choose_whole_model, held_out_batches
+    from moecompress.passes.merging import Group
+    from moecompress.surgery import keep_experts
+
+    model, _ = tiny("qwen3_moe", num_experts=8)
+    batches = batches_for(model)
+    ids = [ly.index for ly in moe_layers(model)]
+    cands = {"low": {i: [0, 1, 2, 3] for i in ids}, "odd": {i: [1, 3, 5, 7] for i in ids},
+             "low again": {i: [0, 1, 2, 3] for i in ids}}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    winner, kls = choose_whole_model(model, batches, cands, HealSpec())
+    assert kls["low"] == kls["low again"] and winner == min(kls, key=lambda n: kls[n])
+    direct = copy.deepcopy(model)
+    for ly in moe_layers(direct):
+        keep_experts(ly, cands["odd"][ly.index])
+    heal_model(model, direct, batches, {i: [Group([k]) for k in v] for i, v in cands["odd"].items()}, HealSpec())
+    assert kls["odd"] == pytest.approx(calibration_kl(model, direct, held_out_batches(batches, 0.1)), rel=1e-9, abs=1e-12)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_prune_with_heal_reloads_clean_and_reports(tmp_path: Path, cache_dir, capsys):
     from transformers import AutoModelForCausalLM
 
@@ -217,6 +241,9 @@ def test_select_reconstruct_from_the_cli_and_masked_layout_says_it_saves_nothing
         info = d["layers"][layer]["reconstruct"]
         assert len(set(d["kept"][layer])) == 4 and set(d["kept"][layer]) <= set(range(8))
         assert info["healed_error"] <= info["seed_healed_error"] * (1 + 1e-9)
+    whole = d["layers"]["0"]["reconstruct"]["whole_model"]  # search and criteria compete as whole models
+    kls = whole["healed_heldout_kl"]
+    assert {"search", "reap", "ean", "frequency"} <= set(kls) and kls[whole["winner"]] == min(kls.values())
     code, out, err = run_cli(["prune", ref, "--out", tmp_path / "m", "--neuron-ratio", "0.5", "--criterion",
                               "magnitude", "--layout", "masked", "--calib", calib, *CALIB], capsys)
     assert code == 0, err

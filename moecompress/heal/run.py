@@ -140,6 +140,32 @@ def reconstruct_selection(model: torch.nn.Module, batches: Batches, n_keep: int,
     return kept, info
 
 
+def choose_whole_model(model: torch.nn.Module, batches: Batches, candidates: dict[str, dict[int, list[int]]],
+                       spec: HealSpec) -> tuple[str, dict[str, float]]:
+    """The candidate selection (kept experts per layer) with the lowest held-out calibration KL once healed.
+
+    The per-layer search minimises each layer's healed block error, which at high removal does not order
+    selections the way the model's output does; so every candidate (the search's, the criteria's) is pruned
+    and healed (closed form) on a scratch copy and judged on the KL of the next-token distributions on the
+    held-out calibration sequences — the quantity the report shows. Identical candidates are measured once.
+    """
+    held = held_out_batches(batches, spec.holdout)
+    closed = spec.model_copy(update={"steps": 0})
+    kls: dict[str, float] = {}
+    measured: dict[tuple, float] = {}
+    for name, keep in candidates.items():
+        key = tuple(sorted((i, tuple(v)) for i, v in keep.items()))
+        if key not in measured:
+            scratch = copy.deepcopy(model)
+            for layer in moe_layers(scratch):
+                keep_experts(layer, keep[layer.index])
+            heal_model(model, scratch, batches, {i: [Group([k]) for k in v] for i, v in keep.items()}, closed)
+            measured[key] = calibration_kl(model, scratch, held)
+            del scratch
+        kls[name] = measured[key]
+    return min(kls, key=lambda n: kls[n]), kls
+
+
 def after_pass(model: torch.nn.Module, load_reference: Callable[[], torch.nn.Module], calib: Any,
                get_stats: Callable[[torch.nn.Module], Any] | None, pass_name: str, details: dict[str, Any], spec: HealSpec | None,
                console: Any = None, groups: dict[int, list[Group]] | None = None) -> dict[str, Any]:

@@ -33,7 +33,8 @@ class PruneExpertsConfig(ExpertCountConfig):
     seed: int = 0
     select: Literal["criterion", "reconstruct"] = Field(
         "criterion", description="criterion: keep the top-scoring experts; reconstruct: search the kept set per "
-        "layer on the healed block-output error (seeded by the criterion's set; implies heal)")
+        "layer on the healed block-output error (seeded by the criterion's set; implies heal), then that selection "
+        "and every criterion's, each healed, compete on the held-out calibration KL")
     beam: int = Field(1, ge=1, description="select reconstruct: beam width of the backward elimination (1 = greedy)")
     heal: HealOption = Field(None, description="after pruning, fit the kept experts and router to the original "
                              "layer outputs (true, or a mapping of heal settings)")
@@ -100,7 +101,7 @@ def _reconstructed(ctx: PassContext, cfg: PruneExpertsConfig, layers: list[Any],
                    stats: Any) -> dict[int, tuple[list[int], dict[str, Any]]]:
     """`select: reconstruct`: every layer's kept set searched on the healed block-output error, seeded by the
     criterion's set (which competes with the search). Needs the whole model in memory (see `streams`)."""
-    from moecompress.heal.run import calibration_batches, reconstruct_selection
+    from moecompress.heal.run import calibration_batches, choose_whole_model, reconstruct_selection
 
     n_keep, groups = cfg.n_keep(e), ctx.adapter.num_groups(ctx.model.config)
     seeds, infos, rivals = {}, {}, {}
@@ -113,9 +114,19 @@ def _reconstructed(ctx: PassContext, cfg: PruneExpertsConfig, layers: list[Any],
                                             protect_i)
                 for c in RIVAL_CRITERIA if c != cfg.criterion}
     protect = {i: info["protected"] for i, info in infos.items() if info["protected"]}
-    chosen, search = reconstruct_selection(ctx.model, calibration_batches(ctx.get_calibration()), n_keep, groups,
-                                           cfg.heal or HealSpec(), cfg.beam, seeds, protect, rivals=rivals)
-    return {i: (chosen[i], {**infos[i], "reconstruct": search[str(i)]}) for i in chosen}
+    batches = calibration_batches(ctx.get_calibration())
+    spec = cfg.heal or HealSpec()
+    chosen, search = reconstruct_selection(ctx.model, batches, n_keep, groups, spec, cfg.beam, seeds, protect,
+                                           rivals=rivals)
+    # the search and every criterion's whole selection, each healed, compete on the held-out calibration KL
+    candidates = {"search": chosen, cfg.criterion: seeds}
+    for c in RIVAL_CRITERIA:
+        if c != cfg.criterion and all(c in rivals.get(i, {}) for i in chosen):
+            candidates[c] = {i: rivals[i][c] for i in chosen}
+    winner, kls = choose_whole_model(ctx.model, batches, candidates, spec)
+    final = candidates[winner]
+    whole = {"winner": winner, "healed_heldout_kl": kls}
+    return {i: (final[i], {**infos[i], "reconstruct": {**search[str(i)], "whole_model": whole}}) for i in chosen}
 
 
 def _apply_layer(ctx: PassContext, plan: dict[str, Any], index: int, decoder_layer: Any) -> dict[str, Any] | None:
