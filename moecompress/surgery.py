@@ -174,6 +174,8 @@ def coupled_count(decoder_layer: torch.nn.Module, adapter: MoEAdapter) -> int | 
     if adapter.coupled is None:
         return None
     return int(decoder_layer.get_submodule(f"{adapter.coupled.path}.{adapter.coupled.router}").weight.shape[0])
+
+
 # How the experts of a paired set are chosen (recorded in the report and model card): text-only calibration routes
 # no token to them, so no routing statistic ranks them.
 PAIRED_CRITERION = ("data-free: router-row L2 norm × Frobenius norm of the expert's down projection × geometric "

@@ -135,8 +135,13 @@ def test_whole_model_choice_measures_each_candidate_healed():
     cands = {"low": {i: [0, 1, 2, 3] for i in ids}, "odd": {i: [1, 3, 5, 7] for i in ids},
              "low again": {i: [0, 1, 2, 3] for i in ids}}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    winner, kls = choose_whole_model(model, batches, cands, HealSpec())
-    assert kls["low"] == kls["low again"] and winner == min(kls, key=lambda n: kls[n])
+    winner, chosen, info = choose_whole_model(model, batches, cands, HealSpec(), refine=False)
+    kls = info["healed_heldout_kl"]
+    assert kls["low"] == kls["low again"] and winner == min(kls, key=lambda n: kls[n]) and chosen == cands[winner]
+    assert info["selections_measured"] == 2
+    _, mixed, refined = choose_whole_model(model, batches, cands, HealSpec())
+    assert refined["final_healed_heldout_kl"] <= min(kls.values())
+    assert all(mixed[i] in (cands["low"][i], cands["odd"][i]) for i in ids)  # layers take a candidate's set
     direct = copy.deepcopy(model)
     for ly in moe_layers(direct):
         keep_experts(ly, cands["odd"][ly.index])
@@ -243,7 +248,9 @@ def test_select_reconstruct_from_the_cli_and_masked_layout_says_it_saves_nothing
         assert info["healed_error"] <= info["seed_healed_error"] * (1 + 1e-9)
     whole = d["layers"]["0"]["reconstruct"]["whole_model"]  # search and criteria compete as whole models
     kls = whole["healed_heldout_kl"]
-    assert {"search", "reap", "ean", "frequency"} <= set(kls) and kls[whole["winner"]] == min(kls.values())
+    assert {"search", "reap", "ean", "frequency"} <= set(kls)
+    assert whole["final_healed_heldout_kl"] <= min(kls.values())  # refinement only accepts lower KLs
+    assert (whole["winner"] == "mixed") == bool(whole["swaps"])
     code, out, err = run_cli(["prune", ref, "--out", tmp_path / "m", "--neuron-ratio", "0.5", "--criterion",
                               "magnitude", "--layout", "masked", "--calib", calib, *CALIB], capsys)
     assert code == 0, err

@@ -178,6 +178,7 @@ def compress_streamed(lp: LayerwisePass, ctx: PassContext, source: ModelSource, 
                 run_layer(flow, i, layer)
                 state = on_disk_state(source.model, source.state_of(i))  # a chunked layer: all but its experts
                 writer.add(lp.emit(ctx, plan, i, state) if lp.emit is not None else state)
+                del state  # its per-expert views hold the layer's tensors: not alive while the next layer is read
                 if source.chunked(i):
                     moe = source.moe_layer(i)
                     write_chunked_experts(writer, source.model, moe.experts, source.experts_prefix(i))

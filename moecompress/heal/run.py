@@ -141,29 +141,48 @@ def reconstruct_selection(model: torch.nn.Module, batches: Batches, n_keep: int,
 
 
 def choose_whole_model(model: torch.nn.Module, batches: Batches, candidates: dict[str, dict[int, list[int]]],
-                       spec: HealSpec) -> tuple[str, dict[str, float]]:
-    """The candidate selection (kept experts per layer) with the lowest held-out calibration KL once healed.
+                       spec: HealSpec, refine: bool = True
+                       ) -> tuple[str, dict[int, list[int]], dict[str, Any]]:
+    """The selection (kept experts per layer) with the lowest held-out calibration KL once healed.
 
     The per-layer search minimises each layer's healed block error, which at high removal does not order
     selections the way the model's output does; so every candidate (the search's, the criteria's) is pruned
     and healed (closed form) on a scratch copy and judged on the KL of the next-token distributions on the
-    held-out calibration sequences — the quantity the report shows. Identical candidates are measured once.
+    held-out calibration sequences — the quantity the report shows. With `refine`, each layer of the best one
+    then tries every other candidate's set for that layer (bottom up) and keeps a swap that lowers the KL.
+    Returns (the best candidate's name, or "mixed" after swaps; the selection; what was measured).
     """
     held = held_out_batches(batches, spec.holdout)
     closed = spec.model_copy(update={"steps": 0})
-    kls: dict[str, float] = {}
     measured: dict[tuple, float] = {}
-    for name, keep in candidates.items():
+
+    def kl_of(keep: dict[int, list[int]]) -> float:
         key = tuple(sorted((i, tuple(v)) for i, v in keep.items()))
-        if key not in measured:
+        if key not in measured:  # identical selections are measured once
             scratch = copy.deepcopy(model)
             for layer in moe_layers(scratch):
                 keep_experts(layer, keep[layer.index])
             heal_model(model, scratch, batches, {i: [Group([k]) for k in v] for i, v in keep.items()}, closed)
             measured[key] = calibration_kl(model, scratch, held)
             del scratch
-        kls[name] = measured[key]
-    return min(kls, key=lambda n: kls[n]), kls
+        return measured[key]
+
+    kls = {name: kl_of(keep) for name, keep in candidates.items()}
+    winner = min(kls, key=lambda n: kls[n])
+    best, best_kl, swaps = dict(candidates[winner]), kls[winner], []
+    if refine:
+        for i in sorted(best):
+            for name, keep in candidates.items():
+                if keep[i] == best[i]:
+                    continue
+                trial = {**best, i: keep[i]}
+                kl = kl_of(trial)
+                if kl < best_kl:
+                    best, best_kl = trial, kl
+                    swaps.append({"layer": i, "from": name, "healed_heldout_kl": kl})
+    info = {"healed_heldout_kl": kls, "swaps": swaps, "final_healed_heldout_kl": best_kl,
+            "selections_measured": len(measured)}
+    return (winner if not swaps else "mixed"), best, info
 
 
 def after_pass(model: torch.nn.Module, load_reference: Callable[[], torch.nn.Module], calib: Any,

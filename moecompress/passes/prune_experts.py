@@ -34,7 +34,8 @@ class PruneExpertsConfig(ExpertCountConfig):
     select: Literal["criterion", "reconstruct"] = Field(
         "criterion", description="criterion: keep the top-scoring experts; reconstruct: search the kept set per "
         "layer on the healed block-output error (seeded by the criterion's set; implies heal), then that selection "
-        "and every criterion's, each healed, compete on the held-out calibration KL")
+        "and every criterion's, each healed, compete on the held-out calibration KL, and layers swap in another "
+        "candidate's set where that lowers it")
     beam: int = Field(1, ge=1, description="select reconstruct: beam width of the backward elimination (1 = greedy)")
     heal: HealOption = Field(None, description="after pruning, fit the kept experts and router to the original "
                              "layer outputs (true, or a mapping of heal settings)")
@@ -123,9 +124,8 @@ def _reconstructed(ctx: PassContext, cfg: PruneExpertsConfig, layers: list[Any],
     for c in RIVAL_CRITERIA:
         if c != cfg.criterion and all(c in rivals.get(i, {}) for i in chosen):
             candidates[c] = {i: rivals[i][c] for i in chosen}
-    winner, kls = choose_whole_model(ctx.model, batches, candidates, spec)
-    final = candidates[winner]
-    whole = {"winner": winner, "healed_heldout_kl": kls}
+    winner, final, measured = choose_whole_model(ctx.model, batches, candidates, spec)
+    whole = {"winner": winner, **measured}
     return {i: (final[i], {**infos[i], "reconstruct": {**search[str(i)], "whole_model": whole}}) for i in chosen}
 
 
