@@ -510,14 +510,3 @@ def overwrite_block_tensors(layer: MoELayer, tensors: dict[str, torch.Tensor]) -
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name].dtype))
-
-
-def replace_experts(layer: MoELayer, weights: ExpertWeights) -> None:
-    """Overwrite every routed expert of a layer with canonical weights of the same count and width."""
-    view = ExpertView(layer)
-    old = view.get_all()
-    for name, value in weights.__dict__.items():
-        ref = getattr(old, name)
-        if (ref is None) != (value is None) or (ref is not None and tuple(ref.shape) != tuple(value.shape)):
-            raise UserError(f"layer {layer.index}: replacement experts must keep shapes ({name})")
-    view.set_all(weights)

@@ -63,6 +63,12 @@ class ExpertWeights:
     def with_(self, **kw: torch.Tensor | None) -> ExpertWeights:
         return replace(self, **kw)
 
+    @staticmethod
+    def only(**kw: torch.Tensor) -> ExpertWeights:
+        """Weights carrying only the given projections (e.g. ``down=...``): what `ExpertView.write` should touch."""
+        fields: dict[str, torch.Tensor | None] = {"gate": None, "up": None, "down": None, **kw}
+        return ExpertWeights(**fields)  # type: ignore[arg-type]
+
 
 class ExpertView:
     """Read and write a layer's routed experts in canonical form, whatever the storage layout."""

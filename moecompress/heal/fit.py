@@ -26,7 +26,7 @@ from moecompress.errors import UserError
 from moecompress.heal.spec import HealSpec
 from moecompress.passes import merging as M
 from moecompress.passes.merge_experts import block_output, prob_kind, router_logits
-from moecompress.surgery import overwrite_block_tensors, replace_experts, set_router_rows
+from moecompress.surgery import overwrite_block_tensors, set_router_rows
 
 _LOGIT_BIAS = "bias"
 
@@ -196,11 +196,12 @@ def expert_tokens(layer: MoELayer, x: torch.Tensor, w: ExpertWeights | None = No
 
 def fit_down(layer: MoELayer, data: BlockData, ridge: float, sweeps: int) -> dict[str, Any]:
     """(b): ridge least squares of every kept expert's down projection, the router and gate/up fixed."""
-    w = ExpertView(layer).get_all()
+    view = ExpertView(layer)
+    w = view.get_all(copy=False)  # views: only the down projections are rewritten, in place
     parts, routed = expert_tokens(layer, data.x, w)
     target = data.y.double() - other_output(layer, data.x, routed) if layer.shared() else data.y.double()
     new, _, history = solve_down(parts, list(w.down.unbind(0)), target.float(), data.fit, ridge, sweeps)
-    replace_experts(layer, w.with_(down=torch.stack(new).to(w.down.dtype)))
+    view.write(range(len(new)), ExpertWeights.only(down=torch.stack(new).to(w.down.dtype)))
     norm = float(data.y[data.fit].double().pow(2).sum().clamp_min(1e-30))
     return {"fitted_rel_mse": [round(h / norm, 6) for h in history]}
 

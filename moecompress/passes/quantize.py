@@ -432,7 +432,7 @@ def _quantize_experts(moe: Any, tap: ExpertHessians, cfg: QuantizeConfig, adapte
             # later groups read only their own), and the results keep codes and scales, not a second copy
             for p in w.projections:
                 done = results[(p, cfg.bits)][ids.start : ids.stop]
-                view.write(list(ids), _one_projection(p, torch.stack([r.dequant for r in done])))
+                view.write(list(ids), ExpertWeights.only(**{p: torch.stack([r.dequant for r in done])}))
                 for r in done:
                     r.release()
         for e in ids:  # these experts' sums are spent: free them before the next group's work
@@ -453,20 +453,13 @@ def _quantize_experts(moe: Any, tap: ExpertHessians, cfg: QuantizeConfig, adapte
         for e, b in enumerate(bits):
             r = results[(p, b)][e]
             if not fixed:  # the allocation chose now: write the chosen width's weights
-                view.write([e], _one_projection(p, r.dequant[None]))
+                view.write([e], ExpertWeights.only(**{p: r.dequant[None]}))
             r.release()
             name = adapter.expert_checkpoint_name(moe.index, e, p)
             quantized[name] = r
             errors[name] = err[(p, b)][e]
     _quantize_unused_rows(moe, cfg, adapter, quantized, max(bits))
     return bits
-
-
-def _one_projection(p: str, value: torch.Tensor) -> ExpertWeights:
-    """Canonical weights carrying only projection `p` (what `ExpertView.write` should touch)."""
-    fields: dict[str, torch.Tensor | None] = {"gate": None, "up": None, "down": None}
-    fields[p] = value
-    return ExpertWeights(**fields)  # type: ignore[arg-type]
 
 
 @torch.no_grad()
