@@ -141,7 +141,7 @@ class ExpertView:
                 dst[e].copy_(src[j])
 
     def get(self, e: int) -> ExpertWeights:
-        return self.get_all().select(e)
+        return self.get_all(index=[e]).select(0)  # copies expert `e` only
 
     def set_all(self, w: ExpertWeights) -> None:
         """Replace every fused tensor (the expert count and width may change; module ints are not touched)."""

@@ -25,7 +25,7 @@ import torch
 from moecompress.calib.layers import StopForward, block_io
 from moecompress.engine.loop import Flow, run_layer, start_flow
 from moecompress.engine.source import ModelSource
-from moecompress.heal.fit import BlockData, heal_block
+from moecompress.heal.fit import BlockData, heal_block, heal_summary
 from moecompress.heal.spec import HealSpec
 from moecompress.heal.walk import held_out, real_tokens
 from moecompress.passes.merging import Group
@@ -124,14 +124,7 @@ class StreamedHeal:
 
     def report(self) -> dict[str, Any]:
         """The same summary ``heal.run.heal_model`` gives."""
-        start = [v["start"]["held"] for v in self.layers.values()]
-        end = [v["end_held"] for v in self.layers.values()]
-        out: dict[str, Any] = {"spec": self.spec.model_dump(), "seconds": round(self.seconds, 2), "engine": "streamed",
-                               "layers": self.layers}
-        if start:
-            out["mean_block_rel_error_held"] = {"before": round(sum(start) / len(start), 6),
-                                                "after": round(sum(end) / len(end), 6)}
-        return out
+        return heal_summary(self.spec, self.seconds, self.layers, engine="streamed")
 
     def close(self) -> None:
         for flow in (self.original, self.compressed, self.unhealed):

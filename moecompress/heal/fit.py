@@ -324,3 +324,14 @@ def heal_block(ref_layer: MoELayer, layer: MoELayer, data: BlockData, groups: li
     report["start"] = {k: round(v, 6) for k, v in report["start"].items()}
     report["end_held"] = round(current, 6)
     return report
+
+
+def heal_summary(spec: HealSpec, seconds: float, layers: dict[str, dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """The report of a whole heal from `heal_block`'s per-layer reports (the in-memory walk's and the engine's)."""
+    out: dict[str, Any] = {"spec": spec.model_dump(), "seconds": round(seconds, 2), **extra, "layers": layers}
+    start = [v["start"]["held"] for v in layers.values()]
+    end = [v["end_held"] for v in layers.values()]
+    if start:
+        out["mean_block_rel_error_held"] = {"before": round(sum(start) / len(start), 6),
+                                            "after": round(sum(end) / len(end), 6)}
+    return out

@@ -18,7 +18,7 @@ import torch
 from moecompress.arch.adapter import moe_layers
 from moecompress.arch.discover import text_model
 from moecompress.errors import UserError
-from moecompress.heal.fit import heal_block
+from moecompress.heal.fit import heal_block, heal_summary
 from moecompress.heal.select import HealedReconstruction, select_reconstruct
 from moecompress.heal.spec import HealSpec
 from moecompress.heal.walk import holdout_rows, walk_two_streams
@@ -101,14 +101,7 @@ def heal_model(ref_model: torch.nn.Module, model: torch.nn.Module, batches: Batc
         layers[str(i)] = heal_block(ref_layer, layer, data, groups[i], spec)
 
     walk_two_streams(ref_model, model, batches, on_layer, holdout=spec.holdout, progress=progress)
-    start = [v["start"]["held"] for v in layers.values()]
-    end = [v["end_held"] for v in layers.values()]
-    return {
-        "spec": spec.model_dump(),
-        "seconds": round(time.perf_counter() - t0, 2),
-        "mean_block_rel_error_held": {"before": round(sum(start) / len(start), 6), "after": round(sum(end) / len(end), 6)},
-        "layers": layers,
-    }
+    return heal_summary(spec, time.perf_counter() - t0, layers)
 
 
 def reconstruct_selection(model: torch.nn.Module, batches: Batches, n_keep: int, n_groups: int, spec: HealSpec,
