@@ -200,6 +200,49 @@ def tap_experts_forward(
 ALL_EXPERTS_FUNCTIONS.register(TAP_IMPLEMENTATION, tap_experts_forward)
 
 
+PADDED_IMPLEMENTATION = "moecompress_padded"
+
+
+def padded_grouped_mm_forward(
+    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """transformers' ``grouped_mm`` experts forward with each expert's rows padded to a bucketed count.
+
+    The engine runs every layer of every sweep through this (``engine.source.ModelSource``): with the plain
+    forward oneDNN kept a bf16 kernel per row count routing produced, ~35 MiB per layer of a GPTQ sweep that
+    never came back (bench/README.md). Same sort, gather, gating, weighting and float32 sum over the top-k as
+    ``grouped_mm_experts_forward``; padded rows are zeros whose outputs are dropped, so outputs are bitwise
+    those of ``grouped_mm`` (tested). Anything the padding does not cover (not CPU bf16/fp16, expert parallel,
+    ids past the routed experts) runs transformers' own forward.
+    """
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    n = int(self.num_experts)
+    if (not _padded_rows(hidden_states) or _grouped_linear is None or getattr(self, "_is_expert_parallel", False)
+            or bool((top_k_index >= n).any())):
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    k = top_k_index.shape[-1]
+    tokens, hidden = hidden_states.shape
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    weights = top_k_weights.reshape(-1)[perm]
+    counts = torch.bincount(expert_ids, minlength=n)
+    y, _ = _grouped_outputs(self, hidden_states[perm // k], expert_ids, counts)
+    weighted = y * weights.unsqueeze(-1)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.shape[0], device=perm.device)
+    return weighted[inverse].view(tokens, k, hidden).sum(dim=1).to(hidden_states.dtype)
+
+
+ALL_EXPERTS_FUNCTIONS.register(PADDED_IMPLEMENTATION, padded_grouped_mm_forward)
+
+
+def pad_expert_rows(model: torch.nn.Module) -> None:
+    """Run `model`'s experts through ``padded_grouped_mm_forward`` when they would run ``grouped_mm`` (the
+    default a plain ``from_pretrained`` gives); other implementations are left as they are."""
+    if experts_implementation(model) == "grouped_mm":
+        set_experts_implementation(model, PADDED_IMPLEMENTATION)
+
+
 class LayerTap:
     """Accumulates statistics for one MoE layer during collection."""
 

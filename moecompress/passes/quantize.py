@@ -155,7 +155,8 @@ class ExpertHessians:
         keep = self.mask[tok] if self.mask is not None else torch.ones_like(tok, dtype=torch.bool)
         self.routed += torch.bincount(eid[keep], minlength=len(self.x)).cpu()
         if self.balance:
-            real = hidden if self.mask is None else hidden[self.mask]
+            # one copy shared by every expert's accumulator (they keep their inputs until folded)
+            real = hidden.clone() if self.mask is None else hidden[self.mask]
             probs = None if self.probs is None else (self.probs if self.mask is None else self.probs[self.mask])
             for e in range(len(self.x)):
                 c = probs[:, e] if (self.affinity and probs is not None) else None

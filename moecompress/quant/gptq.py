@@ -45,39 +45,75 @@ class HessianAccumulator:
 
     Per-token weights (gate affinities) are optional; tokens with weight 0 are not counted. The sum is kept
     unnormalised; :meth:`hessian` returns the weighted mean, whose scale GPTQ does not care about.
+
+    Why the inputs are kept until they outweigh the sum: a routed expert often sees fewer calibration tokens
+    than twice its input width, and then its inputs (in their own dtype) take less memory than the ``[in, in]``
+    float32 sum — a layer of 32 experts held 256 MiB of sums for 64 MiB of inputs on the stream bench. The
+    batches are kept as given and folded into the sum (one ``addmm`` each, in arrival order) when their bytes
+    would pass the sum's or when the sum is read, so the result is bitwise the eager sum's.
     """
 
     def __init__(self, in_features: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.in_features = int(in_features)
-        self.sum = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._sum: torch.Tensor | None = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._pending_bytes = 0
         self.n_tokens = 0
         self.weight_sum = 0.0
+
+    @property
+    def dense_bytes(self) -> int:
+        return self.in_features * self.in_features * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def sum(self) -> torch.Tensor:
+        """The unnormalised sum (folds in the inputs kept so far)."""
+        if self._sum is None:
+            self._sum = torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=self.device)
+        for x, w in self._pending:
+            x = x.to(self._sum.dtype)
+            if w is not None:
+                keep = w > 0
+                x = x[keep] * w[keep].sqrt().unsqueeze(1)
+            self._sum.addmm_(x.T, x)
+        self._pending, self._pending_bytes = [], 0
+        return self._sum
+
+    @sum.setter
+    def sum(self, value: torch.Tensor) -> None:
+        self._pending, self._pending_bytes = [], 0
+        self._sum = value
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """Add inputs ``x [..., in]`` with optional per-token weights ``weight [...]`` (must be ≥ 0)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"inputs have {x.shape[-1]} features, accumulator expects {self.in_features}")
-        x = x.reshape(-1, self.in_features).to(self.sum.dtype)
+        x = x.detach().reshape(-1, self.in_features)
+        w = None
         if weight is None:
             n, wsum = x.shape[0], float(x.shape[0])
         else:
-            w = weight.reshape(-1).to(self.sum.dtype)
+            w = weight.detach().reshape(-1).to(self.dtype)
             if w.shape[0] != x.shape[0]:
                 raise ValueError(f"{w.shape[0]} token weights for {x.shape[0]} tokens")
             if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
                 raise ValueError("token weights must be finite and non-negative")
-            keep = w > 0
-            x = x[keep] * w[keep].sqrt().unsqueeze(1)
-            n, wsum = int(keep.sum()), float(w.sum())
+            n, wsum = int((w > 0).sum()), float(w.sum())
         if n:
-            self.sum.addmm_(x.T, x)
+            self._pending.append((x, w))
+            self._pending_bytes += x.numel() * x.element_size() + (w.numel() * w.element_size() if w is not None else 0)
+            if self._pending_bytes > self.dense_bytes:
+                _ = self.sum
         self.n_tokens += n
         self.weight_sum += wsum
 
     def release(self) -> None:
-        """Free the sum once its Hessian is used (a layer's experts hold one [in, in] float32 sum each)."""
-        self.sum = torch.empty(0, 0, dtype=self.sum.dtype, device=self.sum.device)
+        """Free the sum and kept inputs once the Hessian is used (a layer's experts hold one each)."""
+        self._pending, self._pending_bytes = [], 0
+        self._sum = torch.empty(0, 0, dtype=self.dtype, device=self.device)
 
     def hessian(self) -> torch.Tensor:
         """Weighted mean of ``x xᵀ``; all zeros when no token was seen (GPTQ then falls back to identity)."""
@@ -97,14 +133,17 @@ def reduce_accumulators(accs: list[HessianAccumulator], world: Any) -> None:
         a.n_tokens, a.weight_sum = int(n), float(w)
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float, act_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _inverse_cholesky(h: torch.Tensor, damp: float, act_order: bool, *, owned: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Upper Cholesky factors ``U`` (``H⁻¹ = UᵀU``) of the damped Hessians ``h [E, n, n]``, in act-order if asked.
 
     Computed without forming ``H⁻¹``: with ``J`` the order reversal, ``JHJ = LLᵀ`` gives ``H = RRᵀ`` for the
     upper-triangular ``R = JLJ``, hence ``U = R⁻¹ = J L⁻¹ J`` — one Cholesky and one triangular inverse.
     """
     n = h.shape[-1]
-    h = h.detach().float().clone()
+    h = h.detach().float()
+    if not owned:  # a stack built for this call (owned) is edited in place: one [E, n, n] copy less at the peak
+        h = h.clone()
     if not bool(torch.isfinite(h).all()):
         raise ValueError("Hessian has non-finite entries")
     eye = torch.eye(n)
@@ -126,7 +165,9 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, act_order: bool) -> tuple[to
     # float32 is enough for a damped Hessian; float64 with growing damping is the fallback for failures.
     for attempt in range(6):
         dtype = torch.float32 if attempt == 0 else torch.float64
-        hd = (h[todo] + (d[todo] * mean_diag[todo])[:, None, None] * eye).to(dtype).flip(-1, -2)
+        rows = h if todo.numel() == h.shape[0] else h[todo]  # no gathered copy when every matrix is left
+        hd = (rows + (d[todo] * mean_diag[todo])[:, None, None] * eye).to(dtype).flip(-1, -2)
+        del rows
         chol, info = torch.linalg.cholesky_ex(hd)
         ok = info == 0
         if bool(ok.any()):
@@ -221,7 +262,9 @@ def gptq_quantize_batch(
     if block_size <= 0:
         raise UserError(f"block_size={block_size} must be positive")
     sdt = scale_dtype or w.dtype
-    u, perm = _inverse_cholesky(_stack_hessians(h, batch, n), damp, act_order)
+    hs = _stack_hessians(h, batch, n)
+    u, perm = _inverse_cholesky(hs, damp, act_order, owned=hs is not h)
+    del hs
 
     qmin, qmax = qrange(bits)
     exact = sdt == torch.float32 and w.dtype == torch.float32
@@ -240,7 +283,7 @@ def gptq_quantize_batch(
         # Group starts must be block starts (or lie inside a block) so a group's scale sees all updates so far.
         block_size = max(g, (block_size // g) * g)
 
-    codes = torch.empty(batch, out, n)
+    codes = torch.empty(batch, out, n, dtype=torch.int8)  # integral values in the int8 range: stored exactly
     cur_scale = torch.empty(batch, out)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
