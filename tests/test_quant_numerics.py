@@ -102,6 +102,32 @@ def test_weighted_hessian_equals_manual_sum():
         plain.add(x, -c)
 
 
+def test_accumulator_keeps_inputs_until_they_outweigh_the_sum_and_equals_the_eager_sum():
+    """Inputs are held (less memory than the [in, in] sum when few tokens are routed) and folded in arrival
+    order with the same arithmetic as one addmm per add: the sum is bitwise the eager one."""
+    g = torch.Generator().manual_seed(3)
+    n = 16
+    batches = [(torch.randn(rows, n, generator=g).to(torch.bfloat16), torch.rand(rows, generator=g))
+               for rows in (5, 3, 40, 7)]
+    acc = HessianAccumulator(n)
+    eager = torch.zeros(n, n)
+    for i, (x, c) in enumerate(batches):
+        acc.add(x, c if i % 2 else None)
+        xf = x.float()
+        if i % 2:
+            keep = c > 0
+            xf = xf[keep] * c[keep].sqrt().unsqueeze(1)
+        eager.addmm_(xf.T, xf)
+        if i == 0:  # 5 bf16 rows of 16 (+ nothing) are 160 bytes < the 1 KiB float32 sum: still held
+            assert acc._sum is None and acc._pending
+        if i == 2:  # 40 rows more: past the sum's bytes, folded
+            assert not acc._pending
+    assert torch.equal(acc.sum, eager)
+    assert acc.n_tokens == sum(x.shape[0] for x, _ in batches)
+    acc.release()
+    assert acc.sum.numel() == 0
+
+
 def test_zero_tokens_falls_back_to_identity_hessian():
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
     rtn = quantize_rtn(w, 3, 16)
