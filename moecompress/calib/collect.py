@@ -270,7 +270,9 @@ class LayerTap:
         pick = (positions % self.sample_every) == 0
         self._seen_real += n
         if self._sampled < self.sample_cap and bool(pick.any()):
-            chosen = x[pick][: self.sample_cap - self._sampled].detach().float().cpu()
+            # kept in the activations' dtype (exact; half the bytes of float32 in a bf16 model: the samples of
+            # every layer stay in memory until the compress sweep ends); readers convert
+            chosen = x[pick][: self.sample_cap - self._sampled].detach().cpu()
             self._samples.append(chosen)
             self._sampled += chosen.shape[0]
 

@@ -74,7 +74,7 @@ class LayerStats:
     width: int
     n_tokens: int = 0
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    sample: torch.Tensor | None = None  # [N, H] MoE-block inputs at real (unpadded) tokens
+    sample: torch.Tensor | None = None  # [N, H] MoE-block inputs at real (unpadded) tokens, activations' dtype
     # (token, slot) pairs the router gave to zero-computation experts past the routed ones (LongCat-Flash): they
     # are no expert's, so freq sums to n_tokens · top-k minus these
     extra_picks: int = 0

@@ -133,7 +133,7 @@ def solve_down(parts: list[ExpertTokens], down: list[torch.Tensor], target: torc
     """
     dt = next((p.act.dtype for p in parts), target.dtype)
     target = target.to(dt)
-    w = [d.double().clone() for d in down]
+    w = [d.double() if d.dtype != torch.float64 else d.clone() for d in down]  # own float64 copies
     pred = torch.zeros_like(target)
     for p, wd in zip(parts, w, strict=True):
         c = p.act @ wd.to(dt).T
@@ -201,7 +201,9 @@ def fit_down(layer: MoELayer, data: BlockData, ridge: float, sweeps: int) -> dic
     parts, routed = expert_tokens(layer, data.x, w)
     target = data.y.double() - other_output(layer, data.x, routed) if layer.shared() else data.y.double()
     new, _, history = solve_down(parts, list(w.down.unbind(0)), target.float(), data.fit, ridge, sweeps)
-    view.write(range(len(new)), ExpertWeights.only(down=torch.stack(new).to(w.down.dtype)))
+    # each float64 result converted on its own (the same rounding as converting the stack): no float64 stack
+    view.write(range(len(new)), ExpertWeights.only(down=torch.stack([d.to(w.down.dtype) for d in new])))
+    del new
     norm = float(data.y[data.fit].double().pow(2).sum().clamp_min(1e-30))
     return {"fitted_rel_mse": [round(h / norm, 6) for h in history]}
 

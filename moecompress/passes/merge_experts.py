@@ -256,7 +256,7 @@ def _apply_layer(ctx: PassContext, plan: dict[str, Any], index: int, decoder_lay
         raise UserError(f"merge method {cfg.method!r} / router {cfg.router!r} / align {cfg.align!r} needs "
                         "sampled layer inputs; recollect statistics with sample_tokens > 0")
     if sample is not None:
-        sample = sample.to(layer.router.weight.device)
+        sample = sample.float().to(layer.router.weight.device)  # stored in the activations' dtype
     x_feat = sample[: cfg.feature_tokens] if sample is not None and sample.shape[0] else None
     w = ExpertView(layer).get_all(copy=False)  # views: merging reads a few experts, surgery replaces the tensors
     outputs = acts = None
