@@ -63,6 +63,16 @@ def test_padding_is_masked_in_a_full_forward():
         assert ls.sample.shape[0] == int(mask.sum())
 
 
+def test_sampled_block_inputs_keep_the_activations_dtype():
+    """A bf16 model's sampled block inputs stay bf16 (exact, half the bytes held per layer until the sweep ends)."""
+    model, _ = tiny("qwen3_moe")
+    model = model.to(torch.bfloat16)
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(4))
+    stats = collect_stats(model, [(ids, torch.ones_like(ids))], total_tokens=ids.numel())
+    for ls in stats.layers.values():
+        assert ls.sample.dtype == torch.bfloat16 and ls.sample.shape[0] == ids.numel()
+
+
 def _stats_with_dominant(e: int = 8, dominant: int = 5) -> LayerStats:
     ls = LayerStats(num_experts=e, hidden=4, width=4)
     ls.sums["freq"][dominant] = 1000
