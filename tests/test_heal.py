@@ -284,13 +284,16 @@ def test_capture_without_running_layers_matches_the_full_forward(family: str):
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_down_fit_matches_plain_ridge_solves(with_bias: bool):
-    """`solve_down`'s algebra (Cholesky factors and right-hand sides reused across sweeps) gives what plain
-    per-expert ridge solves in the same order give, to 1e-9 relative (float64)."""
-    from moecompress.heal.fit import ExpertTokens
+@pytest.mark.parametrize("width", [4, 48], ids=["weight-space", "token-space"])
+def test_down_fit_matches_plain_ridge_solves(with_bias: bool, width: int):
+    """`solve_down`'s algebra (Cholesky factors and right-hand sides reused across sweeps; experts with fewer
+    fitted tokens than their width solved in token space) gives what plain per-expert ridge solves in the same
+    order give, to 1e-9 relative (float64)."""
+    from moecompress.heal.fit import ExpertTokens, _dual_is_smaller
 
     gen = torch.Generator().manual_seed(3)
-    n, h, i, e = 60, 5, 4, 3
+    n, h, i, e = 60, 5, width, 3
+    assert _dual_is_smaller(28, i, 8) == (width == 48)  # ~28 fitted tokens per expert: which path runs
     target = torch.randn(n, h, generator=gen, dtype=torch.float64)
     fit = torch.rand(n, generator=gen) > 0.2
     parts, down = [], []
