@@ -176,9 +176,12 @@ def compress_streamed(lp: LayerwisePass, ctx: PassContext, source: ModelSource, 
                 if info is not None:
                     per_layer[i] = info
                 run_layer(flow, i, layer)
-                state = on_disk_state(source.model, source.state_of(i))  # a chunked layer: all but its experts
-                writer.add(lp.emit(ctx, plan, i, state) if lp.emit is not None else state)
-                del state  # its per-expert views hold the layer's tensors: not alive while the next layer is read
+                # the write with mmap-backed blocks too: GPTQ's emit packs and checks each of ~100 linears, and
+                # its MiB-size temporaries between the kept packed tensors grew glibc's heap by ~0.2 GiB a layer
+                with weight_allocations(True):
+                    state = on_disk_state(source.model, source.state_of(i))  # a chunked layer: all but its experts
+                    writer.add(lp.emit(ctx, plan, i, state) if lp.emit is not None else state)
+                    del state  # its per-expert views hold the layer's tensors: not alive while the next is read
                 if source.chunked(i):
                     moe = source.moe_layer(i)
                     write_chunked_experts(writer, source.model, moe.experts, source.experts_prefix(i))
