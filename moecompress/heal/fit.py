@@ -190,7 +190,7 @@ def solve_down(parts: list[ExpertTokens], down: list[torch.Tensor], target: torc
     target = target.to(dt)
     pred = torch.zeros_like(target)
     for p, d in zip(parts, down, strict=True):
-        c = p.act @ d.double().to(dt).T
+        c = p.act @ d.to(dt).T  # the value of d.double().to(dt): every conversion here is exact or one rounding
         if p.gbias is not None:
             c = c + p.gbias
         pred.index_add_(0, p.tok, c)

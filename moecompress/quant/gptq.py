@@ -70,6 +70,12 @@ class HessianAccumulator:
     @property
     def sum(self) -> torch.Tensor:
         """The unnormalised sum (folds in the inputs kept so far)."""
+        self._fold()
+        assert self._sum is not None
+        return self._sum
+
+    def _fold(self) -> None:
+        """Add the kept inputs into the sum, one ``addmm`` per batch in arrival order (the eager arithmetic)."""
         if self._sum is None:
             self._sum = torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=self.device)
         for x, w in self._pending:
@@ -79,12 +85,6 @@ class HessianAccumulator:
                 x = x[keep] * w[keep].sqrt().unsqueeze(1)
             self._sum.addmm_(x.T, x)
         self._pending, self._pending_bytes = [], 0
-        return self._sum
-
-    @sum.setter
-    def sum(self, value: torch.Tensor) -> None:
-        self._pending, self._pending_bytes = [], 0
-        self._sum = value
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
@@ -106,7 +106,7 @@ class HessianAccumulator:
             self._pending.append((x, w))
             self._pending_bytes += x.numel() * x.element_size() + (w.numel() * w.element_size() if w is not None else 0)
             if self._pending_bytes > self.dense_bytes:
-                _ = self.sum
+                self._fold()
         self.n_tokens += n
         self.weight_sum += wsum
 
@@ -141,9 +141,8 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, act_order: bool, *, owned: b
     upper-triangular ``R = JLJ``, hence ``U = R⁻¹ = J L⁻¹ J`` — one Cholesky and one triangular inverse.
     """
     n = h.shape[-1]
-    h = h.detach().float()
-    if not owned:  # a stack built for this call (owned) is edited in place: one [E, n, n] copy less at the peak
-        h = h.clone()
+    # a stack built for this call (owned) is edited in place: one [E, n, n] copy less at the peak
+    h = h.detach().to(torch.float32, copy=not owned)
     if not bool(torch.isfinite(h).all()):
         raise ValueError("Hessian has non-finite entries")
     eye = torch.eye(n)
