@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from moecompress.calib.stats import Stats
 from moecompress.dist import peak_rss_mb, world
+from moecompress.engine.targets import RecordedTargets
 from moecompress.errors import UserError
 from moecompress.io.checkpoint import (
     check_model_dir,
@@ -329,11 +330,16 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
         finally:
             source.meter = meters["compress"]
 
+    # a pass that heals reuses the statistics sweep's forward of the original model (its MoE blocks' inputs and
+    # outputs, its last boundary) instead of running the original layers again; one process sees every batch
+    recorded = RecordedTargets(spill / "heal-targets") if getattr(cfg, "heal", None) and not world().distributed \
+        else None
+
     def collector(batches: Any, total: int, meta: dict[str, Any], first_token: int = 0) -> Stats:
         with sweep_meter("statistics"):
             return engine.stream_stats(source, batches, total_tokens=total, sample_tokens=opts.sample_tokens,
                                        budget=budget // 2, spill_dir=spill, console=console, meta=meta,
-                                       first_token=first_token)
+                                       first_token=first_token, targets=recorded)
 
     def get_stats() -> Stats:
         if "stats" not in cache:
@@ -362,7 +368,7 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
     try:
         details, ids, logits, config_update = engine.compress_streamed(
             lp, ctx, source, tmp, max_shard_bytes=max_shard, budget=budget // 2, spill_dir=spill, console=console,
-            heal=streamed_heal(cfg, source, get_calibration, budget=budget // 2, spill_dir=spill))
+            heal=streamed_heal(cfg, source, get_calibration, budget=budget // 2, spill_dir=spill, recorded=recorded))
         pass_seconds = time.perf_counter() - t0
         entry["summary"] = details.get("summary", "")
         entry["distributed"] = w.summary()
@@ -471,13 +477,14 @@ def streamed_pair_quality(cfg: PassConfig, details: dict[str, Any], src: Path, o
 
 
 def streamed_heal(cfg: PassConfig, source: Any, get_calibration: Callable[[], Any], *, budget: int,
-                  spill_dir: Path) -> Callable[[], Any] | None:
-    """The engine's heal for a pass config that asks for one (``engine.heal.StreamedHeal``), else None."""
+                  spill_dir: Path, recorded: Any = None) -> Callable[[], Any] | None:
+    """The engine's heal for a pass config that asks for one (``engine.heal.StreamedHeal``), else None.
+    `recorded`: the statistics sweep's ``RecordedTargets`` (used when it recorded these batches)."""
     spec = getattr(cfg, "heal", None)
     if spec is None:
         return None
     from moecompress.engine.heal import StreamedHeal
-    from moecompress.heal.run import calibration_batches, groups_from_details
+    from moecompress.heal.run import groups_from_details
 
     def groups_of(index: int, info: dict[str, Any], n_before: int) -> list[Any]:
         one = {"kept": {str(index): info["kept"]}} if "kept" in info else {"layers": {str(index): info}}
@@ -485,10 +492,11 @@ def streamed_heal(cfg: PassConfig, source: Any, get_calibration: Callable[[], An
 
     def start() -> Any:
         try:
-            batches = calibration_batches(get_calibration())
+            batches = get_calibration().forward_batches()  # the statistics sweep's batching
         except UserError as exc:
             raise UserError(f"{cfg.name} --heal needs calibration data: {exc}") from None
-        return StreamedHeal.start(source, batches, spec, groups_of, budget=budget, spill_dir=spill_dir)
+        return StreamedHeal.start(source, batches, spec, groups_of, budget=budget, spill_dir=spill_dir,
+                                  recorded=recorded)
 
     return start
 

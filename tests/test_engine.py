@@ -168,7 +168,9 @@ def test_prune_through_engine_equals_in_memory(tmp_path, cache_dir, family, crit
     report = run_pass(cfg, folder, out, calibration=CalibSpec(source=str(calib)),
                       opts=RunOptions(plots=False, max_shard_size="100KB"))
     assert report["engine"]["mode"] == "streamed"
-    assert report["verify"]["full_reload"] and report["verify"]["streamed_max_abs_logit_diff"] < 1e-4
+    # the model fits: the vanilla reload checks the logits (the streamed forward would check them a second time)
+    assert report["verify"]["full_reload"] and report["verify"]["max_abs_logit_diff"] < 1e-4
+    assert "streamed_max_abs_logit_diff" not in report["verify"]
     _assert_same_checkpoint(want, out)  # identical decisions and slicing: bitwise
     assert _on_disk_keys(out) == _on_disk_keys(want)  # names, shapes, dtypes as save_pretrained writes them
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1

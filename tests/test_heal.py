@@ -364,3 +364,89 @@ def test_heal_inside_the_engine_equals_healing_the_whole_model(pass_args, tmp_pa
     # the report rounds KLs to 6 decimals
     assert kl["unhealed"] == pytest.approx(unhealed_kl, rel=1e-3, abs=6e-7)
     assert kl["healed"] == pytest.approx(calibration_kl(original, model, held), rel=1e-3, abs=6e-7)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3", "qwen2_moe", "llama4_text", "scaled",
+                                    "on-disk"])
+def test_engine_heal_propagation_skips_attention_and_is_the_layer_output(family: str, tmp_path: Path):
+    """The healed layer's outputs are the residual stream plus the healed block's output (attention is not run
+    again); bitwise what the whole layer gives, and the block inputs are those the layer hands its block. A layer
+    that does more to the block's output than add it ("scaled": its output times 1.5) runs whole instead, and so
+    does a flow that lives on disk ("on-disk": no boundary's worth of residuals is held in RAM)."""
+    from moecompress.calib.layers import block_io
+    from moecompress.engine.heal import _block_inputs, _propagate
+    from moecompress.engine.loop import run_layer, start_flow
+    from moecompress.engine.source import REST, ModelSource
+
+    folder = tiny_checkpoint(tmp_path / "m", "qwen3_moe" if family in ("scaled", "on-disk") else family)
+    source = ModelSource(folder)
+    source.materialise(REST)
+    model = source.model
+    batches = batches_for(model)
+    moe = next(i for i in range(source.num_layers) if source.moe_layer(i) is not None)
+    flows = [start_flow(source, batches, budget=0 if family == "on-disk" else 1 << 30) for _ in range(2)]
+    for i in range(moe + 1):
+        layer = source.materialise(i)
+        if i < moe:
+            for f in flows:
+                run_layer(f, i, layer)
+            continue
+        block = source.moe_layer(i).block
+        if family == "scaled":
+            layer.register_forward_hook(lambda m, a, out: (out[0] * 1.5, *out[1:]) if isinstance(out, tuple) else out * 1.5)
+        ins, residuals = _block_inputs(flows[0], i, layer, block)
+        with torch.no_grad():  # stands for heal: the block changes between its inputs and the propagation
+            block.experts.down_proj.mul_(0.5)
+        shortcut = _propagate(flows[0], i, layer, block, ins, residuals)
+        with block_io(block) as (want_ins, _):
+            run_layer(flows[1], i, layer)
+    # gpt-oss's and Llama-4's blocks return tuples, Llama-4's output is [tokens, H]: the shortcut serves them too
+    assert (residuals is not None) == (family != "on-disk") and shortcut == (family not in ("scaled", "on-disk"))
+    for a, b in zip(ins, want_ins, strict=True):
+        assert torch.equal(a, b)
+    for b in range(len(batches)):
+        assert torch.equal(flows[0].acts.get(b), flows[1].acts.get(b))
+    assert flows[0].position == flows[1].position
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_heal_reads_the_statistics_sweeps_recording_of_the_original(family: str, tmp_path: Path, cache_dir, capsys):
+    """On a statistics cache miss the sweep records the original blocks' inputs/outputs and last boundary, and heal
+    does not run the original layers again; on a hit heal runs them. Both give the same checkpoint: bitwise where
+    the statistics tap's experts forward adds the top-k outputs as transformers' does (Qwen3-MoE; also Mixtral and
+    gpt-oss, checked by hand), to float32 rounding where it does not (DeepSeek-V3)."""
+    from safetensors.torch import load_file
+
+    ref = tiny_checkpoint(tmp_path / "ref", family)
+    calib = calib_file(tmp_path / "c.jsonl")
+    reports = {}
+    for name in ("miss", "hit"):
+        code, _, err = run_cli(["prune", ref, "--out", tmp_path / name, "--ratio", "0.5", "--heal", "--calib", calib,
+                                *CALIB], capsys)
+        assert code == 0, err
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    assert [reports[n]["statistics"]["cache"] for n in ("miss", "hit")] == ["miss", "hit"]
+    assert reports["miss"]["details"]["heal"]["original_targets"] == "recorded by the statistics sweep"
+    assert reports["hit"]["details"]["heal"]["original_targets"] == "original layers run again"
+    kls = [reports[n]["details"]["calibration_kl"] for n in ("miss", "hit")]
+    a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("miss", "hit"))
+    assert a.keys() == b.keys()
+    if family == "qwen3_moe":
+        assert kls[0] == kls[1] and all(torch.equal(a[k], b[k]) for k in a)
+    else:
+        assert kls[0]["healed"] == pytest.approx(kls[1]["healed"], rel=1e-4, abs=1e-6)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16])
+def test_gated_activations_in_float32_are_the_float64_products_rounded_once(act_dtype: torch.dtype):
+    """g·a in float32 without a float64 detour: the exact product of two float32 (or narrower) numbers fits a
+    double, so both routes round the same exact value once — bitwise equal, not merely close."""
+    from moecompress.heal.fit import _gated
+
+    gen = torch.Generator().manual_seed(0)
+    g = torch.rand(4096, 1, generator=gen)
+    act = (torch.randn(4096, 64, generator=gen) * torch.logspace(-30, 30, 64)).to(act_dtype)
+    assert torch.equal(_gated(g, act, torch.float32), (g.double() * act.double()).to(torch.float32))
+    assert _gated(g, act, torch.float64).dtype == torch.float64

@@ -210,7 +210,16 @@ class ExpertView:
 
 
 def apply_expert(module: torch.nn.Module, layout: str, w: ExpertWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run one canonical expert on x [T, H]; returns (output [T, H], intermediate activation [T, I]).
+    """Run one canonical expert on x [T, H]; returns (output [T, H], intermediate activation [T, I])."""
+    act = expert_activation(module, layout, w, x)
+    out = act @ w.down.T
+    if w.down_bias is not None:
+        out = out + w.down_bias
+    return _post_norm(module, out), act
+
+
+def expert_activation(module: torch.nn.Module, layout: str, w: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
+    """One canonical expert's intermediate activation on x [T, H], [T, I] (what its down projection reads).
 
     The activation is the family's own (``module._apply_gate`` handles gpt-oss's clamped SwiGLU), fed
     with the gate/up pre-activations rebuilt in the module's storage order; non-gated experts apply
@@ -220,9 +229,7 @@ def apply_expert(module: torch.nn.Module, layout: str, w: ExpertWeights, x: torc
         u = x @ w.up.T
         if w.up_bias is not None:
             u = u + w.up_bias
-        act = module.act_fn(u)
-        out = act @ w.down.T
-        return _post_norm(module, out + w.down_bias if w.down_bias is not None else out), act
+        return module.act_fn(u)
     g = x @ w.gate.T
     u = x @ w.up.T
     if w.gate_bias is not None:
@@ -233,11 +240,7 @@ def apply_expert(module: torch.nn.Module, layout: str, w: ExpertWeights, x: torc
     else:
         gu = torch.cat([g, u], dim=-1)
     apply_gate = getattr(module, "_apply_gate", None)
-    act = apply_gate(gu) if apply_gate is not None else module.act_fn(g) * u
-    out = act @ w.down.T
-    if w.down_bias is not None:
-        out = out + w.down_bias
-    return _post_norm(module, out), act
+    return apply_gate(gu) if apply_gate is not None else module.act_fn(g) * u
 
 
 def _post_norm(module: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:

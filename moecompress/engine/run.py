@@ -20,12 +20,20 @@ from typing import Any
 
 import torch
 
+from moecompress.calib.layers import block_io
 from moecompress.calib.stats import Stats
 from moecompress.engine.chunks import write_chunked_experts
 from moecompress.engine.loop import head_logits, run_layer, start_flow, stream_forward
 from moecompress.engine.reader import reader_for
 from moecompress.engine.sink import ShapeRecorder, ShardWriter, on_disk_state, parse_size
-from moecompress.engine.source import REST, ModelSource, prefer_mmap_for_large_blocks, weight_allocations
+from moecompress.engine.source import (
+    REST,
+    ModelSource,
+    prefer_mmap_for_large_blocks,
+    return_freed_memory,
+    weight_allocations,
+)
+from moecompress.engine.targets import RecordedTargets
 from moecompress.errors import UserError
 from moecompress.io.checkpoint import (
     checkpoint_bytes,
@@ -83,14 +91,19 @@ def sweep_progress(console: Any, label: str, total: int) -> Iterator[Callable[[]
 
 def stream_stats(source: ModelSource, batches: list[tuple[torch.Tensor, torch.Tensor]], *, total_tokens: int,
                  sample_tokens: int, budget: int, spill_dir: Path | None = None, console: Any = None,
-                 meta: dict[str, Any] | None = None, first_token: int = 0) -> Stats:
-    """The statistics ``collect_stats`` gives, computed one decoder layer at a time from the shards."""
+                 meta: dict[str, Any] | None = None, first_token: int = 0, targets: RecordedTargets | None = None
+                 ) -> Stats:
+    """The statistics ``collect_stats`` gives, computed one decoder layer at a time from the shards. With
+    `targets`, each MoE block's inputs and outputs and the last boundary are recorded too (heal's targets)."""
     from moecompress.calib.collect import collecting
+    from moecompress.heal.walk import real_tokens
 
     t0 = time.perf_counter()
     source.materialise(REST)
     flow = start_flow(source, batches, budget=budget, spill_dir=spill_dir)
     masks = flow.masks()
+    if targets is not None:
+        targets.start(batches)
     try:
         with torch.inference_mode(), collecting(source.model, sample_tokens, total_tokens, first_token) as taps, \
                 sweep_progress(console, "collecting statistics", source.num_layers) as advance:
@@ -101,10 +114,19 @@ def stream_stats(source: ModelSource, batches: list[tuple[torch.Tensor, torch.Te
                     for tap in taps.values():
                         tap.mask = masks[b].to(flow.device)
 
-                run_layer(flow, i, layer, before_batch=set_mask)
+                moe = source.moe_layer(i) if targets is not None else None
+                if moe is None:
+                    run_layer(flow, i, layer, before_batch=set_mask)
+                else:
+                    with block_io(moe.block) as (ins, outs):
+                        run_layer(flow, i, layer, before_batch=set_mask)
+                    targets.record_layer(i, real_tokens(ins, masks), real_tokens(outs, masks))
+                    del ins, outs
                 source.release(i)
                 advance()
             layers = {idx: tap.finish() for idx, tap in taps.items()}
+            if targets is not None:
+                targets.record_last([flow.acts.get(b) for b in range(len(flow.acts))])
     finally:
         flow.close()
     info = dict(meta or {})
@@ -162,17 +184,21 @@ def compress_streamed(lp: LayerwisePass, ctx: PassContext, source: ModelSource, 
         with sweep_progress(console, f"{ctx.config.name}: compress + write", source.num_layers) as advance:
             for i in range(source.num_layers):
                 layer = source.materialise(i)
-                if healer is not None:  # heal's fits rewrite the layer's weights too: the surgery allocation rule
-                    with weight_allocations(True):
-                        healer.before_surgery(i, layer)
+                # heal computes on the calibration tokens under the compute threshold (with 1 MiB its token-size
+                # temporaries each paid an mmap: (b) ~1.7x slower on the reference), then a trim hands back what it
+                # freed. 20-layer stream bench, prune --heal: 1.17 GiB under the mmap rule, 1.27 GiB under the compute
+                # threshold while the fitted down projections were stacked before the write, 1.13 GiB now that each
+                # is written in place on its own
+                if healer is not None:
+                    healer.before_surgery(i, layer)
                 # surgery with mmap-backed blocks (merge's apply left ~0.3 GiB in glibc's heap on a 198 MiB
                 # layer otherwise); a pass that observes the calibration flow (GPTQ) does its numerics here, whose
                 # per-column MiB-size temporaries would each pay an mmap, so it keeps the compute threshold
                 with weight_allocations(lp.observe is None):
                     info = observe_and_apply(lp, ctx, plan, i, layer, calib)
                 if healer is not None:
-                    with weight_allocations(True):
-                        healer.after_surgery(i, layer, info)
+                    healer.after_surgery(i, layer, info)
+                    return_freed_memory()  # what heal's fits freed goes back to the OS before the write
                 if info is not None:
                     per_layer[i] = info
                 run_layer(flow, i, layer)
@@ -229,8 +255,9 @@ def write_metadata(source: ModelSource, tokenizer: Any, tmp: Path, *, src: Path,
 def verify_streamed(folder: Path, ids: torch.Tensor, reference: torch.Tensor, *, budget: int, device: str,
                     atol: float | None = None, full_reload: bool | None = None, console: Any = None,
                     reloaded: list[Any] | None = None) -> dict[str, Any]:
-    """Written keys/shapes/dtypes equal the meta model of the written config, and a streamed forward of the
-    written checkpoint gives the compressed model's logits; plus a vanilla reload when the model fits.
+    """Written keys/shapes/dtypes equal the meta model of the written config, and the written checkpoint gives the
+    compressed model's logits: through a vanilla reload when the model fits (it checks keys, shapes and logits as
+    every user will load it), else through a streamed forward.
 
     `reloaded`: when given and the vanilla reload runs, the reloaded model is appended to it (the runner measures
     the calibration KL on it instead of loading the output a second time)."""
@@ -245,6 +272,14 @@ def verify_streamed(folder: Path, ids: torch.Tensor, reference: torch.Tensor, *,
     stray = set(vsrc.reader.keys()) - assigned - mtp
     if stray:
         raise RuntimeError(f"written checkpoint has keys no module takes: {sorted(stray)[:3]}")
+    summary: dict[str, Any] = {"keys_checked": len(assigned)}
+    if mtp:
+        summary["mtp_keys"] = len(mtp)
+    if full_reload if full_reload is not None else checkpoint_bytes(folder) * 3 < budget:
+        vsrc.close()
+        summary.update(verify_reload(folder, reference, ids, atol=atol, keep=reloaded))
+        summary["full_reload"] = True
+        return summary
     with sweep_progress(console, "verifying (streamed)", vsrc.num_layers) as advance:
         got = stream_forward(vsrc, [(ids, torch.ones_like(ids))], budget=budget, progress=lambda _i: advance())[0]
     vsrc.close()
@@ -253,18 +288,11 @@ def verify_streamed(folder: Path, ids: torch.Tensor, reference: torch.Tensor, *,
     tol = atol if atol is not None else 1e-4 * max(1.0, scale)
     if not diff <= tol:
         raise RuntimeError(f"streamed reload logits differ from the compressed model by {diff:.3g} (tolerance {tol:.3g})")
-    summary: dict[str, Any] = {"streamed_max_abs_logit_diff": diff, "keys_checked": len(assigned)}
-    if mtp:
-        summary["mtp_keys"] = len(mtp)
+    summary["streamed_max_abs_logit_diff"] = diff
     if vsrc.chunked_layers:
         summary["expert_chunks"] = {"layers": len(vsrc.chunked_layers), **vsrc.meter.summary()}
-    size = checkpoint_bytes(folder)
-    if full_reload if full_reload is not None else size * 3 < budget:
-        summary.update(verify_reload(folder, reference, ids, atol=atol, keep=reloaded))
-        summary["full_reload"] = True
-    else:
-        summary["full_reload"] = False
-        summary["loading_info"] = {"missing_keys": 0, "unexpected_keys": 0, "mismatched_keys": 0}
+    summary["full_reload"] = False
+    summary["loading_info"] = {"missing_keys": 0, "unexpected_keys": 0, "mismatched_keys": 0}
     return summary
 
 

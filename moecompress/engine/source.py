@@ -489,7 +489,7 @@ class ModelSource:
         for sub in module.modules():
             _to_meta(sub, recurse=False)
             sub.__dict__.pop("expert_chunks", None)
-        _return_freed_memory()
+        return_freed_memory()
 
     def close(self) -> None:
         self.reader.close()
@@ -582,7 +582,7 @@ def weight_allocations(active: bool = True) -> Iterator[None]:
 _ASYNC_OFF = "HF_DEACTIVATE_ASYNC_LOAD"
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hand memory freed with a layer back to the OS (glibc keeps freed heap pages otherwise; RSS would creep)."""
     try:
         import ctypes

@@ -22,7 +22,7 @@ from typing import Any, overload
 import torch
 
 from moecompress.arch.adapter import MoELayer
-from moecompress.arch.experts import ExpertView, ExpertWeights, apply_expert
+from moecompress.arch.experts import ExpertView, ExpertWeights, apply_expert, expert_activation
 from moecompress.errors import UserError
 from moecompress.heal.spec import HealSpec
 from moecompress.passes import merging as M
@@ -243,35 +243,53 @@ def solve_down(parts: list[ExpertTokens], down: list[torch.Tensor], target: torc
 
 
 @torch.no_grad()
-def expert_tokens(layer: MoELayer, x: torch.Tensor, w: ExpertWeights | None = None, dtype: torch.dtype = torch.float32
-                  ) -> tuple[list[ExpertTokens], torch.Tensor]:
+def expert_tokens(layer: MoELayer, x: torch.Tensor, w: ExpertWeights | None = None, dtype: torch.dtype = torch.float32,
+                  routed_output: bool = True) -> tuple[list[ExpertTokens], torch.Tensor | None]:
     """Per kept expert, its routed tokens under the live router (gated activations in `dtype`: what the down fit
-    multiplies); also the routed output as the block has it (float64)."""
+    multiplies); also, when `routed_output`, the routed output as the block has it (float64; else None, and no
+    expert's output is computed)."""
     view = ExpertView(layer)
     w = w or view.get_all()
     xd = x.to(w.down.dtype)
     weights, index = routing(layer.router, xd)
     parts = []
-    routed = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
+    routed = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64) if routed_output else None
     for e in range(w.num_experts):
         tok, slot = torch.nonzero(index == e, as_tuple=True)
-        g = weights[tok, slot].double()[:, None]
-        out, act = apply_expert(layer.experts, layer.adapter.layout, w.select(e), xd[tok])
-        gb = (g * w.down_bias[e].double()).to(dtype) if w.down_bias is not None else None
-        parts.append(ExpertTokens(tok=tok, act=(g * act.double()).to(dtype), gbias=gb))
-        routed.index_add_(0, tok, g * out.double())  # a token reaches an expert once
+        g = weights[tok, slot][:, None]
+        we = w.select(e)
+        if routed is not None:
+            out, act = apply_expert(layer.experts, layer.adapter.layout, we, xd[tok])
+            routed.index_add_(0, tok, g.double() * out.double())  # a token reaches an expert once
+        else:
+            act = expert_activation(layer.experts, layer.adapter.layout, we, xd[tok])
+        gb = (g.double() * w.down_bias[e].double()).to(dtype) if w.down_bias is not None else None
+        parts.append(ExpertTokens(tok=tok, act=_gated(g, act, dtype), gbias=gb))
     return parts, routed
+
+
+def _gated(g: torch.Tensor, act: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """g·a rounded once to `dtype`. In float32 from float32-or-narrower factors, float32's own product is that
+    rounding (the exact product fits a double, and IEEE multiplication rounds correctly): no float64 detour."""
+    narrow = (torch.float32, torch.bfloat16, torch.float16)
+    if dtype == torch.float32 and g.dtype in narrow and act.dtype in narrow:
+        return g.float() * act.float()
+    return (g.double() * act.double()).to(dtype)
 
 
 def fit_down(layer: MoELayer, data: BlockData, ridge: float, sweeps: int) -> dict[str, Any]:
     """(b): ridge least squares of every kept expert's down projection, the router and gate/up fixed."""
     view = ExpertView(layer)
     w = view.get_all(copy=False)  # views: only the down projections are rewritten, in place
-    parts, routed = expert_tokens(layer, data.x, w)
-    target = data.y.double() - other_output(layer, data.x, routed) if layer.shared() else data.y.double()
+    shared = layer.shared()
+    parts, routed = expert_tokens(layer, data.x, w, routed_output=shared)
+    target = data.y.double() - other_output(layer, data.x, routed) if shared else data.y.double()
     new, _, history = solve_down(parts, list(w.down.unbind(0)), target.float(), data.fit, ridge, sweeps)
-    # each float64 result converted on its own (the same rounding as converting the stack): no float64 stack
-    view.write(range(len(new)), ExpertWeights.only(down=torch.stack([d.to(w.down.dtype) for d in new])))
+    # each float64 result formed, converted and written in place on its own (the same rounding as converting a
+    # stack): neither a float64 stack nor a stack of the converted matrices (a layer's down projections) is held;
+    # expert e's matrix reads only its own original rows, so writing it before forming e + 1 changes nothing
+    for e in range(len(new)):
+        view.write([e], ExpertWeights.only(down=new[e].to(w.down.dtype)[None]))
     del new
     norm = float(data.y[data.fit].double().pow(2).sum().clamp_min(1e-30))
     return {"fitted_rel_mse": [round(h / norm, 6) for h in history]}

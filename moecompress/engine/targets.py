@@ -1,0 +1,65 @@
+"""Heal's targets recorded by the statistics sweep, so heal need not run the original model a second time.
+
+Heal fits each compressed MoE block to the original block's outputs on the calibration tokens and needs the
+original model's last boundary for the held-out calibration KL. The statistics sweep already runs the original
+model over the same calibration batches, one layer at a time; when the pass asks for heal it hands each MoE
+block's inputs and outputs (real tokens) and the last boundary to a ``RecordedTargets``, which writes them to
+files in the run's spill folder (plain file writes, not a memory map: nothing of it stays resident). The heal
+then reads one layer's targets when it reaches that layer. Without a recording (statistics from the cache, a
+data-parallel run whose ranks each saw a share) heal runs the original layers itself, as before.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class RecordedTargets:
+    """Per MoE layer: the original block's inputs and outputs at real tokens ([N, H] each, activations' dtype);
+    the original last boundary of every batch; the batches they were recorded on."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.batches: Batches | None = None
+        self.layers: set[int] = set()
+        self.complete = False
+
+    def start(self, batches: Batches) -> None:
+        """A new recording over `batches` (a sweep that starts again forgets the last one)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.batches = [(ids.clone(), mask.clone()) for ids, mask in batches]
+        self.layers.clear()
+        self.complete = False
+
+    def record_layer(self, index: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        save_file({"x": x.contiguous(), "y": y.contiguous()}, str(self.folder / f"layer-{index}.safetensors"))
+        self.layers.add(index)
+
+    def record_last(self, boundary: list[torch.Tensor]) -> None:
+        save_file({str(b): h.contiguous() for b, h in enumerate(boundary)}, str(self.folder / "last.safetensors"))
+        self.complete = True
+
+    def serves(self, batches: Batches) -> bool:
+        """Whether a finished recording was made on exactly these batches (same split, same tokens)."""
+        mine = self.batches
+        return (self.complete and mine is not None and len(mine) == len(batches)
+                and all(a.shape == c.shape and torch.equal(a, c) and torch.equal(b, d)
+                        for (a, b), (c, d) in zip(mine, batches, strict=True)))
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(block inputs, block outputs) of MoE layer `index`, None when it was not recorded."""
+        if index not in self.layers:
+            return None
+        t = load_file(str(self.folder / f"layer-{index}.safetensors"))
+        return t["x"], t["y"]
+
+    def last(self, b: int) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / "last.safetensors"), framework="pt") as f:
+            return f.get_tensor(str(b))
