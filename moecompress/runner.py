@@ -117,9 +117,11 @@ def obtain_stats(model: Any, get_calibration: Any, model_dir: Path, calib_spec: 
                  console: Any = None, collector: Any = None) -> Stats:
     """Statistics for (model, calibration spec): from the cache when the same pair was seen, else one pass.
 
-    `collector(batches, total_tokens, meta, first_token)` computes them (the engine's streamed sweep); default:
-    one forward of the in-memory `model`. In a data-parallel run each rank collects its share of the batches and
-    the shares are reduced, so every rank returns the same statistics; rank 0 alone writes the cache.
+    `collector(batches, total_tokens, meta, first_token, out=folder|None)` computes them (the engine's streamed
+    sweep; with `out` it writes each layer there as it finishes); default: one forward of the in-memory `model`.
+    In a data-parallel run each rank collects its share of the batches and the shares are reduced, so every rank
+    returns the same statistics; rank 0 alone writes the cache. Statistics in the cache folder are returned as
+    read from it on demand (`StatsLayers`: a few layers in memory at a time); other ranks keep theirs in memory.
     """
     from moecompress.calib.collect import collect_sharded, collect_stats
 
@@ -136,7 +138,10 @@ def obtain_stats(model: Any, get_calibration: Any, model_dir: Path, calib_spec: 
     total = int(batch.attention_mask.sum())
     meta = {"model": str(model_dir), "calibration": calib_spec.model_dump(mode="json"), "tokens": total}
     if collector is not None:
-        stats = collect_sharded(lambda own, first: collector(own, total, meta, first), batches, opts.sample_tokens)
+        # one process: the streamed sweep writes each layer into the cache as it finishes (nothing to reduce)
+        direct = cache_dir if not world().distributed else None
+        stats = collect_sharded(lambda own, first: collector(own, total, meta, first, out=direct), batches,
+                                opts.sample_tokens)
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -148,8 +153,10 @@ def obtain_stats(model: Any, get_calibration: Any, model_dir: Path, calib_spec: 
                                                  progress=lambda n: prog.advance(task, n), meta=meta,
                                                  first_token=first),
                 batches, opts.sample_tokens)
-    if world().is_main:
+    if world().is_main and not stats.on_disk:
         stats.save(cache_dir)
+        # from here on each layer is read from the cache when a pass asks for it, not held for the whole run
+        stats = Stats(layers=Stats.load(cache_dir).layers, meta=stats.meta)
     stats.meta["cache"] = "miss"
     if console:
         console.print(f"statistics: {total:,} tokens in {stats.meta['collect_seconds']:.1f}s → {cache_dir}")
@@ -335,11 +342,12 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
     recorded = RecordedTargets(spill / "heal-targets") if getattr(cfg, "heal", None) and not world().distributed \
         else None
 
-    def collector(batches: Any, total: int, meta: dict[str, Any], first_token: int = 0) -> Stats:
+    def collector(batches: Any, total: int, meta: dict[str, Any], first_token: int = 0,
+                  out: Path | None = None) -> Stats:
         with sweep_meter("statistics"):
             return engine.stream_stats(source, batches, total_tokens=total, sample_tokens=opts.sample_tokens,
                                        budget=budget // 2, spill_dir=spill, console=console, meta=meta,
-                                       first_token=first_token, targets=recorded)
+                                       first_token=first_token, out=out, targets=recorded)
 
     def get_stats() -> Stats:
         if "stats" not in cache:

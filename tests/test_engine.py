@@ -112,6 +112,77 @@ def test_streamed_statistics_equal_in_memory(tmp_path, family):
         torch.testing.assert_close(got.layers[idx].sample, ls.sample, atol=1e-6, rtol=0)
 
 
+
+def _assert_same_stats(got, want):
+    """Every layer, every sum and the token sample: the same bytes (same computation, or a file round trip)."""
+    assert list(got.layers) == list(want.layers) and len(got.layers) == len(want.layers)
+    for idx, ls in want.layers.items():
+        g = got.layers[idx]
+        assert (g.num_experts, g.hidden, g.width, g.n_tokens, g.extra_picks) == \
+            (ls.num_experts, ls.hidden, ls.width, ls.n_tokens, ls.extra_picks)
+        assert list(g.sums) == list(ls.sums)
+        for name, t in ls.sums.items():
+            assert g.sums[name].dtype == t.dtype and torch.equal(g.sums[name], t), (idx, name)
+        assert g.sample is not None and g.sample.dtype == ls.sample.dtype and torch.equal(g.sample, ls.sample), idx
+
+
+def test_statistics_read_on_demand_equal_the_collected_and_hold_few_layers(tmp_path):
+    """A streamed sweep writing each layer as it finishes, and the folder read back on demand, give the same
+    statistics as the sweep kept in memory; at most `LAYERS_KEPT` layers are loaded at once."""
+    from moecompress.calib.stats import LAYERS_KEPT, Stats
+
+    model, tok = tiny("deepseek_v3", num_hidden_layers=6)  # dense layer 0, then five MoE layers
+    folder = tmp_path / "src"
+    model.save_pretrained(folder, max_shard_size="150KB")
+    tok.save_pretrained(folder)
+    batches, total = _batches(folder, calib_file(tmp_path / "c.jsonl"))
+    kw = dict(total_tokens=total, sample_tokens=64, budget=1 << 30)
+    want = stream_stats(ModelSource(folder), batches, **kw)
+    assert not want.on_disk and sorted(want.layers) == [1, 2, 3, 4, 5]
+    got = stream_stats(ModelSource(folder), batches, **kw, out=tmp_path / "cache")
+    assert got.on_disk and Stats.exists(tmp_path / "cache")
+    assert sorted(p.name for p in (tmp_path / "cache").glob("layer-*")) == [f"layer-{i}.safetensors" for i in range(1, 6)]
+    assert got.layers.loaded() == [] and 3 in got.layers and 0 not in got.layers and got.layers.loaded() == []
+    _assert_same_stats(got, want)
+    for idx in [5, 1, 3, 1, 2, 4, 3]:  # any order, revisits: never more than the few most recent in memory
+        assert torch.equal(got.layers[idx].sample, want.layers[idx].sample)
+        assert got.layers.loaded()[-1] == idx and len(got.layers.loaded()) <= LAYERS_KEPT
+    assert got.layers.loaded() == [4, 3]
+    with pytest.raises(KeyError):
+        got.layers[0]
+
+    again = Stats.load(tmp_path / "cache", keep=1)  # the cache hit: same tensors, one layer at a time
+    assert again.meta == got.meta
+    for idx, ls in again.layers.items():
+        assert again.layers.loaded() == [idx] and torch.equal(ls.sums["out_sum"], want.layers[idx].sums["out_sum"])
+    _assert_same_stats(again, want)
+
+    (tmp_path / "cache" / "layer-3.safetensors").unlink()  # an incomplete folder is a miss, not a torn read
+    assert not Stats.exists(tmp_path / "cache")
+
+
+def test_statistics_of_the_single_file_format_read_on_demand(tmp_path):
+    """Caches written before per-layer files (one stats.safetensors, no format key) still read, layer by layer."""
+    from moecompress.calib.stats import Stats, save_bundle
+
+    model, _ = tiny("qwen3_moe", num_hidden_layers=3)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    want = collect_stats(model, [(ids, torch.ones_like(ids))], total_tokens=24, sample_tokens=16, meta={"x": 1})
+    tensors, entries = {}, {}
+    for idx, ls in want.layers.items():  # the layout Stats.save wrote until now
+        tensors.update({f"{idx}.{n}": t for n, t in ls.sums.items()})
+        tensors[f"{idx}.sample"] = ls.sample
+        entries[str(idx)] = {"num_experts": ls.num_experts, "hidden": ls.hidden, "width": ls.width,
+                             "n_tokens": ls.n_tokens, "extra_picks": ls.extra_picks}
+    save_bundle(tmp_path / "old", "stats", tensors, {"meta": want.meta, "layers": entries})
+    assert Stats.exists(tmp_path / "old")
+    got = Stats.load(tmp_path / "old")
+    assert got.on_disk and got.meta == {"x": 1, "collect_seconds": want.meta["collect_seconds"]}
+    _assert_same_stats(got, want)
+    (tmp_path / "old" / "stats.safetensors").unlink()
+    assert not Stats.exists(tmp_path / "old")
+
+
 def _in_memory(folder, cfg, stats_dir, calib):
     """Today's path: whole model in memory, the pass function, save_pretrained."""
     loaded = load_model(folder)

@@ -345,6 +345,15 @@ class LayerTap:
             self.stats.sample = torch.cat(self._samples)
         return self.stats
 
+    def take(self) -> LayerStats:
+        """`finish`, and let go of the statistics and the last block input, so a streamed sweep can write a
+        finished layer out and free it while later layers are collected; observing afterwards is an error."""
+        stats = self.finish()
+        del self.stats
+        self._samples = []
+        self.__dict__.pop("_block_in", None)
+        return stats
+
 
 class Llama4Tap(LayerTap):
     """Llama4 runs every expert densely on sigmoid-scaled inputs; statistics come from the routed slots."""
@@ -356,6 +365,10 @@ class Llama4Tap(LayerTap):
     def observe_router(self, logits: torch.Tensor) -> None:
         self._logits = logits.detach()
         super().observe_router(logits)
+
+    def take(self) -> LayerStats:
+        self._logits = None
+        return super().take()
 
     def observe_dense(self, routed_in: torch.Tensor, routed_out: torch.Tensor, block_in: torch.Tensor) -> None:
         assert self._logits is not None

@@ -7,11 +7,14 @@ Kept as plain tensors so they save to safetensors and reload without the model; 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from moecompress.errors import UserError
@@ -112,40 +115,154 @@ class LayerStats:
         return g / (d[:, None] * d[None, :])
 
 
+# stats.json "format": absent or 1 = every layer in one stats.safetensors; 2 = one layer-{idx}.safetensors per
+# layer (a streamed sweep writes each layer as it finishes). Tensor keys are "{idx}.{field}" in both.
+STATS_FORMAT = 2
+# layers a folder-backed `Stats` keeps loaded: the compress sweep reads them in order, and each held one costs
+# its token sample plus [E, H] / [E, I] float64 sums (~5 MiB in a 2k-hidden model), for every layer otherwise
+LAYERS_KEPT = 2
+
+
+def _layer_file(idx: int) -> str:
+    return f"layer-{idx}.safetensors"
+
+
+def _layer_entry(ls: LayerStats) -> dict[str, Any]:
+    return {"num_experts": ls.num_experts, "hidden": ls.hidden, "width": ls.width, "n_tokens": ls.n_tokens,
+            "extra_picks": ls.extra_picks}
+
+
+def _write_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file under its final name only once complete (a crash leaves a `.tmp`, never a torn file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp))
+    tmp.rename(path)
+
+
+class StatsWriter:
+    """Writes a statistics folder one layer at a time, so a streamed sweep need not hold finished layers.
+
+    stats.json goes last (via a temp name): `Stats.exists` is true only for a complete folder."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "stats.json").unlink(missing_ok=True)  # a stale index must not vouch for a half-written folder
+        self.entries: dict[str, dict[str, Any]] = {}
+
+    def add(self, idx: int, ls: LayerStats) -> None:
+        tensors = {f"{idx}.{name}": t for name, t in ls.sums.items()}
+        if ls.sample is not None:
+            tensors[f"{idx}.sample"] = ls.sample
+        _write_atomic(self.path / _layer_file(idx), tensors)
+        self.entries[str(idx)] = {**_layer_entry(ls), "file": _layer_file(idx)}
+
+    def finish(self, meta: dict[str, Any]) -> Stats:
+        """Write the index; the statistics as read back on demand from this folder (meta: this very dict)."""
+        tmp = self.path / "stats.json.tmp"
+        tmp.write_text(json.dumps({"format": STATS_FORMAT, "meta": meta, "layers": self.entries}, indent=2,
+                                  default=str))
+        tmp.rename(self.path / "stats.json")
+        return Stats(layers=StatsLayers(self.path, self.entries), meta=meta)
+
+
+class StatsLayers(Mapping[int, LayerStats]):
+    """Read-only ``{layer index: LayerStats}`` over a statistics folder: a layer's tensors are read (only its
+    keys, via ``safe_open``) when it is asked for, and only the `keep` most recently used layers stay loaded, so
+    a run's memory does not grow with the layer count. Metadata comes from stats.json, without reading tensors.
+
+    A loaded LayerStats is a fresh object: changes to it are not written back and are lost when it is evicted."""
+
+    def __init__(self, path: Path, entries: dict[str, dict[str, Any]], keep: int = LAYERS_KEPT) -> None:
+        self.path = Path(path)
+        self.entries = {int(k): v for k, v in entries.items()}
+        self.keep = max(1, keep)
+        self._loaded: OrderedDict[int, LayerStats] = OrderedDict()
+
+    def __getitem__(self, idx: int) -> LayerStats:
+        if idx in self._loaded:
+            self._loaded.move_to_end(idx)
+            return self._loaded[idx]
+        if idx not in self.entries:
+            raise KeyError(idx)
+        ls = self._read(idx, self.entries[idx])
+        self._loaded[idx] = ls
+        while len(self._loaded) > self.keep:
+            self._loaded.popitem(last=False)
+        return ls
+
+    def _read(self, idx: int, lm: dict[str, Any]) -> LayerStats:
+        file = self.path / lm.get("file", "stats.safetensors")
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                present = set(f.keys())
+                sums = {n: f.get_tensor(f"{idx}.{n}") for n in (*SUM_FIELDS, *COUPLED_FIELDS)
+                        if f"{idx}.{n}" in present}
+                sample = f.get_tensor(f"{idx}.sample") if f"{idx}.sample" in present else None
+        except (OSError, SafetensorError) as exc:
+            raise UserError(f"statistics at {self.path} are unreadable ({exc}); delete the folder to recollect"
+                            ) from exc
+        return LayerStats(num_experts=lm["num_experts"], hidden=lm["hidden"], width=lm["width"],
+                          n_tokens=lm["n_tokens"], sums=sums, sample=sample,
+                          extra_picks=int(lm.get("extra_picks", 0)))
+
+    def __contains__(self, idx: object) -> bool:  # without reading the layer (Mapping's default would)
+        return idx in self.entries
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def loaded(self) -> list[int]:
+        """Indices of the layers held in memory now, least recently used first."""
+        return list(self._loaded)
+
+
 @dataclass
 class Stats:
-    """Statistics of every MoE layer of one model under one calibration spec."""
+    """Statistics of every MoE layer of one model under one calibration spec.
 
-    layers: dict[int, LayerStats]
+    `layers` is a dict while statistics are collected or reduced; once they are in a folder (`save`, `load`)
+    it is a read-only `StatsLayers` that reads each layer from disk when asked."""
+
+    layers: Mapping[int, LayerStats]
     meta: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
-        tensors: dict[str, torch.Tensor] = {}
-        layer_meta = {}
+        writer = StatsWriter(path)
         for idx, ls in self.layers.items():
-            for name, t in ls.sums.items():
-                tensors[f"{idx}.{name}"] = t
-            if ls.sample is not None:
-                tensors[f"{idx}.sample"] = ls.sample
-            layer_meta[str(idx)] = {"num_experts": ls.num_experts, "hidden": ls.hidden, "width": ls.width,
-                                    "n_tokens": ls.n_tokens, "extra_picks": ls.extra_picks}
-        save_bundle(path, "stats", tensors, {"meta": self.meta, "layers": layer_meta})
+            writer.add(idx, ls)
+        writer.finish(self.meta)
+
+    @property
+    def on_disk(self) -> bool:
+        """Whether `layers` reads from a folder (nothing to save, nothing to mutate)."""
+        return isinstance(self.layers, StatsLayers)
 
     @classmethod
-    def load(cls, path: Path) -> Stats:
-        info, tensors = load_bundle(path, "stats", "statistics")
-        layers: dict[int, LayerStats] = {}
-        for key, lm in info["layers"].items():
-            idx = int(key)
-            sums = {n: tensors[f"{idx}.{n}"] for n in (*SUM_FIELDS, *COUPLED_FIELDS) if f"{idx}.{n}" in tensors}
-            layers[idx] = LayerStats(num_experts=lm["num_experts"], hidden=lm["hidden"], width=lm["width"],
-                                     n_tokens=lm["n_tokens"], sums=sums, sample=tensors.get(f"{idx}.sample"),
-                                     extra_picks=int(lm.get("extra_picks", 0)))
-        return cls(layers=layers, meta=info.get("meta", {}))
+    def load(cls, path: Path, keep: int = LAYERS_KEPT) -> Stats:
+        """The statistics in folder `path` (either format), each layer read when first asked for."""
+        path = Path(path)
+        try:
+            info = json.loads((path / "stats.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"statistics at {path} are unreadable ({exc}); delete the folder to recollect") from exc
+        return cls(layers=StatsLayers(path, info["layers"], keep), meta=info.get("meta", {}))
 
     @staticmethod
     def exists(path: Path) -> bool:
-        return bundle_exists(path, "stats")
+        """A complete folder: its index, and every file the index names."""
+        path = Path(path)
+        try:
+            info = json.loads((path / "stats.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        files = {lm.get("file", "stats.safetensors") for lm in info.get("layers", {}).values()}
+        if int(info.get("format", 1)) < 2:
+            files.add("stats.safetensors")
+        return all((path / f).is_file() for f in files)
 
 
 def reduce_stats(stats: Stats, world: Any, sample_cap: int) -> Stats:
@@ -154,6 +271,8 @@ def reduce_stats(stats: Stats, world: Any, sample_cap: int) -> Stats:
     sampled at the global positions of its tokens, so the result is the sample one process would take)."""
     if not world.distributed:
         return stats
+    if stats.on_disk:
+        raise TypeError("reduce_stats needs the collected statistics in memory, not ones read from a folder")
     layers = [stats.layers[i] for i in sorted(stats.layers)]
     counts = torch.tensor([ls.n_tokens for ls in layers], dtype=torch.float64)
     world.all_reduce_([ls.sums[n] for ls in layers for n in (*SUM_FIELDS, *COUPLED_FIELDS)

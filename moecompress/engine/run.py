@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from moecompress.calib.layers import block_io
-from moecompress.calib.stats import Stats
+from moecompress.calib.stats import Stats, StatsWriter
 from moecompress.engine.chunks import write_chunked_experts
 from moecompress.engine.loop import head_logits, run_layer, start_flow, stream_forward
 from moecompress.engine.reader import reader_for
@@ -91,10 +91,14 @@ def sweep_progress(console: Any, label: str, total: int) -> Iterator[Callable[[]
 
 def stream_stats(source: ModelSource, batches: list[tuple[torch.Tensor, torch.Tensor]], *, total_tokens: int,
                  sample_tokens: int, budget: int, spill_dir: Path | None = None, console: Any = None,
-                 meta: dict[str, Any] | None = None, first_token: int = 0, targets: RecordedTargets | None = None
-                 ) -> Stats:
-    """The statistics ``collect_stats`` gives, computed one decoder layer at a time from the shards. With
-    `targets`, each MoE block's inputs and outputs and the last boundary are recorded too (heal's targets)."""
+                 meta: dict[str, Any] | None = None, first_token: int = 0, out: Path | None = None,
+                 targets: RecordedTargets | None = None) -> Stats:
+    """The statistics ``collect_stats`` gives, computed one decoder layer at a time from the shards.
+
+    `out`: a statistics folder to write each MoE layer's statistics to as soon as its layer has run (then freed:
+    memory stays flat in the layer count); the result then reads them back from there on demand. Without it
+    they are returned in memory (a data-parallel rank's share, which `reduce_stats` still adds up).
+    `targets`: each MoE block's inputs and outputs and the last boundary are recorded too (heal's targets)."""
     from moecompress.calib.collect import collecting
     from moecompress.heal.walk import real_tokens
 
@@ -104,6 +108,7 @@ def stream_stats(source: ModelSource, batches: list[tuple[torch.Tensor, torch.Te
     masks = flow.masks()
     if targets is not None:
         targets.start(batches)
+    writer = StatsWriter(out) if out is not None else None
     try:
         with torch.inference_mode(), collecting(source.model, sample_tokens, total_tokens, first_token) as taps, \
                 sweep_progress(console, "collecting statistics", source.num_layers) as advance:
@@ -123,8 +128,15 @@ def stream_stats(source: ModelSource, batches: list[tuple[torch.Tensor, torch.Te
                     targets.record_layer(i, real_tokens(ins, masks), real_tokens(outs, masks))
                     del ins, outs
                 source.release(i)
+                if writer is not None and i in taps:  # layer i never runs again in this sweep
+                    writer.add(i, taps[i].take())
                 advance()
-            layers = {idx: tap.finish() for idx, tap in taps.items()}
+            if writer is None:
+                layers = {idx: tap.finish() for idx, tap in taps.items()}
+            else:
+                missing = sorted(set(taps) - {int(k) for k in writer.entries})
+                if missing:
+                    raise RuntimeError(f"statistics sweep never ran MoE layers {missing}")
             if targets is not None:
                 targets.record_last([flow.acts.get(b) for b in range(len(flow.acts))])
     finally:
@@ -132,7 +144,7 @@ def stream_stats(source: ModelSource, batches: list[tuple[torch.Tensor, torch.Te
     info = dict(meta or {})
     info["collect_seconds"] = round(time.perf_counter() - t0, 3)
     info["engine"] = "streamed"
-    return Stats(layers=layers, meta=info)
+    return writer.finish(info) if writer is not None else Stats(layers=layers, meta=info)
 
 
 def layer_visitor(source: ModelSource) -> Callable[[Callable[[int, Any], Any], bool], dict[int, Any]]:
