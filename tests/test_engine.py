@@ -572,3 +572,21 @@ def test_eval_loading_of_a_checkpoint_larger_than_the_budget(tmp_path):
         assert getattr(got_model, "hf_device_map", None)  # really placed by accelerate
         got = got_model(input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_allocation_rules_nest():
+    """A pass's apply step runs under the mmap rule inside a sweep step that may already be under it: leaving the
+    inner context restores the outer rule, not the compute threshold."""
+    from moecompress.engine import source as S
+
+    S.prefer_mmap_for_large_blocks()
+    assert S._threshold_now == S._COMPUTE_THRESHOLD
+    with S.weight_allocations(True):
+        with S.weight_allocations(True):
+            assert S._threshold_now == S._LOADING_THRESHOLD
+        assert S._threshold_now == S._LOADING_THRESHOLD
+    assert S._threshold_now == S._COMPUTE_THRESHOLD
+    with S.weight_allocations(False):
+        with S.weight_allocations(True):
+            assert S._threshold_now == S._LOADING_THRESHOLD
+        assert S._threshold_now == S._COMPUTE_THRESHOLD

@@ -204,10 +204,12 @@ def compress_streamed(lp: LayerwisePass, ctx: PassContext, source: ModelSource, 
                 if healer is not None:
                     healer.before_surgery(i, layer)
                 # surgery with mmap-backed blocks (merge's apply left ~0.3 GiB in glibc's heap on a 198 MiB
-                # layer otherwise); a pass that observes the calibration flow (GPTQ) does its numerics here, whose
-                # per-column MiB-size temporaries would each pay an mmap, so it keeps the compute threshold
+                # layer otherwise). A pass that observes the calibration flow (GPTQ) runs its forwards under the
+                # compute threshold and its apply (the solves) under the mmap rule: on the 20-layer stream bench
+                # GPTQ peaked at 1.31 GiB with solves under the compute threshold, 1.15 GiB under the mmap rule
+                # (and 16 MiB Hessian stacks: 1.02 GiB), 377 → 510–573 s: page faults on every fresh block
                 with weight_allocations(lp.observe is None):
-                    info = observe_and_apply(lp, ctx, plan, i, layer, calib)
+                    info = observe_and_apply(lp, ctx, plan, i, layer, calib, around_apply=weight_allocations)
                 if healer is not None:
                     healer.after_surgery(i, layer, info)
                     return_freed_memory()  # what heal's fits freed goes back to the OS before the write

@@ -521,7 +521,12 @@ def _mallopt(option: int, value: int) -> None:
         pass
 
 
+_threshold_now = _COMPUTE_THRESHOLD  # the last threshold set (weight_allocations restores it on exit)
+
+
 def _mmap_threshold(threshold: int) -> None:
+    global _threshold_now
+    _threshold_now = threshold
     _mallopt(_M_MMAP_THRESHOLD, threshold)
 
 
@@ -568,15 +573,17 @@ def _frugal_loading() -> Iterator[None]:
 @contextlib.contextmanager
 def weight_allocations(active: bool = True) -> Iterator[None]:
     """Blocks of >= 1 MiB from mmap while weights are read or rewritten (the loader, surgery), so what is freed
-    goes back to the OS at once; outside, the compute threshold. No-op unless the engine steers glibc."""
+    goes back to the OS at once; on exit, the threshold before (the compute threshold, or the rule of an enclosing
+    context). No-op unless the engine steers glibc."""
     if not (active and _engine_mallopt):
         yield
         return
+    before = _threshold_now  # nested inside another rule's context: that rule again on exit
     _mmap_threshold(_LOADING_THRESHOLD)
     try:
         yield
     finally:
-        _mmap_threshold(_COMPUTE_THRESHOLD)
+        _mmap_threshold(before)
 
 
 _ASYNC_OFF = "HF_DEACTIVATE_ASYNC_LOAD"

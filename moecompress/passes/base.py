@@ -6,9 +6,11 @@ only decides and calls ``moecompress.surgery``. ``check`` runs on config.json al
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -131,14 +133,17 @@ class LayerwisePass:
     chunks: Callable[[Any], bool] = lambda cfg: False
 
 
-def observe_and_apply(lp: LayerwisePass, ctx: PassContext, plan: Any, index: int, layer: Any, flow: Any) -> Any:
-    """One layer of a pass: observe the calibration flow (if any), apply, propagate. Shared by both paths."""
+def observe_and_apply(lp: LayerwisePass, ctx: PassContext, plan: Any, index: int, layer: Any, flow: Any,
+                      around_apply: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext) -> Any:
+    """One layer of a pass: observe the calibration flow (if any), apply, propagate. Shared by both paths.
+    `around_apply`: a context for the apply step alone (the engine's allocation rule for rewriting weights)."""
     from moecompress.engine.loop import run_layer
 
     if flow is not None and lp.observe is not None:
         with lp.observe(ctx, plan, index, layer) as before_batch:
             run_layer(flow, index, layer, before_batch=before_batch, update=not lp.propagate)
-    info = lp.apply_layer(ctx, plan, index, layer)
+    with around_apply():
+        info = lp.apply_layer(ctx, plan, index, layer)
     if flow is not None and (lp.propagate or lp.observe is None):
         run_layer(flow, index, layer)
     return info

@@ -397,7 +397,7 @@ def _dense_targets(layer: torch.nn.Module, cfg: QuantizeConfig, names: dict[int,
     return out
 
 
-HESSIAN_GROUP_BYTES = 32 << 20  # float32 Hessian bytes of the experts GPTQ quantizes in one batched stack
+HESSIAN_GROUP_BYTES = 16 << 20  # float32 Hessian bytes of the experts GPTQ quantizes in one batched stack
 
 
 def _quantize_experts(moe: Any, tap: ExpertHessians, cfg: QuantizeConfig, adapter: MoEAdapter,
@@ -417,10 +417,11 @@ def _quantize_experts(moe: Any, tap: ExpertHessians, cfg: QuantizeConfig, adapte
     err: dict[tuple[str, int], list[float]] = {key: [] for key in results}
     # experts in groups whose float32 Hessians take about HESSIAN_GROUP_BYTES: GPTQ's per-stack temporaries
     # (stacked Hessians, their Cholesky factors and inverses, float32 weights and codes: ~10 Hessian-sized
-    # tensors per expert) then scale with the group, not with the layer's expert count. 32 MiB, measured on the
-    # 20-layer stream bench: 1.31 GiB peak; 8 MiB stacks 1.44 GiB and slower (their blocks stay under glibc's
-    # 32 MiB mmap threshold and fragment the heap; a 4-layer copy had suggested the opposite). Bitwise the same
-    # codes either way: each matrix of a stack is solved on its own.
+    # tensors per expert) then scale with the group, not with the layer's expert count. Measured on the 20-layer
+    # stream bench: under glibc's compute threshold 32 MiB stacks peaked at 1.31 GiB and 8 MiB ones at 1.44 GiB
+    # (blocks under the 32 MiB threshold fragment the heap); the engine now runs the solves under its mmap rule
+    # (every block ≥ 1 MiB from mmap, returned when freed), where 32 MiB peaks at 1.15 GiB and 16 MiB at 1.02 GiB.
+    # Bitwise the same codes either way: each matrix of a stack is solved on its own.
     n = moe.num_experts
     per = max(1, HESSIAN_GROUP_BYTES // (4 * max(w.hidden, w.width) ** 2))
     for start in range(0, n, per):
