@@ -208,10 +208,10 @@ def test_a_killed_rank_stops_the_others_with_one_line_and_a_rerun_completes(tmp_
 import os, signal, sys
 from moecompress.passes import base
 real = base.observe_and_apply
-def dying(lp, ctx, plan, index, layer, flow):
+def dying(lp, ctx, plan, index, layer, flow, **kw):
     if os.environ["RANK"] == "1" and index == 1:
         os.kill(os.getpid(), signal.SIGKILL)
-    return real(lp, ctx, plan, index, layer, flow)
+    return real(lp, ctx, plan, index, layer, flow, **kw)
 base.observe_and_apply = dying
 import moecompress.engine.run as er
 er.observe_and_apply = dying
