@@ -20,6 +20,17 @@ from safetensors.torch import load_file, save_file
 from moecompress.errors import UserError
 
 
+def _write_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file under its final name only once complete (a crash leaves a `.tmp`, never a torn file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp))
+    tmp.rename(path)
+
+
+def _unreadable(what: str, path: Path, exc: Exception) -> UserError:
+    return UserError(f"{what} at {path} are unreadable ({exc}); delete the folder to recollect")
+
+
 def save_bundle(path: Path, stem: str, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
     """Write `stem.safetensors` (atomically, via a temp name) and then `stem.json` into folder `path`.
 
@@ -27,9 +38,7 @@ def save_bundle(path: Path, stem: str, tensors: dict[str, torch.Tensor], info: d
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f"{stem}.safetensors.tmp"
-    save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp))
-    tmp.rename(path / f"{stem}.safetensors")
+    _write_atomic(path / f"{stem}.safetensors", tensors)
     (path / f"{stem}.json").write_text(json.dumps(info, indent=2, default=str))
 
 
@@ -40,7 +49,7 @@ def load_bundle(path: Path, stem: str, what: str) -> tuple[dict[str, Any], dict[
         info = json.loads((path / f"{stem}.json").read_text())
         tensors = load_file(str(path / f"{stem}.safetensors"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{what} at {path} are unreadable ({exc}); delete the folder to recollect") from exc
+        raise _unreadable(what, path, exc) from exc
     return info, tensors
 
 
@@ -132,13 +141,6 @@ def _layer_entry(ls: LayerStats) -> dict[str, Any]:
             "extra_picks": ls.extra_picks}
 
 
-def _write_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """A safetensors file under its final name only once complete (a crash leaves a `.tmp`, never a torn file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp))
-    tmp.rename(path)
-
-
 class StatsWriter:
     """Writes a statistics folder one layer at a time, so a streamed sweep need not hold finished layers.
 
@@ -200,8 +202,7 @@ class StatsLayers(Mapping[int, LayerStats]):
                         if f"{idx}.{n}" in present}
                 sample = f.get_tensor(f"{idx}.sample") if f"{idx}.sample" in present else None
         except (OSError, SafetensorError) as exc:
-            raise UserError(f"statistics at {self.path} are unreadable ({exc}); delete the folder to recollect"
-                            ) from exc
+            raise _unreadable("statistics", self.path, exc) from exc
         return LayerStats(num_experts=lm["num_experts"], hidden=lm["hidden"], width=lm["width"],
                           n_tokens=lm["n_tokens"], sums=sums, sample=sample,
                           extra_picks=int(lm.get("extra_picks", 0)))
@@ -248,7 +249,7 @@ class Stats:
         try:
             info = json.loads((path / "stats.json").read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"statistics at {path} are unreadable ({exc}); delete the folder to recollect") from exc
+            raise _unreadable("statistics", path, exc) from exc
         return cls(layers=StatsLayers(path, info["layers"], keep), meta=info.get("meta", {}))
 
     @staticmethod

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -48,18 +49,16 @@ class RecordedTargets:
         """Whether a finished recording was made on exactly these batches (same split, same tokens)."""
         mine = self.batches
         return (self.complete and mine is not None and len(mine) == len(batches)
-                and all(a.shape == c.shape and torch.equal(a, c) and torch.equal(b, d)
+                and all(torch.equal(a, c) and torch.equal(b, d)  # equal also means same shape
                         for (a, b), (c, d) in zip(mine, batches, strict=True)))
 
-    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(block inputs, block outputs) of MoE layer `index`, None when it was not recorded."""
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block inputs, block outputs) of MoE layer `index` (a finished recording has every MoE layer)."""
         if index not in self.layers:
-            return None
+            raise KeyError(f"MoE layer {index} was not recorded by the statistics sweep")
         t = load_file(str(self.folder / f"layer-{index}.safetensors"))
         return t["x"], t["y"]
 
     def last(self, b: int) -> torch.Tensor:
-        from safetensors import safe_open
-
         with safe_open(str(self.folder / "last.safetensors"), framework="pt") as f:
             return f.get_tensor(str(b))
