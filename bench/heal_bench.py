@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ from moecompress.passes.base import PassConfig
 from moecompress.passes.merge_experts import MergeExpertsConfig
 from moecompress.passes.prune_atomic import PruneAtomicConfig
 from moecompress.passes.prune_experts import PruneExpertsConfig
+from moecompress.zoo.metrics import mc_correct
 
 
 def heal_variants(steps: int, lr: float) -> list[tuple[str, HealSpec]]:
@@ -185,11 +187,44 @@ def run_reference(path: Path, steps: int, lr: float, out: dict[str, Any], only: 
     print(f"\n# {path}: base val ppl {hb.base_ppl:.3f}, mc acc {hb.base_mc:.3f}, calibration "
           f"{sum(int(m.sum()) for _, m in hb.batches):,} tokens ({len(hb.batches)} batches), heal steps {steps}")
 
+    if only == "mc-flips":
+        res["mc_flips"] = run_mc_flips(hb)
+        return
     if only != "selection":
         run_heal_rows(hb, res)
         res["cost"] = run_cost(hb, repeats)  # (2) heal (a+b) vs one statistics pass over the same tokens
         res["engine_cost"] = run_engine_cost(path, repeats)
     run_selection(hb, res)
+
+
+def mcnemar_p(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar p: the chance of a split at least this uneven among the flipped rows if healing
+    changed nothing (each flip equally likely either way)."""
+    n, k = gained + lost, min(gained, lost)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def run_mc_flips(hb: HealBench) -> dict[str, Any]:
+    """Word-order rows right → wrong and wrong → right between each unhealed row and its (a+b) heal: a paired
+    view of the accuracy changes in the heal table (300 rows: one row is 0.003)."""
+    b, spec = hb.b, dict(hb.heals)["(a+b)"]
+    rows, out = [], {}
+    for label, cfg in compressions():
+        model, det = b.variant(cfg)
+        before = mc_correct(model, b.tok, b.mc)
+        healed, _, _ = hb.healed(model, cfg, det, spec)
+        after = mc_correct(healed, b.tok, b.mc)
+        gained = sum(a and not w for w, a in zip(before, after, strict=True))
+        lost = sum(w and not a for w, a in zip(before, after, strict=True))
+        p = mcnemar_p(gained, lost)
+        out[label] = {"gained": gained, "lost": lost, "p": p}
+        rows.append([label, f"{sum(before) / len(before):.3f}", f"{sum(after) / len(after):.3f}", gained, lost,
+                     f"{p:.2f}"])
+    print(table(rows, ["variant", "mc unhealed", "mc (a+b)", "wrong→right", "right→wrong", "McNemar p"]))
+    return out
 
 
 def run_heal_rows(hb: HealBench, res: dict[str, Any]) -> None:
@@ -275,9 +310,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--only", choices=["all", "cost", "engine-cost", "selection"], default="all",
+    ap.add_argument("--only", choices=["all", "cost", "engine-cost", "selection", "mc-flips"], default="all",
                     help="cost: only heal (a+b) vs a statistics pass, in memory and through the engine (engine-cost: "
-                         "the engine's alone); selection: only the 75%% selection table")
+                         "the engine's alone); selection: only the 75%% selection table; mc-flips: word-order rows "
+                         "that flip between unhealed and healed (a+b), with McNemar's exact p")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs for the cost (after one warm-up); min reported")
     args = ap.parse_args()
     torch.manual_seed(0)

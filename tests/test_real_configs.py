@@ -226,3 +226,18 @@ def test_default_config_inspect(model_type, tmp_path, capsys):
     assert model_type in text
     pattern = layer_pattern(config)
     assert pattern.family is not None and pattern.moe_layers
+
+
+@pytest.mark.parametrize("name", ["DeepSeek-V4-Flash", "gemma-4-26B-A4B"])
+def test_heal_on_a_family_it_does_not_support_is_one_clear_message(name, tmp_path, capsys, monkeypatch):
+    """`prune --heal` where heal cannot read the routing (hash routing, another router layout): exit 2 with the
+    reason, no traceback, nothing at --out (these crashed inside heal before)."""
+    monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path / "cache"))
+    mini = tmp_path / "mini"
+    code, _, err = run_cli(["zoo", "miniature", REAL / f"{name}.json", "--out", mini], capsys)
+    assert code == 0, err
+    calib = calib_file(tmp_path / "c.jsonl", n=20)
+    code, _, err = run_cli(["prune", mini, "--out", tmp_path / "p", "--ratio", "0.5", "--heal", "--calib", calib,
+                            "--calib-samples", "4", "--calib-seqlen", "32"], capsys)
+    assert code == 2 and "heal: not supported for" in err and "Traceback" not in err, err
+    assert not (tmp_path / "p").exists()

@@ -76,7 +76,27 @@ def latent_experts(layer: MoELayer) -> bool:
     return _hidden_of(layer.experts) != int(layer.router.weight.shape[-1])
 
 
+# Families whose routing heal cannot read from block inputs alone (found by running `prune --heal` on every
+# real-config and default-config miniature, 4 Dec 2026): heal reads each layer's top-k weights and ids through
+# the family's own router as (scores, weights, ids) of the block input; these routers need token ids (hash
+# routing), extra arguments, or return another layout. Named here, heal stops with one message, not a traceback.
+HEAL_UNSUPPORTED: dict[str, str] = {
+    "deepseek_v4": "its hash-routed layers choose experts from token ids, which heal does not pass to the router",
+    **{t: "its router does not return (scores, top-k weights, top-k ids) from the block input alone"
+       for t in ("gemma4", "gemma4_text", "minimax_m2", "lfm2_moe", "hunyuan_v1_moe", "glm_moe_dsa",
+                 "longcat_flash", "zaya", "dbrx")},
+}
+
+
+def check_family_healable(model_type: str) -> None:
+    """Before any layer runs: one clear message for a family heal does not support."""
+    why = HEAL_UNSUPPORTED.get(model_type)
+    if why is not None:
+        raise UserError(f"heal: not supported for {model_type} yet: {why}; run without --heal")
+
+
 def check_healable(layer: MoELayer) -> None:
+    check_family_healable(layer.adapter.model_type)
     if layer.adapter.routing == "sigmoid_input_scale":
         raise UserError(f"heal: {layer.adapter.model_type} scales expert inputs by the gate and runs experts densely; "
                         "routed-expert reconstruction does not apply to it")

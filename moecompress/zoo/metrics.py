@@ -115,6 +115,13 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], seqlen: int = 1
 
 def mc_accuracy(model: Any, tokenizer: Any, mc_rows: Sequence[dict[str, Any]], batch_size: int = 32) -> float:
     """Share of rows where the choice with the highest total log-likelihood is `label`."""
+    right = mc_correct(model, tokenizer, mc_rows, batch_size)
+    return sum(right) / len(right)
+
+
+def mc_correct(model: Any, tokenizer: Any, mc_rows: Sequence[dict[str, Any]], batch_size: int = 32) -> list[bool]:
+    """Per row: is the choice with the highest total log-likelihood `label`? (Paired comparisons of two models
+    count the rows that flip, which a difference of accuracies hides.)"""
     if not mc_rows:
         raise UserError("no multiple-choice rows to score; pass a non-empty mc.jsonl")
     flat = [c for row in mc_rows for c in row["choices"]]
@@ -124,14 +131,14 @@ def mc_accuracy(model: Any, tokenizer: Any, mc_rows: Sequence[dict[str, Any]], b
         scores = text_logprobs(model, tokenizer, flat, seqlen=512, batch_size=batch_size)
     finally:
         model.train(was_training)
-    correct = 0
+    right: list[bool] = []
     pos = 0
     for row in mc_rows:
         k = len(row["choices"])
         ll = [s for s, _ in scores[pos : pos + k]]
         pos += k
-        correct += int(max(range(k), key=ll.__getitem__) == int(row["label"]))
-    return correct / len(mc_rows)
+        right.append(max(range(k), key=ll.__getitem__) == int(row["label"]))
+    return right
 
 
 def unigram_perplexity(train_ids: Iterable[Sequence[int]], tokenizer: Any, texts: Sequence[str],
