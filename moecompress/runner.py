@@ -492,7 +492,10 @@ def streamed_heal(cfg: PassConfig, source: Any, get_calibration: Callable[[], An
     if spec is None:
         return None
     from moecompress.engine.heal import StreamedHeal
+    from moecompress.heal.fit import check_family_healable
     from moecompress.heal.run import groups_from_details
+
+    check_family_healable(source.adapter.model_type)  # before the statistics sweep, not after it
 
     def groups_of(index: int, info: dict[str, Any], n_before: int) -> list[Any]:
         one = {"kept": {str(index): info["kept"]}} if "kept" in info else {"layers": {str(index): info}}

@@ -230,8 +230,8 @@ def test_default_config_inspect(model_type, tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["DeepSeek-V4-Flash", "gemma-4-26B-A4B"])
 def test_heal_on_a_family_it_does_not_support_is_one_clear_message(name, tmp_path, capsys, monkeypatch):
-    """`prune --heal` where heal cannot read the routing (hash routing, another router layout): exit 2 with the
-    reason, no traceback, nothing at --out (these crashed inside heal before)."""
+    """`prune --heal` and `heal` where heal cannot read the routing (hash routing, another router layout): exit 2
+    with the reason, no traceback, nothing at --out, before the statistics sweep (these crashed inside heal)."""
     monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path / "cache"))
     mini = tmp_path / "mini"
     code, _, err = run_cli(["zoo", "miniature", REAL / f"{name}.json", "--out", mini], capsys)
@@ -241,3 +241,12 @@ def test_heal_on_a_family_it_does_not_support_is_one_clear_message(name, tmp_pat
                             "--calib-samples", "4", "--calib-seqlen", "32"], capsys)
     assert code == 2 and "heal: not supported for" in err and "Traceback" not in err, err
     assert not (tmp_path / "p").exists()
+    assert not list((tmp_path / "cache").rglob("*.safetensors")), "the statistics sweep ran before the check"
+    # the in-memory walk (`moecompress heal` on an unhealed prune) stops the same way
+    code, _, err = run_cli(["prune", mini, "--out", tmp_path / "u", "--ratio", "0.5", "--calib", calib,
+                            "--calib-samples", "4", "--calib-seqlen", "32"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["heal", tmp_path / "u", "--reference", mini, "--out", tmp_path / "h", "--calib", calib,
+                            "--calib-samples", "4", "--calib-seqlen", "32"], capsys)
+    assert code == 2 and "heal: not supported for" in err and "Traceback" not in err, err
+    assert not (tmp_path / "h").exists()

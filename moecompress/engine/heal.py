@@ -65,9 +65,6 @@ class StreamedHeal:
               recorded: RecordedTargets | None = None) -> StreamedHeal:
         """`recorded`: the statistics sweep's recording of the original model on these batches, if it made one
         (then the original model is not run again)."""
-        from moecompress.heal.fit import check_family_healable
-
-        check_family_healable(source.adapter.model_type)
         held, held_rows = held_out(batches, spec.holdout)
         held_batches = [(ids[r], mask[r]) for (ids, mask), r in zip(batches, held_rows, strict=True) if len(r)]
         recorded = recorded if recorded is not None and recorded.serves(batches) else None

@@ -89,14 +89,14 @@ HEAL_UNSUPPORTED: dict[str, str] = {
 
 
 def check_family_healable(model_type: str) -> None:
-    """Before any layer runs: one clear message for a family heal does not support."""
+    """One clear message for a family heal does not support; its entry points (the engine's heal, the in-memory
+    walk) call it before any layer runs."""
     why = HEAL_UNSUPPORTED.get(model_type)
     if why is not None:
         raise UserError(f"heal: not supported for {model_type} yet: {why}; run without --heal")
 
 
 def check_healable(layer: MoELayer) -> None:
-    check_family_healable(layer.adapter.model_type)
     if layer.adapter.routing == "sigmoid_input_scale":
         raise UserError(f"heal: {layer.adapter.model_type} scales expert inputs by the gate and runs experts densely; "
                         "routed-expert reconstruction does not apply to it")

@@ -22,7 +22,7 @@ import torch
 from moecompress.arch.adapter import MoELayer, adapter_for, decoder_layers, moe_layers
 from moecompress.arch.discover import text_model
 from moecompress.calib.layers import StopForward, block_io, capture_layer_inputs, layer_output
-from moecompress.heal.fit import BlockData
+from moecompress.heal.fit import BlockData, check_family_healable
 
 OnLayer = Callable[[int, MoELayer, MoELayer, BlockData], None]
 
@@ -78,6 +78,7 @@ def walk_two_streams(ref_model: torch.nn.Module, model: torch.nn.Module, batches
     """Feed `on_layer` every MoE layer's BlockData, bottom up; `on_layer` may change that layer of `model`
     in place (heal, or select + prune) before its outputs are propagated to the next layer."""
     adapter = adapter_for(model)
+    check_family_healable(adapter.model_type)
     ref_moe = {ly.index: ly for ly in moe_layers(ref_model, adapter)}
     cmp_moe = {ly.index: ly for ly in moe_layers(model, adapter)}
     masks = [m.reshape(-1).bool() for _, m in batches]
