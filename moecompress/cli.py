@@ -300,6 +300,9 @@ def print_report(report: dict) -> None:
         healed = kl.get("healed")
         console.print(f"calibration KL to the input: {kl['unhealed']:.4g} unhealed"
                       + (f" → {healed:.4g} healed" if healed is not None else " (no --heal)"))
+        if healed is not None and healed > kl["unhealed"]:
+            console.print("[yellow]heal raised the calibration KL on the held-out sequences: compare with --no-heal "
+                          "(more --calib-samples usually helps)[/]")
     mass = details.get("removed_routed_mass")
     if mass:
         console.print("routed probability mass of the removed experts per layer: "

@@ -394,10 +394,10 @@ def test_engine_heal_propagation_skips_attention_and_is_the_layer_output(family:
         block = source.moe_layer(i).block
         if family == "scaled":
             layer.register_forward_hook(lambda m, a, out: (out[0] * 1.5, *out[1:]) if isinstance(out, tuple) else out * 1.5)
-        ins, residuals = _block_inputs(flows[0], i, layer, block)
+        ins, calls, residuals = _block_inputs(flows[0], i, layer, block)
         with torch.no_grad():  # stands for heal: the block changes between its inputs and the propagation
             block.experts.down_proj.mul_(0.5)
-        shortcut = _propagate(flows[0], i, layer, block, ins, residuals)
+        shortcut = _propagate(flows[0], i, layer, block, ins, calls, residuals)
         with block_io(block) as (want_ins, _):
             run_layer(flows[1], i, layer)
     # gpt-oss's and Llama-4's blocks return tuples, Llama-4's output is [tokens, H]: the shortcut serves them too

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,16 +22,32 @@ class StopForward(Exception):
     """Raised by a hook to end a forward early (everything needed has been recorded)."""
 
 
+Call = tuple[tuple, dict[str, Any]]  # a block call's arguments besides its hidden states: (args, kwargs)
+
+
+def split_call(args: tuple, kw: dict[str, Any]) -> tuple[torch.Tensor, Call]:
+    """(hidden states, the rest of the call) of a module's forward arguments."""
+    if args:
+        return args[0], (tuple(args[1:]), dict(kw))
+    rest = dict(kw)
+    return rest.pop("hidden_states"), ((), rest)
+
+
 @contextlib.contextmanager
-def block_io(block: torch.nn.Module, *, stop: bool = False) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """Record `block`'s inputs and outputs over the forwards run inside (one entry per call). With `stop`, each
-    forward ends where the block would start (``StopForward`` after its input is recorded; no outputs): for a
-    block about to be changed, whose outputs now would be thrown away."""
+def block_io(block: torch.nn.Module, *, stop: bool = False, calls: list[Call] | None = None
+             ) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Record `block`'s inputs and outputs over the forwards run inside (one entry per call), and into `calls` the
+    rest of each call's arguments. With `stop`, each forward ends where the block would start (``StopForward``
+    after its input is recorded; no outputs): for a block about to be changed, whose outputs now would be thrown
+    away."""
     ins: list[torch.Tensor] = []
     outs: list[torch.Tensor] = []
 
     def pre(mod: Any, args: tuple, kw: dict) -> None:
-        ins.append((args[0] if args else kw["hidden_states"]).detach())
+        hidden, rest = split_call(args, kw)
+        ins.append(hidden.detach())
+        if calls is not None:
+            calls.append(rest)
         if stop:
             raise StopForward
 
@@ -43,6 +60,62 @@ def block_io(block: torch.nn.Module, *, stop: bool = False) -> Iterator[tuple[li
     finally:
         for h in handles:
             h.remove()
+
+
+@dataclass
+class BlockArgs:
+    """A MoE block's call arguments besides its hidden states, over the real tokens a ``BlockData`` holds: those
+    given per token (DeepSeek-V4's token ids for its hash-routed layers, ZAYA's router state from the layer
+    below) as [N, ...] rows aligned with the block inputs, the others as the first call passed them. Empty for
+    most families, whose blocks take hidden states alone."""
+
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    per_token: frozenset[int | str] = frozenset()  # positions / names holding [N, ...] rows
+
+    @classmethod
+    def from_calls(cls, calls: list[Call], hidden: list[torch.Tensor], masks: list[torch.Tensor]) -> BlockArgs:
+        """Flatten the calls of several batches (`hidden`: each call's block input, `masks`: each batch's real
+        tokens, flat) the way ``heal.walk.real_tokens`` flattens the inputs."""
+        if not calls or not any(a or k for a, k in calls):
+            return cls()
+        lead = [tuple(h.shape[:-1]) for h in hidden]
+
+        def tokenwise(values: list[Any]) -> bool:
+            return all(isinstance(v, torch.Tensor) and tuple(v.shape[: len(s)]) == s for v, s in zip(values, lead,
+                                                                                                   strict=True))
+
+        def flat(values: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([v.reshape(m.numel(), *v.shape[len(s):])[m.to(v.device)]
+                              for v, s, m in zip(values, lead, masks, strict=True)])
+
+        per: set[int | str] = set()
+        args = []
+        for i in range(len(calls[0][0])):
+            values = [a[i] for a, _ in calls]
+            if tokenwise(values):
+                per.add(i)
+            args.append(flat(values) if i in per else values[0])
+        kwargs = {}
+        for k in calls[0][1]:
+            values = [kw[k] for _, kw in calls]
+            if tokenwise(values):
+                per.add(k)
+            kwargs[k] = flat(values) if k in per else values[0]
+        return cls(tuple(args), kwargs, frozenset(per))
+
+    def rows(self, sel: torch.Tensor | None) -> BlockArgs:
+        """The arguments of a subset of the tokens (`sel`: a mask or indices over N; None: all)."""
+        if sel is None or not self.per_token:
+            return self
+        args = tuple(a[sel] if i in self.per_token else a for i, a in enumerate(self.args))
+        kwargs = {k: v[sel] if k in self.per_token else v for k, v in self.kwargs.items()}
+        return BlockArgs(args, kwargs, self.per_token)
+
+    def batched(self) -> Call:
+        """The arguments for a call on one batch row holding the tokens (``block(x[None], *args, **kwargs)``)."""
+        args = tuple(a[None] if i in self.per_token else a for i, a in enumerate(self.args))
+        return args, {k: v[None] if k in self.per_token else v for k, v in self.kwargs.items()}
 
 
 def capture_layer_inputs(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],

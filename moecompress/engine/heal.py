@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from moecompress.calib.layers import StopForward, block_io
+from moecompress.calib.layers import BlockArgs, Call, StopForward, block_io
 from moecompress.engine.loop import Flow, layer_output, run_layer, start_flow
 from moecompress.engine.source import ModelSource
 from moecompress.engine.targets import RecordedTargets
@@ -107,12 +107,13 @@ class StreamedHeal:
         if moe is not None and self._targets is not None:
             original_view, x_ref, y_ref, n_before = self._targets
             self._targets = None
-            ins, residuals = _block_inputs(self.compressed, index, layer, moe.block)
-            data = BlockData(x=self._flat(ins), x_ref=x_ref, y=y_ref, held=self.held)
+            ins, calls, residuals = _block_inputs(self.compressed, index, layer, moe.block)
+            data = BlockData(x=self._flat(ins), x_ref=x_ref, y=y_ref, held=self.held,
+                             call=BlockArgs.from_calls(calls, ins, self.compressed.masks()))
             self.layers[str(index)] = heal_block(original_view, moe, data, self.groups_of(index, info or {}, n_before),
                                                  self.spec)
             del original_view, data
-            _propagate(self.compressed, index, layer, moe.block, ins, residuals)
+            _propagate(self.compressed, index, layer, moe.block, ins, calls, residuals)
         else:
             run_layer(self.compressed, index, layer)
         self.seconds += time.perf_counter() - t0
@@ -159,9 +160,9 @@ class StreamedHeal:
 
 @torch.no_grad()
 def _block_inputs(flow: Flow, index: int, layer: torch.nn.Module, block: torch.nn.Module
-                  ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """The MoE block's inputs for every batch (the cache stays), and what the layer outputs with the block's
-    output replaced by zeros — the residual stream the healed block's output is added to (``_propagate``).
+                  ) -> tuple[list[torch.Tensor], list[Call], list[torch.Tensor] | None]:
+    """The MoE block's inputs for every batch (the cache stays), the rest of each block call's arguments, and what
+    the layer outputs with the block's output replaced by zeros — the residual stream the healed block's output is added to (``_propagate``).
 
     The block itself is not run (it is about to be healed: its outputs now would be thrown away). A block that
     returns a tuple (gpt-oss: output, router scores) gets zeros in the first place and, after them, what it
@@ -170,19 +171,23 @@ def _block_inputs(flow: Flow, index: int, layer: torch.nn.Module, block: torch.n
     """
     first = flow.acts.get(0)
     args, kwargs = flow.layer_kwargs[0][index]
-    with block_io(block, stop=True) as (probe, _), contextlib.suppress(StopForward):
+    probe_calls: list[Call] = []
+    with block_io(block, stop=True, calls=probe_calls) as (probe, _), contextlib.suppress(StopForward):
         layer(first.to(flow.device), *args, **kwargs)
     if not probe:
         raise RuntimeError("heal: the MoE block was not reached in a decoder layer's forward")
     ins: list[torch.Tensor] = []
+    calls: list[Call] = []
     residuals: list[torch.Tensor] | None = None if flow.acts.on_disk else []
-    try:
-        one = block(probe[0][:, :1]) if residuals is not None else None  # one token: the output's structure
-    except (RuntimeError, ValueError, TypeError, IndexError):
+    try:  # one token: the output's structure
+        args, kwargs = _first_token(probe_calls[0], tuple(probe[0].shape[:-1]))
+        one = block(probe[0][:, :1], *args, **kwargs) if residuals is not None else None
+    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError):
         residuals = None
 
     def zero_block(x: torch.Tensor, *a: Any, **k: Any) -> Any:
         ins.append(x.detach())
+        calls.append((a, k))
         return (torch.zeros_like(x), *one[1:]) if isinstance(one, tuple) else torch.zeros_like(x)
 
     if residuals is not None:
@@ -193,23 +198,33 @@ def _block_inputs(flow: Flow, index: int, layer: torch.nn.Module, block: torch.n
                 residuals.append(layer_output(layer(flow.acts.get(b).to(flow.device), *args, **kwargs)))
         except (RuntimeError, ValueError, TypeError, IndexError):  # the layer reads more of the block's output
             ins.clear()
+            calls.clear()
             residuals = None
         finally:
             del block.forward
     if residuals is None:
-        with block_io(block, stop=True) as (ins, _):
+        with block_io(block, stop=True, calls=calls) as (ins, _):
             for b in range(len(flow.acts)):
                 args, kwargs = flow.layer_kwargs[b][index]
                 with contextlib.suppress(StopForward):
                     layer(flow.acts.get(b).to(flow.device), *args, **kwargs)
     if len(ins) != len(flow.acts):
         raise RuntimeError("heal: the MoE block was not reached in a decoder layer's forward")
-    return ins, residuals
+    return ins, calls, residuals
+
+
+def _first_token(call: Call, lead: tuple[int, ...]) -> Call:
+    """A block call's other arguments cut to the first token where they are per token (leading dims `lead`,
+    the block input's [B, S])."""
+    def cut(v: Any) -> Any:
+        return v[:, :1] if isinstance(v, torch.Tensor) and tuple(v.shape[: len(lead)]) == lead else v
+
+    return tuple(map(cut, call[0])), {k: cut(v) for k, v in call[1].items()}
 
 
 @torch.no_grad()
 def _propagate(flow: Flow, index: int, layer: torch.nn.Module, block: torch.nn.Module, ins: list[torch.Tensor],
-               residuals: list[torch.Tensor] | None) -> bool:
+               calls: list[Call], residuals: list[torch.Tensor] | None) -> bool:
     """The healed layer's outputs into the flow: residual + healed block output, without running the layer's
     attention again — when the first batch shows that this is bitwise what the whole layer gives (the layer adds
     the block's output to the residual stream and nothing else); otherwise every batch runs the whole layer.
@@ -218,7 +233,8 @@ def _propagate(flow: Flow, index: int, layer: torch.nn.Module, block: torch.nn.M
         run_layer(flow, index, layer)
         return False
     def added(b: int) -> torch.Tensor:  # Llama-4's block returns [tokens, H]: the layer reshapes it
-        return residuals[b] + layer_output(block(ins[b])).reshape(residuals[b].shape)
+        args, kwargs = calls[b]
+        return residuals[b] + layer_output(block(ins[b], *args, **kwargs)).reshape(residuals[b].shape)
 
     args, kwargs = flow.layer_kwargs[0][index]
     whole = layer_output(layer(flow.acts.get(0).to(flow.device), *args, **kwargs))

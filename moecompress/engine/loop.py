@@ -102,13 +102,8 @@ def start_flow(source: ModelSource, batches: Sequence[tuple[torch.Tensor, torch.
     shapes, kwargs_all, first = [], [], []
     for b, (ids, mask) in enumerate(batches):
         captured, store = _capture(model, layers, ids.to(source.device), mask.to(source.device))
-        if b == 0 and not model.__dict__.get(_CHECKED):  # once per model: do the layers' arguments depend
-            shifted, _ = _capture(model, layers, ids.to(source.device), mask.to(source.device), shift=1.0)
-            if not _same(captured, shifted) or not _head_reads_last_only(model, layers, ids.to(source.device),
-                                                                          mask.to(source.device)):
-                raise NotStreamable(f"{type(model).__name__}: its decoder layers or head receive state built from "
-                                    "earlier layers' outputs, not only the previous layer's hidden states")
-            model.__dict__[_CHECKED] = True  # a property of the architecture: later flows of this model skip it
+        if b == 0:
+            _check_chain(model, layers, ids.to(source.device), mask.to(source.device), captured)
         h = store["h0"]
         shapes.append(tuple(h.shape))
         first.append(h)
@@ -118,6 +113,31 @@ def start_flow(source: ModelSource, batches: Sequence[tuple[torch.Tensor, torch.
         acts.set(b, h)
     return Flow(batches=[(i.cpu(), m.cpu()) for i, m in batches], acts=acts, layer_kwargs=kwargs_all,
                 device=source.device)
+
+
+def _check_chain(model: torch.nn.Module, layers: torch.nn.ModuleList, ids: torch.Tensor, mask: torch.Tensor,
+                 captured: dict[int, tuple[tuple, dict]]) -> None:
+    """NotStreamable unless every layer's arguments and the head depend on the previous layer's hidden states alone
+    (once per model: a property of the architecture, so later flows of this model skip it)."""
+    if model.__dict__.get(_CHECKED):
+        return
+    shifted, _ = _capture(model, layers, ids, mask, shift=1.0)
+    if not _same(captured, shifted) or not _head_reads_last_only(model, layers, ids, mask):
+        raise NotStreamable(f"{type(model).__name__}: its decoder layers or head receive state built from "
+                            "earlier layers' outputs, not only the previous layer's hidden states")
+    model.__dict__[_CHECKED] = True
+
+
+def layers_chain(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether the decoder layers can run one at a time from the hidden states between them (what every layer
+    walk needs); False for families whose layers hand the next one more (glm_moe_dsa, ZAYA, looped stacks)."""
+    layers = decoder_layers(model)
+    try:
+        captured, _ = _capture(model, layers, ids, mask)
+        _check_chain(model, layers, ids, mask, captured)
+    except NotStreamable:
+        return False
+    return True
 
 
 def _capture(model: torch.nn.Module, layers: torch.nn.ModuleList, ids: torch.Tensor, mask: torch.Tensor,

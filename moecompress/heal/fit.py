@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, overload
 
 import torch
 
 from moecompress.arch.adapter import MoELayer
+from moecompress.arch.discover import router_choice
 from moecompress.arch.experts import ExpertView, ExpertWeights, apply_expert, expert_activation
+from moecompress.calib.layers import BlockArgs, StopForward
 from moecompress.errors import UserError
 from moecompress.heal.spec import HealSpec
 from moecompress.passes import merging as M
@@ -40,10 +42,15 @@ class BlockData:
     x_ref: torch.Tensor  # [N, H]
     y: torch.Tensor  # [N, H] float64
     held: torch.Tensor  # [N] bool
+    call: BlockArgs = field(default_factory=BlockArgs)  # the block's other arguments for the `x` tokens
 
     @property
     def fit(self) -> torch.Tensor:
         return ~self.held
+
+    def output(self, layer: MoELayer, sel: torch.Tensor | None = None) -> torch.Tensor:
+        """The live block's output on the compressed inputs (of the tokens `sel` picks; all when None)."""
+        return block_output(layer, self.x if sel is None else self.x[sel], self.call.rows(sel))
 
 
 def rel_error(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> float:
@@ -55,17 +62,23 @@ def rel_error(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = N
 
 def block_errors(layer: MoELayer, data: BlockData, fit: bool = True) -> dict[str, float]:
     """Relative block-output error of the live block on the held-out (and, if asked, the fitted) tokens."""
-    out = {"held": rel_error(block_output(layer, data.x[data.held]), data.y[data.held])}
+    out = {"held": rel_error(data.output(layer, data.held), data.y[data.held])}
     if fit:
-        out["fit"] = rel_error(block_output(layer, data.x[data.fit]), data.y[data.fit])
+        out["fit"] = rel_error(data.output(layer, data.fit), data.y[data.fit])
     return out
 
 
-def other_output(layer: MoELayer, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
-    """What the block adds besides the routed experts (shared experts); exactly zero when it has none."""
-    if not layer.shared():
+def adds_more_than_routed(layer: MoELayer) -> bool:
+    """The block's output holds more than its routed experts' weighted sum: shared experts, or router classes
+    after the routed experts (LongCat-Flash's zero-computation experts pass the token through)."""
+    return bool(layer.shared()) or layer.extra_rows > 0
+
+
+def other_output(layer: MoELayer, data: BlockData, routed: torch.Tensor) -> torch.Tensor:
+    """What the block adds besides the routed experts; exactly zero when it adds nothing."""
+    if not adds_more_than_routed(layer):
         return torch.zeros_like(routed)
-    return block_output(layer, x) - routed
+    return data.output(layer) - routed
 
 
 def latent_experts(layer: MoELayer) -> bool:
@@ -76,15 +89,18 @@ def latent_experts(layer: MoELayer) -> bool:
     return _hidden_of(layer.experts) != int(layer.router.weight.shape[-1])
 
 
-# Families whose routing heal cannot read from block inputs alone (found by running `prune --heal` on every
-# real-config and default-config miniature, 4 Dec 2026): heal reads each layer's top-k weights and ids through
-# the family's own router as (scores, weights, ids) of the block input; these routers need token ids (hash
-# routing), extra arguments, or return another layout. Named here, heal stops with one message, not a traceback.
+# Families heal cannot reconstruct block by block (found by running `prune --heal` on every real-config and
+# default-config miniature, 4 Dec 2026). Routers of every layout, extra router arguments, token-id routing and router
+# state from the layer below are read through the block itself (``routing``); what is left is named here, so heal
+# stops with one message, not a traceback.
 HEAL_UNSUPPORTED: dict[str, str] = {
-    "deepseek_v4": "its hash-routed layers choose experts from token ids, which heal does not pass to the router",
-    **{t: "its router does not return (scores, top-k weights, top-k ids) from the block input alone"
-       for t in ("gemma4", "gemma4_text", "minimax_m2", "lfm2_moe", "hunyuan_v1_moe", "glm_moe_dsa",
-                 "longcat_flash", "zaya", "dbrx")},
+    t: "its routed experts sit inside the decoder layer between norms (the router reads the residual stream, the "
+       "experts a separately normalised copy, and their output is normalised again): there is no block output "
+       "that is linear in the kept experts' down projections" for t in ("gemma4", "gemma4_text")
+} | {
+    "longcat_flash": "its zero-computation experts pass tokens through unchanged, and the block-output fit chases "
+                     "those tokens: on its miniature, heal lowered every layer's block error yet raised the calibration "
+                     "KL 70-fold, so it stays off for this family until it is measured on a trained LongCat"
 }
 
 
@@ -106,10 +122,33 @@ def check_healable(layer: MoELayer) -> None:
 
 
 @torch.no_grad()
-def routing(router: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top-k weights [N, k], top-k expert ids [N, k]) as the family's own router computes them."""
-    out = router(x)
-    return out[1], out[2]
+def routing(layer: MoELayer, x: torch.Tensor, call: BlockArgs | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-k weights [N, k], top-k expert ids [N, k]) as the block hands them to its experts: the block runs on x
+    until its experts would start, so every family's router layout, extra router arguments (MiniMax-M2's and
+    LFM2's score bias), token-id routing (DeepSeek-V4) and state from the layer below (ZAYA) are the block's
+    own business. Expert ids past the routed experts (skip / zero-computation classes) are kept as given."""
+    n = layer.num_experts
+    if not layer.adapter.block_attr:  # the decoder layer is the block (gemma-4): its router alone
+        router = layer.block.get_submodule(layer.adapter.router_attr.split(".")[0])
+        index, weights = router_choice(router(x), n)
+        return weights, index
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def grab(_mod: Any, args: tuple, kw: dict[str, Any]) -> None:
+        seen.append(router_choice((*args[1:], *kw.values()), n))
+        raise StopForward
+
+    hook = layer.experts.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        block_output(layer, x, call)
+    except StopForward:
+        pass
+    finally:
+        hook.remove()
+    if not seen:
+        raise UserError(f"heal: layer {layer.index}'s block did not call its experts")
+    index, weights = seen[0]
+    return weights.reshape(x.shape[0], -1), index.reshape(x.shape[0], -1)
 
 
 # ---- (a) router -------------------------------------------------------------------------------------
@@ -264,14 +303,15 @@ def solve_down(parts: list[ExpertTokens], down: list[torch.Tensor], target: torc
 
 @torch.no_grad()
 def expert_tokens(layer: MoELayer, x: torch.Tensor, w: ExpertWeights | None = None, dtype: torch.dtype = torch.float32,
-                  routed_output: bool = True) -> tuple[list[ExpertTokens], torch.Tensor | None]:
+                  routed_output: bool = True, call: BlockArgs | None = None
+                  ) -> tuple[list[ExpertTokens], torch.Tensor | None]:
     """Per kept expert, its routed tokens under the live router (gated activations in `dtype`: what the down fit
     multiplies); also, when `routed_output`, the routed output as the block has it (float64; else None, and no
     expert's output is computed)."""
     view = ExpertView(layer)
     w = w or view.get_all()
     xd = x.to(w.down.dtype)
-    weights, index = routing(layer.router, xd)
+    weights, index = routing(layer, xd, call)
     parts = []
     routed = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64) if routed_output else None
     for e in range(w.num_experts):
@@ -301,9 +341,9 @@ def fit_down(layer: MoELayer, data: BlockData, ridge: float, sweeps: int) -> dic
     """(b): ridge least squares of every kept expert's down projection, the router and gate/up fixed."""
     view = ExpertView(layer)
     w = view.get_all(copy=False)  # views: only the down projections are rewritten, in place
-    shared = layer.shared()
-    parts, routed = expert_tokens(layer, data.x, w, routed_output=shared)
-    target = data.y.double() - other_output(layer, data.x, routed) if shared else data.y.double()
+    more = adds_more_than_routed(layer)
+    parts, routed = expert_tokens(layer, data.x, w, routed_output=more, call=data.call)
+    target = data.y.double() - other_output(layer, data, routed) if more else data.y.double()
     new, _, history = solve_down(parts, list(w.down.unbind(0)), target.float(), data.fit, ridge, sweeps)
     # each float64 result formed, converted and written in place on its own (the same rounding as converting a
     # stack): neither a float64 stack nor a stack of the converted matrices (a layer's down projections) is held;
@@ -350,13 +390,16 @@ def fit_adam(layer: MoELayer, data: BlockData, steps: int, lr: float, batch_toke
     opt = torch.optim.Adam(params.values(), lr=lr)
     gen = torch.Generator().manual_seed(seed * 7919 + layer.index)
 
-    def run(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        out = functional_call(block, p, (x[None],))
+    call_fit, call_held = data.call.rows(data.fit), data.call.rows(data.held)
+
+    def run(p: dict[str, torch.Tensor], x: torch.Tensor, call: BlockArgs) -> torch.Tensor:
+        args, kwargs = call.batched()
+        out = functional_call(block, p, (x[None], *args), kwargs)
         return (out[0] if isinstance(out, tuple) else out).reshape(x.shape[0], -1)
 
     def held_error() -> float:
         with torch.no_grad():
-            return float((run(params, x_held) - y_held).pow(2).sum() / norm_held)
+            return float((run(params, x_held, call_held) - y_held).pow(2).sum() / norm_held)
 
     best = held_error()
     start = best
@@ -367,7 +410,7 @@ def fit_adam(layer: MoELayer, data: BlockData, steps: int, lr: float, batch_toke
     try:
         for step in range(1, steps + 1):
             idx = torch.randint(0, x_fit.shape[0], (min(batch_tokens, x_fit.shape[0]),), generator=gen)
-            loss = (run(params, x_fit[idx]) - y_fit[idx]).pow(2).sum(1).mean() / norm_fit
+            loss = (run(params, x_fit[idx], call_fit.rows(idx)) - y_fit[idx]).pow(2).sum(1).mean() / norm_fit
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from moecompress.arch.adapter import MoELayer
+from moecompress.arch.discover import router_choice
 from moecompress.arch.experts import ExpertView, apply_expert
+from moecompress.errors import UserError
 from moecompress.heal.fit import BlockData, ExpertTokens, check_healable, rel_error, solve_down
 from moecompress.heal.spec import HealSpec
 from moecompress.passes import merging as M
@@ -53,8 +55,8 @@ class HealedReconstruction:
             outs, acts = zip(*(apply_expert(layer.experts, layer.adapter.layout, w.select(e), xd)
                                for e in range(w.num_experts)), strict=True)
             self.acts = torch.stack(acts).double()  # [E, N, I]
-            full = block_output(layer, self.x)
-            weights, index = layer.router(xd)[1:3]
+            full = block_output(layer, self.x, data.call.rows(idx))
+            weights, index = _router_alone(layer, xd)
             outs_all = torch.stack(outs).double()  # [E, N, H]
             routed = torch.zeros_like(full)
             for slot in range(index.shape[1]):
@@ -73,7 +75,7 @@ class HealedReconstruction:
             rows, _, _ = M.refit_to_groups(self.x[self.fit].double(), self.ref_logits, groups, router.weight.detach(),
                                            self.kind, self.spec.router_ridge)
             router._parameters["weight"] = torch.nn.Parameter(rows.to(self.dtype), requires_grad=False)
-        weights, index = router(self.x.to(self.dtype))[1:3]
+        index, weights = router_choice(router(self.x.to(self.dtype)), len(keep))
         parts = []
         for j, e in enumerate(keep):
             tok, slot = torch.nonzero(index == j, as_tuple=True)
@@ -89,6 +91,18 @@ class HealedReconstruction:
             for p, d in zip(parts, down, strict=True):
                 pred.index_add_(0, p.tok, p.act @ d.double().T + (p.gbias if p.gbias is not None else 0))
         return rel_error(pred, target, self.held)
+
+
+def _router_alone(layer: MoELayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-k weights, top-k ids) from the layer's router called on x alone: how the search routes each candidate
+    subset (a sliced copy of the router). Routers that need the block around them cannot be searched this way."""
+    try:
+        index, weights = router_choice(layer.router(x), layer.num_experts)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise UserError(f"--select reconstruct: not supported for {layer.adapter.model_type}: its router needs more "
+                        "than the block input or returns another layout, so candidate subsets cannot be routed; use "
+                        "--select criterion (with --heal)") from exc
+    return weights, index
 
 
 def select_reconstruct(rec: HealedReconstruction, n_keep: int, n_groups: int = 1, beam: int = 1,

@@ -21,7 +21,14 @@ import torch
 
 from moecompress.arch.adapter import MoELayer, adapter_for, decoder_layers, moe_layers
 from moecompress.arch.discover import text_model
-from moecompress.calib.layers import StopForward, block_io, capture_layer_inputs, layer_output
+from moecompress.calib.layers import (
+    BlockArgs,
+    Call,
+    StopForward,
+    block_io,
+    capture_layer_inputs,
+    layer_output,
+)
 from moecompress.heal.fit import BlockData, check_family_healable
 
 OnLayer = Callable[[int, MoELayer, MoELayer, BlockData], None]
@@ -41,16 +48,18 @@ def _run_block_layer(layer: torch.nn.Module, block: torch.nn.Module, hidden: lis
 
 
 def _block_inputs(layer: torch.nn.Module, block: torch.nn.Module, hidden: list[torch.Tensor],
-                  kwargs: list[dict[str, Any]]) -> list[torch.Tensor]:
-    """The block's inputs over every batch, each forward stopped where the block would start: the block
-    is about to be healed, so its outputs here would be thrown away (the healed layer is run afterwards)."""
-    with block_io(block, stop=True) as (ins, _), torch.no_grad():
+                  kwargs: list[dict[str, Any]]) -> tuple[list[torch.Tensor], list[Call]]:
+    """The block's inputs (and the rest of its call) over every batch, each forward stopped where the block would
+    start: the block is about to be healed, so its outputs here would be thrown away (the healed layer is run
+    afterwards)."""
+    calls: list[Call] = []
+    with block_io(block, stop=True, calls=calls) as (ins, _), torch.no_grad():
         for b, h in enumerate(hidden):
             with contextlib.suppress(StopForward):
                 layer(h, **kwargs[b])
     if len(ins) != len(hidden):
         raise RuntimeError("heal: the MoE block was not reached in a decoder layer's forward")
-    return ins
+    return ins, calls
 
 
 def real_tokens(parts: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
@@ -86,8 +95,12 @@ def walk_two_streams(ref_model: torch.nn.Module, model: torch.nn.Module, batches
     previous = [getattr(m.config, "_experts_implementation", None) for m in (ref_model, model)]
     for m in (ref_model, model):  # on CPU the per-expert loop beats grouped_mm at these sizes, and it is exact
         m.set_experts_implementation("eager")
+    from moecompress.engine.loop import layers_chain
+
+    chained = all(layers_chain(m, *batches[0]) for m in (ref_model, model))
+    walk = _walk if chained else _walk_by_prefix
     try:
-        _walk(ref_model, model, batches, on_layer, ref_moe, cmp_moe, masks, held, progress)
+        walk(ref_model, model, batches, on_layer, ref_moe, cmp_moe, masks, held, progress)
     finally:
         for m, prev in zip((ref_model, model), previous, strict=True):
             if prev is not None:
@@ -103,9 +116,10 @@ def _walk(ref_model, model, batches, on_layer, ref_moe, cmp_moe, masks, held, pr
     for i, (lr, lc) in enumerate(zip(decoder_layers(ref_model), decoder_layers(model), strict=True)):
         if i in cmp_moe:
             x_ref, y_ref, h_ref = _run_block_layer(lr, ref_moe[i].block, h_ref, kw_ref[i])
-            x_cmp = _block_inputs(lc, cmp_moe[i].block, h_cmp, kw_cmp[i])
+            x_cmp, calls = _block_inputs(lc, cmp_moe[i].block, h_cmp, kw_cmp[i])
             data = BlockData(x=real_tokens(x_cmp, masks), x_ref=real_tokens(x_ref, masks),
-                             y=real_tokens(y_ref, masks).double(), held=held)
+                             y=real_tokens(y_ref, masks).double(), held=held,
+                             call=BlockArgs.from_calls(calls, x_cmp, masks))
             on_layer(i, ref_moe[i], cmp_moe[i], data)
         else:
             with torch.no_grad():
@@ -114,6 +128,75 @@ def _walk(ref_model, model, batches, on_layer, ref_moe, cmp_moe, masks, held, pr
             h_cmp = [layer_output(lc(h, **kw_cmp[i][b])) for b, h in enumerate(h_cmp)]
         if progress is not None:
             progress()
+
+
+def _walk_by_prefix(ref_model, model, batches, on_layer, ref_moe, cmp_moe, masks, held, progress) -> None:  # noqa: ANN001
+    """The walk for families whose decoder layers hand the next layer more than hidden states (glm_moe_dsa's indexer
+    top-k, ZAYA's router state): each MoE layer's inputs come from the models' own forwards, stopped at that
+    layer's block. The layers below are already healed in place, so errors propagate as in ``_walk``; the price is
+    a forward up to each MoE layer (quadratic in depth), paid only by these families."""
+    done = 0
+    recorded = _record_all_blocks(ref_model, ref_moe, batches, masks)
+    for i in sorted(cmp_moe):
+        if recorded is not None:
+            x_ref, y_ref = recorded.pop(i)
+        else:
+            x_ref, y_ref, _ = _forward_to_block(ref_model, ref_moe[i].block, batches, outputs=True)
+        x_cmp, _, calls = _forward_to_block(model, cmp_moe[i].block, batches, outputs=False)
+        data = BlockData(x=real_tokens(x_cmp, masks), x_ref=real_tokens(x_ref, masks),
+                         y=real_tokens(y_ref, masks).double(), held=held, call=BlockArgs.from_calls(calls, x_cmp, masks))
+        on_layer(i, ref_moe[i], cmp_moe[i], data)
+        for _ in range(done, i + 1):
+            if progress is not None:
+                progress()
+        done = i + 1
+    for _ in range(done, len(decoder_layers(model))):
+        if progress is not None:
+            progress()
+
+
+_RECORD_ALL_BYTES = 2 << 30
+
+
+@torch.no_grad()
+def _record_all_blocks(model: torch.nn.Module, moe: dict[int, MoELayer], batches: list[tuple[torch.Tensor, torch.Tensor]],
+                       masks: list[torch.Tensor]) -> dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] | None:
+    """Every MoE block's inputs and outputs from one forward per batch, when they fit in `_RECORD_ALL_BYTES`
+    (the original model's side of ``_walk_by_prefix`` in one pass instead of one per layer); else None."""
+    tokens = sum(int(m.numel()) for m in masks)
+    hidden = int(next(iter(moe.values())).router.weight.shape[-1]) if moe else 0
+    item = next(model.parameters()).element_size()
+    if 2 * tokens * hidden * item * len(moe) > _RECORD_ALL_BYTES:
+        return None
+    with contextlib.ExitStack() as stack:
+        io = {i: stack.enter_context(block_io(ly.block)) for i, ly in moe.items()}
+        for ids, mask in batches:
+            text_model(model)(input_ids=ids, attention_mask=mask, use_cache=False)
+    return {i: (ins, outs) for i, (ins, outs) in io.items()}
+
+
+@torch.no_grad()
+def _forward_to_block(model: torch.nn.Module, block: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                      *, outputs: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Call]]:
+    """A block's inputs (and, with `outputs`, its outputs) over every batch from the model's own forward, each
+    stopped once the block has been reached (or has run)."""
+    calls: list[Call] = []
+
+    def stop(*_: Any) -> None:
+        raise StopForward
+
+    with block_io(block, stop=not outputs, calls=calls) as (ins, outs):
+        handle = block.register_forward_hook(stop) if outputs else None  # after block_io's: the output is recorded
+        try:
+            for ids, mask in batches:
+                with contextlib.suppress(StopForward):
+                    text_model(model)(input_ids=ids, attention_mask=mask, use_cache=False)
+        finally:
+            if handle is not None:
+                handle.remove()
+    if len(ins) != len(batches):
+        raise RuntimeError("heal: the MoE block was not reached in the model's forward")
+    return ins, outs, calls
 
 
 def _same_embeddings(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 
 from moecompress.arch.adapter import MoEAdapter, MoELayer, moe_layers
 from moecompress.arch.experts import ExpertView, ExpertWeights
+from moecompress.calib.layers import BlockArgs
 from moecompress.calib.stats import LayerStats
 from moecompress.errors import UserError
 from moecompress.heal.spec import HealOption
@@ -197,9 +198,10 @@ def _target_error(fitted: torch.Tensor, targets: torch.Tensor, kind: str) -> flo
 
 
 @torch.no_grad()
-def block_output(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
-    """The MoE block's output on tokens x [N, H] (shared experts included)."""
-    if layer.hash_routed:
+def block_output(layer: MoELayer, x: torch.Tensor, call: BlockArgs | None = None) -> torch.Tensor:
+    """The MoE block's output on tokens x [N, H] (shared experts included); `call`: the block's other arguments
+    for these tokens, where it takes any (token ids of hash-routed layers, state from the layer below)."""
+    if layer.hash_routed and (call is None or not call.per_token):
         raise UserError(f"layer {layer.index} of {layer.adapter.model_type} routes by token id (a hash table), so its "
                         "output on sampled hidden states is undefined; reconstruction-based steps cannot run on it")
     dtype = layer.experts.down_proj.dtype  # the block's dtype (DeepSeek-V3 keeps its router in float32)
@@ -208,7 +210,8 @@ def block_output(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
 
         router = layer.block.get_submodule(layer.adapter.router_attr.split(".")[0])
         return routed_output(router, layer.experts, x.to(dtype)).reshape(x.shape[0], -1).double()
-    out = layer.block(x.to(dtype)[None])
+    args, kwargs = call.batched() if call is not None else ((), {})
+    out = layer.block(x.to(dtype)[None], *args, **kwargs)
     if isinstance(out, tuple):
         out = out[0]
     return out.reshape(x.shape[0], -1).double()
