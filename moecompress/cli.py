@@ -126,18 +126,25 @@ TARGET = typer.Option(None, "--target", help="vllm: serving checks (expert count
                       "widths multiple of 64, 4/8-bit, group size -1/32/64/128) become errors, raised before "
                       "anything loads. Default: they are warnings.")
 EP_SIZE = typer.Option(None, "--ep-size", min=1, help="Expert-parallel size the output's expert count must divide by.")
-HEAL = typer.Option(False, "--heal", help="After removal, fit each layer's kept experts (router rows + down "
-                    "projections, closed form) to the original layer's outputs on the calibration data, bottom up.")
+HEAL = typer.Option(None, "--heal/--no-heal", help="After removal, fit each layer's kept experts (router rows + "
+                    "down projections, closed form) to the original layer's outputs on the calibration data, bottom "
+                    "up. On by default: where heal cannot run (its family, layers read in expert chunks) the run "
+                    "goes on without it and says why; --heal makes that an error, --no-heal skips it.")
 HEAL_STEPS = typer.Option(0, "--heal-steps", help="Also run N steps of fp32 Adam per layer on experts + router, "
                           "early-stopped on held-out calibration tokens (implies --heal).")
 
 
-def heal_option(heal: bool, steps: int) -> dict | None:
-    """--heal / --heal-steps as the pass config's `heal` field."""
+def heal_option(heal: bool | None, steps: int) -> dict | None:
+    """--heal / --no-heal / --heal-steps as the pass config's `heal` field; neither flag: the default heal
+    (``HealSpec.auto``), which steps aside where it cannot run."""
     if steps < 0:
         raise UserError("--heal-steps must be ≥ 0")
-    if not heal and not steps:
+    if heal is False:
+        if steps:
+            raise UserError("--heal-steps runs inside heal; drop --no-heal or --heal-steps")
         return None
+    if heal is None and not steps:
+        return {"auto": True}
     return {"steps": steps}
 
 
@@ -303,6 +310,8 @@ def print_report(report: dict) -> None:
         if healed is not None and healed > kl["unhealed"]:
             console.print("[yellow]heal raised the calibration KL on the held-out sequences: compare with --no-heal "
                           "(more --calib-samples usually helps)[/]")
+    if details.get("heal_skipped"):
+        console.print(f"[yellow]heal (on by default) did not run — {details['heal_skipped']}[/]")
     mass = details.get("removed_routed_mass")
     if mass:
         console.print("routed probability mass of the removed experts per layer: "
@@ -364,7 +373,7 @@ def prune_cmd(
                                "highest | reconstruct: per layer, search the kept set on the block-output error "
                                "after heal (seeded by --criterion; implies --heal; best at high ratios)."),
     beam: int = typer.Option(1, "--beam", help="--select reconstruct: beam width (1 = greedy elimination)."),
-    heal: bool = HEAL, heal_steps: int = HEAL_STEPS,
+    heal: bool | None = HEAL, heal_steps: int = HEAL_STEPS,
     calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
     calib_seed: int = CALIB_SEED, calib_domain: str | None = CALIB_DOMAIN,
     evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA, overwrite: bool = OVERWRITE,
@@ -378,7 +387,8 @@ def prune_cmd(
 
     Neurons (HEAPr): moecompress prune ref --out ref-n25 --neuron-ratio 0.25 --criterion heapr
 
-    Repair what removal cost: add --heal (closed form) or --heal-steps 200; at 75% also try --select reconstruct.
+    Heal (closed-form repair of what removal cost) runs by default; --heal-steps 200 adds a short fine-tune,
+    --no-heal writes the pass as is; at 75% also try --select reconstruct.
     """
     from moecompress.passes.prune_atomic import ATOMIC_CRITERIA, PruneAtomicConfig
     from moecompress.passes.prune_experts import PruneExpertsConfig
@@ -430,7 +440,7 @@ def merge_cmd(
     align: str = typer.Option("both", "--align", help="Neuron alignment before averaging: activation | weight | both | none."),
     group_size: int | None = typer.Option(None, "--group-size", help="ream: most experts one group may hold."),
     seed: int = typer.Option(0, "--seed", help="Seed for --method kmeans."),
-    heal: bool = HEAL, heal_steps: int = HEAL_STEPS,
+    heal: bool | None = HEAL, heal_steps: int = HEAL_STEPS,
     calib: str | None = CALIB, calib_samples: int = CALIB_SAMPLES, calib_seqlen: int = CALIB_SEQLEN,
     calib_seed: int = CALIB_SEED, calib_domain: str | None = CALIB_DOMAIN,
     evals: str | None = EVAL, eval_data: Path | None = EVAL_DATA, overwrite: bool = OVERWRITE,
@@ -441,6 +451,8 @@ def merge_cmd(
     """Merge groups of experts into one each (same count per layer): the checkpoint shrinks and loads anywhere.
 
     Example: moecompress merge ref --out ref-m50 --ratio 0.5 --method ream --merge saliency --router refit --eval ref_ppl,ref_mc
+
+    Heal runs after the merge by default (--no-heal: the merge as is).
     """
     from moecompress.passes.merge_experts import MergeExpertsConfig
 

@@ -69,6 +69,8 @@ def removal_lines(details: dict[str, Any]) -> list[str]:
         healed = kl.get("healed")
         lines += [f"calibration KL to the input (held-out calibration sequences): unhealed {kl['unhealed']:.4g}"
                   + (f", healed {healed:.4g}" if healed is not None else " (heal not run)"), ""]
+    if details.get("heal_skipped"):
+        lines += [f"**heal (on by default) did not run — {details['heal_skipped']}**", ""]
     return lines
 
 

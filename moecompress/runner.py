@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from moecompress.arch.adapter import moe_layers
 from moecompress.calib.stats import Stats
 from moecompress.dist import peak_rss_mb, world
 from moecompress.engine.targets import RecordedTargets
@@ -174,6 +175,10 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
     hf_config, adapter = check_model_dir(src)
     hf_config = float_view(hf_config)
     cfg.check(adapter, hf_config)
+    from moecompress.heal.fit import heal_blocked
+
+    heal_notes: list[str] = []  # why a default heal stepped aside, for the report
+    cfg = drop_default_heal(cfg, heal_blocked(adapter.model_type, adapter.routing), heal_notes, console)
     findings = check_serving(cfg, adapter, hf_config, opts, console)
     from moecompress.surgery import paired_sets_note
 
@@ -191,7 +196,7 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
         try:
             return run_streamed(cfg, registered.layerwise, src, out, calibration=calibration, eval_spec=eval_spec,
                                 opts=opts, console=console, recipe_text=recipe_text, resolved=resolved,
-                                findings=findings, paired_note=paired_note)
+                                findings=findings, paired_note=paired_note, heal_notes=heal_notes)
         except NotStreamable as exc:  # nothing was written yet: the same pass on the model in memory
             if console:
                 console.print(f"[yellow]{exc}: the layer-streaming engine cannot run it; loading the model whole[/]")
@@ -218,6 +223,11 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
     except NotStreamable as exc:  # layer-by-layer calibration (GPTQ) needs each layer's inputs alone
         raise UserError(f"{cfg.name}: {exc}; this pass runs layer by layer on the cached boundary and cannot "
                         "run it") from None
+    if getattr(cfg, "heal", None) is not None:  # a default heal on a layer it cannot read (latent experts)
+        from moecompress.heal.fit import heal_blocked
+
+        first = next(iter(moe_layers(model, adapter)), None)
+        cfg = drop_default_heal(cfg, heal_blocked(adapter.model_type, adapter.routing, first), heal_notes, console)
     if "heal" in type(cfg).model_fields:  # prune / merge / neuron pruning: what removal cost, and heal
         def stats_of_input(ref_model: Any) -> Stats:  # the pass's own statistics, else the reloaded input's
             if "stats" not in cache:
@@ -226,7 +236,9 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
             return cache["stats"]
 
         details.update(structural_pass_quality(cfg, details, model, src, opts, get_calibration, stats_of_input,
-                                               console))
+                                               console, heal_notes))
+    if heal_notes:
+        details["heal_skipped"] = heal_notes[0]
     pass_seconds = time.perf_counter() - t0
     w = world()
     entry = {"pass": cfg.name, "config": cfg.model_dump(mode="json"), "summary": details.get("summary", ""),
@@ -296,7 +308,7 @@ def run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, **kw: Any) -> d
 def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration: Any, eval_spec: Any,
                   opts: RunOptions, console: Any = None, recipe_text: str | None = None,
                   resolved: ResolvedModel | None = None, findings: list[Any] | None = None,
-                  paired_note: str | None = None) -> dict[str, Any]:
+                  paired_note: str | None = None, heal_notes: list[str] | None = None) -> dict[str, Any]:
     from moecompress.engine import run as engine
     from moecompress.engine.sink import parse_size
 
@@ -304,6 +316,12 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
     budget = engine.memory_budget(opts.max_memory)
     max_shard = parse_size(opts.max_shard_size)
     source = engine.open_source(src, dtype=opts.dtype, device=opts.device, budget=budget)
+    heal_notes = heal_notes if heal_notes is not None else []
+    if source.chunked_layers:
+        cfg = drop_default_heal(cfg, f"heal: {len(source.chunked_layers)} layer(s) exceed --max-memory "
+                                f"{budget / 2**30:.2f}GiB and are read in expert chunks, while heal fits whole layers "
+                                f"(give --max-memory {source.min_unchunked_budget() / 2**30:.2f}GiB or more to heal)",
+                                heal_notes, console)
     if source.chunked_layers and not lp.chunks(cfg):
         need = source.min_unchunked_budget()
         source.close()
@@ -376,7 +394,8 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
     try:
         details, ids, logits, config_update = engine.compress_streamed(
             lp, ctx, source, tmp, max_shard_bytes=max_shard, budget=budget // 2, spill_dir=spill, console=console,
-            heal=streamed_heal(cfg, source, get_calibration, budget=budget // 2, spill_dir=spill, recorded=recorded))
+            heal=streamed_heal(cfg, source, get_calibration, budget=budget // 2, spill_dir=spill, recorded=recorded,
+                               notes=heal_notes, console=console))
         pass_seconds = time.perf_counter() - t0
         entry["summary"] = details.get("summary", "")
         entry["distributed"] = w.summary()
@@ -429,6 +448,9 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
         report["paired_experts"] = entry["paired_experts"]
     written = reloaded[0] if reloaded and next(reloaded[0].parameters()).dtype == source.dtype else None
     reloaded.clear()
+    if heal_notes:
+        details["heal_skipped"] = heal_notes[0]
+        cfg = cfg.model_copy(update={"heal": None})  # a default heal that found no calibration data inside the sweep
     healed_kl = details.pop("calibration_kl", None)  # a heal inside the engine measured it on its own flows
     if "heal" in type(cfg).model_fields and "stats" in cache:  # what the removed experts carried
         details.update(streamed_removal_cost(cfg.name, details, cache["stats"]))
@@ -484,18 +506,34 @@ def streamed_pair_quality(cfg: PassConfig, details: dict[str, Any], src: Path, o
     return quality  # no statistics given: the routed mass already in `details` stays as computed
 
 
+def drop_default_heal(cfg: PassConfig, why: str | None, notes: list[str], console: Any = None) -> PassConfig:
+    """`cfg` without its heal when heal cannot run (`why`) and was not asked for (``HealSpec.auto``): the run goes
+    on unhealed and `notes` (the report) says why. An explicit heal is kept: its entry point stops with `why`."""
+    spec = getattr(cfg, "heal", None)
+    if why is None or spec is None or not spec.auto:
+        return cfg
+    notes.append(why)
+    if console:
+        console.print(f"[yellow]{why}: running without heal (the default; --no-heal silences this)[/]")
+    return cfg.model_copy(update={"heal": None})
+
+
 def streamed_heal(cfg: PassConfig, source: Any, get_calibration: Callable[[], Any], *, budget: int,
-                  spill_dir: Path, recorded: Any = None) -> Callable[[], Any] | None:
+                  spill_dir: Path, recorded: Any = None, notes: list[str] | None = None,
+                  console: Any = None) -> Callable[[], Any] | None:
     """The engine's heal for a pass config that asks for one (``engine.heal.StreamedHeal``), else None.
-    `recorded`: the statistics sweep's ``RecordedTargets`` (used when it recorded these batches)."""
+    `recorded`: the statistics sweep's ``RecordedTargets`` (used when it recorded these batches); `notes`: where a
+    default heal that finds no calibration data says so (the run goes on unhealed)."""
     spec = getattr(cfg, "heal", None)
     if spec is None:
         return None
     from moecompress.engine.heal import StreamedHeal
-    from moecompress.heal.fit import check_family_healable
+    from moecompress.heal.fit import check_healable
     from moecompress.heal.run import groups_from_details
 
-    check_family_healable(source.adapter.model_type)  # before the statistics sweep, not after it
+    first = next(iter(moe_layers(source.model, source.adapter)), None)
+    if first is not None:
+        check_healable(first)  # before the statistics sweep, not after it (a default heal was dropped already)
 
     def groups_of(index: int, info: dict[str, Any], n_before: int) -> list[Any]:
         one = {"kept": {str(index): info["kept"]}} if "kept" in info else {"layers": {str(index): info}}
@@ -505,6 +543,9 @@ def streamed_heal(cfg: PassConfig, source: Any, get_calibration: Callable[[], An
         try:
             batches = get_calibration().forward_batches()  # the statistics sweep's batching
         except UserError as exc:
+            if spec.auto and notes is not None:
+                drop_default_heal(cfg, f"heal: no calibration data ({exc})", notes, console)
+                return None
             raise UserError(f"{cfg.name} --heal needs calibration data: {exc}") from None
         return StreamedHeal.start(source, batches, spec, groups_of, budget=budget, spill_dir=spill_dir,
                                   recorded=recorded)
@@ -514,16 +555,18 @@ def streamed_heal(cfg: PassConfig, source: Any, get_calibration: Callable[[], An
 
 def structural_pass_quality(cfg: PassConfig, details: dict[str, Any], model: Any, src: Path, opts: RunOptions,
                             get_calibration: Callable[[], Any], get_stats: Callable[[Any], Any],
-                            console: Any = None) -> dict[str, Any]:
+                            console: Any = None, heal_notes: list[str] | None = None) -> dict[str, Any]:
     """Routed mass removed, calibration KL to the input, and heal when the pass config asks for it."""
     from moecompress.heal.run import after_pass
 
     spec = getattr(cfg, "heal", None)
     try:
         calib = get_calibration()
-    except UserError:
-        if spec is not None:
+    except UserError as exc:
+        if spec is not None and not (spec.auto and heal_notes is not None):
             raise
+        if spec is not None:
+            drop_default_heal(cfg, f"heal: no calibration data ({exc})", heal_notes, console)
         return {"calibration_kl": {"note": "no calibration data: removed routed mass and calibration KL not measured"}}
     return after_pass(model, lambda: load_model(src, dtype=opts.dtype, tokenizer=False).model, calib, get_stats,
                       cfg.name, details, spec, console)

@@ -167,7 +167,8 @@ def test_prune_with_heal_reloads_clean_and_reports(tmp_path: Path, cache_dir, ca
     assert all(not v for v in info.values()), info
     assert "calibration KL" in (tmp_path / "p" / "report.md").read_text()
     # the same checkpoint healed afterwards by `moecompress heal` matches the in-pass heal
-    code, _, err = run_cli(["prune", ref, "--out", tmp_path / "u", "--ratio", "0.5", "--calib", calib, *CALIB], capsys)
+    code, _, err = run_cli(["prune", ref, "--out", tmp_path / "u", "--ratio", "0.5", "--no-heal", "--calib", calib,
+                            *CALIB], capsys)
     assert code == 0, err
     unhealed = json.loads((tmp_path / "u" / "report.json").read_text())["details"]["calibration_kl"]
     assert unhealed["healed"] is None and unhealed["unhealed"] == pytest.approx(d["calibration_kl"]["unhealed"])
@@ -339,7 +340,7 @@ def test_heal_inside_the_engine_equals_healing_the_whole_model(pass_args, tmp_pa
     ref = tiny_checkpoint(tmp_path / "ref", "qwen3_moe", num_experts=8)
     calib = calib_file(tmp_path / "c.jsonl")
     outs = {}
-    for name, extra in (("plain", []), ("healed", ["--heal"])):
+    for name, extra in (("plain", ["--no-heal"]), ("healed", ["--heal"])):
         code, _, err = run_cli([pass_args[0], ref, "--out", tmp_path / name, *pass_args[1:], *extra, "--calib", calib,
                                 *CALIB], capsys)
         assert code == 0, err
@@ -450,3 +451,50 @@ def test_gated_activations_in_float32_are_the_float64_products_rounded_once(act_
     act = (torch.randn(4096, 64, generator=gen) * torch.logspace(-30, 30, 64)).to(act_dtype)
     assert torch.equal(_gated(g, act, torch.float32), (g.double() * act.double()).to(torch.float32))
     assert _gated(g, act, torch.float64).dtype == torch.float64
+
+
+def test_heal_is_the_default_and_steps_aside_where_it_cannot_run(tmp_path: Path, cache_dir, capsys):
+    """prune / merge heal without being asked (`heal.auto` in the report's config) and give the same checkpoint
+    as an explicit --heal; where heal cannot run (layers read in expert chunks, no calibration data) the default
+    run goes on unhealed and its report says why, while an explicit --heal still stops (exit 2, nothing written);
+    --no-heal with --heal-steps is refused."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_engine import _chunk_budget
+
+    ref = tiny_checkpoint(tmp_path / "ref", num_experts=8)
+    calib = calib_file(tmp_path / "c.jsonl")
+    for name, flags in (("default", []), ("explicit", ["--heal"])):
+        code, out, err = run_cli(["prune", ref, "--out", tmp_path / name, "--ratio", "0.5", *flags, "--calib", calib,
+                                  *CALIB], capsys)
+        assert code == 0, err
+    default = json.loads((tmp_path / "default" / "report.json").read_text())
+    assert default["config"]["heal"]["auto"] is True and "heal_skipped" not in default["details"]
+    kl = default["details"]["calibration_kl"]
+    assert kl["healed"] < kl["unhealed"]
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "default" / "model.safetensors"), load_file(tmp_path / "explicit" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same arithmetic: bitwise
+    code, _, err = run_cli(["merge", ref, "--out", tmp_path / "m", "--ratio", "0.5", "--calib", calib, *CALIB], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "m" / "report.json").read_text())["details"]["heal"]["layers"]
+
+    budget, *_ = _chunk_budget(ref, per_chunk=2)
+    code, out, err = run_cli(["prune", ref, "--out", tmp_path / "c", "--ratio", "0.5", "--calib", calib, *CALIB,
+                              "--max-memory", str(budget)], capsys)
+    assert code == 0, err
+    chunked = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert chunked["engine"]["expert_chunks"] is not None and "heal" not in chunked["details"]
+    assert "expert chunks" in chunked["details"]["heal_skipped"] and "running without heal" in " ".join((out + err).split())
+    code, _, err = run_cli(["prune", ref, "--out", tmp_path / "c2", "--ratio", "0.5", "--heal", "--calib", calib,
+                            *CALIB, "--max-memory", str(budget)], capsys)
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "c2").exists()
+
+    code, _, err = run_cli(["prune", ref, "--out", tmp_path / "r", "--ratio", "0.5", "--criterion", "random"], capsys)
+    assert code == 0, err
+    assert "no calibration data" in json.loads((tmp_path / "r" / "report.json").read_text())["details"]["heal_skipped"]
+    code, _, err = run_cli(["prune", ref, "--out", tmp_path / "x", "--ratio", "0.5", "--no-heal", "--heal-steps", "5",
+                            "--calib", calib], capsys)
+    assert code == 2 and "--heal-steps" in err and not (tmp_path / "x").exists()

@@ -243,9 +243,11 @@ def test_heal_on_a_family_it_does_not_support_is_one_clear_message(name, tmp_pat
     assert not (tmp_path / "p").exists()
     assert not list((tmp_path / "cache").rglob("*.safetensors")), "the statistics sweep ran before the check"
     # the in-memory walk (`moecompress heal` on an unhealed prune) stops the same way
-    code, _, err = run_cli(["prune", mini, "--out", tmp_path / "u", "--ratio", "0.5", "--calib", calib,
-                            "--calib-samples", "4", "--calib-seqlen", "32"], capsys)
-    assert code == 0, err
+    code, out, err = run_cli(["prune", mini, "--out", tmp_path / "u", "--ratio", "0.5", "--calib", calib,
+                              "--calib-samples", "4", "--calib-seqlen", "32"], capsys)
+    assert code == 0, err  # the default heal steps aside, says why, and the report keeps it
+    skipped = json.loads((tmp_path / "u" / "report.json").read_text())["details"]["heal_skipped"]
+    assert "heal: not supported for" in skipped and "running without heal" in " ".join((out + err).split())
     code, _, err = run_cli(["heal", tmp_path / "u", "--reference", mini, "--out", tmp_path / "h", "--calib", calib,
                             "--calib-samples", "4", "--calib-seqlen", "32"], capsys)
     assert code == 2 and "heal: not supported for" in err and "Traceback" not in err, err

@@ -70,7 +70,7 @@ def test_round_trip_prune_write_vanilla_reload(kind, tmp_path, cache_dir, capsys
     known = fp8_checkpoint(src, "deepseek_v3", block=(32, 32)) if kind == "fp8" else mxfp4_checkpoint(src)
     out = tmp_path / "out"
     n_keep = 4 if kind == "fp8" else 2  # deepseek tiny: 8 experts in 2 routing groups
-    code, _, err = run_cli(["prune", src, "--out", out, "--keep", str(n_keep), "--criterion", "frequency",
+    code, _, err = run_cli(["prune", src, "--out", out, "--keep", str(n_keep), "--criterion", "frequency", "--no-heal",
                             "--calib", calib_file(tmp_path / "c.jsonl"), "--calib-samples", "8",
                             "--calib-seqlen", "32"], capsys)
     assert code == 0, err

@@ -104,21 +104,34 @@ HEAL_UNSUPPORTED: dict[str, str] = {
 }
 
 
-def check_family_healable(model_type: str) -> None:
-    """One clear message for a family heal does not support; its entry points (the engine's heal, the in-memory
-    walk) call it before any layer runs."""
+def heal_blocked(model_type: str, routing_rule: str | None = None, layer: MoELayer | None = None) -> str | None:
+    """Why heal cannot run on this family (None when it can): named families, gate-scaled dense experts, experts
+    reading a latent projection (seen on a live layer). One answer for the explicit --heal (an error) and the
+    default heal (skipped with this note)."""
     why = HEAL_UNSUPPORTED.get(model_type)
     if why is not None:
-        raise UserError(f"heal: not supported for {model_type} yet: {why}; run without --heal")
+        return f"heal: not supported for {model_type} yet: {why}"
+    if routing_rule == "sigmoid_input_scale":
+        return (f"heal: {model_type} scales expert inputs by the gate and runs experts densely; routed-expert "
+                "reconstruction does not apply to it")
+    if layer is not None and latent_experts(layer):
+        return (f"heal: {model_type} experts read a latent projection of the block input; refitting them from block "
+                "inputs is not implemented")
+    return None
+
+
+def check_family_healable(model_type: str, routing_rule: str | None = None) -> None:
+    """One clear message for a family heal does not support; its entry points (the engine's heal, the in-memory
+    walk) call it before any layer runs."""
+    why = heal_blocked(model_type, routing_rule)
+    if why is not None:
+        raise UserError(f"{why}; run without --heal")
 
 
 def check_healable(layer: MoELayer) -> None:
-    if layer.adapter.routing == "sigmoid_input_scale":
-        raise UserError(f"heal: {layer.adapter.model_type} scales expert inputs by the gate and runs experts densely; "
-                        "routed-expert reconstruction does not apply to it")
-    if latent_experts(layer):
-        raise UserError(f"heal: {layer.adapter.model_type} experts read a latent projection of the block input; "
-                        "refitting them from block inputs is not implemented")
+    why = heal_blocked(layer.adapter.model_type, layer.adapter.routing, layer)
+    if why is not None:
+        raise UserError(why)
 
 
 @torch.no_grad()

@@ -25,6 +25,9 @@ class HealSpec(BaseModel):
                            "honest errors, calibration KL)")
     revert_worse: bool = Field(True, description="undo a step that raises the held-out block error")
     seed: int = 0
+    auto: bool = Field(False, description="heal was not asked for (the CLI's default for prune and merge): where "
+                       "it cannot run here (family, expert-chunked layers, no calibration data), the pass runs "
+                       "without it and the report says why, instead of stopping")
 
 
 def _as_spec(v: Any) -> Any:

@@ -43,8 +43,12 @@ class PruneExpertsConfig(ExpertCountConfig):
     @model_validator(mode="before")
     @classmethod
     def _reconstruct_heals(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("select") == "reconstruct" and data.get("heal") in (None, True):
-            data = {**data, "heal": HealSpec()}
+        if isinstance(data, dict) and data.get("select") == "reconstruct":
+            heal = data.get("heal")
+            if heal in (None, True):
+                data = {**data, "heal": HealSpec()}
+            elif isinstance(heal, dict) and heal.get("auto"):  # the search heals: not a default it may drop
+                data = {**data, "heal": {**heal, "auto": False}}
         return data
 
     @property
