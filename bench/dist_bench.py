@@ -27,9 +27,9 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSES = {
-    "reap": ["prune", "--ratio", "0.5", "--criterion", "reap"],
-    "merge": ["merge", "--ratio", "0.5", "--method", "hc"],
-    "heapr": ["prune", "--neuron-ratio", "0.25"],
+    "reap": ["prune", "--ratio", "0.5", "--criterion", "reap", "--no-heal"],
+    "merge": ["merge", "--ratio", "0.5", "--method", "hc", "--no-heal"],
+    "heapr": ["prune", "--neuron-ratio", "0.25", "--no-heal"],
     "gptq": ["quantize", "--bits", "4", "--group-size", "32"],
 }
 

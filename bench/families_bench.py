@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PASSES = {
-    "prune": ["prune", "--ratio", "0.5", "--criterion", "reap"],
-    "merge": ["merge", "--ratio", "0.5"],
-    "heapr": ["prune", "--neuron-ratio", "0.5", "--criterion", "heapr"],
+    "prune": ["prune", "--ratio", "0.5", "--criterion", "reap", "--no-heal"],
+    "merge": ["merge", "--ratio", "0.5", "--no-heal"],
+    "heapr": ["prune", "--neuron-ratio", "0.5", "--criterion", "heapr", "--no-heal"],
     "quantize": ["quantize", "--bits", "4", "--group-size", "16", "--method", "rtn"],
 }
 CALIB = ["--calib-samples", "8", "--calib-seqlen", "32"]

@@ -134,7 +134,7 @@ def run_engine_cost(path: Path, repeats: int) -> dict[str, Any]:
     for r in range(repeats + 1):  # round 0 is the warm-up
         with tempfile.TemporaryDirectory() as tmp:
             row: dict[str, Any] = {}
-            for case, extra, cache in (("plain", [], "a"), ("heal", ["--heal"], "b"), ("heal_hit", ["--heal"], "b")):
+            for case, extra, cache in (("plain", ["--no-heal"], "a"), ("heal", ["--heal"], "b"), ("heal_hit", ["--heal"], "b")):
                 out = Path(tmp) / case
                 subprocess.run([sys.executable, "-m", "moecompress", "prune", str(path), "--out", str(out), "--ratio",
                                 "0.5", "--criterion", "reap", *extra], check=True, capture_output=True,

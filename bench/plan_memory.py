@@ -30,10 +30,10 @@ from tests.helpers import calib_file  # noqa: E402
 
 GiB = 1024**3
 PASSES = {  # pass name → CLI arguments (given the expert count)
-    "prune": lambda e: ["prune", "--keep", str(e // 2), "--criterion", "frequency"],
+    "prune": lambda e: ["prune", "--keep", str(e // 2), "--criterion", "frequency", "--no-heal"],
     "quantize": lambda e: ["quantize", "--bits", "4", "--group-size", "128", "--method", "gptq"],
-    "merge": lambda e: ["merge", "--keep", str(e // 2)],
-    "heapr": lambda e: ["prune", "--neuron-ratio", "0.5", "--criterion", "heapr"],
+    "merge": lambda e: ["merge", "--keep", str(e // 2), "--no-heal"],
+    "heapr": lambda e: ["prune", "--neuron-ratio", "0.5", "--criterion", "heapr", "--no-heal"],
 }
 
 

@@ -84,12 +84,12 @@ def calib(path: Path, n: int = 400) -> Path:
 
 
 COMMANDS = {
-    "prune": ["prune", "--ratio", "0.25", "--criterion", "reap"],
+    "prune": ["prune", "--ratio", "0.25", "--criterion", "reap", "--no-heal"],
     "prune-heal": ["prune", "--ratio", "0.25", "--criterion", "reap", "--heal"],
-    "heapr": ["prune", "--neuron-ratio", "0.25", "--criterion", "heapr"],
+    "heapr": ["prune", "--neuron-ratio", "0.25", "--criterion", "heapr", "--no-heal"],
     "gptq": ["quantize", "--method", "gptq", "--bits", "4", "--group-size", "128"],
     "merge": ["merge", "--ratio", "0.25", "--method", "msmoe", "--merge", "freq", "--router", "average",
-              "--align", "none"],
+              "--align", "none", "--no-heal"],
 }
 
 

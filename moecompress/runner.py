@@ -357,7 +357,8 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
 
     # a pass that heals reuses the statistics sweep's forward of the original model (its MoE blocks' inputs and
     # outputs, its last boundary) instead of running the original layers again; one process sees every batch
-    recorded = RecordedTargets(spill / "heal-targets") if getattr(cfg, "heal", None) and not world().distributed \
+    recorded = RecordedTargets(spill / "heal-targets", hold_bytes=budget // 64) \
+        if getattr(cfg, "heal", None) and not world().distributed \
         else None
 
     def collector(batches: Any, total: int, meta: dict[str, Any], first_token: int = 0,

@@ -268,9 +268,9 @@ def solve_down(parts: list[ExpertTokens], down: list[torch.Tensor], target: torc
         pred.index_add_(0, p.tok, c)
     fit_w = fit.to(torch.float64)
 
-    def mse() -> float:
-        d = (target - pred).double()
-        return float(d.mul_(d).sum(1) @ fit_w)
+    def mse() -> float:  # per-token sums in the products' dtype (a float64 copy of [N, H] cost 20% of (b))
+        d = target - pred
+        return float(d.mul_(d).sum(1).double() @ fit_w)
 
     history = [mse()]
     # Per expert, once, its factor. Weight space: L of aᵀa + λI (a: its fitted rows); the exact update solves
