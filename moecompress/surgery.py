@@ -9,7 +9,8 @@ so multi-layer operations must leave every layer with the same numbers; ``sync_c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -421,6 +422,48 @@ def sliced_router(layer: MoELayer, keep: Sequence[int]) -> torch.nn.Module:
             _set_tensor(owner, leaf, _select_rows(t, vec.axis, idx, n_old))
     _set_counts([router, *router._modules.values()], n_old, len(idx), layer.extra_rows)
     return router
+
+
+@contextlib.contextmanager
+def routed_as_subset(layer: MoELayer, keep: Sequence[int], weight: torch.Tensor | None = None) -> Iterator[None]:
+    """Inside, the layer's block routes as if only experts `keep` were left — router rows (`weight` instead, when
+    given: the full router weight, extra rows included), router and block vectors, cached expert counts — while its
+    experts stay untouched; everything is put back on exit.
+
+    Lets a search route candidate subsets with the family's own block (``heal.fit.routing``), for routers that
+    need the block around them (a score bias kept on the block, another output layout), without copying experts.
+    Token-id tables are not remapped: hash-routed layers are not for this."""
+    n_old, extra = layer.num_experts, layer.extra_rows  # read before the router rows change
+    idx = torch.as_tensor(list(keep), dtype=torch.long)
+    swapped: list[tuple[torch.nn.Module, str, Any]] = []
+
+    def swap(owner: torch.nn.Module, leaf: str, value: torch.Tensor) -> None:
+        swapped.append((owner, leaf, getattr(owner, leaf)))
+        _set_tensor(owner, leaf, value)
+
+    experts = set(layer.experts.modules())
+    modules = [m for m in layer.block.modules() if m not in experts]
+    names = _COUNT_ATTRS if not extra else _TOTAL_ATTRS
+    counts = [(m, a, getattr(m, a)) for m in modules for a in names if isinstance(getattr(m, a, None), int)]
+    try:
+        swap(layer.router, "weight", weight if weight is not None else _select_rows(layer.router.weight, 0, idx, n_old))
+        for vec in layer.adapter.router_vectors:
+            owner, leaf = _resolve(layer.router, vec.path)
+            if getattr(owner, leaf, None) is not None:
+                swap(owner, leaf, _select_rows(getattr(owner, leaf), vec.axis, idx, n_old))
+        for vec in layer.adapter.block_vectors:
+            owner, leaf = _resolve(layer.block, vec.path)
+            swap(owner, leaf, _select_rows(getattr(owner, leaf), vec.axis, idx, n_old))
+        _set_counts(modules, n_old, len(idx), extra)
+        yield
+    finally:
+        for owner, leaf, value in reversed(swapped):
+            if isinstance(value, torch.nn.Parameter):
+                owner._parameters[leaf] = value
+            else:
+                owner._buffers[leaf] = value
+        for m, a, v in counts:
+            setattr(m, a, v)
 
 
 def merge_into(layer: MoELayer, anchors: Sequence[int], merged: ExpertWeights | None, router_weight: torch.Tensor,

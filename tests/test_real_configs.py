@@ -263,6 +263,21 @@ def _shortened(config: dict, layers: int) -> dict:
     return out
 
 
+def _miniature(name: str, tmp_path: Path, capsys) -> Path:
+    """The miniature of a real config (by file stem) or of a family's default config (by model type)."""
+    from moecompress.arch.families import reference_config
+
+    src = REAL / f"{name}.json"
+    if not src.is_file():
+        src = tmp_path / "config.json"
+        config = reference_config(name)
+        src.write_text(json.dumps(_shortened(config, 5) if config.get("num_hidden_layers", 0) > 40 else config))
+    mini = tmp_path / "mini"
+    code, _, err = run_cli(["zoo", "miniature", src, "--out", mini], capsys)
+    assert code == 0, err
+    return mini
+
+
 # Families whose routing heal reads through the block itself (found crashing inside heal on 4 Dec 2026): hash
 # routing by token id (DeepSeek-V4), routers needing the block's score bias (MiniMax-M2, LFM2), router outputs in
 # other layouts (Hunyuan, DBRX, ZAYA), and layers handing the next one more than hidden states (GLM-DSA, ZAYA).
@@ -278,21 +293,13 @@ def test_heal_reads_routing_through_the_block(name, tmp_path, capsys, monkeypatc
     import torch
 
     from moecompress.arch.adapter import adapter_for, moe_layers
-    from moecompress.arch.families import reference_config
     from moecompress.calib.layers import BlockArgs
     from moecompress.heal.fit import adds_more_than_routed, expert_tokens
     from moecompress.io.checkpoint import load_model
     from moecompress.passes.merge_experts import block_output
 
     monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path / "cache"))
-    src = REAL / f"{name}.json"
-    if not src.is_file():
-        src = tmp_path / "config.json"
-        config = reference_config(name)
-        src.write_text(json.dumps(_shortened(config, 5) if config.get("num_hidden_layers", 0) > 40 else config))
-    mini = tmp_path / "mini"
-    code, _, err = run_cli(["zoo", "miniature", src, "--out", mini], capsys)
-    assert code == 0, err
+    mini = _miniature(name, tmp_path, capsys)
     calib = calib_file(tmp_path / "c.jsonl", n=40)
     code, _, err = run_cli(["prune", mini, "--out", tmp_path / "p", "--ratio", "0.5", "--heal", "--calib", calib,
                             "--calib-samples", "16", "--calib-seqlen", "32"], capsys)
@@ -320,3 +327,44 @@ def test_heal_reads_routing_through_the_block(name, tmp_path, capsys, monkeypatc
         _, routed = expert_tokens(ly, x, routed_output=True, call=call)
         full = block_output(ly, x, call)
         assert float((full - routed).norm() / full.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["minimax_m2", "hunyuan_v1_moe", "zaya"])
+def test_select_reconstruct_routes_candidates_through_the_block(name, tmp_path, capsys, monkeypatch):
+    """`--select reconstruct` where the router cannot run alone (MiniMax-M2: its score bias lives on the block;
+    Hunyuan: another output layout; ZAYA: a router MLP, a skip class and state from the layer below): candidate
+    subsets are routed by the block itself with its router rows, vectors and counts cut to the subset
+    (``surgery.routed_as_subset``), which puts everything back on exit — routing the full set inside it is the
+    block's own routing, bitwise — and the run writes a clean checkpoint."""
+    import torch
+
+    from moecompress.arch.adapter import adapter_for, moe_layers
+    from moecompress.heal.fit import routing
+    from moecompress.io.checkpoint import load_model
+    from moecompress.surgery import routed_as_subset
+
+    monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path / "cache"))
+    mini = _miniature(name, tmp_path, capsys)
+    model = load_model(mini, dtype="float32", tokenizer=False).model
+    ly = moe_layers(model, adapter_for(model))[0]
+    x = torch.randn(32, int(ly.experts.down_proj.shape[1]), generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in ly.block.state_dict().items()}
+    counts = {(n, a): getattr(m, a) for n, m in ly.block.named_modules() for a in vars(m) if isinstance(getattr(m, a), int)}
+    weights, index = routing(ly, x)
+    with routed_as_subset(ly, list(range(ly.num_experts))):
+        w_all, i_all = routing(ly, x)
+    assert torch.equal(i_all, index) and torch.equal(w_all, weights)
+    with routed_as_subset(ly, [0, 2]):
+        _, i_two = routing(ly, x)
+    assert int(i_two[i_two < ly.num_experts].max()) <= 1  # routed experts renumbered 0, 1 (extra classes after)
+    after = ly.block.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert counts == {(n, a): getattr(m, a) for n, m in ly.block.named_modules() for a in vars(m)
+                      if isinstance(getattr(m, a), int)}
+    calib = calib_file(tmp_path / "c.jsonl", n=40)
+    code, _, err = run_cli(["prune", mini, "--out", tmp_path / "p", "--ratio", "0.5", "--select", "reconstruct",
+                            "--calib", calib, "--calib-samples", "16", "--calib-seqlen", "32"], capsys)
+    assert code == 0, err
+    out_cfg = read_config(tmp_path / "p")
+    _, info = auto_class(out_cfg).from_pretrained(tmp_path / "p", output_loading_info=True)
+    assert not any(info.values()), info

@@ -165,6 +165,26 @@ def routing(layer: MoELayer, x: torch.Tensor, call: BlockArgs | None = None) -> 
 
 
 # ---- (a) router -------------------------------------------------------------------------------------
+@torch.no_grad()
+def router_reads_block_input(layer: MoELayer, x: torch.Tensor, call: BlockArgs | None = None) -> bool:
+    """Whether the router's linear (whose rows (a) fits by least squares on block inputs) is applied to the block
+    input itself: false where a router MLP or a norm comes first (ZAYA's router runs an MLP on the input and the
+    layer below's router state), whose rows a least-squares fit on block inputs would get wrong. Seen on a few
+    tokens of the block's own forward."""
+    if not layer.adapter.block_attr:
+        return False
+    seen: list[torch.Tensor] = []
+    hook = layer.router.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    sample = x[:16].to(layer.experts.down_proj.dtype)
+    try:
+        block_output(layer, sample, call.rows(torch.arange(sample.shape[0])) if call is not None else None)
+    finally:
+        hook.remove()
+    if not seen or seen[0].numel() != sample.numel():
+        return False
+    return bool(torch.equal(seen[0].reshape(sample.shape).to(sample.dtype), sample))
+
+
 def fit_router(ref_layer: MoELayer, layer: MoELayer, data: BlockData, groups: list[M.Group], ridge: float) -> dict[str, Any]:
     """Least-squares router rows: on the compressed inputs, each kept expert gets the probability its group
     (itself after pruning; its members after merging) had under the original router on the original inputs."""
@@ -466,7 +486,10 @@ def heal_block(ref_layer: MoELayer, layer: MoELayer, data: BlockData, groups: li
     report: dict[str, Any] = {"start": block_errors(layer, data, fit=False)}
     current = report["start"]["held"]
     steps = []
-    if spec.router:
+    if spec.router and not router_reads_block_input(layer, data.x, data.call):
+        report["router"] = {"skipped": "the router's linear reads a transformed block input (a router MLP or norm "
+                                       "first): its rows are not fitted on block inputs"}
+    elif spec.router:
         steps.append(("router", lambda: fit_router(ref_layer, layer, data, groups, spec.router_ridge)))
     if spec.down:
         steps.append(("down", lambda: fit_down(layer, data, spec.ridge, spec.sweeps)))

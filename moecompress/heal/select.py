@@ -17,14 +17,21 @@ from typing import Any
 import torch
 
 from moecompress.arch.adapter import MoELayer
-from moecompress.arch.discover import router_choice
 from moecompress.arch.experts import ExpertView, apply_expert
 from moecompress.errors import UserError
-from moecompress.heal.fit import BlockData, ExpertTokens, check_healable, rel_error, solve_down
+from moecompress.heal.fit import (
+    BlockData,
+    ExpertTokens,
+    check_healable,
+    rel_error,
+    router_reads_block_input,
+    routing,
+    solve_down,
+)
 from moecompress.heal.spec import HealSpec
 from moecompress.passes import merging as M
 from moecompress.passes.merge_experts import block_output, prob_kind, router_logits
-from moecompress.surgery import sliced_router
+from moecompress.surgery import routed_as_subset, sliced_router
 
 
 class HealedReconstruction:
@@ -36,6 +43,9 @@ class HealedReconstruction:
 
     def __init__(self, layer: MoELayer, data: BlockData, spec: HealSpec, max_tokens: int = 4096) -> None:
         check_healable(layer)
+        if layer.hash_routed:
+            raise UserError(f"--select reconstruct: layer {layer.index} of {layer.adapter.model_type} chooses experts "
+                            "by token id (a hash table), so no subset of them can be searched; use --select criterion")
         self.layer, self.spec = layer, spec
         n = data.x.shape[0]
         if n > max_tokens:  # keep the fitted/held-out proportions
@@ -44,6 +54,7 @@ class HealedReconstruction:
         else:
             idx = torch.arange(n)
         self.x, self.x_ref, self.y, self.held = data.x[idx], data.x_ref[idx], data.y[idx].double(), data.held[idx]
+        self.call = data.call.rows(idx)
         if not bool(self.held.any()) or bool(self.held.all()):
             self.held = torch.arange(self.x.shape[0]) % 10 == 9
         self.fit = ~self.held
@@ -55,13 +66,14 @@ class HealedReconstruction:
             outs, acts = zip(*(apply_expert(layer.experts, layer.adapter.layout, w.select(e), xd)
                                for e in range(w.num_experts)), strict=True)
             self.acts = torch.stack(acts).double()  # [E, N, I]
-            full = block_output(layer, self.x, data.call.rows(idx))
-            weights, index = _router_alone(layer, xd)
+            full = block_output(layer, self.x, self.call)
+            weights, index = routing(layer, xd, self.call)
             outs_all = torch.stack(outs).double()  # [E, N, H]
             routed = torch.zeros_like(full)
             for slot in range(index.shape[1]):
                 routed += weights[:, slot, None].double() * outs_all[index[:, slot], torch.arange(xd.shape[0])]
         self.other = full - routed  # shared experts: unchanged by expert selection
+        self.refit_router = spec.router and router_reads_block_input(layer, self.x, self.call)
         self.ref_logits = router_logits(layer, self.x_ref[self.fit])
         self.kind = prob_kind(layer.adapter)
         self.calls = 0
@@ -69,13 +81,15 @@ class HealedReconstruction:
     @torch.no_grad()
     def error(self, keep: list[int]) -> float:
         self.calls += 1
-        router = sliced_router(self.layer, keep)
-        if self.spec.router:
+        weight = None
+        if self.refit_router:
             groups = [M.Group([k]) for k in keep]
-            rows, _, _ = M.refit_to_groups(self.x[self.fit].double(), self.ref_logits, groups, router.weight.detach(),
+            sliced = sliced_router(self.layer, keep).weight.detach()  # kept rows, then any extra classes' rows
+            rows, _, _ = M.refit_to_groups(self.x[self.fit].double(), self.ref_logits, groups, sliced[: len(keep)],
                                            self.kind, self.spec.router_ridge)
-            router._parameters["weight"] = torch.nn.Parameter(rows.to(self.dtype), requires_grad=False)
-        index, weights = router_choice(router(self.x.to(self.dtype)), len(keep))
+            weight = torch.cat([rows.to(self.dtype), sliced[len(keep):]])
+        with routed_as_subset(self.layer, keep, weight):  # the family's own block routes the candidate
+            weights, index = routing(self.layer, self.x.to(self.dtype), self.call)
         parts = []
         for j, e in enumerate(keep):
             tok, slot = torch.nonzero(index == j, as_tuple=True)
@@ -91,18 +105,6 @@ class HealedReconstruction:
             for p, d in zip(parts, down, strict=True):
                 pred.index_add_(0, p.tok, p.act @ d.double().T + (p.gbias if p.gbias is not None else 0))
         return rel_error(pred, target, self.held)
-
-
-def _router_alone(layer: MoELayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top-k weights, top-k ids) from the layer's router called on x alone: how the search routes each candidate
-    subset (a sliced copy of the router). Routers that need the block around them cannot be searched this way."""
-    try:
-        index, weights = router_choice(layer.router(x), layer.num_experts)
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise UserError(f"--select reconstruct: not supported for {layer.adapter.model_type}: its router needs more "
-                        "than the block input or returns another layout, so candidate subsets cannot be routed; use "
-                        "--select criterion (with --heal)") from exc
-    return weights, index
 
 
 def select_reconstruct(rec: HealedReconstruction, n_keep: int, n_groups: int = 1, beam: int = 1,
