@@ -190,11 +190,59 @@ def run_reference(path: Path, steps: int, lr: float, out: dict[str, Any], only: 
     if only == "mc-flips":
         res["mc_flips"] = run_mc_flips(hb)
         return
+    if only == "breadth":
+        res["breadth"] = run_breadth(hb, with_mc=False)
+        return
     if only != "selection":
         run_heal_rows(hb, res)
         res["cost"] = run_cost(hb, repeats)  # (2) heal (a+b) vs one statistics pass over the same tokens
         res["engine_cost"] = run_engine_cost(path, repeats)
     run_selection(hb, res)
+
+
+def breadth_variants() -> list[tuple[str, PassConfig]]:
+    """Every expert criterion, every merge method and both HEAPr layouts, at 50% and 75%: the rows the default
+    heal must never hurt."""
+    out: list[tuple[str, PassConfig]] = []
+    for ratio in (0.5, 0.75):
+        pct = f"{round(ratio * 100)}%"
+        for crit in ("frequency", "soft_frequency", "reap", "ean", "easy_ep", "naee", "random"):
+            out.append((f"prune {crit} {pct}", PruneExpertsConfig(ratio=ratio, criterion=crit)))
+        for method in ("msmoe", "hc", "kmeans", "ream"):
+            out.append((f"merge {method} {pct}", MergeExpertsConfig(ratio=ratio, method=method)))
+        for layout in ("uniform", "masked"):
+            out.append((f"HEAPr {layout} {pct}", PruneAtomicConfig(neuron_ratio=ratio, criterion="heapr",
+                                                                   layout=layout)))
+    return out
+
+
+def run_breadth(hb: HealBench, with_mc: bool) -> dict[str, Any]:
+    """Unhealed vs the default heal (closed form, a+b) on every row of `breadth_variants`: held-out perplexity
+    (and word-order accuracy with `with_mc`)."""
+    b = hb.b
+    rows, res = [], {}
+    for name, cfg in breadth_variants():
+        t0 = time.perf_counter()
+        try:
+            model, det = b.variant(cfg)
+        except Exception as exc:  # a variant the config refuses at this size: say so, keep going
+            print(f"   {name}: skipped ({str(exc).splitlines()[0][:100]})")
+            continue
+        healed, _, _ = hb.healed(model, cfg, det, HealSpec())
+        r = {"unhealed": b.ppl(model), "healed": b.ppl(healed)}
+        if with_mc:
+            r.update(mc_unhealed=b.mc_acc(model), mc_healed=b.mc_acc(healed))
+        r["excess_cut"] = hb.excess_cut(r["unhealed"], r["healed"])
+        res[name] = r
+        rows.append([name, f"{r['unhealed']:.3f}", f"{r['healed']:.3f}", f"{r['excess_cut']:.3f}",
+                     *([f"{r['mc_unhealed']:.3f}→{r['mc_healed']:.3f}"] if with_mc else []),
+                     f"{time.perf_counter() - t0:.0f}s"])
+        print(f"   {name}: {r['unhealed']:.3f} → {r['healed']:.3f}", flush=True)
+    print(f"\n## Default heal (a+b) on every criterion, merge method and HEAPr layout (base {hb.base_ppl:.3f})")
+    print(table(rows, ["variant", "unhealed", "healed (a+b)", "excess cut", *(["mc"] if with_mc else []), "time"]))
+    worse = [n for n, r in res.items() if r["healed"] > r["unhealed"]]
+    print(f"heal raised perplexity in {len(worse)} of {len(res)} rows" + (f": {', '.join(worse)}" if worse else ""))
+    return res
 
 
 def mcnemar_p(gained: int, lost: int) -> float:
@@ -310,10 +358,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--only", choices=["all", "cost", "engine-cost", "selection", "mc-flips"], default="all",
+    ap.add_argument("--only", choices=["all", "cost", "engine-cost", "selection", "mc-flips", "breadth"], default="all",
                     help="cost: only heal (a+b) vs a statistics pass, in memory and through the engine (engine-cost: "
                          "the engine's alone); selection: only the 75%% selection table; mc-flips: word-order rows "
-                         "that flip between unhealed and healed (a+b), with McNemar's exact p")
+                         "that flip between unhealed and healed (a+b), with McNemar's exact p; breadth: unhealed vs "
+                         "the default heal (a+b) on every criterion, merge method and HEAPr layout at 50%% and 75%%")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs for the cost (after one warm-up); min reported")
     args = ap.parse_args()
     torch.manual_seed(0)
