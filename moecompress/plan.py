@@ -58,6 +58,7 @@ class MemoryEstimate(BaseModel):
     embedding_bytes: int
     activation_cache_bytes: int
     statistics_bytes: int
+    heal_bytes: int = 0  # heal's working set (prune / merge / neuron pruning heal by default)
     spilled_to_disk_bytes: int = 0
     max_memory_bytes: int | None = None
     # after the stream, a vanilla from_pretrained reload of the output when 3x its bytes fit the budget
@@ -136,6 +137,23 @@ def _layer_params(skel: Skeleton, model: Any) -> int:
     return max(per_layer.values(), default=0)
 
 
+def heal_bytes(cfg: Any, *, experts: int, top_k: int, hidden: int, width: int, tokens: int, compute_bytes: int) -> int:
+    """Heal's working set beside the compress sweep (0 without heal): the compressed and held-out flows' boundaries,
+    one layer's tokens (compressed and original inputs, float64 targets, float32 prediction and residual, gated
+    float32 activations), the down projections' copies kept to undo a step, and the float64 factors of (b) (each
+    expert's [I, I] or, when it sees fewer tokens than its width, [m, m]). Counted for every kept expert as if the
+    layer kept all of them: an upper bound. 3.87 GiB stream-bench model (8 × 128 tokens): ~0.13 GiB here, 0.16 GiB
+    measured (prune 0.94 → prune --heal 1.10 GiB peak RSS)."""
+    if getattr(cfg, "heal", None) is None:
+        return 0
+    per_expert_tokens = max(1, tokens * top_k // max(experts, 1))
+    flows = tokens * hidden * compute_bytes * 11 // 10
+    token_set = tokens * hidden * (2 * compute_bytes + 8 + 2 * 4) + tokens * top_k * width * 4
+    undo = experts * hidden * width * compute_bytes
+    factors = experts * min(width, per_expert_tokens) ** 2 * 8
+    return flows + token_set + undo + factors
+
+
 def estimate_memory(state: _State, cfg: Any, *, samples: int, seqlen: int, max_memory: int | None,
                     after_params: int | None = None, after_bytes: int | None = None,
                     before_bytes: int | None = None, compute_bytes: int = 2) -> MemoryEstimate:
@@ -156,7 +174,11 @@ def estimate_memory(state: _State, cfg: Any, *, samples: int, seqlen: int, max_m
         stats = layer * 2 + samples * seqlen * hidden * 4  # fp32 gradients of a layer + hidden-state gradients
     else:
         stats = moe.experts * 2048 * 4 + samples * seqlen * moe.top_k * 8  # routing logits, scores, sampled tokens
-    fixed = OVERHEAD + embed + 2 * layer + source_layer + stats
+    heal = heal_bytes(cfg, experts=moe.experts, top_k=moe.top_k, hidden=hidden, width=width, tokens=samples * seqlen,
+                      compute_bytes=compute_bytes)
+    if heal and max_memory is not None and heal > max_memory // 2 and cfg.heal.auto:
+        heal = 0  # the default heal steps aside under this cap (runner.check_heal_memory); an explicit one stops
+    fixed = OVERHEAD + embed + 2 * layer + source_layer + stats + heal
     spilled = 0
     if max_memory is not None:
         if max_memory < fixed:
@@ -181,8 +203,10 @@ def estimate_memory(state: _State, cfg: Any, *, samples: int, seqlen: int, max_m
     batch_tokens = min(samples, 8) * seqlen
     gpu = layer + stats + batch_tokens * (4 * hidden + 3 * moe.top_k * width) * 4
     in_memory = OVERHEAD + (skel.total_params + after) * compute_bytes + stats + cache // 2
+    if heal:  # the in-memory heal reloads the input beside the compressed model
+        in_memory += heal + skel.total_params * compute_bytes
     return MemoryEstimate(cpu_peak_bytes=cpu, gpu_peak_bytes=gpu, in_memory_bytes=in_memory, layer_bytes=layer,
-                          embedding_bytes=embed, activation_cache_bytes=cache, statistics_bytes=stats,
+                          embedding_bytes=embed, activation_cache_bytes=cache, statistics_bytes=stats, heal_bytes=heal,
                           spilled_to_disk_bytes=spilled, max_memory_bytes=max_memory,
                           reload_check_bytes=reload, reload_check_runs=runs)
 
@@ -262,7 +286,8 @@ def render_plan(plan: Plan, console: Any) -> None:
         cap = f" (--max-memory {_gib(m.max_memory_bytes)})" if m.max_memory_bytes else ""
         console.print(f"  memory{cap}: layer-streaming CPU peak ≈ {_gib(m.cpu_peak_bytes)}{spill}; GPU ≈ "
                       f"{_gib(m.gpu_peak_bytes)} (one layer {_gib(m.layer_bytes)}, activation cache "
-                      f"{_gib(m.activation_cache_bytes)}, statistics {_gib(m.statistics_bytes)}); in-memory path "
+                      f"{_gib(m.activation_cache_bytes)}, statistics {_gib(m.statistics_bytes)}"
+                      + (f", heal {_gib(m.heal_bytes)}" if m.heal_bytes else "") + "); in-memory path "
                       f"≈ {_gib(m.in_memory_bytes)}")
         what = ("input + output reloaded for the calibration KL" if step.name in
                 ("prune_experts", "merge_experts", "prune_atomic") else "output reloaded")

@@ -322,6 +322,7 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
                                 f"{budget / 2**30:.2f}GiB and are read in expert chunks, while heal fits whole layers "
                                 f"(give --max-memory {source.min_unchunked_budget() / 2**30:.2f}GiB or more to heal)",
                                 heal_notes, console)
+    cfg = check_heal_memory(cfg, source, calibration, src, budget, heal_notes, console)
     if source.chunked_layers and not lp.chunks(cfg):
         need = source.min_unchunked_budget()
         source.close()
@@ -505,6 +506,39 @@ def streamed_pair_quality(cfg: PassConfig, details: dict[str, Any], src: Path, o
     quality = structural_pass_quality(cfg, details, written, src, opts, get_calibration, None, console)
     del written
     return quality  # no statistics given: the routed mass already in `details` stays as computed
+
+
+def check_heal_memory(cfg: PassConfig, source: Any, calibration: Any, src: Path, budget: int, notes: list[str],
+                      console: Any = None) -> PassConfig:
+    """Heal holds one layer's calibration tokens in RAM (inputs, float64 targets, activations): where that working
+    set (``plan.heal_bytes``) is more than half the engine's budget, a default heal steps aside with a note and an
+    explicit one stops here, before the statistics sweep, with what to change."""
+    spec = getattr(cfg, "heal", None)
+    if spec is None:
+        return cfg
+    try:
+        calib = resolve_calibration(calibration, src)
+    except UserError:
+        return cfg  # no calibration data: the heal's own start says so
+    from moecompress.arch.skeleton import analyse, text_config_dict
+    from moecompress.plan import heal_bytes
+
+    layers = analyse(source.model).moe_layers
+    if not layers:
+        return cfg
+    ly = layers[0]
+    hidden = int(text_config_dict(source.config.to_dict()).get("hidden_size") or 0)
+    tokens = calib.samples * calib.seqlen
+    need = heal_bytes(cfg, experts=ly.experts, top_k=ly.top_k, hidden=hidden, width=ly.expert_width, tokens=tokens,
+                      compute_bytes=torch.empty((), dtype=source.dtype).element_size())
+    if need <= budget // 2:
+        return cfg
+    why = (f"heal: one layer's calibration tokens need ≈{need / 2**30:.1f} GiB ({tokens:,} tokens × hidden {hidden}), "
+           f"more than half of the {budget / 2**30:.1f} GiB memory budget; lower --calib-samples / --calib-seqlen or "
+           "raise --max-memory")
+    if spec.auto:
+        return drop_default_heal(cfg, why, notes, console)
+    raise UserError(why)
 
 
 def drop_default_heal(cfg: PassConfig, why: str | None, notes: list[str], console: Any = None) -> PassConfig:

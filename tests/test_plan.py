@@ -111,11 +111,12 @@ def test_every_pass_runs_the_serving_checks_first(tmp_path, cache_dir, capsys):
 def test_max_memory(tmp_path, capsys):
     qwen = config_only(tmp_path, "Qwen3-30B-A3B.json")
     code, out, _ = run_cli(["plan", "prune", qwen, "--ratio", "0.5", "--calib-samples", "1024", "--calib-seqlen",
-                            "4096", "--json"], capsys)
+                            "4096", "--no-heal", "--json"], capsys)
     free = json.loads(out)["steps"][0]["memory"]
+    assert free["heal_bytes"] == 0
     capped_at = free["cpu_peak_bytes"] - 4 * 1024**3
     code, out, _ = run_cli(["plan", "prune", qwen, "--ratio", "0.5", "--calib-samples", "1024", "--calib-seqlen",
-                            "4096", "--max-memory", f"{capped_at}B", "--json"], capsys)
+                            "4096", "--no-heal", "--max-memory", f"{capped_at}B", "--json"], capsys)
     capped = json.loads(out)["steps"][0]["memory"]
     assert capped["cpu_peak_bytes"] <= capped_at and capped["spilled_to_disk_bytes"] >= 4 * 1024**3 - 1
     code, _, err = run_cli(["plan", "prune", qwen, "--ratio", "0.5", "--max-memory", "1GiB"], capsys)
@@ -126,3 +127,28 @@ def test_parse_size():
     assert parse_size("64GiB") == 64 * 1024**3 and parse_size("1.5TB") == 1.5e12 and parse_size("512M") == 512 * 1024**2
     with pytest.raises(UserError):
         parse_size("lots")
+
+
+def test_plan_counts_the_default_heal_and_its_stepping_aside(tmp_path, capsys):
+    """prune heals by default, so `plan prune` adds heal's working set (one layer's calibration tokens in RAM: it
+    grows with them); under a cap it does not fit, the default heal steps aside in the plan as in the run, and an
+    explicit --heal run stops before anything is read, naming what to change."""
+    qwen = config_only(tmp_path, "Qwen3-30B-A3B.json")
+
+    def memory(*extra: str) -> dict:
+        code, out, err = run_cli(["plan", "prune", qwen, "--ratio", "0.5", *extra, "--json"], capsys)
+        assert code == 0, err
+        return json.loads(out)["steps"][0]["memory"]
+
+    small, large = memory("--calib-samples", "128", "--calib-seqlen", "256"), memory("--calib-samples", "1024")
+    assert 0 < small["heal_bytes"] < large["heal_bytes"]
+    assert memory("--no-heal", "--calib-samples", "1024")["cpu_peak_bytes"] < large["cpu_peak_bytes"]
+    capped = memory("--calib-samples", "1024", "--max-memory", f"{large['heal_bytes']}B")
+    assert capped["heal_bytes"] == 0
+
+    src = tiny_checkpoint(tmp_path / "tiny")
+    code, _, err = run_cli(["prune", src, "--out", tmp_path / "o", "--ratio", "0.5", "--heal", "--calib",
+                            calib_file(tmp_path / "c.jsonl"), "--calib-samples", "4096", "--calib-seqlen", "4096",
+                            "--max-memory", "2GiB"], capsys)
+    assert code == 2 and "calibration tokens need" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
