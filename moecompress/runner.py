@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from moecompress.arch.adapter import moe_layers
 from moecompress.calib.stats import Stats
 from moecompress.dist import peak_rss_mb, world
 from moecompress.engine.targets import RecordedTargets
@@ -224,10 +223,9 @@ def run_pass(cfg: PassConfig, src: Path | str | ResolvedModel, out: Path, *, cal
         raise UserError(f"{cfg.name}: {exc}; this pass runs layer by layer on the cached boundary and cannot "
                         "run it") from None
     if getattr(cfg, "heal", None) is not None:  # a default heal on a layer it cannot read (latent experts)
-        from moecompress.heal.fit import heal_blocked
+        from moecompress.heal.fit import model_heal_blocked
 
-        first = next(iter(moe_layers(model, adapter)), None)
-        cfg = drop_default_heal(cfg, heal_blocked(adapter.model_type, adapter.routing, first), heal_notes, console)
+        cfg = drop_default_heal(cfg, model_heal_blocked(model, adapter), heal_notes, console)
     if "heal" in type(cfg).model_fields:  # prune / merge / neuron pruning: what removal cost, and heal
         def stats_of_input(ref_model: Any) -> Stats:  # the pass's own statistics, else the reloaded input's
             if "stats" not in cache:
@@ -317,6 +315,10 @@ def _run_streamed(cfg: PassConfig, lp: Any, src: Path, out: Path, *, calibration
     max_shard = parse_size(opts.max_shard_size)
     source = engine.open_source(src, dtype=opts.dtype, device=opts.device, budget=budget)
     heal_notes = heal_notes if heal_notes is not None else []
+    if getattr(cfg, "heal", None) is not None:  # a default heal on a layer it cannot read (latent experts)
+        from moecompress.heal.fit import model_heal_blocked
+
+        cfg = drop_default_heal(cfg, model_heal_blocked(source.model, source.adapter), heal_notes, console)
     if source.chunked_layers:
         cfg = drop_default_heal(cfg, f"heal: {len(source.chunked_layers)} layer(s) exceed --max-memory "
                                 f"{budget / 2**30:.2f}GiB and are read in expert chunks, while heal fits whole layers "
@@ -563,12 +565,12 @@ def streamed_heal(cfg: PassConfig, source: Any, get_calibration: Callable[[], An
     if spec is None:
         return None
     from moecompress.engine.heal import StreamedHeal
-    from moecompress.heal.fit import check_healable
+    from moecompress.heal.fit import model_heal_blocked
     from moecompress.heal.run import groups_from_details
 
-    first = next(iter(moe_layers(source.model, source.adapter)), None)
-    if first is not None:
-        check_healable(first)  # before the statistics sweep, not after it (a default heal was dropped already)
+    why = model_heal_blocked(source.model, source.adapter)
+    if why is not None:  # before the statistics sweep, not after it (a default heal was dropped already)
+        raise UserError(f"{why}; run without --heal")
 
     def groups_of(index: int, info: dict[str, Any], n_before: int) -> list[Any]:
         one = {"kept": {str(index): info["kept"]}} if "kept" in info else {"layers": {str(index): info}}

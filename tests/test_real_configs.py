@@ -368,3 +368,20 @@ def test_select_reconstruct_routes_candidates_through_the_block(name, tmp_path, 
     out_cfg = read_config(tmp_path / "p")
     _, info = auto_class(out_cfg).from_pretrained(tmp_path / "p", output_loading_info=True)
     assert not any(info.values()), info
+
+
+def test_default_heal_steps_aside_on_latent_experts_in_the_engine(tmp_path, capsys, monkeypatch):
+    """Muse Spark's experts read a latent projection of the block input, which heal cannot refit: the layer-streaming
+    engine's default heal steps aside (exit 0, the reason in the report) as the in-memory path's does, and an
+    explicit --heal stops before anything is written (this default heal stopped the run before)."""
+    monkeypatch.setenv("MOECOMPRESS_CACHE", str(tmp_path / "cache"))
+    mini = _miniature("muse_spark", tmp_path, capsys)
+    calib = calib_file(tmp_path / "c.jsonl", n=20)
+    args = ["--ratio", "0.5", "--calib", calib, "--calib-samples", "8", "--calib-seqlen", "32"]
+    code, _, err = run_cli(["prune", mini, "--out", tmp_path / "p", *args], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert report["engine"]["mode"] == "streamed" and "latent projection" in report["details"]["heal_skipped"]
+    code, _, err = run_cli(["prune", mini, "--out", tmp_path / "h", "--heal", *args], capsys)
+    assert code == 2 and "latent projection" in err and "Traceback" not in err
+    assert not (tmp_path / "h").exists()

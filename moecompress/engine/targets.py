@@ -6,8 +6,9 @@ model over the same calibration batches, one layer at a time; when the pass asks
 block's inputs and outputs (real tokens) and the last boundary to a ``RecordedTargets``, which writes them to
 files in the run's spill folder (plain file writes, not a memory map: nothing of it stays resident) — or, up to
 `hold_bytes` (a small share of the engine's budget), keeps them in RAM: on the trained reference writing and
-reading the files cost ~0.4 s of heal's ~4 s. The heal then reads one layer's targets when it reaches that layer. Without a recording (statistics from the cache, a
-data-parallel run whose ranks each saw a share) heal runs the original layers itself, as before.
+reading the files cost ~0.4 s of heal's ~4 s. The heal then reads one layer's targets when it reaches that layer.
+Without a recording (statistics from the cache, a data-parallel run whose ranks each saw a share) heal runs the
+original layers itself, as before.
 """
 
 from __future__ import annotations

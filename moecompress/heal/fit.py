@@ -14,6 +14,7 @@ held-out block error worse, so a layer is never left worse than it came in (on t
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,10 +22,10 @@ from typing import Any, overload
 
 import torch
 
-from moecompress.arch.adapter import MoELayer
+from moecompress.arch.adapter import MoEAdapter, MoELayer
 from moecompress.arch.discover import router_choice
 from moecompress.arch.experts import ExpertView, ExpertWeights, apply_expert, expert_activation
-from moecompress.calib.layers import BlockArgs, StopForward
+from moecompress.calib.layers import BlockArgs, Call, StopForward, block_io
 from moecompress.errors import UserError
 from moecompress.heal.spec import HealSpec
 from moecompress.passes import merging as M
@@ -120,6 +121,14 @@ def heal_blocked(model_type: str, routing_rule: str | None = None, layer: MoELay
     return None
 
 
+def model_heal_blocked(model: torch.nn.Module, adapter: MoEAdapter) -> str | None:
+    """`heal_blocked` for a live (or meta skeleton) model, seen on its first MoE layer."""
+    from moecompress.arch.adapter import moe_layers
+
+    first = next(iter(moe_layers(model, adapter)), None)
+    return heal_blocked(adapter.model_type, adapter.routing, first)
+
+
 def check_family_healable(model_type: str, routing_rule: str | None = None) -> None:
     """One clear message for a family heal does not support; its entry points (the engine's heal, the in-memory
     walk) call it before any layer runs."""
@@ -145,22 +154,13 @@ def routing(layer: MoELayer, x: torch.Tensor, call: BlockArgs | None = None) -> 
         router = layer.block.get_submodule(layer.adapter.router_attr.split(".")[0])
         index, weights = router_choice(router(x), n)
         return weights, index
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def grab(_mod: Any, args: tuple, kw: dict[str, Any]) -> None:
-        seen.append(router_choice((*args[1:], *kw.values()), n))
-        raise StopForward
-
-    hook = layer.experts.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
+    calls: list[Call] = []
+    with block_io(layer.experts, stop=True, calls=calls), contextlib.suppress(StopForward):
         block_output(layer, x, call)
-    except StopForward:
-        pass
-    finally:
-        hook.remove()
-    if not seen:
+    if not calls:
         raise UserError(f"heal: layer {layer.index}'s block did not call its experts")
-    index, weights = seen[0]
+    args, kwargs = calls[0]
+    index, weights = router_choice((*args, *kwargs.values()), n)
     return weights.reshape(x.shape[0], -1), index.reshape(x.shape[0], -1)
 
 
@@ -173,13 +173,9 @@ def router_reads_block_input(layer: MoELayer, x: torch.Tensor, call: BlockArgs |
     tokens of the block's own forward."""
     if not layer.adapter.block_attr:
         return False
-    seen: list[torch.Tensor] = []
-    hook = layer.router.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
     sample = x[:16].to(layer.experts.down_proj.dtype)
-    try:
+    with block_io(layer.router, stop=True) as (seen, _), contextlib.suppress(StopForward):
         block_output(layer, sample, call.rows(torch.arange(sample.shape[0])) if call is not None else None)
-    finally:
-        hook.remove()
     if not seen or seen[0].numel() != sample.numel():
         return False
     return bool(torch.equal(seen[0].reshape(sample.shape).to(sample.dtype), sample))

@@ -135,6 +135,11 @@ def _walk_by_prefix(ref_model, model, batches, on_layer, ref_moe, cmp_moe, masks
     top-k, ZAYA's router state): each MoE layer's inputs come from the models' own forwards, stopped at that
     layer's block. The layers below are already healed in place, so errors propagate as in ``_walk``; the price is
     a forward up to each MoE layer (quadratic in depth), paid only by these families."""
+    def advance_to(end: int) -> None:  # the progress bar counts decoder layers
+        for _ in range(done, end):
+            if progress is not None:
+                progress()
+
     done = 0
     recorded = _record_all_blocks(ref_model, ref_moe, batches, masks)
     for i in sorted(cmp_moe):
@@ -146,13 +151,9 @@ def _walk_by_prefix(ref_model, model, batches, on_layer, ref_moe, cmp_moe, masks
         data = BlockData(x=real_tokens(x_cmp, masks), x_ref=real_tokens(x_ref, masks),
                          y=real_tokens(y_ref, masks).double(), held=held, call=BlockArgs.from_calls(calls, x_cmp, masks))
         on_layer(i, ref_moe[i], cmp_moe[i], data)
-        for _ in range(done, i + 1):
-            if progress is not None:
-                progress()
+        advance_to(i + 1)
         done = i + 1
-    for _ in range(done, len(decoder_layers(model))):
-        if progress is not None:
-            progress()
+    advance_to(len(decoder_layers(model)))
 
 
 _RECORD_ALL_BYTES = 2 << 30
