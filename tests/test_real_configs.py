@@ -309,6 +309,7 @@ def test_heal_reads_routing_through_the_block(name, tmp_path, capsys, monkeypatc
     _, info["unexpected_keys"] = unexpected_mtp(out_cfg, info["unexpected_keys"])
     assert not any(info.values()), info
     report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert report["verify"]["max_abs_logit_diff"] <= 1e-5  # the reload gives the logits the run had in memory
     heal = report["details"]["heal"]["layers"]
     model = load_model(mini, dtype="float32", tokenizer=False).model
     model.set_experts_implementation("eager")
@@ -368,6 +369,7 @@ def test_select_reconstruct_routes_candidates_through_the_block(name, tmp_path, 
     out_cfg = read_config(tmp_path / "p")
     _, info = auto_class(out_cfg).from_pretrained(tmp_path / "p", output_loading_info=True)
     assert not any(info.values()), info
+    assert json.loads((tmp_path / "p" / "report.json").read_text())["verify"]["max_abs_logit_diff"] <= 1e-5
 
 
 def test_default_heal_steps_aside_on_latent_experts_in_the_engine(tmp_path, capsys, monkeypatch):
